@@ -1,0 +1,83 @@
+"""The project's exception hierarchy.
+
+Every error a user can cause derives from :class:`ZnnError` and from the builtin it resembles, so callers may
+catch either. Messages name the file, line, section or key at fault and say what would be valid.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from pathlib import Path
+
+__all__ = [
+    "ZnnError",
+    "ZnnFileNotFoundError",
+    "FormatError",
+    "NetworkSpecError",
+    "SpecFileError",
+    "ConfigError",
+    "CheckpointError",
+    "VolumeError",
+    "ShapeError",
+    "where",
+    "closest",
+]
+
+
+class ZnnError(Exception):
+    """Base class of every error this project raises on purpose."""
+
+
+class ZnnFileNotFoundError(ZnnError, FileNotFoundError):
+    """A file named by the user (or by one of the user's files) does not exist."""
+
+    def __str__(self) -> str:  # FileNotFoundError formats (errno, strerror) pairs; keep our message
+        return str(self.args[0]) if self.args else ""
+
+
+class FormatError(ZnnError, ValueError):
+    """A file is malformed; the message names the file and the line or key."""
+
+
+class NetworkSpecError(FormatError):
+    """A `.znn` network description is malformed or inconsistent."""
+
+
+class SpecFileError(FormatError):
+    """A `.spec` sample file is malformed."""
+
+
+class ConfigError(FormatError):
+    """A `.cfg` job file is malformed."""
+
+
+class CheckpointError(FormatError):
+    """A network `.h5` checkpoint is malformed or does not match its network."""
+
+
+class VolumeError(ZnnError, ValueError):
+    """A volume cannot be read or written as asked (bad path, dataset, dimensionality, dtype)."""
+
+
+class ShapeError(ZnnError, ValueError):
+    """Array shapes do not fit together (patch too small for the FOV, kernel larger than input, ...)."""
+
+
+def where(path: str | Path | None, line: int | None = None, key: str | None = None) -> str:
+    """Format a location for an error message: ``file:line`` or ``file [section] key``."""
+    text = str(path) if path is not None else "<string>"
+    if line is not None:
+        text += f":{line}"
+    if key is not None:
+        text += f": {key}"
+    return text
+
+
+def closest(word: str, choices: Iterable[str]) -> str:
+    """A 'did you mean' suffix naming the closest valid choice, or listing the choices when none is close."""
+    choices = sorted(set(choices))
+    match = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if match:
+        return f"did you mean {match[0]!r}?"
+    return "valid: " + ", ".join(choices)
