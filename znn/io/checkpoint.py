@@ -1,0 +1,184 @@
+"""Network checkpoints in ZNN's `.h5` "stdio" layout (docs/formats.md).
+
+``/processing/znn/train/network/<group>/`` holds each node and edge group's spec entries as scalar strings (and
+``size``/``stride`` as integer arrays, as ZNN wrote them) plus ``filters``/``biases`` and ``momentum_vol``. The
+learning curve lives under ``/processing/znn/train/statistics/``. Files are written to a temporary sibling and
+renamed, so a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import h5py
+import numpy as np
+
+from znn.errors import CheckpointError, NetworkSpecError, ZnnFileNotFoundError
+from znn.network import Network
+from znn.spec import EdgeGroup, NetworkSpec, NodeGroup
+
+NETWORK = "processing/znn/train/network"
+STATISTICS = "processing/znn/train/statistics"
+
+
+def save_checkpoint(path: str | Path, net: Network, statistics: Mapping[str, np.ndarray] | None = None) -> Path:
+    """Write ``net`` (and an optional flat mapping ``"train/it" -> array`` of learning-curve series) to ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with h5py.File(tmp, "w") as f:
+            root = f.create_group(NETWORK)
+            for name, node in net.spec.nodes.items():
+                _write_node(root.create_group(name), node, net)
+            for name, edge in net.spec.edges.items():
+                _write_edge(root.create_group(name), edge, net)
+            for key, series in (statistics or {}).items():
+                f.create_dataset(f"{STATISTICS}/{key}", data=np.asarray(series))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def _strings(group: h5py.Group, entries: Mapping[str, object]) -> None:
+    for key, value in entries.items():
+        group.create_dataset(key, data=str(value), dtype=h5py.string_dtype())
+
+
+def _hyper(net: Network) -> dict[str, str]:
+    return {k: repr(float(net.hyper.get(k, 0.0))) for k in ("eta", "momentum", "weight_decay")}
+
+
+def _write_node(group: h5py.Group, node: NodeGroup, net: Network) -> None:
+    _strings(group, {"name": node.name, "type": node.type, "group_type": "node"})
+    group.create_dataset("size", data=np.array([node.size], dtype=np.int64))
+    if node.type == "transfer":
+        _strings(group, {"function": node.function, **_hyper(net)})
+        if node.function_args:
+            _strings(group, {"function_args": ",".join(repr(a) for a in node.function_args)})
+        group.create_dataset("biases", data=net.biases[node.name].astype(np.float32))
+        group.create_dataset("momentum_vol", data=net.bias_momentum[node.name].astype(np.float32))
+
+
+def _write_edge(group: h5py.Group, edge: EdgeGroup, net: Network) -> None:
+    _strings(group, {"name": edge.name, "type": edge.type, "group_type": "edge", "input": edge.input,
+                     "output": edge.output, "init": edge.init, "fft": edge.options.get("fft", "1"), **_hyper(net)})
+    group.create_dataset("size", data=np.array(edge.size, dtype=np.int64))
+    group.create_dataset("stride", data=np.array(edge.stride, dtype=np.int64))
+    if edge.type == "dropout":
+        _strings(group, {"ratio": repr(edge.ratio)})
+    if edge.type == "crop":
+        group.create_dataset("offset", data=np.array(edge.offset, dtype=np.int64))
+    if edge.type == "conv":
+        group.create_dataset("filters", data=net.kernels[edge.name].astype(np.float32))
+        group.create_dataset("momentum_vol", data=net.kernel_momentum[edge.name].astype(np.float32))
+
+
+def load_checkpoint(path: str | Path, spec: NetworkSpec | None = None,
+                    dtype: np.dtype | type = np.float32) -> Network:
+    """Load a network. With ``spec``, parameters are checked against it; without, the spec saved in the file is
+    used (ZNN stores every group's options beside its parameters)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ZnnFileNotFoundError(f"{path}: network checkpoint not found; give the path of a .h5 checkpoint")
+    try:
+        with h5py.File(path, "r") as f:
+            if NETWORK not in f:
+                raise CheckpointError(f"{path}: no /{NETWORK} group; this is not a ZNN network checkpoint")
+            root = f[NETWORK]
+            spec = spec or _spec_from_file(path, root)
+            net = _parameters(path, root, spec, dtype)
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot be read as HDF5 ({exc}); is it a complete .h5 checkpoint?") from None
+    net.check_shapes(str(path))
+    return net
+
+
+def load_statistics(path: str | Path) -> dict[str, np.ndarray]:
+    """The learning-curve series saved in a checkpoint, keyed like ``"train/it"`` (empty if none)."""
+    with h5py.File(path, "r") as f:
+        if STATISTICS not in f:
+            return {}
+        out: dict[str, np.ndarray] = {}
+        f[STATISTICS].visititems(lambda k, o: out.__setitem__(k, o[()]) if isinstance(o, h5py.Dataset) else None)
+        return out
+
+
+def _text(group: h5py.Group, key: str, default: str | None = None) -> str:
+    if key not in group:
+        if default is None:
+            raise CheckpointError(f"{group.file.filename}: /{group.name.lstrip('/')} has no {key!r} entry")
+        return default
+    value = group[key][()]
+    if isinstance(value, bytes):
+        return value.decode()
+    if isinstance(value, np.ndarray):
+        return ",".join(str(int(v)) for v in value.ravel())
+    return str(value)
+
+
+def _spec_from_file(path: Path, root: h5py.Group) -> NetworkSpec:
+    """Rebuild the `.znn` text from the saved entries and parse it, so a saved spec is checked like a file."""
+    from znn.io.netfile import parse_network
+
+    lines: list[str] = []
+    for name, group in root.items():
+        kind = _text(group, "group_type")
+        if kind == "node":
+            lines += [f"nodes {name}", f"type {_text(group, 'type')}", f"size {_text(group, 'size')}"]
+            for key in ("function", "function_args"):
+                if key in group:
+                    lines.append(f"{key} {_text(group, key)}")
+        elif kind == "edge":
+            lines += [f"edges {name}", f"type {_text(group, 'type')}", f"input {_text(group, 'input')}",
+                      f"output {_text(group, 'output')}"]
+            for key in ("size", "stride", "init", "ratio", "offset"):
+                if key in group:
+                    lines.append(f"{key} {_text(group, key)}")
+        else:
+            raise CheckpointError(f"{path}: /{group.name.lstrip('/')} has group_type {kind!r}; expected node or edge")
+        lines.append("")
+    try:
+        return parse_network("\n".join(lines), f"{path} (saved network)")
+    except NetworkSpecError as exc:
+        raise CheckpointError(f"{path}: the saved network is inconsistent: {exc}") from None
+
+
+def _parameters(path: Path, root: h5py.Group, spec: NetworkSpec, dtype: np.dtype | type) -> Network:
+    kernels, kernel_m, biases, bias_m = {}, {}, {}, {}
+    for name in spec.conv_edges():
+        group = _group(path, root, name, "conv edge group")
+        kernels[name] = _array(path, group, "filters", dtype)
+        kernel_m[name] = _array(path, group, "momentum_vol", dtype) if "momentum_vol" in group else np.zeros_like(kernels[name])
+    for name in spec.bias_nodes():
+        group = _group(path, root, name, "transfer node group")
+        biases[name] = _array(path, group, "biases", dtype)
+        bias_m[name] = _array(path, group, "momentum_vol", dtype) if "momentum_vol" in group else np.zeros_like(biases[name])
+    net = Network(spec, kernels, biases, kernel_m, bias_m)
+    for key in ("eta", "momentum", "weight_decay"):
+        group = next((g for g in root.values() if key in g), None)
+        if group is not None:
+            try:
+                net.hyper[key] = float(_text(group, key))
+            except ValueError:
+                raise CheckpointError(f"{path}: /{group.name.lstrip('/')}/{key} is not a number") from None
+    return net
+
+
+def _group(path: Path, root: h5py.Group, name: str, what: str) -> h5py.Group:
+    if name not in root or not isinstance(root[name], h5py.Group):
+        raise CheckpointError(f"{path}: no /{NETWORK}/{name} group for {what} {name!r}; the checkpoint was saved "
+                              "for a different network")
+    return root[name]
+
+
+def _array(path: Path, group: h5py.Group, key: str, dtype: np.dtype | type) -> np.ndarray:
+    if key not in group or not isinstance(group[key], h5py.Dataset):
+        raise CheckpointError(f"{path}: /{group.name.lstrip('/')} has no {key!r} dataset")
+    data = group[key][()]
+    if not isinstance(data, np.ndarray) or data.dtype.kind not in "fiu":
+        raise CheckpointError(f"{path}: /{group.name.lstrip('/')}/{key} is not a numeric array")
+    return data.astype(dtype)

@@ -1,0 +1,239 @@
+"""Read ZNN job files (`.cfg`, one ``[parameters]`` section) into a typed :class:`Job`.
+
+Key names are ZNN's, spelled as ZNN spells them. Keys this project adds are listed in ``EXTRA_KEYS``. Every value
+is checked on reading; an unknown key is reported with the closest known key.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from znn.errors import ConfigError, closest
+from znn.io.inifile import IniFile, parse_ini, read_ini
+
+SECTION = "parameters"
+CONV_MODES = ("fft", "direct", "optimize")
+COST_FUNCTIONS = ("auto", "square_loss", "binomial_cross_entropy", "softmax_loss")
+MALIS_NORMS = ("none", "frac", "num", "pair")
+REBALANCE_MODES = ("none", "global", "patch")
+OUTPUT_FORMATS = ("zarr", "h5", "tif")
+_BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
+
+
+class _Explained(ValueError):
+    """A ValueError whose message is worth showing to the user (a suggestion, a range problem)."""
+
+
+def parse_range(text: str, what: str = "range") -> list[int]:
+    """Sample ids written like ``1-3,6`` -> [1, 2, 3, 6] (sorted, unique)."""
+    ids: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        if not part:
+            continue
+        low, sep, high = part.partition("-")
+        try:
+            first, last = int(low), int(high) if sep else int(low)
+        except ValueError:
+            raise _Explained(f"{what} {text!r}: {part!r} is not a number or a range like 1-3") from None
+        if first < 0 or last < first:
+            raise _Explained(f"{what} {text!r}: {part!r} is not an increasing range of ids >= 0")
+        ids.update(range(first, last + 1))
+    if not ids:
+        raise _Explained(f"{what} {text!r} names no sample; write ids like 1-3,6")
+    return sorted(ids)
+
+
+def _bool(text: str) -> bool:
+    try:
+        return _BOOLEANS[text.strip().lower()]
+    except KeyError:
+        raise ValueError("not yes/no") from None
+
+
+def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if text not in choices:
+            raise _Explained(closest(text, choices))
+        return text
+
+    parse.__doc__ = " / ".join(choices)
+    return parse
+
+
+def _triple(text: str) -> tuple[int, int, int]:
+    values = tuple(int(v) for v in text.replace(" ", "").split(","))
+    if len(values) != 3 or min(values) < 1:
+        raise ValueError("not z,y,x")
+    return values  # type: ignore[return-value]
+
+
+def _outsz(text: str) -> tuple[int, int, int] | str:
+    return "auto" if text.strip() == "auto" else _triple(text)
+
+
+def _number(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        value = float(text)
+        if (low is not None and value < low) or (high is not None and value > high):
+            raise ValueError(f"outside [{low}, {high}]")
+        return value
+
+    return parse
+
+
+def _count(low: int = 0) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < low:
+            raise ValueError(f"below {low}")
+        return value
+
+    return parse
+
+
+def _text(text: str) -> str:
+    return text.strip()
+
+
+# key: (parser, default, what a valid value looks like). Paths are resolved against the job file later.
+KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
+    "fnet_spec": (_text, None, "a path to a .znn network file"),
+    "fdata_spec": (_text, None, "a path to a .spec sample file"),
+    "num_threads": (int, 0, "an integer (0 or less: all cores)"),
+    "dtype": (_choice(("float32", "float64")), "float32", "float32 or float64"),
+    "out_type": (_choice(("boundary", "affinity")), "boundary", "boundary or affinity"),
+    "logging": (_bool, False, "yes or no"),
+    "train_outsz": (_triple, (1, 100, 100), "a z,y,x output patch like 1,100,100"),
+    "forward_outsz": (_outsz, (1, 100, 100), "a z,y,x output patch like 5,100,100, or auto"),
+    "train_range": (parse_range, None, "sample ids like 1-3,6"),
+    "test_range": (parse_range, None, "sample ids like 1-3,6"),
+    "forward_range": (parse_range, None, "sample ids like 1-3,6"),
+    "train_conv_mode": (_choice(CONV_MODES), "fft", " / ".join(CONV_MODES)),
+    "forward_conv_mode": (_choice(CONV_MODES), "fft", " / ".join(CONV_MODES)),
+    "cost_fn": (_choice(COST_FUNCTIONS), "auto", " / ".join(COST_FUNCTIONS)),
+    "is_malis": (_bool, False, "yes or no"),
+    "malis_norm_type": (_choice(MALIS_NORMS), "none", " / ".join(MALIS_NORMS)),
+    "eta": (_number(0.0), 0.01, "a learning rate >= 0"),
+    "anneal_factor": (_number(0.0, 1.0), 1.0, "a factor in [0, 1]"),
+    "Num_iter_per_annealing": (_count(1), 100, "an integer >= 1"),
+    "momentum": (_number(0.0, 1.0), 0.9, "a number in [0, 1]"),
+    "weight_decay": (_number(0.0), 0.0, "a number >= 0"),
+    "is_data_aug": (_bool, True, "yes or no"),
+    "is_bd_mirror": (_bool, True, "yes or no"),
+    "rebalance_mode": (_choice(REBALANCE_MODES), "none", " / ".join(REBALANCE_MODES)),
+    "is_rebalance": (_bool, False, "yes or no (older spelling of rebalance_mode = global)"),
+    "is_patch_rebalance": (_bool, False, "yes or no (older spelling of rebalance_mode = patch)"),
+    "Num_iter_per_show": (_count(1), 100, "an integer >= 1"),
+    "Num_iter_per_test": (_count(1), 200, "an integer >= 1"),
+    "test_num": (_count(1), 10, "an integer >= 1"),
+    "Num_iter_per_save": (_count(1), 1000, "an integer >= 1"),
+    "Max_iter": (_count(0), 200000, "an integer >= 0"),
+    "train_net_prefix": (_text, None, "a path prefix for checkpoints, like experiments/net"),
+    "train_net": (_text, None, "a path prefix for checkpoints (older spelling of train_net_prefix)"),
+    "forward_net": (_text, None, "a path to a network .h5 checkpoint"),
+    "output_prefix": (_text, None, "a path prefix for forward outputs"),
+    "is_stdio": (_bool, True, "yes or no"),
+    "is_debug": (_bool, False, "yes or no"),
+    "is_check": (_bool, False, "yes or no"),
+}
+# Keys this project adds to ZNN's.
+EXTRA_KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
+    "scheduler": (_text, "threads", "threads, synchronous, local, or a scheduler address like tcp://host:8786"),
+    "seed": (int, 0, "an integer random seed"),
+    "output_format": (_choice(OUTPUT_FORMATS), "zarr", " / ".join(OUTPUT_FORMATS)),
+    "spectra_cache": (_bool, True, "yes or no"),
+}
+ALL_KEYS = {**KEYS, **EXTRA_KEYS}
+PATH_KEYS = ("fnet_spec", "fdata_spec", "train_net_prefix", "train_net", "forward_net", "output_prefix")
+
+
+@dataclass
+class Job:
+    """A parsed job file. Attribute access gives typed values (defaults where a key is absent)."""
+
+    path: Path | None
+    values: dict[str, Any]
+    ini: IniFile
+
+    def __getattr__(self, key: str) -> Any:
+        values = self.__dict__.get("values", {})
+        if key in values:
+            return values[key]
+        raise AttributeError(key)
+
+    def require(self, key: str) -> Any:
+        """The value of ``key``, or a ConfigError saying the job needs it."""
+        value = self.values.get(key)
+        if value is None:
+            raise ConfigError(f"{self.ini.at(SECTION)}: this command needs key {key!r} ({ALL_KEYS[key][2]})")
+        return value
+
+    @property
+    def rebalance(self) -> str:
+        """Effective rebalancing mode, honouring the older is_rebalance / is_patch_rebalance keys."""
+        if "rebalance_mode" in self.ini.sections[SECTION]:
+            return str(self.values["rebalance_mode"])
+        if self.values["is_patch_rebalance"]:
+            return "patch"
+        return "global" if self.values["is_rebalance"] else "none"
+
+    @property
+    def cost(self) -> str:
+        """Effective cost function: auto = softmax for boundary, binomial cross-entropy for affinity."""
+        if self.values["cost_fn"] != "auto":
+            return str(self.values["cost_fn"])
+        return "softmax_loss" if self.values["out_type"] == "boundary" else "binomial_cross_entropy"
+
+    @property
+    def net_prefix(self) -> Path | None:
+        return self.values.get("train_net_prefix") or self.values.get("train_net")
+
+    @property
+    def threads(self) -> int:
+        """num_threads with ZNN's meaning: 0 or less = all cores."""
+        n = int(self.values["num_threads"])
+        return n if n > 0 else (os.cpu_count() or 1)
+
+
+def load_job(path: str | Path) -> Job:
+    """Read and check the `.cfg` job file at ``path``."""
+    return _job(read_ini(path, ConfigError, "job file (.cfg)"))
+
+
+def parse_job(text: str, path: str | Path | None = None) -> Job:
+    return _job(parse_ini(text, Path(path) if path else None, ConfigError))
+
+
+def _job(ini: IniFile) -> Job:
+    if SECTION not in ini.sections:
+        found = ", ".join(f"[{s}]" for s in ini.sections) or "none"
+        raise ConfigError(f"{ini.at(SECTION) if ini.sections else ini.path}: no [parameters] section (found {found}); "
+                          "a ZNN job file has one [parameters] section")
+    for extra in ini.sections:
+        if extra != SECTION:
+            raise ConfigError(f"{ini.at(extra)}: unknown section; a job file has only [parameters]")
+    raw = ini.sections[SECTION]
+    values: dict[str, Any] = {key: default for key, (_, default, _) in ALL_KEYS.items()}
+    for key, text in raw.items():
+        if key not in ALL_KEYS:
+            raise ConfigError(f"{ini.at(SECTION, key)}: unknown key {key!r}; {closest(key, ALL_KEYS)}")
+        values[key] = _value(ini, key, text)
+    for key in PATH_KEYS:
+        if values[key]:
+            values[key] = ini.resolve(values[key])
+    return Job(ini.path, values, ini)
+
+
+def _value(ini: IniFile, key: str, text: str) -> Any:
+    parse, _, valid = ALL_KEYS[key]
+    if text.strip() == "" and key in PATH_KEYS:
+        return None
+    try:
+        return parse(text.strip())
+    except ValueError as exc:
+        hint = f" ({exc})" if isinstance(exc, _Explained) else ""
+        raise ConfigError(f"{ini.at(SECTION, key)}: {text.strip()!r} is not valid; expected {valid}{hint}") from None
