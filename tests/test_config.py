@@ -1,0 +1,126 @@
+"""Job (.cfg) and sample (.spec) files: every key, ranges, relative paths, the shared reference files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from znn.io.config import ALL_KEYS, load_job, parse_range
+from znn.io.specfile import load_spec
+
+from .shared import REFERENCE, need
+
+
+@pytest.mark.parametrize("text, ids", [("1", [1]), ("1-3,6", [1, 2, 3, 6]), ("2-3,7", [2, 3, 7]),
+                                       ("1,4-6,8", [1, 4, 5, 6, 8]), ("3,1,2-2", [1, 2, 3]), (" 0 - 1 ", [0, 1])])
+def test_parse_range(text, ids):
+    assert parse_range(text) == ids
+
+
+@pytest.mark.parametrize("text", ["", "a", "3-1", "1-", "-2", "1,,x"])
+def test_parse_range_rejects(text):
+    with pytest.raises(ValueError):
+        parse_range(text)
+
+
+def test_reference_job_files_parse():
+    job = load_job(need(REFERENCE / "config.cfg"))
+    assert job.fnet_spec == REFERENCE / "../networks/N4_relu.znn"  # relative to the job file
+    assert job.train_outsz == (1, 100, 100) and job.forward_outsz == (5, 100, 100)
+    assert job.train_range == [2] and job.test_range == [1]
+    assert job.rebalance == "global" and job.cost == "softmax_loss"
+    assert job.Num_iter_per_save == 1000 and job.anneal_factor == pytest.approx(0.997)
+    legacy = load_job(need(REFERENCE / "testsuit/boundary/config.cfg"))
+    assert legacy.rebalance == "none" and legacy.train_conv_mode == "optimize"
+    assert legacy.net_prefix == REFERENCE / "testsuit/boundary/../testsuit/boundary/net"
+
+
+def test_every_key_is_read(tmp_path: Path):
+    values = {
+        "fnet_spec": "n.znn", "fdata_spec": "d.spec", "num_threads": "3", "dtype": "float64",
+        "out_type": "affinity", "logging": "yes", "train_outsz": "3,20,20", "forward_outsz": "auto",
+        "train_range": "1-2", "test_range": "3", "forward_range": "4,5", "train_conv_mode": "direct",
+        "forward_conv_mode": "optimize", "cost_fn": "auto", "is_malis": "yes", "malis_norm_type": "frac",
+        "eta": "0.05", "anneal_factor": "0.9", "Num_iter_per_annealing": "7", "momentum": "0.5",
+        "weight_decay": "0.001", "is_data_aug": "no", "is_bd_mirror": "no", "rebalance_mode": "patch",
+        "is_rebalance": "yes", "is_patch_rebalance": "no", "Num_iter_per_show": "2", "Num_iter_per_test": "4",
+        "test_num": "6", "Num_iter_per_save": "8", "Max_iter": "9", "train_net_prefix": "exp/net",
+        "train_net": "exp/old", "forward_net": "exp/net_current.h5", "output_prefix": "exp/out", "is_stdio": "no",
+        "is_debug": "yes", "is_check": "yes", "scheduler": "tcp://127.0.0.1:8786", "seed": "42",
+        "output_format": "h5", "spectra_cache": "no",
+    }
+    assert set(values) == set(ALL_KEYS)
+    path = tmp_path / "job.cfg"
+    path.write_text("[parameters]\n" + "".join(f"{k} = {v}\n" for k, v in values.items()))
+    job = load_job(path)
+    assert job.fnet_spec == tmp_path / "n.znn" and job.forward_net == tmp_path / "exp/net_current.h5"
+    assert job.num_threads == 3 and job.threads == 3 and job.dtype == "float64"
+    assert job.train_outsz == (3, 20, 20) and job.forward_outsz == "auto"
+    assert job.forward_range == [4, 5] and job.cost == "binomial_cross_entropy"
+    assert job.is_malis is True and job.malis_norm_type == "frac" and job.logging is True
+    assert job.rebalance == "patch"  # rebalance_mode wins over the older keys
+    assert job.net_prefix == tmp_path / "exp/net"
+    assert (job.eta, job.anneal_factor, job.momentum, job.weight_decay) == (0.05, 0.9, 0.5, 0.001)
+    assert (job.Num_iter_per_show, job.Num_iter_per_test, job.test_num, job.Num_iter_per_save, job.Max_iter) == (
+        2, 4, 6, 8, 9)
+    assert job.is_data_aug is False and job.is_bd_mirror is False and job.is_stdio is False
+    assert job.scheduler == "tcp://127.0.0.1:8786" and job.seed == 42 and job.output_format == "h5"
+    assert job.spectra_cache is False and job.is_debug and job.is_check
+
+
+def test_zero_threads_means_all_cores(tmp_path: Path):
+    path = tmp_path / "job.cfg"
+    path.write_text("[parameters]\nnum_threads = 0\n")
+    assert load_job(path).threads >= 1
+
+
+def test_require_names_the_missing_key(tmp_path: Path):
+    path = tmp_path / "job.cfg"
+    path.write_text("[parameters]\neta = 0.1\n")
+    with pytest.raises(Exception, match="needs key 'fdata_spec'"):
+        load_job(path).require("fdata_spec")
+
+
+def test_reference_spec_files_parse():
+    spec = load_spec(need(REFERENCE / "isbi2012.spec"))
+    assert spec.samples[1].inputs == [1] and spec.samples[1].outputs == [1]
+    assert spec.samples[2].outputs == []  # inference-only sample
+    assert spec.images[1].pp_types == ["standard2D"] and spec.labels[1].pp_types == ["auto"]
+    assert spec.images[1].fnames == [REFERENCE / "../dataset/ISBI2012/train-volume.tif"]
+    assert len(load_spec(need(REFERENCE / "test-dataset.spec")).samples) == 4
+
+
+def test_spec_with_several_inputs_files_and_masks(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    path = tmp_path / "sub" / "s.spec"
+    path.write_text("""[image1]
+fnames = a.tif,
+         b.h5:/raw
+pp_types = standard2D, symetric_rescale
+[image2]
+fnames = c.zarr/raw
+[label1]
+fnames = l.tif
+pp_types = affinity
+fmasks = m.tif
+is_auto_crop = no
+[mask1]
+fnames = m2.tif
+[sample3]
+input2 = 2
+input1 = 1
+output = 1
+mask = 1
+""")
+    spec = load_spec(path)
+    sample = spec.sample(3)
+    assert sample.inputs == [1, 2] and sample.outputs == [1] and sample.masks == [1]
+    assert spec.images[1].fnames == [tmp_path / "sub/a.tif", tmp_path / "sub/b.h5:/raw"]
+    assert spec.images[1].pp_types == ["standard2D", "symetric_rescale"]
+    assert spec.images[2].pp_types == ["none"]
+    assert spec.labels[1].fmasks == [tmp_path / "sub/m.tif"] and spec.labels[1].is_auto_crop is False
+    with pytest.raises(Exception, match=r"no \[sample1\].*defines samples 3"):
+        spec.sample(1)
+    with pytest.raises(FileNotFoundError, match="a.tif does not exist"):
+        spec.images[1].check_files()
