@@ -1,0 +1,276 @@
+"""One interface to tif, h5 and zarr volumes: path parsing, validation and a registry of format modules.
+
+A volume is a 2D to 4D array ``(channels, z, y, x)`` (leading axes optional) of an integer or float dtype.
+Paths name the file and, where the format has them, the dataset inside it:
+
+- ``file.tif`` / ``file.tiff``
+- ``file.h5`` / ``file.hdf5`` / ``file.hdf`` (its only dataset) or ``file.h5:/group/dataset``
+- ``store.zarr`` (an array at the root) or ``store.zarr/group/array``
+
+Each format lives in its own module (``tif``, ``hdf5``, ``zarrvol``) exposing the functions of
+:class:`VolumeBackend`; this module validates arguments and dispatches to them.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import re
+import shutil
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+
+import dask
+import dask.array as da
+import numpy as np
+from dask.base import tokenize
+
+from znn.errors import VolumeError, ZnnFileNotFoundError
+
+if TYPE_CHECKING:
+    import zarr
+
+__all__ = [
+    "Chunks",
+    "VolumeFormat",
+    "VolumePath",
+    "parse_volume_path",
+    "read_volume",
+    "open_volume",
+    "write_volume",
+    "volume_shape_dtype",
+    "create_volume",
+]
+
+VolumeFormat = Literal["tif", "h5", "zarr"]
+Chunks = tuple[int, ...] | tuple[tuple[int, ...], ...] | int | str | None
+
+MIN_NDIM, MAX_NDIM = 2, 4
+PATH_SYNTAX = "file.tif, file.tiff, file.h5[:/group/dataset] (.hdf5, .hdf), store.zarr[/group/array]"
+_H5_RE = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf))(?::(?P<key>.*))?$", re.IGNORECASE)
+_TIF_SUFFIXES = (".tif", ".tiff")
+_BACKENDS: dict[str, str] = {"tif": "znn.io.tif", "h5": "znn.io.hdf5", "zarr": "znn.io.zarrvol"}
+
+
+@dataclass(frozen=True)
+class VolumePath:
+    """A parsed volume path: the format, the file (or zarr store directory) and the dataset key inside it."""
+
+    format: VolumeFormat
+    file: Path
+    key: str | None = None  # h5 dataset or zarr array path without leading '/'; None: the file's only one
+
+    def __str__(self) -> str:
+        if self.key is None:
+            return str(self.file)
+        return f"{self.file}:/{self.key}" if self.format == "h5" else f"{self.file}/{self.key}"
+
+
+class VolumeBackend(Protocol):
+    """What each format module provides; ``vp.file`` exists when a reader is called."""
+
+    def read(self, vp: VolumePath) -> np.ndarray: ...
+    def open(self, vp: VolumePath, chunks: Chunks) -> da.Array: ...
+    def shape_dtype(self, vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]: ...
+    def write(self, vp: VolumePath, array: np.ndarray | da.Array, chunks: Chunks, overwrite: bool,
+              compression: str | None) -> None: ...
+
+
+def parse_volume_path(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
+    """Split ``path`` into format, file and dataset key; raise :class:`VolumeError` on an unknown syntax."""
+    if isinstance(path, VolumePath):
+        return path
+    text = os.fspath(path)
+    h5 = _H5_RE.match(text)
+    if h5:
+        key = (h5.group("key") or "").strip("/")
+        return VolumePath("h5", Path(h5.group("file")), key or None)
+    parts = Path(text).parts
+    for i, part in enumerate(parts):
+        if part.lower().endswith(".zarr"):
+            return VolumePath("zarr", Path(*parts[: i + 1]), "/".join(parts[i + 1 :]) or None)
+    if text.lower().endswith(_TIF_SUFFIXES):
+        return VolumePath("tif", Path(text))
+    raise VolumeError(f"{text}: cannot tell the volume format from the path; valid forms: {PATH_SYNTAX}")
+
+
+def _backend(fmt: str) -> VolumeBackend:
+    """The format module registered for ``fmt`` (imported on first use, so h5py loads only when needed)."""
+    return cast(VolumeBackend, importlib.import_module(_BACKENDS[fmt]))
+
+
+def _existing(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
+    vp = parse_volume_path(path)
+    if not vp.file.exists():
+        raise ZnnFileNotFoundError(f"{vp.file}: no such file or directory (volume {vp})")
+    return vp
+
+
+def read_volume(path: str | os.PathLike[str] | VolumePath) -> np.ndarray:
+    """Read a whole volume into memory: an array of 2 to 4 dims ``([c,] [z,] y, x)`` in the file's dtype."""
+    vp = _existing(path)
+    return _backend(vp.format).read(vp)
+
+
+def open_volume(path: str | os.PathLike[str] | VolumePath, chunks: Chunks = None) -> da.Array:
+    """Open a volume lazily as a dask array of the file's shape and dtype.
+
+    ``chunks`` defaults to the store's chunks for zarr and to multiples of the stored chunks (h5) or pages
+    (tif) near dask's ``array.chunk-size``. The graph holds paths, never open file handles, so it runs on
+    dask.distributed too.
+    """
+    vp = _existing(path)
+    return _backend(vp.format).open(vp, chunks)
+
+
+def volume_shape_dtype(path: str | os.PathLike[str] | VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """The volume's shape and dtype, read from metadata only."""
+    vp = _existing(path)
+    return _backend(vp.format).shape_dtype(vp)
+
+
+def write_volume(
+    path: str | os.PathLike[str] | VolumePath,
+    array: np.ndarray | da.Array,
+    chunks: Chunks = None,
+    overwrite: bool = False,
+    *,
+    compression: str | None = None,
+) -> None:
+    """Write a 2D to 4D NumPy or dask array; dask arrays are computed and written block by block.
+
+    ``chunks`` is the on-disk chunking (zarr, h5). ``compression`` is an h5 filter (``"gzip"``, ``"lzf"``);
+    zarr always compresses with its default codec, tif is written uncompressed. A file that exists is
+    replaced only with ``overwrite=True``; a failed write leaves no partial file behind.
+    """
+    vp = parse_volume_path(path)
+    if not isinstance(array, da.Array):
+        array = np.asarray(array)
+    check_volume(array.shape, array.dtype, vp)
+    if compression is not None and vp.format != "h5":
+        raise VolumeError(f"{vp}: compression={compression!r} applies to h5 volumes only; leave it None")
+    _backend(vp.format).write(vp, array, chunks, overwrite, compression)
+
+
+def create_volume(
+    path: str | os.PathLike[str] | VolumePath,
+    shape: tuple[int, ...],
+    dtype: np.typing.DTypeLike,
+    chunks: tuple[int, ...],
+    overwrite: bool = False,
+) -> zarr.Array:
+    """Create an empty (zero-filled) zarr array of ``shape`` to be filled chunk by chunk; zarr only."""
+    vp = parse_volume_path(path)
+    if vp.format != "zarr":
+        raise VolumeError(f"{vp}: create_volume writes zarr only; name a store such as out.zarr or "
+                          f"out.zarr/group/array")
+    check_volume(tuple(shape), np.dtype(dtype), vp)
+    from znn.io import zarrvol
+
+    return zarrvol.create(vp, tuple(shape), np.dtype(dtype), tuple(chunks), overwrite)
+
+
+# ---- helpers shared by the format modules ----------------------------------------------------------------
+
+
+def check_volume(shape: tuple[int, ...], dtype: np.dtype[Any], vp: VolumePath) -> None:
+    """Raise :class:`VolumeError` unless ``shape`` has 2 to 4 dims and ``dtype`` is an integer or float."""
+    if not MIN_NDIM <= len(shape) <= MAX_NDIM:
+        raise VolumeError(f"{vp}: a {len(shape)}D array of shape {shape}; volumes are 2D to 4D "
+                          f"(channels, z, y, x)")
+    if dtype.kind not in "iuf":
+        raise VolumeError(f"{vp}: dtype {dtype} is not supported; use an integer or float dtype such as "
+                          f"uint8, uint16, int32, float32 or float64")
+
+
+def exists_error(vp: VolumePath, what: str = "file") -> VolumeError:
+    """The error for a write that would replace existing data without ``overwrite=True``."""
+    return VolumeError(f"{vp}: the {what} exists; pass overwrite=True to replace it")
+
+
+def not_found(vp: VolumePath, kind: str, names: list[str], example: Callable[[str], str]) -> VolumeError:
+    """The error for a dataset/array that is missing or ambiguous, listing what the file holds."""
+    if not names:
+        return VolumeError(f"{vp.file} holds no {kind}s")
+    listing = f"{len(names)} {kind}{'s' if len(names) > 1 else ''} ({', '.join(names)})"
+    if vp.key is None:
+        return VolumeError(f"{vp.file} holds {listing}; name one as {example(names[0])}")
+    return VolumeError(f"{vp.file} has no {kind} {vp.key!r}; it holds {listing}, e.g. {example(names[0])}")
+
+
+def default_chunks(shape: tuple[int, ...], dtype: np.dtype[Any], stored: tuple[int, ...] | None,
+                   chunks: Chunks) -> tuple[tuple[int, ...], ...]:
+    """Dask chunks: ``chunks`` if given, else multiples of the ``stored`` chunks near ``array.chunk-size``."""
+    if chunks is None:
+        return da.core.normalize_chunks("auto", shape, dtype=dtype, previous_chunks=stored)
+    return da.core.normalize_chunks(chunks, shape, dtype=dtype)
+
+
+def lazy_array(reader: Any, vp: VolumePath, chunks: tuple[tuple[int, ...], ...]) -> da.Array:
+    """Wrap a picklable ``reader`` (``shape``, ``dtype``, ``__getitem__`` opening the file per call).
+
+    The key token includes the file's size and modification time so a rewritten file gets new keys.
+    """
+    stat = vp.file.stat()
+    name = f"from-{vp.format}-" + tokenize(str(vp.file.resolve()), vp.key, stat.st_size, stat.st_mtime_ns,
+                                           chunks)
+    meta = np.empty((0,) * len(reader.shape), dtype=reader.dtype)
+    return da.from_array(reader, chunks=chunks, name=name, meta=meta, asarray=True, fancy=False)
+
+
+def storage_chunks(chunks: Chunks, shape: tuple[int, ...], vp: VolumePath) -> tuple[int, ...] | None:
+    """On-disk chunk shape from ``chunks`` (None, an int, or one int per axis), clipped to ``shape``."""
+    if chunks is None:
+        return None
+    if isinstance(chunks, int):
+        chunks = (chunks,) * len(shape)
+    if (not isinstance(chunks, tuple) or len(chunks) != len(shape)
+            or not all(isinstance(c, int) and c > 0 for c in chunks)):
+        raise VolumeError(f"{vp}: chunks={chunks!r} is not a chunk shape for an array of shape {shape}; "
+                          f"give one positive int per axis, e.g. {tuple(min(s, 64) for s in shape)}")
+    return tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
+
+
+def iter_blocks(array: da.Array, batch: int | None = None) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
+    """Yield ``(slices, block)`` for each block of ``array`` in C order.
+
+    Blocks are computed ``batch`` at a time (default: one per core) with the current scheduler, so at most
+    ``batch`` blocks are in memory.
+    """
+    batch = batch or os.cpu_count() or 1
+    starts = [np.cumsum((0,) + c[:-1]) for c in array.chunks]
+    indices = list(np.ndindex(*array.numblocks))
+    for first in range(0, len(indices), batch):
+        group = indices[first : first + batch]
+        blocks = dask.compute(*[array.blocks[index] for index in group])
+        for index, block in zip(group, blocks):
+            sl = tuple(slice(int(s[i]), int(s[i]) + c[i]) for s, c, i in zip(starts, array.chunks, index))
+            yield sl, np.asarray(block)
+
+
+def temp_sibling(path: Path) -> Path:
+    """A unique hidden name in ``path``'s directory, keeping its suffix (so format sniffing still works)."""
+    return path.with_name(f".{path.stem}.tmp-{uuid.uuid4().hex[:12]}{path.suffix}")
+
+
+@contextmanager
+def atomic_file(path: Path, overwrite: bool, vp: VolumePath, copy_existing: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling of ``path`` to write; rename it over ``path`` only if the block succeeds.
+
+    With ``copy_existing`` the temporary starts as a copy of ``path`` (to add a dataset to an h5 file).
+    """
+    if path.exists() and not overwrite and not copy_existing:
+        raise exists_error(vp)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_sibling(path)
+    try:
+        if copy_existing and path.exists():
+            shutil.copy2(path, tmp)
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

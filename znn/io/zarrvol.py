@@ -1,0 +1,142 @@
+"""Zarr volumes (zarr-python 3; v3 written, v2 and v3 read): ``store.zarr`` or ``store.zarr/group/array``.
+
+The store is a local directory. A path that ends at a group holding exactly one array (at any depth) means
+that array. Lazy reads use the store's chunks; writes create the array, then fill it chunk-aligned, and a
+failed write removes what it created.
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import dask.array as da
+import numpy as np
+import zarr
+from zarr.errors import BaseZarrError, NodeNotFoundError
+from zarr.storage import LocalStore
+
+from znn.errors import VolumeError
+from znn.io.volume import Chunks, VolumePath, check_volume, exists_error, not_found, storage_chunks
+
+__all__ = ["read", "open", "shape_dtype", "write", "create"]
+
+
+def _arrays(group: zarr.Group) -> list[str]:
+    """Paths (from the store root) of all arrays under ``group``."""
+    return sorted(m.path for _, m in group.members(max_depth=None) if isinstance(m, zarr.Array))
+
+
+def _store_arrays(vp: VolumePath) -> list[str]:
+    try:
+        return _arrays(zarr.open_group(LocalStore(vp.file, read_only=True), mode="r"))
+    except (NodeNotFoundError, BaseZarrError):
+        return []
+
+
+def _array(vp: VolumePath) -> zarr.Array:
+    """The array ``vp`` names (read-only), or the only array under the group it names."""
+    store = LocalStore(vp.file, read_only=True)
+    try:
+        node = zarr.open(store, path=vp.key or "", mode="r")
+    except NodeNotFoundError:
+        raise not_found(vp, "array", _store_arrays(vp), lambda name: f"{vp.file}/{name}") from None
+    if isinstance(node, zarr.Array):
+        return node
+    names = _arrays(node)
+    if len(names) == 1:
+        return zarr.open_array(store, path=names[0], mode="r")
+    if vp.key is None or not names:
+        raise not_found(vp, "array", names, lambda name: f"{vp.file}/{name}")
+    raise VolumeError(f"{vp} is a group holding {len(names)} arrays ({', '.join(names)}); name one as "
+                      f"{vp.file}/{names[0]}")
+
+
+def _checked(z: zarr.Array, vp: VolumePath) -> zarr.Array:
+    check_volume(tuple(z.shape), np.dtype(z.dtype), vp)
+    return z
+
+
+def shape_dtype(vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
+    """Shape and dtype from the array's metadata."""
+    z = _checked(_array(vp), vp)
+    return tuple(z.shape), np.dtype(z.dtype)
+
+
+def read(vp: VolumePath) -> np.ndarray:
+    """The whole array in its stored dtype."""
+    return np.asarray(_checked(_array(vp), vp)[...])
+
+
+def open(vp: VolumePath, chunks: Chunks) -> da.Array:  # noqa: A001 - the backend interface's name
+    """Lazy dask array over the store, one block per stored chunk unless ``chunks`` says otherwise."""
+    return da.from_zarr(_checked(_array(vp), vp), chunks=chunks)
+
+
+def create(vp: VolumePath, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
+           overwrite: bool) -> zarr.Array:
+    """Create a zero-filled v3 array; ``chunks`` None lets zarr choose."""
+    disk_chunks = storage_chunks(chunks, shape, vp) or "auto"
+    if not overwrite and _node_exists(vp):
+        raise exists_error(vp, "array")
+    try:
+        return zarr.create_array(LocalStore(vp.file), name=vp.key, shape=shape, dtype=dtype, chunks=disk_chunks,
+                                 fill_value=0, overwrite=overwrite)
+    except BaseZarrError as err:
+        raise VolumeError(f"{vp}: cannot create the array there ({err})") from err
+
+
+def _node_exists(vp: VolumePath) -> bool:
+    node = vp.file / vp.key if vp.key else vp.file
+    return any((node / meta).exists() for meta in ("zarr.json", ".zarray", ".zgroup"))
+
+
+def _first_missing(vp: VolumePath) -> Path | None:
+    """The outermost directory on the way to the array that does not exist yet (None: all exist)."""
+    path = vp.file
+    for part in [""] + (vp.key.split("/") if vp.key else []):
+        path = path / part if part else path
+        if not path.exists():
+            return path
+    return None
+
+
+@contextmanager
+def _removed_on_error(vp: VolumePath) -> Iterator[None]:
+    """Remove the array's directory, and any store or groups created with it, if the block raises."""
+    created = _first_missing(vp) or (vp.file / vp.key if vp.key else vp.file)
+    try:
+        yield
+    except BaseException:
+        shutil.rmtree(created, ignore_errors=True)
+        raise
+
+
+def _aligned(array: da.Array, chunks: tuple[int, ...]) -> da.Array:
+    """``array`` if every block boundary falls on a boundary of ``chunks`` (so no two tasks write one chunk),
+    else ``array`` rechunked to ``chunks``."""
+    aligned = all(all(int(edge) % c == 0 for edge in np.cumsum(axis)[:-1])
+                  for axis, c in zip(array.chunks, chunks))
+    return array if aligned else array.rechunk(chunks)
+
+
+def write(vp: VolumePath, array: np.ndarray | da.Array, chunks: Chunks, overwrite: bool,
+          compression: str | None) -> None:
+    """Create the array, then fill it (a dask array chunk-aligned, block by block, with its scheduler).
+
+    ``chunks`` defaults to the dask array's chunk shape, or zarr's choice for a NumPy array.
+    """
+    if chunks is None and isinstance(array, da.Array):
+        chunks = tuple(int(c) for c in array.chunksize)
+    disk_chunks = storage_chunks(chunks, tuple(array.shape), vp)
+    if not overwrite and _node_exists(vp):
+        raise exists_error(vp, "array")
+    with _removed_on_error(vp):
+        z = create(vp, tuple(array.shape), np.dtype(array.dtype), disk_chunks, overwrite)
+        if isinstance(array, da.Array):
+            da.store(_aligned(array, tuple(z.chunks)), z, lock=False)
+        else:
+            z[...] = array
