@@ -1,0 +1,451 @@
+"""FFT-mode valid convolution (ZNN's FFT convolution), split into pieces a task graph can schedule by blocks.
+
+Conventions (``S = (Z, Y, X)`` is the padded FFT shape from :func:`znn.ops.fft.fft_shape`, ``Xh = X // 2 + 1``):
+
+* Input maps are zero-padded to ``S`` at offset 0; a dilated kernel tap ``t`` sits at ``t * d`` (no flip), so
+  the circular product ``X * W`` is the true convolution, whose valid part starts at ``(k - 1) * d``.
+* The output gradient is placed at that same offset ``(k - 1) * d`` before its transform; then
+  ``GY * conj(W)`` is the input gradient (read at offset 0) and ``GY * conj(X)`` the kernel gradient (read at
+  the dilated taps).
+
+Spectra are complex arrays of logical shape ``(maps, Z, Y, Xh)`` (kernels: ``(in, out, Z, Y, Xh)``) but are
+stored frequency-major (maps last) so that the sum over input maps is one small matrix product per frequency
+(``np.matmul`` over a batch of frequencies). They are ordinary NumPy arrays (transposed views): blocks can be
+added, sliced along the map axes and pickled; any layout is accepted back, a non-frequency-major one costs a
+copy.
+
+The kernel spectra and the kernel gradient need ``in * out`` transforms but only ``kz * ky * kx`` of each
+kernel's voxels are non-zero, so by default they are computed as separable *pruned* DFTs (three matrix
+products through BLAS) instead of full FFTs; ``method="fft"`` runs the ZNN way (one FFTW transform per
+kernel) for comparison and where it is cheaper (large 2D kernels).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+from znn.errors import ShapeError
+from znn.ops.fft import (
+    Shape3,
+    check_conv_shapes,
+    complex_dtype,
+    count_transforms,
+    empty_aligned,
+    fft_shape,
+    irfft3,
+    parallel_chunks,
+    rfft3,
+    spectrum_shape,
+)
+
+__all__ = [
+    "Spectra",
+    "conv_forward_fft",
+    "conv_backward_fft",
+    "input_spectra",
+    "grad_output_spectra",
+    "kernel_spectra",
+    "multiply_accumulate",
+    "inverse_valid",
+    "grad_input_spectra",
+    "grad_kernel",
+    "output_offset",
+]
+
+# Frequencies per matmul chunk handed to one thread: big enough to hide Python overhead, small enough to
+# balance two threads.
+_MIN_FREQ_CHUNK = 256
+
+
+@dataclass
+class Spectra:
+    """Spectra of one conv layer, kept from the forward pass for the backward pass and later iterations.
+
+    ``x_spec`` (``(in, Z, Y, Xh)``) belongs to one input patch; ``w_spec`` (``(in, out, Z, Y, Xh)``) stays
+    valid until the kernels change, and the caller must drop it then.
+    """
+
+    shape: Shape3
+    in_spatial: Shape3
+    kernel_size: Shape3
+    dilation: Shape3
+    dtype: np.dtype[Any]
+    x_spec: np.ndarray | None = None
+    w_spec: np.ndarray | None = None
+
+    @property
+    def nbytes(self) -> int:
+        """Memory held by the cached spectra, in bytes."""
+        return sum(a.nbytes for a in (self.x_spec, self.w_spec) if a is not None)
+
+    def matches(self, in_spatial: Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int],
+                dtype: np.dtype[Any]) -> bool:
+        """Whether these spectra were made for this problem (shape, kernel, dilation, dtype)."""
+        return (self.in_spatial == tuple(in_spatial) and self.kernel_size == tuple(kernel_size)
+                and self.dilation == tuple(dilation) and self.dtype == np.dtype(dtype))
+
+
+# ----------------------------------------------------------------------------------------------- layout
+
+
+def _freq_major(spec: np.ndarray, nmaps: int) -> np.ndarray:
+    """``(maps..., Z, Y, Xh)`` -> C-contiguous ``(F, maps...)``: a free view for our own spectra."""
+    moved = np.moveaxis(spec, tuple(range(nmaps)), tuple(range(-nmaps, 0)))
+    flat = np.ascontiguousarray(moved)
+    return flat.reshape(-1, *spec.shape[:nmaps])
+
+
+def _maps_first(flat: np.ndarray, spatial: Sequence[int], nmaps: int) -> np.ndarray:
+    """Inverse of :func:`_freq_major`: ``(F, maps...)`` -> logical ``(maps..., Z, Y, Xh)`` view."""
+    maps = flat.shape[1:]
+    full = flat.reshape(*spatial, *maps)
+    return np.moveaxis(full, tuple(range(3, 3 + nmaps)), tuple(range(nmaps)))
+
+
+def output_offset(kernel_size: Sequence[int], dilation: Sequence[int]) -> Shape3:
+    """Where the valid output starts in the circular result: ``(k - 1) * d`` per axis."""
+    o = [(int(k) - 1) * int(d) for k, d in zip(kernel_size, dilation)]
+    return (o[0], o[1], o[2])
+
+
+# ----------------------------------------------------------------------------------------------- forward
+
+
+def input_spectra(x_block: np.ndarray, shape: Sequence[int], threads: int = 1,
+                  offset: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """Spectra of maps ``(n, z, y, x)`` zero-padded to ``shape`` at ``offset``: complex ``(n, Z, Y, Xh)``.
+
+    float32 maps give complex64 spectra, float64 give complex128. ``n`` transforms, one batched plan.
+    """
+    shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
+    n = x_block.shape[0]
+    sl = tuple(slice(o, o + e) for o, e in zip(offset, x_block.shape[1:]))
+    if any(s.stop > e for s, e in zip(sl, shape3)):
+        raise ShapeError(f"maps {x_block.shape} at offset {tuple(offset)} do not fit the FFT shape {shape3}")
+    real = empty_aligned((n, *shape3), x_block.dtype)
+    real.fill(0)
+    real[(slice(None), *sl)] = x_block
+    spec = rfft3(real, threads)
+    # frequency-major copy: the products over maps then run on contiguous (maps) rows
+    flat = np.ascontiguousarray(spec.reshape(n, -1).T)
+    return _maps_first(flat, spec.shape[1:], 1)
+
+
+def grad_output_spectra(grad_y: np.ndarray, shape: Sequence[int], kernel_size: Sequence[int],
+                        dilation: Sequence[int], threads: int = 1) -> np.ndarray:
+    """Spectra of output gradients ``(out, z', y', x')`` placed where the valid output sits in the circle."""
+    return input_spectra(grad_y, shape, threads, output_offset(kernel_size, dilation))
+
+
+@lru_cache(maxsize=256)
+def _dft_matrix(size: int, taps: int, dilation: int, half: bool, sign: int, dtype_str: str) -> np.ndarray:
+    """``E[f, t] = exp(sign * 2j*pi * f * t * dilation / size)`` for ``f`` over the full or half axis."""
+    nf = size // 2 + 1 if half else size
+    f = np.arange(nf, dtype=np.float64)[:, None]
+    t = np.arange(taps, dtype=np.float64)[None, :] * dilation
+    # reduce the phase index modulo size first: exact integers keep float64 phases accurate
+    phase = np.mod(f * t, size) * (2.0 * np.pi / size)
+    mat = np.exp(sign * 1j * phase)
+    out = mat.astype(dtype_str)
+    out.flags.writeable = False
+    return out
+
+
+def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3) -> np.ndarray:
+    """Pruned forward DFT of dilated kernels: three matrix products, result C-contiguous (Z, Y, Xh, in, out)."""
+    n_in, n_out, kz, ky, kx = w.shape
+    cdt = complex_dtype(w.dtype).str
+    Z, Y, X = shape
+    Xh = X // 2 + 1
+    nio = n_in * n_out
+    ex = _dft_matrix(X, kx, int(dilation[2]), True, -1, cdt)   # (Xh, kx)
+    ey = _dft_matrix(Y, ky, int(dilation[1]), False, -1, cdt)  # (Y, ky)
+    ez = _dft_matrix(Z, kz, int(dilation[0]), False, -1, cdt)  # (Z, kz)
+    # x stage on the few non-zero rows, then put the maps last (small array) for the big products
+    a = np.matmul(w.reshape(nio * kz * ky, kx).astype(cdt), ex.T)
+    b = np.ascontiguousarray(a.reshape(nio, kz, ky, Xh).transpose(1, 2, 3, 0))  # (kz, ky, Xh, nio)
+    c = np.matmul(ey, b.reshape(kz, ky, Xh * nio))  # (kz, Y, Xh*nio)
+    if Z == 1:
+        return c.reshape(1, Y, Xh, n_in, n_out)
+    d = np.matmul(ez, c.reshape(kz, Y * Xh * nio))  # (Z, Y*Xh*nio): the one big product
+    return d.reshape(Z, Y, Xh, n_in, n_out)
+
+
+def _fftw_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, threads: int) -> np.ndarray:
+    """ZNN's way: zero-pad every dilated kernel to ``shape`` and FFT it; result (Z, Y, Xh, in, out)."""
+    n_in, n_out, kz, ky, kx = w.shape
+    dz, dy, dx = (int(d) for d in dilation)
+    real = empty_aligned((n_in * n_out, *shape), w.dtype)
+    real.fill(0)
+    real[:, 0:(kz - 1) * dz + 1:dz, 0:(ky - 1) * dy + 1:dy, 0:(kx - 1) * dx + 1:dx] = \
+        w.reshape(n_in * n_out, kz, ky, kx)
+    spec = rfft3(real, threads)
+    count_transforms("forward", -n_in * n_out)  # counted once below with the pruned path
+    flat = np.ascontiguousarray(spec.reshape(n_in * n_out, -1).T)
+    return flat.reshape(*spectrum_shape(shape), n_in, n_out)
+
+
+def kernel_spectra(w_block: np.ndarray, dilation: Sequence[int], shape: Sequence[int], threads: int = 1,
+                   method: str = "auto") -> np.ndarray:
+    """Spectra of kernels ``(in, out, kz, ky, kx)`` dilated and zero-padded to ``shape``.
+
+    Returns complex ``(in, out, Z, Y, Xh)`` (frequency-major storage). ``method``: ``"pruned"`` (matrix
+    products, BLAS-threaded by the caller's limit), ``"fft"`` (one FFTW transform per kernel) or ``"auto"``.
+    """
+    shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
+    n_in, n_out = w_block.shape[:2]
+    if _choose(method, w_block.shape[2:], shape3) == "fft":
+        full = _fftw_kernel_spectra(w_block, dilation, shape3, threads)
+    else:
+        full = _pruned_kernel_spectra(w_block, dilation, shape3)
+    count_transforms("forward", n_in * n_out)
+    return np.moveaxis(full, (3, 4), (0, 1))
+
+
+def _choose(method: str, kernel_size: Sequence[int], shape: Shape3) -> str:
+    """Pick pruned matrix-product DFTs or full FFTs for the ``in * out`` kernel transforms.
+
+    The pruned way costs about 8 * k_lead complex flops per spectrum value (k_lead: kernel size along the
+    first axis longer than 1) at BLAS speed; an FFT about 2.5 * log2(N) flops per voxel at FFTW speed, which
+    on the development machine is ~8x slower per flop. So pruning wins unless the lead kernel is long.
+    """
+    if method not in ("auto", "pruned", "fft"):
+        raise ValueError(f"method must be 'auto', 'pruned' or 'fft', got {method!r}")
+    if method != "auto":
+        return method
+    k_lead = kernel_size[0] if shape[0] > 1 else kernel_size[1]
+    fft_cost = 8.0 * 2.5 * math.log2(max(2, math.prod(shape)))
+    return "pruned" if 8.0 * k_lead <= fft_cost else "fft"
+
+
+def multiply_accumulate(x_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Sum over input maps in the frequency domain: ``(in, F...)``, ``(in, out, F...)`` -> ``(out, F...)``.
+
+    One ``(1 x in) @ (in x out)`` product per frequency; partial sums of input blocks are added by the caller.
+    """
+    _check_spec_pair(x_spec, w_spec)
+    xf = _freq_major(x_spec, 1)
+    wf = _freq_major(w_spec, 2)
+    nf, n_out = xf.shape[0], wf.shape[2]
+    out = np.empty((nf, 1, n_out), dtype=np.result_type(xf, wf))
+    x3 = xf[:, None, :]
+
+    def work(lo: int, hi: int) -> None:
+        np.matmul(x3[lo:hi], wf[lo:hi], out=out[lo:hi])
+
+    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK)
+    return _maps_first(out.reshape(nf, n_out), x_spec.shape[1:], 1)
+
+
+def inverse_valid(spec: np.ndarray, shape: Sequence[int], out_spatial: Sequence[int],
+                  offset: Sequence[int] = (0, 0, 0), threads: int = 1) -> np.ndarray:
+    """One inverse FFT per map, cropped: ``(n, Z, Y, Xh)`` -> real ``(n, *out_spatial)`` from ``offset``.
+
+    For a forward output pass ``offset=output_offset(kernel_size, dilation)``; for an input gradient 0.
+    ``spec`` is left unchanged (the transform runs on a copy).
+    """
+    shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
+    n = spec.shape[0]
+    if spec.shape[1:] != spectrum_shape(shape3):
+        raise ShapeError(f"spectrum {spec.shape} does not belong to FFT shape {shape3}")
+    buf = empty_aligned(spec.shape, spec.dtype)
+    np.copyto(buf, spec)  # maps-first copy for the batched plan (and c2r destroys its input)
+    real = irfft3(buf, shape3, threads)
+    crop = real[(slice(None), *(slice(o, o + e) for o, e in zip(offset, out_spatial)))]
+    out = np.empty((n, *out_spatial), dtype=real.dtype)
+    np.multiply(crop, 1.0 / math.prod(shape3), out=out)  # FFTW's inverse is unnormalised
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- backward
+
+
+def grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Input-gradient spectra ``sum_o GY[o] * conj(W[i, o])``: ``(out, F...)``, ``(in, out, F...)`` -> ``(in, F...)``.
+
+    Computed as ``conj(W @ conj(GY))`` so that only the small arrays are conjugated.
+    """
+    if gy_spec.shape[0] != w_spec.shape[1] or gy_spec.shape[1:] != w_spec.shape[2:]:
+        raise ShapeError(f"output-gradient spectra {gy_spec.shape} do not match kernel spectra {w_spec.shape}")
+    gf = np.conj(_freq_major(gy_spec, 1))[:, :, None]  # (F, out, 1)
+    wf = _freq_major(w_spec, 2)  # (F, in, out)
+    nf, n_in = wf.shape[0], wf.shape[1]
+    out = np.empty((nf, n_in, 1), dtype=np.result_type(gf, wf))
+
+    def work(lo: int, hi: int) -> None:
+        np.matmul(wf[lo:hi], gf[lo:hi], out=out[lo:hi])
+        np.conjugate(out[lo:hi], out=out[lo:hi])
+
+    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK)
+    return _maps_first(out.reshape(nf, n_in), gy_spec.shape[1:], 1)
+
+
+def grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Sequence[int], kernel_size: Sequence[int],
+                dilation: Sequence[int], threads: int = 1, method: str = "auto") -> np.ndarray:
+    """Kernel gradient from input spectra ``(in, F...)`` and output-gradient spectra ``(out, F...)``.
+
+    The inverse transform of ``GY[o] * conj(X[i])`` read at the dilated taps ``t * d``: real
+    ``(in, out, kz, ky, kx)``. ``method`` as for :func:`kernel_spectra` (pruned: only the taps are computed).
+    """
+    shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
+    k3 = (int(kernel_size[0]), int(kernel_size[1]), int(kernel_size[2]))
+    if x_spec.shape[1:] != gy_spec.shape[1:] or x_spec.shape[1:] != spectrum_shape(shape3):
+        raise ShapeError(f"input spectra {x_spec.shape} and output-gradient spectra {gy_spec.shape} do not "
+                         f"share the FFT shape {shape3}")
+    xf = _freq_major(x_spec, 1)
+    gf = _freq_major(gy_spec, 1)
+    if _choose(method, k3, shape3) == "fft":
+        g = _fftw_grad_kernel(xf, gf, shape3, k3, dilation, threads)
+    else:
+        g = _pruned_grad_kernel(xf, gf, shape3, k3, dilation, threads)
+    count_transforms("inverse", xf.shape[1] * gf.shape[1])
+    return g
+
+
+def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape3,
+                        dilation: Sequence[int], threads: int) -> np.ndarray:
+    """Pruned inverse DFT of ``GY * conj(X)`` at the kernel taps, as matrix products.
+
+    Lead stage: along the first axis longer than 1 (z, or y for 2D) the product and the inverse DFT are one
+    contraction per remaining frequency, ``conj(X)^T (in x L) @ diag(e_t) GY (L x out)``; then the other
+    axes shrink to their taps with plain matrix products, x last (half spectrum, real result).
+    """
+    Z, Y, X = shape
+    Xh = X // 2 + 1
+    kz, ky, kx = k3
+    n_in, n_out = xf.shape[1], gf.shape[1]
+    nio = n_in * n_out
+    cdt = xf.dtype.str
+    lead_z = Z > 1
+    L = Z if lead_z else Y
+    k_lead = kz if lead_z else ky
+    e_lead = _dft_matrix(L, k_lead, int(dilation[0] if lead_z else dilation[1]), False, +1, cdt)  # (L, k)
+    ncol = xf.shape[0] // L  # remaining frequencies per lead index
+    xc = np.conj(xf).reshape(L, ncol, n_in).transpose(1, 2, 0)  # (ncol, in, L), BLAS-transposed view
+    g3 = gf.reshape(L, ncol, n_out)
+    q = np.empty((k_lead, ncol, n_in, n_out), dtype=xf.dtype)
+    for t in range(k_lead):
+        gw = (g3 * e_lead[:, t][:, None, None]).transpose(1, 0, 2)  # (ncol, L, out)
+
+        def work(lo: int, hi: int, gw: np.ndarray = gw, t: int = t) -> None:
+            np.matmul(xc[lo:hi], gw[lo:hi], out=q[t, lo:hi])
+
+        parallel_chunks(ncol, threads, work, 8)
+    if lead_z:  # y stage: (ky x Y) @ (Y x Xh*nio) per z tap
+        ey = _dft_matrix(Y, ky, int(dilation[1]), False, +1, cdt).T
+        r = np.matmul(ey, q.reshape(kz, Y, Xh * nio))
+    else:
+        r = q.reshape(1, ky, Xh * nio)
+    ex = _dft_matrix(X, kx, int(dilation[2]), True, +1, cdt).T.copy()  # (kx, Xh)
+    ex[:, 1:(X + 1) // 2] *= 2  # the conjugate half of the spectrum, folded in
+    ex /= Z * Y * X
+    taps = np.matmul(ex, r.reshape(kz * ky, Xh, nio)).real  # (kz*ky, kx, nio)
+    g = taps.reshape(kz, ky, kx, n_in, n_out).transpose(3, 4, 0, 1, 2)
+    return np.ascontiguousarray(g, dtype=np.float32 if xf.dtype == np.complex64 else np.float64)
+
+
+def _fftw_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape3,
+                      dilation: Sequence[int], threads: int) -> np.ndarray:
+    """ZNN's way: one full inverse FFT per (in, out) pair, then pick the dilated taps."""
+    n_in, n_out = xf.shape[1], gf.shape[1]
+    sp = spectrum_shape(shape)
+    rdt = np.float32 if xf.dtype == np.complex64 else np.float64
+    out = np.empty((n_in, n_out, *k3), dtype=rdt)
+    taps = tuple(slice(0, (k - 1) * int(d) + 1, int(d)) for k, d in zip(k3, dilation))
+    gmaps = np.ascontiguousarray(gf.T)  # (out, F)
+    scale = 1.0 / math.prod(shape)
+
+    def work(lo: int, hi: int) -> None:
+        buf = empty_aligned((n_out, *sp), xf.dtype)
+        flat = buf.reshape(n_out, -1)
+        for i in range(lo, hi):
+            np.multiply(gmaps, np.conj(xf[:, i])[None, :], out=flat)
+            real = irfft3(buf, shape, 1)
+            np.multiply(real[(slice(None), *taps)], scale, out=out[i])
+
+    parallel_chunks(n_in, threads, work)
+    count_transforms("inverse", -n_in * n_out)  # counted once by the caller
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- whole layer
+
+
+def _check_spec_pair(x_spec: np.ndarray, w_spec: np.ndarray) -> None:
+    if w_spec.ndim != 5 or x_spec.ndim != 4 or x_spec.shape[0] != w_spec.shape[0] \
+            or x_spec.shape[1:] != w_spec.shape[2:]:
+        raise ShapeError(f"input spectra {x_spec.shape} do not match kernel spectra {w_spec.shape} "
+                         "(expected (in, Z, Y, Xh) and (in, out, Z, Y, Xh))")
+
+
+def _spectra_for(x: np.ndarray, w: np.ndarray, dilation: Shape3, spectra: Spectra | None) -> Spectra:
+    """Reuse ``spectra`` if they belong to this problem, else start a fresh empty record."""
+    if spectra is not None and spectra.matches(x.shape[1:], w.shape[2:], dilation, x.dtype):
+        return spectra
+    if spectra is not None:
+        raise ShapeError(f"spectra were made for input {spectra.in_spatial}, kernel {spectra.kernel_size}, "
+                         f"dilation {spectra.dilation}, {spectra.dtype}; got input {x.shape[1:]}, kernel "
+                         f"{w.shape[2:]}, dilation {dilation}, {x.dtype}: pass spectra=None")
+    shape = fft_shape(x.shape[1:], w.shape[2:], dilation)
+    return Spectra(shape, tuple(x.shape[1:]), tuple(w.shape[2:]), dilation, np.dtype(x.dtype))  # type: ignore[arg-type]
+
+
+def _as_dilation(dilation: Sequence[int]) -> Shape3:
+    d = tuple(int(v) for v in dilation)
+    return (d[0], d[1], d[2]) if len(d) == 3 else d  # type: ignore[return-value]
+
+
+def conv_forward_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
+                     spectra: Spectra | None = None, keep: bool = True,
+                     threads: int = 1) -> tuple[np.ndarray, Spectra]:
+    """Valid true convolution ``(in, z, y, x) * (in, out, kz, ky, kx) -> (out, z', y', x')`` through FFTs.
+
+    Kernel spectra found in ``spectra`` are reused (same kernels, new input); the returned record holds the
+    kernel spectra and, with ``keep``, this input's spectra for :func:`conv_backward_fft`.
+    """
+    check_conv_shapes(x.shape, w.shape, dilation)
+    x, w = _same_dtype(x, w)
+    d = _as_dilation(dilation)
+    rec = _spectra_for(x, w, d, spectra)
+    if rec.w_spec is None:
+        rec.w_spec = kernel_spectra(w, d, rec.shape, threads)
+    x_spec = input_spectra(x, rec.shape, threads)
+    y_spec = multiply_accumulate(x_spec, rec.w_spec, threads)
+    out_spatial = check_conv_shapes(x.shape, w.shape, d)
+    y = inverse_valid(y_spec, rec.shape, out_spatial, output_offset(w.shape[2:], d), threads)
+    rec = Spectra(rec.shape, rec.in_spatial, rec.kernel_size, d, rec.dtype, x_spec if keep else None,
+                  rec.w_spec)
+    return y, rec
+
+
+def conv_backward_fft(x: np.ndarray, w: np.ndarray, grad_y: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
+                      spectra: Spectra | None = None, threads: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    """Gradients ``(grad_x (in, z, y, x), grad_w (in, out, kz, ky, kx))`` of the valid convolution.
+
+    Input and kernel spectra present in ``spectra`` (from :func:`conv_forward_fft` with this ``x`` and ``w``)
+    are reused, not recomputed; only ``grad_y`` is transformed.
+    """
+    check_conv_shapes(x.shape, w.shape, dilation, grad_y.shape)
+    x, w = _same_dtype(x, w)
+    grad_y = grad_y.astype(x.dtype, copy=False)
+    d = _as_dilation(dilation)
+    rec = _spectra_for(x, w, d, spectra)
+    x_spec = rec.x_spec if rec.x_spec is not None else input_spectra(x, rec.shape, threads)
+    w_spec = rec.w_spec if rec.w_spec is not None else kernel_spectra(w, d, rec.shape, threads)
+    gy_spec = grad_output_spectra(grad_y, rec.shape, w.shape[2:], d, threads)
+    gx_spec = grad_input_spectra(gy_spec, w_spec, threads)
+    grad_x = inverse_valid(gx_spec, rec.shape, x.shape[1:], (0, 0, 0), threads)
+    grad_w = grad_kernel(x_spec, gy_spec, rec.shape, w.shape[2:], d, threads)
+    return grad_x, grad_w
+
+
+def _same_dtype(x: np.ndarray, w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Float32 or float64 throughout (the input's dtype wins; integers become float64)."""
+    dt = x.dtype if x.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+    return x.astype(dt, copy=False), w.astype(dt, copy=False)

@@ -1,0 +1,293 @@
+"""FFT plumbing for the convolution kernels: padded sizes, cached pyfftw plans, wisdom, transform counters.
+
+Everything here works on batches of 3D volumes ``(n, Z, Y, X)`` (a 2D map is ``Z == 1``) with real-to-complex
+transforms over the last three axes, so a spectrum has shape ``(n, Z, Y, X // 2 + 1)``.
+
+Plans are built once per (direction, batch, shape, dtype, threads, alignment) with ``FFTW_MEASURE`` and kept
+for the life of the process, one cache per Python thread: a pyfftw ``FFTW`` object is rebound to new arrays
+before each run (``update_arrays``), which is not safe to share between threads, whereas FFTW's planner
+reuses wisdom, so a second thread's plan costs almost nothing to build.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyfftw
+
+from znn.errors import ShapeError
+
+__all__ = [
+    "check_conv_shapes",
+    "fast_len",
+    "fft_shape",
+    "spectrum_shape",
+    "complex_dtype",
+    "rfft3",
+    "irfft3",
+    "save_wisdom",
+    "load_wisdom",
+    "transform_counts",
+    "reset_transform_counts",
+    "count_transforms",
+    "parallel_chunks",
+    "empty_aligned",
+]
+
+Shape3 = tuple[int, int, int]
+
+_PLAN_LOCK = threading.Lock()  # FFTW's planner is not thread-safe
+_LOCAL = threading.local()
+_COUNTS_LOCK = threading.Lock()
+_COUNTS: dict[str, int] = {"forward": 0, "inverse": 0}
+_POOLS: dict[int, ThreadPoolExecutor] = {}
+_POOLS_LOCK = threading.Lock()
+
+# FFTW is fast for sizes whose only prime factors are these.
+_SMOOTH_PRIMES = (2, 3, 5, 7)
+
+
+def check_conv_shapes(x_shape: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
+                      grad_y_shape: Sequence[int] | None = None) -> Shape3:
+    """Validate a valid-convolution problem and return the output's spatial shape ``(z', y', x')``.
+
+    ``x_shape`` is ``(in_maps, z, y, x)``, ``w_shape`` ``(in_maps, out_maps, kz, ky, kx)``, ``dilation``
+    ``(dz, dy, dx)``; ``z' = z - (kz - 1) * dz`` etc. Raises :class:`znn.errors.ShapeError` naming the shapes.
+    """
+    x_shape, w_shape, dil = tuple(x_shape), tuple(w_shape), tuple(dilation)
+    if len(x_shape) != 4:
+        raise ShapeError(f"input must be (maps, z, y, x), got shape {x_shape}; add a z axis of 1 for 2D")
+    if len(w_shape) != 5:
+        raise ShapeError(f"kernels must be (in_maps, out_maps, kz, ky, kx), got shape {w_shape}")
+    if len(dil) != 3 or any(int(d) < 1 for d in dil):
+        raise ShapeError(f"dilation must be three integers >= 1 (dz, dy, dx), got {dilation}")
+    if x_shape[0] != w_shape[0]:
+        raise ShapeError(f"input has {x_shape[0]} maps but kernels {w_shape} expect {w_shape[0]} input maps")
+    if any(k < 1 for k in w_shape[2:]):
+        raise ShapeError(f"kernel sizes must be >= 1, got kernels of shape {w_shape}")
+    out = tuple(n - (k - 1) * int(d) for n, k, d in zip(x_shape[1:], w_shape[2:], dil))
+    if any(o < 1 for o in out):
+        raise ShapeError(f"kernel {w_shape[2:]} at dilation {dil} is larger than the input {x_shape[1:]} "
+                         f"(input {x_shape}, kernels {w_shape}); enlarge the input patch")
+    if grad_y_shape is not None and tuple(grad_y_shape) != (w_shape[1], *out):
+        raise ShapeError(f"grad_y has shape {tuple(grad_y_shape)}, expected {(w_shape[1], *out)} for input "
+                         f"{x_shape} and kernels {w_shape} at dilation {dil}")
+    return (out[0], out[1], out[2])
+
+
+def fast_len(n: int) -> int:
+    """The smallest 7-smooth integer >= ``n`` (FFTW has codelets for 2, 3, 5 and 7)."""
+    if n < 1:
+        raise ValueError(f"fast_len needs n >= 1, got {n}")
+    m = n
+    while True:
+        r = m
+        for p in _SMOOTH_PRIMES:
+            while r % p == 0:
+                r //= p
+        if r == 1:
+            return m
+        m += 1
+
+
+def fft_shape(in_spatial: Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]) -> Shape3:
+    """Padded FFT shape for a valid convolution of a ``in_spatial`` volume with a dilated kernel.
+
+    A circular convolution of size ``S >= n`` equals the linear one on the valid part: the wrapped-around terms
+    land only in the first ``(k - 1) * d`` positions, which the valid output discards. So each axis is the
+    input extent rounded up to a fast length; ``kernel_size``/``dilation`` are only checked here.
+    """
+    if len(in_spatial) != 3 or len(kernel_size) != 3 or len(dilation) != 3:
+        raise ShapeError(f"fft_shape takes (z, y, x) triples, got {in_spatial}, {kernel_size}, {dilation}")
+    out = []
+    for n, k, d in zip(in_spatial, kernel_size, dilation):
+        extent = (k - 1) * d + 1
+        if extent > n:
+            raise ShapeError(f"dilated kernel extent {extent} exceeds input extent {n} (input {tuple(in_spatial)},"
+                             f" kernel {tuple(kernel_size)}, dilation {tuple(dilation)})")
+        out.append(fast_len(n))
+    return (out[0], out[1], out[2])
+
+
+def spectrum_shape(shape: Sequence[int]) -> Shape3:
+    """Shape ``(Z, Y, X // 2 + 1)`` of the half spectrum of a real ``(Z, Y, X)`` volume."""
+    return (int(shape[0]), int(shape[1]), int(shape[2]) // 2 + 1)
+
+
+def complex_dtype(dtype: np.dtype[Any] | type) -> np.dtype[Any]:
+    """complex64 for float32 input, complex128 for float64."""
+    return np.dtype(np.complex64) if np.dtype(dtype) == np.float32 else np.dtype(np.complex128)
+
+
+def empty_aligned(shape: Sequence[int], dtype: np.dtype[Any] | type) -> np.ndarray:
+    """An uninitialised SIMD-aligned C-contiguous array (what FFTW plans are built for)."""
+    return pyfftw.empty_aligned(tuple(shape), dtype=dtype)
+
+
+# ----------------------------------------------------------------------------------------------- counters
+
+
+def count_transforms(kind: str, n: int) -> None:
+    """Record ``n`` single-map transforms of ``kind`` (``"forward"`` or ``"inverse"``)."""
+    with _COUNTS_LOCK:
+        _COUNTS[kind] = _COUNTS.get(kind, 0) + int(n)
+
+
+def transform_counts() -> dict[str, int]:
+    """Number of single-map forward and inverse transforms done since the last reset (for reuse tests)."""
+    with _COUNTS_LOCK:
+        return dict(_COUNTS)
+
+
+def reset_transform_counts() -> None:
+    """Set the transform counters to zero."""
+    with _COUNTS_LOCK:
+        for key in _COUNTS:
+            _COUNTS[key] = 0
+
+
+# ----------------------------------------------------------------------------------------------- threads
+
+
+def _pool(threads: int) -> ThreadPoolExecutor:
+    with _POOLS_LOCK:
+        pool = _POOLS.get(threads)
+        if pool is None:
+            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="znn-ops")
+            _POOLS[threads] = pool
+        return pool
+
+
+def parallel_chunks(n: int, threads: int, work: Callable[[int, int], None], min_chunk: int = 1) -> None:
+    """Run ``work(start, stop)`` over ``threads`` contiguous pieces of ``range(n)``.
+
+    NumPy's matmul and ufunc loops and FFTW's execute release the GIL, so Python threads give real
+    parallelism for work that BLAS does not thread by itself (many small matrix products, batched plans).
+    """
+    pieces = max(1, min(threads, n // max(1, min_chunk)))
+    if pieces == 1:
+        work(0, n)
+        return
+    bounds = [round(i * n / pieces) for i in range(pieces + 1)]
+    futures = [_pool(threads).submit(work, bounds[i], bounds[i + 1]) for i in range(pieces)]
+    for future in futures:
+        future.result()
+
+
+# ----------------------------------------------------------------------------------------------- plans
+
+
+def _plans() -> dict[tuple[Any, ...], pyfftw.FFTW]:
+    cache = getattr(_LOCAL, "plans", None)
+    if cache is None:
+        cache = {}
+        _LOCAL.plans = cache
+    return cache
+
+
+def _aligned(a: np.ndarray) -> bool:
+    return a.ctypes.data % pyfftw.simd_alignment == 0
+
+
+def _plan(direction: str, batch: int, shape: Shape3, dtype: np.dtype[Any], threads: int,
+          aligned: bool) -> pyfftw.FFTW:
+    """The cached FFTW object for ``batch`` transforms of real ``shape`` volumes of ``dtype``."""
+    key = (direction, batch, shape, dtype.str, threads, aligned)
+    cache = _plans()
+    plan = cache.get(key)
+    if plan is None:
+        real = empty_aligned((batch, *shape), dtype)
+        spec = empty_aligned((batch, *spectrum_shape(shape)), complex_dtype(dtype))
+        flags = ["FFTW_MEASURE"] if aligned else ["FFTW_MEASURE", "FFTW_UNALIGNED"]
+        if direction == "inverse":
+            flags.append("FFTW_DESTROY_INPUT")  # multi-dimensional c2r cannot preserve its input anyway
+        src, dst = (real, spec) if direction == "forward" else (spec, real)
+        fftw_dir = "FFTW_FORWARD" if direction == "forward" else "FFTW_BACKWARD"
+        with _PLAN_LOCK:
+            plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags),
+                               threads=threads)
+        cache[key] = plan
+    return plan
+
+
+def _run(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, dtype: np.dtype[Any],
+         threads: int) -> None:
+    """Transform the batch ``src`` into ``dst`` (both C-contiguous), splitting the batch over threads."""
+    batch = src.shape[0]
+    if batch == 0:
+        return
+
+    def work(lo: int, hi: int) -> None:
+        s, d = src[lo:hi], dst[lo:hi]
+        aligned = _aligned(s) and _aligned(d)
+        # one map but several threads: let FFTW split the transform itself
+        plan = _plan(direction, hi - lo, shape, dtype, threads if batch < threads else 1, aligned)
+        plan.update_arrays(s, d)
+        plan.execute()
+
+    if batch < threads:
+        work(0, batch)
+    else:
+        parallel_chunks(batch, threads, work)
+    count_transforms(direction, batch)
+
+
+def rfft3(real: np.ndarray, threads: int = 1) -> np.ndarray:
+    """Real-to-complex FFT over the last three axes: ``(n, Z, Y, X)`` -> ``(n, Z, Y, X // 2 + 1)``.
+
+    ``real`` must be float32/float64 and C-contiguous (use :func:`empty_aligned` for the fastest plans).
+    """
+    shape = (real.shape[1], real.shape[2], real.shape[3])
+    dtype = real.dtype
+    out = empty_aligned((real.shape[0], *spectrum_shape(shape)), complex_dtype(dtype))
+    _run("forward", np.ascontiguousarray(real), out, shape, dtype, threads)
+    return out
+
+
+def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1) -> np.ndarray:
+    """Unnormalised complex-to-real FFT: ``(n, Z, Y, X // 2 + 1)`` -> ``(n, Z, Y, X)``; DESTROYS ``spec``.
+
+    The result is ``prod(shape)`` times the inverse DFT; callers fold the ``1 / prod(shape)`` into their crop.
+    """
+    shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
+    dtype = np.dtype(np.float32) if spec.dtype == np.complex64 else np.dtype(np.float64)
+    if not spec.flags.c_contiguous:
+        raise ValueError("irfft3 needs a C-contiguous spectrum")
+    out = empty_aligned((spec.shape[0], *shape3), dtype)
+    _run("inverse", spec, out, shape3, dtype, threads)
+    return out
+
+
+# ----------------------------------------------------------------------------------------------- wisdom
+
+
+def save_wisdom(path: str | Path) -> None:
+    """Write FFTW's accumulated wisdom (all precisions) to ``path`` as JSON, so later runs skip planning."""
+    blobs = pyfftw.export_wisdom()
+    text = json.dumps({"fftw_wisdom": [b.decode("ascii") for b in blobs]})
+    Path(path).write_text(text)
+
+
+def load_wisdom(path: str | Path) -> tuple[bool, ...]:
+    """Import wisdom written by :func:`save_wisdom`; returns, per precision, whether FFTW accepted it.
+
+    A missing file is not an error (first run): it returns all ``False``.
+    """
+    p = Path(path)
+    if not p.exists():
+        return (False, False, False)
+    blobs = json.loads(p.read_text())["fftw_wisdom"]
+    with _PLAN_LOCK:
+        return tuple(bool(ok) for ok in pyfftw.import_wisdom(tuple(b.encode("ascii") for b in blobs)))
+
+
+def log2_size(shape: Sequence[int]) -> float:
+    """``log2`` of the number of voxels of ``shape`` (used by cost models)."""
+    return math.log2(max(2, math.prod(shape)))
