@@ -61,6 +61,8 @@ __all__ = [
 # Frequencies per matmul chunk handed to one thread: big enough to hide Python overhead, small enough to
 # balance two threads.
 _MIN_FREQ_CHUNK = 256
+# Frequency columns per step of the kernel-gradient contraction.
+_COLS_PER_STEP = 8
 
 
 @dataclass
@@ -312,41 +314,46 @@ def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape
                         dilation: Sequence[int], threads: int) -> np.ndarray:
     """Pruned inverse DFT of ``GY * conj(X)`` at the kernel taps, as matrix products.
 
-    Lead stage: along the first axis longer than 1 (z, or y for 2D) the product and the inverse DFT are one
-    contraction per remaining frequency, ``conj(X)^T (in x L) @ diag(e_t) GY (L x out)``; then the other
-    axes shrink to their taps with plain matrix products, x last (half spectrum, real result).
+    Lead stage: along the first axis longer than 1 (z, or y for 2D) the product and the inverse DFT to the
+    ``k`` taps are one contraction per remaining frequency ``c``:
+    ``Q[c, i, t, o] = sum_l conj(X[l, c, i]) * e[l, t] * GY[l, c, o]``, i.e. ``(in x L) @ (L x k*out)``.
+    Then the other axes shrink to their taps with single large matrix products, x last (half spectrum, real).
     """
     Z, Y, X = shape
     Xh = X // 2 + 1
     kz, ky, kx = k3
     n_in, n_out = xf.shape[1], gf.shape[1]
-    nio = n_in * n_out
     cdt = xf.dtype.str
     lead_z = Z > 1
     L = Z if lead_z else Y
     k_lead = kz if lead_z else ky
     e_lead = _dft_matrix(L, k_lead, int(dilation[0] if lead_z else dilation[1]), False, +1, cdt)  # (L, k)
     ncol = xf.shape[0] // L  # remaining frequencies per lead index
-    xc = np.conj(xf).reshape(L, ncol, n_in).transpose(1, 2, 0)  # (ncol, in, L), BLAS-transposed view
-    g3 = gf.reshape(L, ncol, n_out)
-    q = np.empty((k_lead, ncol, n_in, n_out), dtype=xf.dtype)
-    for t in range(k_lead):
-        gw = (g3 * e_lead[:, t][:, None, None]).transpose(1, 0, 2)  # (ncol, L, out)
+    # contiguous per-column matrices: strided ones make BLAS thrash the cache for power-of-two sizes
+    xc = np.ascontiguousarray(xf.reshape(L, ncol, n_in).transpose(1, 2, 0))  # (ncol, in, L)
+    np.conjugate(xc, out=xc)
+    gc = np.ascontiguousarray(gf.reshape(L, ncol, n_out).transpose(1, 0, 2))  # (ncol, L, out)
+    q = np.empty((ncol, n_in, k_lead * n_out), dtype=xf.dtype)
+    e4 = e_lead[None, :, :, None]
 
-        def work(lo: int, hi: int, gw: np.ndarray = gw, t: int = t) -> None:
-            np.matmul(xc[lo:hi], gw[lo:hi], out=q[t, lo:hi])
+    def work(lo: int, hi: int) -> None:
+        for a in range(lo, hi, _COLS_PER_STEP):  # small steps keep the weighted copy of GY in cache
+            b = min(hi, a + _COLS_PER_STEP)
+            gw = (gc[a:b, :, None, :] * e4).reshape(b - a, L, k_lead * n_out)
+            np.matmul(xc[a:b], gw, out=q[a:b])
 
-        parallel_chunks(ncol, threads, work, 8)
-    if lead_z:  # y stage: (ky x Y) @ (Y x Xh*nio) per z tap
-        ey = _dft_matrix(Y, ky, int(dilation[1]), False, +1, cdt).T
-        r = np.matmul(ey, q.reshape(kz, Y, Xh * nio))
-    else:
-        r = q.reshape(1, ky, Xh * nio)
-    ex = _dft_matrix(X, kx, int(dilation[2]), True, +1, cdt).T.copy()  # (kx, Xh)
+    parallel_chunks(ncol, threads, work, _COLS_PER_STEP)
+    scale = 1.0 / (Z * Y * X)
+    ex = _dft_matrix(X, kx, int(dilation[2]), True, +1, cdt).T * scale  # (kx, Xh)
     ex[:, 1:(X + 1) // 2] *= 2  # the conjugate half of the spectrum, folded in
-    ex /= Z * Y * X
-    taps = np.matmul(ex, r.reshape(kz * ky, Xh, nio)).real  # (kz*ky, kx, nio)
-    g = taps.reshape(kz, ky, kx, n_in, n_out).transpose(3, 4, 0, 1, 2)
+    if lead_z:  # q is (Y, Xh, in, kz, out): y stage, then x stage per y tap
+        ey = _dft_matrix(Y, ky, int(dilation[1]), False, +1, cdt).T  # (ky, Y)
+        r = np.matmul(ey, q.reshape(Y, Xh * n_in * kz * n_out))
+        taps = np.matmul(ex, r.reshape(ky, Xh, n_in * kz * n_out)).real  # (ky, kx, in*kz*out)
+        g = taps.reshape(ky, kx, n_in, kz, n_out).transpose(2, 4, 3, 0, 1)
+    else:  # 2D: q is (Xh, in, ky, out)
+        taps = np.matmul(ex, q.reshape(Xh, n_in * ky * n_out)).real  # (kx, in*ky*out)
+        g = taps.reshape(kx, n_in, 1, ky, n_out).transpose(1, 4, 2, 3, 0)
     return np.ascontiguousarray(g, dtype=np.float32 if xf.dtype == np.complex64 else np.float64)
 
 
