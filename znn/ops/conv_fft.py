@@ -100,7 +100,7 @@ def _freq_major(spec: np.ndarray, nmaps: int) -> np.ndarray:
     """``(maps..., Z, Y, Xh)`` -> C-contiguous ``(F, maps...)``: a free view for our own spectra."""
     moved = np.moveaxis(spec, tuple(range(nmaps)), tuple(range(-nmaps, 0)))
     flat = np.ascontiguousarray(moved)
-    return flat.reshape(-1, *spec.shape[:nmaps])
+    return flat.reshape(math.prod(spec.shape[nmaps:]), *spec.shape[:nmaps])
 
 
 def _maps_first(flat: np.ndarray, spatial: Sequence[int], nmaps: int) -> np.ndarray:
@@ -135,7 +135,7 @@ def input_spectra(x_block: np.ndarray, shape: Sequence[int], threads: int = 1,
     real[(slice(None), *sl)] = x_block
     spec = rfft3(real, threads)
     # frequency-major copy: the products over maps then run on contiguous (maps) rows
-    flat = np.ascontiguousarray(spec.reshape(n, -1).T)
+    flat = np.ascontiguousarray(spec.reshape(n, math.prod(spec.shape[1:])).T)
     return _maps_first(flat, spec.shape[1:], 1)
 
 
@@ -189,7 +189,7 @@ def _fftw_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, 
         w.reshape(n_in * n_out, kz, ky, kx)
     spec = rfft3(real, threads)
     count_transforms("forward", -n_in * n_out)  # counted once below with the pruned path
-    flat = np.ascontiguousarray(spec.reshape(n_in * n_out, -1).T)
+    flat = np.ascontiguousarray(spec.reshape(n_in * n_out, math.prod(spec.shape[1:])).T)
     return flat.reshape(*spectrum_shape(shape), n_in, n_out)
 
 
@@ -370,7 +370,7 @@ def _fftw_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape3,
 
     def work(lo: int, hi: int) -> None:
         buf = empty_aligned((n_out, *sp), xf.dtype)
-        flat = buf.reshape(n_out, -1)
+        flat = buf.reshape(n_out, math.prod(sp))
         for i in range(lo, hi):
             np.multiply(gmaps, np.conj(xf[:, i])[None, :], out=flat)
             real = irfft3(buf, shape, 1)
