@@ -258,7 +258,7 @@ class NetworkSpec:
     def _extents(self, outsz: Triple, sparsity: dict[str, Triple]) -> dict[str, Triple]:
         extent: dict[str, Triple] = {}
         for name in reversed(self.order()):
-            needs = [self._edge_input_extent(self.edges[e], extent[self.edges[e].output], sparsity)
+            needs = [self.edge_input_extent(self.edges[e], extent[self.edges[e].output], sparsity)
                      for e in self.outgoing[name]]
             if not needs:
                 extent[name] = outsz
@@ -267,7 +267,7 @@ class NetworkSpec:
         return extent
 
     @staticmethod
-    def _edge_input_extent(edge: EdgeGroup, out: Triple, sparsity: dict[str, Triple]) -> Triple:
+    def edge_input_extent(edge: EdgeGroup, out: Triple, sparsity: dict[str, Triple]) -> Triple:
         s = sparsity[edge.input]
         if edge.type in WINDOW_EDGES:
             return tuple(o + (w - 1) * d for o, w, d in zip(out, edge.size, s))  # type: ignore[return-value]

@@ -157,8 +157,8 @@ def _edge(block: dict[str, Any], path: str | None) -> EdgeGroup:
         r.fail("stride", f"max_pool is non-overlapping: stride must equal size {','.join(map(str, size))} (or be omitted)")
     init = r.choice("init", tuple(INIT_ARG_COUNTS), "zero")
     ratio = r.get("ratio", float, 0.5, "a number")
-    if not 0.0 <= ratio < 1.0:
-        r.fail("ratio", f"dropout ratio {ratio} must be in [0, 1)")
+    if not 0.0 < ratio <= 1.0:  # ZNN's ratio is the probability of keeping a voxel
+        r.fail("ratio", f"dropout ratio {ratio} (the keep probability) must be in (0, 1]")
     return EdgeGroup(
         name=block["name"], type=kind, options=dict(r.pairs), lines=dict(block["lines"]), line=block["line"],
         path=path, input=r.require("input", "the node group it reads"),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -184,6 +185,16 @@ def parallel_chunks(n: int, threads: int, work: Callable[[int, int], None], min_
 # ----------------------------------------------------------------------------------------------- plans
 
 
+PLANNER_EFFORTS = ("FFTW_ESTIMATE", "FFTW_MEASURE", "FFTW_PATIENT", "FFTW_EXHAUSTIVE")
+
+
+def planner_effort() -> str:
+    """FFTW planner effort: ``ZNN_FFTW_PLANNER`` from the environment, else FFTW_MEASURE (plans timed once,
+    then reused; FFTW_ESTIMATE plans instantly but may run several times slower)."""
+    effort = os.environ.get("ZNN_FFTW_PLANNER", "FFTW_MEASURE")
+    return effort if effort in PLANNER_EFFORTS else "FFTW_MEASURE"
+
+
 def _plans() -> dict[tuple[Any, ...], pyfftw.FFTW]:
     cache = getattr(_LOCAL, "plans", None)
     if cache is None:
@@ -205,7 +216,7 @@ def _plan(direction: str, batch: int, shape: Shape3, dtype: np.dtype[Any], threa
     if plan is None:
         real = empty_aligned((batch, *shape), dtype)
         spec = empty_aligned((batch, *spectrum_shape(shape)), complex_dtype(dtype))
-        flags = ["FFTW_MEASURE"] if aligned else ["FFTW_MEASURE", "FFTW_UNALIGNED"]
+        flags = [planner_effort()] if aligned else [planner_effort(), "FFTW_UNALIGNED"]
         if direction == "inverse":
             flags.append("FFTW_DESTROY_INPUT")  # multi-dimensional c2r cannot preserve its input anyway
         src, dst = (real, spec) if direction == "forward" else (spec, real)

@@ -1,0 +1,143 @@
+"""Run a network's graphs: forward passes and training steps on one scheduler, keeping the spectra cache."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+from dask.optimization import cull
+
+from znn.network import Network
+from znn.pipeline import tasks
+from znn.pipeline.cache import SpectraCache
+from znn.pipeline.graph import Hyper, Loss, forward_graph, step_graph
+from znn.pipeline.plan import NetPlan, make_plan
+from znn.pipeline.schedulers import Runner, make_runner
+
+
+class Engine:
+    """A network planned at one output patch, with a runner and a kernel-spectra cache.
+
+    ``forward`` returns the output node groups as (maps, z, y, x) arrays; ``train_step`` runs forward, ``loss``
+    (a function of the outputs returning the cost and the gradient of each output), backward and the SGD
+    update, and writes the new parameters into ``net``.
+    """
+
+    def __init__(self, net: Network, output_patch: Sequence[int], modes: str | Mapping[str, str] = "fft",
+                 runner: Runner | None = None, seed: int = 0, spectra_cache: bool = True,
+                 cache_bytes: int | None = None):
+        self.net = net
+        self.plan: NetPlan = make_plan(net.spec, output_patch, modes)
+        self.runner = runner or make_runner("threads")
+        self.seed = seed
+        self.cache = SpectraCache(spectra_cache, cache_bytes)
+        self.steps = 0
+        self._planned: set[str] = set()
+
+    @property
+    def input_patch(self) -> dict[str, tuple[int, int, int]]:
+        return self.plan.layout.input_patch
+
+    def forward(self, inputs: Mapping[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
+        self._plan_transforms("forward")
+        g = forward_graph(self.plan, self.net, self._cast(inputs), training=training, seed=self.seed,
+                          step=self.steps, cache=self.cache)
+        wanted: dict[str, Any] = {"out": {n: g.act[n] for n in self.plan.spec.outputs}, "kspec": g.new_kspec}
+        result = _get(self.runner, g.dsk, wanted)
+        for edge, spectra in result["kspec"].items():
+            self.cache.put(edge, self.plan.edges[edge].fft_shape, spectra)  # type: ignore[arg-type]
+        return {n: tasks.concat_maps(blocks) for n, blocks in result["out"].items()}
+
+    def train_step(self, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper) -> tuple[float, dict[str, np.ndarray]]:
+        """One step; returns the cost and the outputs of the forward pass."""
+        self._plan_transforms("step")
+        g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, hyper, seed=self.seed, step=self.steps,
+                            cache=self.cache)
+        frozen = {e for e in res["kernels"] if _eta(self.net.spec.edges[e].options, hyper) == 0}
+        wanted = {"cost": res["cost"], "outputs": res["outputs"],
+                  "kernels": {e: k for e, k in res["kernels"].items() if e not in frozen},
+                  "biases": res["biases"], "kspec": {e: k for e, k in res["kspec"].items() if e in frozen}}
+        result = _get(self.runner, g.dsk, wanted)
+        self._apply(result)
+        self.steps += 1
+        return float(result["cost"]), {n: tasks.concat_maps(b) for n, b in result["outputs"].items()}
+
+    def gradients(self, inputs: Mapping[str, np.ndarray], loss: Loss) -> tuple[float, dict[str, np.ndarray]]:
+        """The cost and the gradient of every kernel (by edge) and bias (by node), without updating."""
+        g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, Hyper(0.0, 0.0, 0.0), seed=self.seed,
+                            step=self.steps, cache=self.cache)
+        result = _get(self.runner, g.dsk, {"cost": res["cost"], "kernels": res["kernels"], "biases": res["biases"]})
+        grads = {name: triple[2] for group in ("kernels", "biases") for name, triple in result[group].items()}
+        return float(result["cost"]), grads
+
+    def _plan_transforms(self, kind: str) -> None:
+        """On a cluster, plan every FFT in this process once (a pass on zeros) and share the wisdom, so workers
+        use the same algorithms as the driver: same numbers on every scheduler."""
+        if not self.runner.distributed or kind in self._planned:
+            return
+        zeros = {n: np.zeros((self.net.spec.nodes[n].size, *p), self.net.dtype) for n, p in self.input_patch.items()}
+        if kind == "forward":
+            g = forward_graph(self.plan, self.net, zeros, seed=self.seed)
+            _get(_IN_PROCESS, g.dsk, {n: g.act[n] for n in self.plan.spec.outputs})
+        else:
+            g, res = step_graph(self.plan, self.net, zeros, _zero_loss, Hyper(0.0, 0.0, 0.0), seed=self.seed)
+            _get(_IN_PROCESS, g.dsk, res["kernels"])
+        self.runner.share_fft_wisdom()
+        self._planned.add(kind)
+
+    def _apply(self, result: dict[str, Any]) -> None:
+        for edge, (kernel, velocity, _) in result["kernels"].items():
+            self.net.kernels[edge], self.net.kernel_momentum[edge] = kernel, velocity
+            self.cache.invalidate(edge)
+        for node, (bias, velocity, _) in result["biases"].items():
+            self.net.biases[node], self.net.bias_momentum[node] = bias, velocity
+        for edge, spectra in result["kspec"].items():
+            self.cache.put(edge, self.plan.edges[edge].fft_shape, spectra)  # type: ignore[arg-type]
+
+    def _cast(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        dtype = self.net.dtype
+        return {k: np.asarray(v, dtype=dtype) for k, v in inputs.items()}
+
+
+_IN_PROCESS = make_runner("synchronous")
+
+
+def _zero_loss(outputs: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+    return 0.0, {n: np.zeros_like(y) for n, y in outputs.items()}
+
+
+def _eta(options: Mapping[str, str], hyper: Hyper) -> float:
+    return float(options["eta"]) if "eta" in options else hyper.eta
+
+
+def _get(runner: Runner, dsk: dict[Any, Any], wanted: Any) -> Any:
+    """Compute a nested structure (dicts and lists) of keys, culling the graph to what it needs."""
+    flat: list[Any] = []
+    _flatten(wanted, flat)
+    needed, _ = cull(dsk, flat)
+    values = runner.get(needed, flat)
+    return _rebuild(wanted, iter(values))
+
+
+def _is_key(x: Any) -> bool:
+    return isinstance(x, tuple) and len(x) > 0 and isinstance(x[0], str) and not callable(x[0])
+
+
+def _flatten(x: Any, out: list[Any]) -> None:
+    if isinstance(x, dict):
+        for v in x.values():
+            _flatten(v, out)
+    elif isinstance(x, list):
+        for v in x:
+            _flatten(v, out)
+    else:
+        out.append(x)
+
+
+def _rebuild(x: Any, values: Any) -> Any:
+    if isinstance(x, dict):
+        return {k: _rebuild(v, values) for k, v in x.items()}
+    if isinstance(x, list):
+        return [_rebuild(v, values) for v in x]
+    return next(values)

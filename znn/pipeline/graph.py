@@ -1,0 +1,302 @@
+"""Dask graphs of a network: one forward pass, and one training step (forward, loss, backward, update).
+
+Keys are ``("<op>-<layer>-<token>", block...)``: the same network, inputs and step give the same keys. Feature
+maps are grouped into blocks (:mod:`znn.pipeline.blocks`); a conv edge in FFT mode becomes forward FFTs of each
+input block, kernel FFTs of each (input block, output block), and per output block one multiply-accumulate over
+all input blocks followed by one inverse FFT per output map. The input and kernel spectra of the forward pass are
+the ones the backward pass uses; kernel spectra of edges that are not updated can come from a
+:class:`~znn.pipeline.cache.SpectraCache` instead of being recomputed.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from dask.base import tokenize
+
+from znn.errors import ShapeError
+from znn.network import Network
+from znn.pipeline import tasks
+from znn.pipeline.cache import SpectraCache
+from znn.pipeline.plan import NetPlan
+
+Key = tuple[Any, ...]
+Loss = Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]
+
+
+@dataclass
+class Graph:
+    """A task graph being built, with the keys of each node group's activation blocks."""
+
+    plan: NetPlan
+    token: str
+    dsk: dict[Any, Any] = field(default_factory=dict)
+    act: dict[str, list[Key]] = field(default_factory=dict)  # node -> activation block keys
+    fwd: dict[str, list[Key]] = field(default_factory=dict)  # edge -> forward result keys (tuples with aux data)
+    xspec: dict[str, list[Key]] = field(default_factory=dict)  # conv edge -> input spectra per input block
+    kspec: dict[str, list[list[Any]]] = field(default_factory=dict)  # conv edge -> [ib][ob] key or cached array
+    new_kspec: dict[str, list[list[Key]]] = field(default_factory=dict)  # kernel spectra computed in this graph
+    params: dict[str, Key] = field(default_factory=dict)
+
+    def key(self, op: str, layer: str, *index: int) -> Key:
+        return (f"{op}-{layer}-{self.token}", *index)
+
+
+def forward_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], *, training: bool = False,
+                  seed: int = 0, step: int = 0, cache: SpectraCache | None = None) -> Graph:
+    """The forward pass for ``inputs`` (input node -> (maps, z, y, x) patches of the planned extent)."""
+    spec = plan.spec
+    _check_inputs(plan, inputs)
+    token = tokenize(plan.output_patch, {k: plan.edges[k].mode for k in plan.edges}, net.kernels, net.biases,
+                     dict(inputs), training, seed, step)
+    g = Graph(plan, token)
+    for name in spec.conv_edges():
+        g.params[name] = ("kernel-" + name + "-" + token,)
+        g.dsk[g.params[name]] = net.kernels[name]
+    for name in spec.bias_nodes():
+        g.params[name] = ("bias-" + name + "-" + token,)
+        g.dsk[g.params[name]] = net.biases[name]
+    for node in spec.order():
+        if spec.nodes[node].type == "input":
+            _input_node(g, node, inputs[node])
+            continue
+        for edge in spec.incoming[node]:
+            _edge_forward(g, edge, net, training, seed, step, cache)
+        _node_forward(g, node, training)
+    return g
+
+
+def _check_inputs(plan: NetPlan, inputs: Mapping[str, np.ndarray]) -> None:
+    for name in plan.spec.inputs:
+        if name not in inputs:
+            raise ShapeError(f"no data for network input {name!r}; the network's inputs are {plan.spec.inputs}")
+        want = (plan.spec.nodes[name].size, *plan.layout.extent[name])
+        if tuple(inputs[name].shape) != want:
+            raise ShapeError(f"input {name!r} has shape {tuple(inputs[name].shape)}, the network needs {want} "
+                             f"for output patch {plan.output_patch}")
+
+
+def _input_node(g: Graph, node: str, data: np.ndarray) -> None:
+    blocks = g.plan.blocks[node]
+    if len(blocks) == 1:
+        g.act[node] = [g.key("input", node, 0)]
+        g.dsk[g.act[node][0]] = np.ascontiguousarray(data)
+        return
+    whole = g.key("input", node)
+    g.dsk[whole] = data
+    g.act[node] = [g.key("inblock", node, i) for i in range(len(blocks))]
+    for k, b in zip(g.act[node], blocks):
+        g.dsk[k] = (tasks.take_maps, whole, b)
+
+
+def _edge_forward(g: Graph, name: str, net: Network, training: bool, seed: int, step: int,
+                  cache: SpectraCache | None) -> None:
+    spec, ep = g.plan.spec, g.plan.edges[name]
+    edge = spec.edges[name]
+    xs = g.act[edge.input]
+    if edge.type == "conv":
+        _conv_forward(g, name, cache)
+        return
+    keys = [g.key(edge.type, name, i) for i in range(len(xs))]
+    for i, (k, x) in enumerate(zip(keys, xs)):
+        if edge.type == "max_filter":
+            g.dsk[k] = (tasks.max_filter, x, ep.crop_lo, ep.need, edge.size, ep.dilation)
+        elif edge.type == "max_pool":
+            g.dsk[k] = (tasks.max_pool, x, ep.crop_lo, ep.need, edge.size)
+        elif edge.type == "dropout":
+            g.dsk[k] = (tasks.dropout, x, ep.crop_lo, ep.need, edge.ratio, _seed(seed, step, name, i), training)
+        elif edge.type == "crop":
+            g.dsk[k] = (tasks.crop_forward, x, ep.crop_lo, ep.need, edge.offset)
+        else:  # maxout: the node takes the max
+            g.dsk[k] = (tasks.pass_through, x, ep.crop_lo, ep.need)
+    g.fwd[name] = keys
+
+
+def _seed(seed: int, step: int, edge: str, block: int) -> tuple[int, ...]:
+    import zlib
+
+    return (int(seed), int(step), zlib.crc32(edge.encode()), int(block))
+
+
+def edge_output(g: Graph, name: str, block: int) -> Any:
+    """The (task computing the) output block of an edge, without its auxiliary backward data."""
+    kind = g.plan.spec.edges[name].type
+    key = g.fwd[name][block]
+    if kind in ("max_filter", "max_pool", "dropout"):
+        return (tasks.item, key, 0)
+    return key
+
+
+def _conv_forward(g: Graph, name: str, cache: SpectraCache | None) -> None:
+    spec, ep = g.plan.spec, g.plan.edges[name]
+    edge = spec.edges[name]
+    in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
+    xs, kernel = g.act[edge.input], g.params[name]
+    if ep.mode == "direct":
+        keys = [g.key("conv", name, j) for j in range(len(out_blocks))]
+        for k, ob in zip(keys, out_blocks):
+            g.dsk[k] = (tasks.conv_direct_forward, xs, kernel, in_blocks, ob, ep.crop_lo, ep.need, ep.dilation)
+        g.fwd[name] = keys
+        return
+    shape = ep.fft_shape
+    g.xspec[name] = [g.key("xfft", name, i) for i in range(len(in_blocks))]
+    for k, x in zip(g.xspec[name], xs):
+        g.dsk[k] = (tasks.input_spectra, x, ep.crop_lo, ep.need, shape)
+    cached = cache.get(name, shape) if cache is not None else None
+    if cached is not None:
+        g.kspec[name] = cached
+    else:
+        g.kspec[name] = [[g.key("kfft", name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
+        for i, ib in enumerate(in_blocks):
+            for j, ob in enumerate(out_blocks):
+                g.dsk[g.kspec[name][i][j]] = (tasks.kernel_spectra, kernel, ib, ob, ep.dilation, shape)
+        g.new_kspec[name] = g.kspec[name]
+    keys = [g.key("conv", name, j) for j in range(len(out_blocks))]
+    for j, k in enumerate(keys):
+        column = [g.kspec[name][i][j] for i in range(len(in_blocks))]
+        g.dsk[k] = (tasks.conv_fft_forward, g.xspec[name], column, shape, ep.out_extent, edge.size, ep.dilation)
+    g.fwd[name] = keys
+
+
+def _node_forward(g: Graph, node: str, training: bool) -> None:
+    spec = g.plan.spec
+    group = spec.nodes[node]
+    maxout = any(spec.edges[e].type == "maxout" for e in spec.incoming[node])
+    keys = []
+    for b, block in enumerate(g.plan.blocks[node]):
+        parts = [edge_output(g, e, b) for e in spec.incoming[node]]
+        bias = (tasks.take_maps, g.params[node], block) if group.type == "transfer" else None
+        k = g.key("maxout" if maxout else "node", node, b)
+        g.dsk[k] = (tasks.node_forward, group.type, group.function, group.function_args, bias, parts, maxout,
+                    training)
+        if maxout:
+            g.fwd["maxout:" + node] = g.fwd.get("maxout:" + node, []) + [k]
+            k = g.key("act", node, b)
+            g.dsk[k] = (tasks.item, g.fwd["maxout:" + node][b], 0)
+        keys.append(k)
+    g.act[node] = keys
+
+
+# --------------------------------------------------------------------------------------------------------------
+# training step
+
+@dataclass(frozen=True)
+class Hyper:
+    """Learning parameters of one step."""
+
+    eta: float
+    momentum: float
+    weight_decay: float
+    patch_size: float = 1.0  # ZNN divides data gradients by the number of output voxels
+
+
+def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper, *,
+               seed: int = 0, step: int = 0, cache: SpectraCache | None = None) -> tuple[Graph, dict[str, Any]]:
+    """Forward, loss, backward and update. Returns the graph and the keys of its results:
+    ``cost``, ``outputs`` (node -> block keys), ``kernels``/``biases`` (group -> key of (param, momentum, grad)),
+    ``kspec`` (edge -> kernel spectra keys computed here, for edges that are not updated)."""
+    g = forward_graph(plan, net, inputs, training=True, seed=seed, step=step, cache=cache)
+    spec = plan.spec
+    outputs = {n: g.act[n] for n in spec.outputs}
+    loss_key = g.key("loss", "net")
+    g.dsk[loss_key] = (tasks.loss_task, loss, list(outputs), list(outputs.values()))
+    grad_in: dict[str, list[list[Any]]] = {n: [[] for _ in plan.blocks[n]] for n in spec.nodes}
+    for n in spec.outputs:
+        for b, block in enumerate(plan.blocks[n]):
+            grad_in[n][b].append((tasks.take_maps, (tasks.item, (tasks.item, loss_key, 1), n), block))
+    pre: dict[str, list[Any]] = {}
+    for node in reversed(spec.order()):
+        group = spec.nodes[node]
+        if group.type == "input":
+            continue
+        pre[node] = []
+        for b in range(len(plan.blocks[node])):
+            k = g.key("gpre", node, b)
+            g.dsk[k] = (tasks.node_backward, group.type, group.function, group.function_args, g.act[node][b],
+                        grad_in[node][b], True)
+            pre[node].append(k)
+        for edge in spec.incoming[node]:
+            for b, contribution in enumerate(_edge_backward(g, edge, pre[node])):
+                grad_in[spec.edges[edge].input][b].append(contribution)
+    cost_key = g.key("cost", "net")
+    g.dsk[cost_key] = (tasks.item, loss_key, 0)
+    results: dict[str, Any] = {"cost": cost_key, "outputs": outputs, "kernels": {}, "biases": {}}
+    for name in spec.conv_edges():
+        h = _edge_hyper(spec.edges[name].options, hyper)
+        k = g.key("update", name)
+        g.dsk[k] = (tasks.kernel_gradient_update, g.params[name], net.kernel_momentum[name], g.fwd["gw:" + name],
+                    h.eta, h.momentum, h.weight_decay, h.patch_size)
+        results["kernels"][name] = k
+    for name in spec.bias_nodes():
+        k = g.key("update", name)
+        grads = [(tasks.bias_gradient, p) for p in pre[name]]
+        g.dsk[k] = (tasks.bias_gradient_update, g.params[name], net.bias_momentum[name], grads, hyper.eta,
+                    hyper.momentum, hyper.weight_decay, hyper.patch_size)
+        results["biases"][name] = k
+    results["kspec"] = dict(g.new_kspec)
+    return g, results
+
+
+def _edge_hyper(options: Mapping[str, str], hyper: Hyper) -> Hyper:
+    """Per-edge `eta`, `momentum`, `weight_decay` of the .znn file override the job's."""
+    values = {k: float(options[k]) if k in options else getattr(hyper, k) for k in ("eta", "momentum", "weight_decay")}
+    return Hyper(values["eta"], values["momentum"], values["weight_decay"], hyper.patch_size)
+
+
+def _edge_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
+    """Tasks giving this edge's gradient contribution to each block of its input node (padded to its extent)."""
+    spec, ep = g.plan.spec, g.plan.edges[name]
+    edge = spec.edges[name]
+    full, lo = ep.in_extent, ep.crop_lo
+    if edge.type == "conv":
+        return _conv_backward(g, name, gy)
+    fwd = g.fwd[name]
+    if spec.edges[name].type == "maxout":
+        which = g.fwd["maxout:" + edge.output]
+        index = spec.incoming[edge.output].index(name)
+        return [(tasks.pass_back, (tasks.maxout_route, gy[b], (tasks.item, which[b], 1), index), lo, full)
+                for b in range(len(gy))]
+    out = []
+    for b in range(len(gy)):
+        if edge.type == "max_filter":
+            out.append((tasks.max_filter_backward, gy[b], fwd[b], lo, ep.need, full))
+        elif edge.type == "max_pool":
+            out.append((tasks.max_pool_backward, gy[b], fwd[b], lo, ep.need, full))
+        elif edge.type == "dropout":
+            out.append((tasks.dropout_backward, gy[b], fwd[b], edge.ratio, lo, full))
+        else:  # crop
+            out.append((tasks.crop_backward, gy[b], edge.offset, lo, full))
+    return out
+
+
+def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
+    spec, ep = g.plan.spec, g.plan.edges[name]
+    edge = spec.edges[name]
+    in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
+    xs, kernel = g.act[edge.input], g.params[name]
+    if ep.mode == "direct":
+        pairs = [[g.key("gconv", name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
+        for i, ib in enumerate(in_blocks):
+            for j, ob in enumerate(out_blocks):
+                g.dsk[pairs[i][j]] = (tasks.conv_direct_backward, xs[i], kernel, ib, ob, gy[j], ep.crop_lo, ep.need,
+                                      ep.dilation)
+        g.fwd["gw:" + name] = [[(tasks.item, k, 1) for k in row] for row in pairs]
+        return [(tasks.sum_first, row, ep.crop_lo, ep.in_extent) for row in pairs]
+    shape = ep.fft_shape
+    gspec = [g.key("gfft", name, j) for j in range(len(out_blocks))]
+    for j, k in enumerate(gspec):
+        g.dsk[k] = (tasks.grad_output_spectra, gy[j], shape, edge.size, ep.dilation)
+    grads = []
+    for i in range(len(in_blocks)):
+        k = g.key("gx", name, i)
+        g.dsk[k] = (tasks.conv_fft_grad_input, gspec, g.kspec[name][i], shape, ep.need, ep.crop_lo, ep.in_extent)
+        grads.append(k)
+    gw = [[g.key("gw", name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
+    for i in range(len(in_blocks)):
+        for j in range(len(out_blocks)):
+            g.dsk[gw[i][j]] = (tasks.conv_fft_grad_kernel, g.xspec[name][i], gspec[j], shape, edge.size, ep.dilation)
+    g.fwd["gw:" + name] = gw
+    return grads

@@ -1,0 +1,90 @@
+"""The static plan of a network at one output patch: extents, sparsities, map blocks, conv modes, crops.
+
+Computed once from the spec (the one FOV computation lives in :mod:`znn.spec`) and shared by the forward and
+training graphs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from znn.errors import ConfigError
+from znn.ops import fft as fftops
+from znn.pipeline.blocks import Block, map_blocks, voxels_of
+from znn.spec import ONE_TO_ONE, Layout, NetworkSpec, Triple
+
+CONV_MODES = ("fft", "direct")
+
+
+@dataclass(frozen=True)
+class EdgePlan:
+    """What one edge group reads and writes: its input crop (central, per axis) and output extent."""
+
+    name: str
+    in_extent: Triple  # the extent of the input node
+    need: Triple  # the part of it this edge reads (centrally cropped)
+    crop_lo: Triple  # offset of that part inside the input node's extent
+    out_extent: Triple  # the extent of the output node
+    dilation: Triple  # sparsity of the input node: taps of conv/max_filter are this far apart
+    mode: str  # conv edges: fft or direct
+    fft_shape: Triple | None  # conv edges in fft mode
+
+
+@dataclass(frozen=True)
+class NetPlan:
+    spec: NetworkSpec
+    layout: Layout
+    blocks: dict[str, list[Block]]
+    edges: dict[str, EdgePlan]
+
+    @property
+    def output_patch(self) -> Triple:
+        return self.layout.output_patch
+
+
+def make_plan(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str] = "fft") -> NetPlan:
+    """Plan ``spec`` for ``output_patch``; ``modes`` is one conv mode for all conv edges or one per edge."""
+    layout = spec.layout(output_patch)
+    blocks = _node_blocks(spec, layout)
+    edges = {name: _edge_plan(spec, layout, name, _mode(modes, name, spec)) for name in spec.edges}
+    return NetPlan(spec, layout, blocks, edges)
+
+
+def _node_blocks(spec: NetworkSpec, layout: Layout) -> dict[str, list[Block]]:
+    """Map blocks per node group. Nodes joined by one-to-one edges share one partition (block i feeds block i),
+    sized for the largest of them."""
+    group = {n: n for n in spec.nodes}
+
+    def root(n: str) -> str:
+        while group[n] != n:
+            n = group[n]
+        return n
+
+    for edge in spec.edges.values():
+        if edge.type in ONE_TO_ONE:
+            group[root(edge.output)] = root(edge.input)
+    voxels: dict[str, int] = {}
+    for n in spec.nodes:
+        voxels[root(n)] = max(voxels.get(root(n), 0), voxels_of(layout.extent[n]))
+    return {n: map_blocks(g.size, voxels[root(n)]) for n, g in spec.nodes.items()}
+
+
+def _mode(modes: str | Mapping[str, str], edge: str, spec: NetworkSpec) -> str:
+    mode = modes if isinstance(modes, str) else modes.get(edge, "fft")
+    if spec.edges[edge].type == "conv" and mode not in CONV_MODES:
+        raise ConfigError(f"conv mode {mode!r} for edge {edge!r} is not valid; use fft or direct "
+                          "(optimize is resolved by the autotuner first)")
+    return mode
+
+
+def _edge_plan(spec: NetworkSpec, layout: Layout, name: str, mode: str) -> EdgePlan:
+    edge = spec.edges[name]
+    in_extent, out_extent = layout.extent[edge.input], layout.extent[edge.output]
+    need = spec.edge_input_extent(edge, out_extent, layout.sparsity)
+    crop_lo = tuple((a - b) // 2 for a, b in zip(in_extent, need))
+    dilation = layout.sparsity[edge.input]
+    fft_shape = None
+    if edge.type == "conv" and mode == "fft":
+        fft_shape = fftops.fft_shape(need, edge.size, dilation)
+    return EdgePlan(name, in_extent, need, crop_lo, out_extent, dilation, mode, fft_shape)  # type: ignore[arg-type]

@@ -1,0 +1,234 @@
+"""The functions that dask tasks run: thin, picklable wrappers around :mod:`znn.ops` on blocks of maps.
+
+Every function takes and returns NumPy arrays (or tuples of them); the graph builder in
+:mod:`znn.pipeline.graph` decides which block goes where. Kernels of a conv edge group are one array
+(in, out, z, y, x); a task slices the (input block, output block) part it needs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from znn.ops import conv as convops
+from znn.ops import conv_fft
+from znn.ops import pointwise, pooling
+from znn.ops.sgd import sgd_update
+
+Block = tuple[int, int]
+Triple = tuple[int, int, int]
+
+
+# -- slicing and cropping ------------------------------------------------------------------------------------
+def take_maps(x: np.ndarray, block: Block) -> np.ndarray:
+    return np.ascontiguousarray(x[block[0]:block[1]])
+
+
+def central(x: np.ndarray, lo: Triple, shape: Triple) -> np.ndarray:
+    """The ``shape`` part of ``x`` (maps, z, y, x) starting at ``lo``; a view when nothing is cut."""
+    if tuple(x.shape[1:]) == tuple(shape):
+        return x
+    return x[:, lo[0]:lo[0] + shape[0], lo[1]:lo[1] + shape[1], lo[2]:lo[2] + shape[2]]
+
+
+def pad_back(g: np.ndarray, lo: Triple, full: Triple) -> np.ndarray:
+    """Inverse of :func:`central` for gradients: zeros outside the cropped part."""
+    if tuple(g.shape[1:]) == tuple(full):
+        return g
+    out = np.zeros((g.shape[0], *full), dtype=g.dtype)
+    central(out, lo, g.shape[1:])[...] = g  # type: ignore[arg-type]
+    return out
+
+
+def add_all(parts: Sequence[np.ndarray]) -> np.ndarray:
+    """Sum in the given order (fixed by the graph, so results do not depend on the scheduler)."""
+    total = np.array(parts[0], copy=True)
+    for p in parts[1:]:
+        total += p
+    return total
+
+
+def concat_maps(parts: Sequence[np.ndarray]) -> np.ndarray:
+    return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
+
+
+def item(value: Any, index: int) -> Any:
+    return value[index]
+
+
+# -- nodes ---------------------------------------------------------------------------------------------------
+def node_forward(kind: str, function: str, args: Sequence[float], bias: np.ndarray | None,
+                 parts: Sequence[np.ndarray], maxout: bool, training: bool) -> Any:
+    """Combine incoming edge outputs (sum, or element-wise max for maxout nodes), add bias, apply the transfer.
+
+    Returns the activation, or (activation, which) for maxout nodes so the backward can route gradients.
+    """
+    if maxout:
+        y, which = pointwise.maxout(list(parts))
+    else:
+        y, which = add_all(parts), None
+    if kind == "transfer":
+        if bias is not None:
+            y = pointwise.add_bias(y, bias)
+        y = pointwise.transfer_forward(function, y, args, training=training)
+    return (y, which) if maxout else y
+
+
+def node_backward(kind: str, function: str, args: Sequence[float], y: np.ndarray,
+                  parts: Sequence[np.ndarray], training: bool) -> np.ndarray:
+    """Gradient wrt the node's pre-transfer sum from the gradients of its outgoing edges (already padded)."""
+    g = add_all(parts)
+    if kind == "transfer":
+        g = pointwise.transfer_backward(function, y, g, args, training=training)
+    return g
+
+
+def maxout_route(g: np.ndarray, which: np.ndarray, index: int) -> np.ndarray:
+    return np.where(which == index, g, 0).astype(g.dtype, copy=False)
+
+
+def bias_gradient(g: np.ndarray) -> np.ndarray:
+    return pointwise.bias_gradient(g)
+
+
+# -- one-to-one edges ----------------------------------------------------------------------------------------
+def max_filter(x: np.ndarray, lo: Triple, need: Triple, size: Triple, dilation: Triple) -> tuple[np.ndarray, Any]:
+    return pooling.max_filter(np.ascontiguousarray(central(x, lo, need)), size, dilation)
+
+
+def max_filter_backward(g: np.ndarray, fwd: tuple[np.ndarray, Any], lo: Triple, need: Triple,
+                        full: Triple) -> np.ndarray:
+    shape = (g.shape[0], *need)
+    return pad_back(pooling.max_filter_backward(g, fwd[1], shape), lo, full)
+
+
+def max_pool(x: np.ndarray, lo: Triple, need: Triple, size: Triple) -> tuple[np.ndarray, Any]:
+    return pooling.max_pool(np.ascontiguousarray(central(x, lo, need)), size)
+
+
+def max_pool_backward(g: np.ndarray, fwd: tuple[np.ndarray, Any], lo: Triple, need: Triple,
+                      full: Triple) -> np.ndarray:
+    return pad_back(pooling.max_pool_backward(g, fwd[1], (g.shape[0], *need)), lo, full)
+
+
+def dropout(x: np.ndarray, lo: Triple, need: Triple, ratio: float, seed: Sequence[int],
+            training: bool) -> tuple[np.ndarray, Any]:
+    rng = np.random.default_rng(list(seed))
+    return pointwise.dropout(np.ascontiguousarray(central(x, lo, need)), ratio, rng, training=training)
+
+
+def dropout_backward(g: np.ndarray, fwd: tuple[np.ndarray, Any], ratio: float, lo: Triple,
+                     full: Triple) -> np.ndarray:
+    return pad_back(pointwise.dropout_backward(g, fwd[1], ratio), lo, full)
+
+
+def crop_forward(x: np.ndarray, lo: Triple, need: Triple, offset: Triple) -> np.ndarray:
+    return np.ascontiguousarray(pointwise.crop(central(x, lo, need), offset))
+
+
+def crop_backward(g: np.ndarray, offset: Triple, lo: Triple, full: Triple) -> np.ndarray:
+    return pad_back(pointwise.crop_backward(g, offset), lo, full)
+
+
+def pass_through(x: np.ndarray, lo: Triple, need: Triple) -> np.ndarray:
+    return np.ascontiguousarray(central(x, lo, need))
+
+
+def pass_back(g: np.ndarray, lo: Triple, full: Triple) -> np.ndarray:
+    return pad_back(g, lo, full)
+
+
+# -- conv edges ----------------------------------------------------------------------------------------------
+def kernel_block(kernel: np.ndarray, ib: Block, ob: Block) -> np.ndarray:
+    return np.ascontiguousarray(kernel[ib[0]:ib[1], ob[0]:ob[1]])
+
+
+def input_spectra(x: np.ndarray, lo: Triple, need: Triple, shape: Triple) -> np.ndarray:
+    return conv_fft.input_spectra(np.ascontiguousarray(central(x, lo, need)), shape)
+
+
+def kernel_spectra(kernel: np.ndarray, ib: Block, ob: Block, dilation: Triple, shape: Triple) -> np.ndarray:
+    return conv_fft.kernel_spectra(kernel_block(kernel, ib, ob), dilation, shape)
+
+
+def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], shape: Triple,
+                     out_extent: Triple, kernel_size: Triple, dilation: Triple) -> np.ndarray:
+    """One output block: accumulate over input blocks in the frequency domain, one inverse per output map."""
+    acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0])
+    for xs, ks in zip(x_specs[1:], k_specs[1:]):
+        acc += conv_fft.multiply_accumulate(xs, ks)
+    return conv_fft.inverse_valid(acc, shape, out_extent, conv_fft.output_offset(kernel_size, dilation))
+
+
+def grad_output_spectra(g: np.ndarray, shape: Triple, kernel_size: Triple, dilation: Triple) -> np.ndarray:
+    return conv_fft.grad_output_spectra(g, shape, kernel_size, dilation)
+
+
+def conv_fft_grad_input(gy_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], shape: Triple,
+                        need: Triple, lo: Triple, full: Triple) -> np.ndarray:
+    """Input gradient of one input block: accumulate over output blocks, one inverse per input map."""
+    acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0])
+    for gs, ks in zip(gy_specs[1:], k_specs[1:]):
+        acc += conv_fft.grad_input_spectra(gs, ks)
+    return pad_back(conv_fft.inverse_valid(acc, shape, need, (0, 0, 0)), lo, full)
+
+
+def conv_fft_grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Triple, kernel_size: Triple,
+                         dilation: Triple) -> np.ndarray:
+    return conv_fft.grad_kernel(x_spec, gy_spec, shape, kernel_size, dilation)
+
+
+def conv_direct_forward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks: Sequence[Block], ob: Block,
+                        lo: Triple, need: Triple, dilation: Triple) -> np.ndarray:
+    parts = [convops.conv_forward_direct(np.ascontiguousarray(central(x, lo, need)), kernel_block(kernel, ib, ob),
+                                         dilation) for x, ib in zip(xs, in_blocks)]
+    return add_all(parts)
+
+
+def conv_direct_backward(x: np.ndarray, kernel: np.ndarray, ib: Block, ob: Block, g: np.ndarray, lo: Triple,
+                         need: Triple, dilation: Triple) -> tuple[np.ndarray, np.ndarray]:
+    """(input-gradient part, kernel gradient) of one (input block, output block) pair."""
+    xc = np.ascontiguousarray(central(x, lo, need))
+    return convops.conv_backward_direct(xc, kernel_block(kernel, ib, ob), g, dilation)
+
+
+def sum_first(pairs: Sequence[tuple[np.ndarray, np.ndarray]], lo: Triple, full: Triple) -> np.ndarray:
+    return pad_back(add_all([p[0] for p in pairs]), lo, full)
+
+
+# -- updates -------------------------------------------------------------------------------------------------
+def assemble_kernel_gradient(blocks: Sequence[Sequence[np.ndarray]]) -> np.ndarray:
+    """(in blocks x out blocks) gradient pieces -> one (in, out, z, y, x) array."""
+    return np.concatenate([np.concatenate(row, axis=1) for row in blocks], axis=0)
+
+
+def update(param: np.ndarray, velocity: np.ndarray, grad: np.ndarray, eta: float, momentum: float,
+           weight_decay: float, patch_size: float) -> tuple[np.ndarray, np.ndarray]:
+    """A functional SGD step (copies, so a graph can be recomputed on another worker after a failure)."""
+    p, v = param.copy(), velocity.copy()
+    sgd_update(p, grad.astype(p.dtype, copy=False), v, eta, momentum, weight_decay, patch_size)
+    return p, v
+
+
+def kernel_gradient_update(param: np.ndarray, velocity: np.ndarray, blocks: Sequence[Sequence[np.ndarray]],
+                           eta: float, momentum: float, weight_decay: float,
+                           patch_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    grad = assemble_kernel_gradient(blocks)
+    p, v = update(param, velocity, grad, eta, momentum, weight_decay, patch_size)
+    return p, v, grad
+
+
+def bias_gradient_update(param: np.ndarray, velocity: np.ndarray, blocks: Sequence[np.ndarray], eta: float,
+                         momentum: float, weight_decay: float,
+                         patch_size: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    grad = np.concatenate(blocks)
+    p, v = update(param, velocity, grad, eta, momentum, weight_decay, patch_size)
+    return p, v, grad
+
+
+def loss_task(loss: Callable[..., tuple[float, dict[str, np.ndarray]]], names: Sequence[str],
+              blocks: Sequence[Sequence[np.ndarray]]) -> tuple[float, dict[str, np.ndarray]]:
+    """The loss of the whole output node groups (blocks joined); ``names[i]`` has blocks ``blocks[i]``."""
+    return loss({name: concat_maps(parts) for name, parts in zip(names, blocks)})
