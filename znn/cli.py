@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import importlib
+import importlib.util
 import sys
 from collections.abc import Callable, Sequence
 
 from znn.errors import ZnnError
 
 
-def _triple(text: str) -> tuple[int, int, int]:
+def parse_triple(text: str) -> tuple[int, int, int]:
     try:
         values = tuple(int(v) for v in text.split(","))
     except ValueError:
@@ -30,23 +32,27 @@ def _cmd_describe(args: argparse.Namespace) -> int:
 COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {"describe": _cmd_describe}
 
 
+# Modules that add commands: each has `register(subparsers) -> {command: handler}`. A module not (yet) in the
+# package is skipped; one that exists but fails to import is a bug and raises.
+COMMAND_MODULES = (
+    "znn.bench.cli",
+    "znn.pipeline.train_cli",
+    "znn.pipeline.forward_cli",
+    "znn.pipeline.evaluate_cli",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="znn", description="ZNN-compatible convolutional networks for EM, on dask")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("describe", help="table of a network's groups, FOV and input patch")
     p.add_argument("network", help="a .znn network file (or a .h5 checkpoint)")
-    p.add_argument("--outsz", type=_triple, help="output patch z,y,x (default 1,1,1)")
+    p.add_argument("--outsz", type=parse_triple, help="output patch z,y,x (default 1,1,1)")
     p.add_argument("--float64", action="store_true", help="estimate memory for float64")
-    _add_bench(sub)
+    for name in COMMAND_MODULES:
+        if importlib.util.find_spec(name) is not None:
+            COMMANDS.update(importlib.import_module(name).register(sub))
     return parser
-
-
-def _add_bench(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
-    try:
-        from znn.bench.cli import add_bench_parser
-    except ImportError:  # benchmarks are optional
-        return
-    add_bench_parser(sub, COMMANDS, _triple)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
