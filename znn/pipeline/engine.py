@@ -28,6 +28,10 @@ class Engine:
                  runner: Runner | None = None, seed: int = 0, spectra_cache: bool = True,
                  cache_bytes: int | None = None):
         self.net = net
+        if _wants_optimize(modes):
+            from znn.pipeline.autotune import resolve_modes  # measures each conv layer once, then remembers
+
+            modes = resolve_modes(net.spec, output_patch, modes, net.dtype)
         self.plan: NetPlan = make_plan(net.spec, output_patch, modes)
         self.runner = runner or make_runner("threads")
         self.seed = seed
@@ -101,6 +105,10 @@ class Engine:
 
 
 _IN_PROCESS = make_runner("synchronous")
+
+
+def _wants_optimize(modes: str | Mapping[str, str]) -> bool:
+    return modes == "optimize" if isinstance(modes, str) else "optimize" in modes.values()
 
 
 def _zero_loss(outputs: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
