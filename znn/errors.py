@@ -20,6 +20,7 @@ __all__ = [
     "CheckpointError",
     "VolumeError",
     "ShapeError",
+    "TrainingError",
     "where",
     "closest",
 ]
@@ -81,3 +82,7 @@ def closest(word: str, choices: Iterable[str]) -> str:
     if match:
         return f"did you mean {match[0]!r}?"
     return "valid: " + ", ".join(choices)
+
+
+class TrainingError(ZnnError, ArithmeticError):
+    """Training cannot go on (a NaN or infinity in a step); the message names the step and the layer."""

@@ -1,0 +1,1 @@
+"""Dask graphs: training steps, inference blocks, spectra cache, autotune, schedulers."""

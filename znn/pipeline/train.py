@@ -1,0 +1,234 @@
+"""Training: what ZNN's ``train.py -c config.cfg`` did, on the task-graph engine.
+
+A step samples a patch (random location, augmentation), runs forward, the cost function (with masks,
+rebalancing weights and optionally MALIS weighting), backward and the SGD update as one dask graph. Every
+``Num_iter_per_test`` steps ``test_num`` validation patches give the validation cost, pixel error and Rand error;
+every ``Num_iter_per_save`` steps the network and its learning curve are saved as ``<prefix>_<iter>.h5`` and
+``<prefix>_current.h5`` (atomically) with the curve drawn next to them. A rerun resumes from
+``<prefix>_current.h5``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from znn.errors import CheckpointError, TrainingError
+from znn.io.checkpoint import load_checkpoint, load_statistics, save_checkpoint
+from znn.io.config import Job
+from znn.network import Network
+from znn.ops import loss as losses
+from znn.ops.sgd import anneal
+from znn.pipeline.curve import LearningCurve
+from znn.pipeline.engine import Engine
+from znn.pipeline.graph import Hyper
+from znn.spec import NetworkSpec
+
+
+def patch_loss(outputs: dict[str, np.ndarray], cost_fn: str, targets: Mapping[str, np.ndarray],
+               weights: Mapping[str, np.ndarray | None], masks: Mapping[str, np.ndarray | None],
+               malis: Mapping[str, tuple[str, np.ndarray]] | None = None) -> tuple[float, dict[str, np.ndarray]]:
+    """Cost and output gradients for one patch (module level so a task can carry it to any worker).
+
+    ``malis[node] = (norm_type, segmentation)`` multiplies that output's weights by MALIS weights computed from
+    its predicted affinities.
+    """
+    total, grads = 0.0, {}
+    for node, y in outputs.items():
+        weight = weights.get(node)
+        if malis and node in malis:
+            weight = _malis_weight(y, *malis[node], weight)
+        cost, grad = losses.LOSSES[cost_fn](y, targets[node], masks.get(node), weight)
+        total += cost
+        grads[node] = grad
+    return total, grads
+
+
+def _malis_weight(y: np.ndarray, norm_type: str, segmentation: np.ndarray,
+                  weight: np.ndarray | None) -> np.ndarray:
+    from znn.ops.malis import malis_weights
+
+    w = malis_weights(losses.sigmoid(y), segmentation, norm_type)[0].astype(y.dtype)
+    return w if weight is None else w * weight
+
+
+def predictions(outputs: Mapping[str, np.ndarray], cost_fn: str) -> dict[str, np.ndarray]:
+    """Network outputs as the probabilities the cost function models (softmax or sigmoid)."""
+    if cost_fn == "softmax_loss":
+        return {n: losses.softmax(y) for n, y in outputs.items()}
+    if cost_fn == "binomial_cross_entropy":
+        return {n: losses.sigmoid(y) for n, y in outputs.items()}
+    return dict(outputs)
+
+
+@dataclass
+class Schedule:
+    """The job's numbers that drive the loop."""
+
+    max_iter: int
+    show_every: int
+    test_every: int
+    save_every: int
+    test_num: int
+    eta: float
+    anneal_factor: float
+    anneal_every: int
+    momentum: float
+    weight_decay: float
+
+    @classmethod
+    def from_job(cls, job: Job) -> "Schedule":
+        return cls(job.Max_iter, job.Num_iter_per_show, job.Num_iter_per_test, job.Num_iter_per_save, job.test_num,
+                   job.eta, job.anneal_factor, job.Num_iter_per_annealing, job.momentum, job.weight_decay)
+
+    def hyper(self, iteration: int, patch_voxels: int) -> Hyper:
+        eta = anneal(self.eta, self.anneal_factor, iteration, self.anneal_every)
+        return Hyper(eta, self.momentum, self.weight_decay, float(patch_voxels))
+
+
+def seed_network(net: Network, seed_path: str | Path, log: Callable[[str], None]) -> None:
+    """Initialise every parameter group of ``net`` whose name and shape match one in the checkpoint ``seed_path``;
+    say which did not."""
+    seed = load_checkpoint(seed_path)
+    used, skipped = [], []
+    for mine, theirs in ((net.kernels, seed.kernels), (net.biases, seed.biases)):
+        for name, array in mine.items():
+            if name in theirs and theirs[name].shape == array.shape:
+                mine[name] = theirs[name].astype(array.dtype)
+                used.append(name)
+            else:
+                why = "not in the seed" if name not in theirs else f"shape {theirs[name].shape} != {array.shape}"
+                skipped.append(f"{name} ({why})")
+    log(f"seeded {len(used)} groups from {seed_path}: {', '.join(used) or 'none'}")
+    if skipped:
+        log(f"kept the initialisation of {len(skipped)} groups: {', '.join(skipped)}")
+
+
+def checkpoint_paths(prefix: Path, iteration: int) -> tuple[Path, Path]:
+    return Path(f"{prefix}_{iteration}.h5"), Path(f"{prefix}_current.h5")
+
+
+def resume(prefix: Path, spec: NetworkSpec, dtype: Any) -> tuple[Network, LearningCurve, int] | None:
+    """The network, curve and iteration saved in ``<prefix>_current.h5``, or None to start afresh."""
+    current = checkpoint_paths(prefix, 0)[1]
+    if not current.exists():
+        return None
+    net = load_checkpoint(current, spec, dtype)
+    stats = load_statistics(current)
+    if "iteration" not in stats:
+        raise CheckpointError(f"{current}: no statistics/iteration; it was not written by `znn train`. Move it "
+                              "away to start afresh, or pass it with --seed")
+    iteration = int(stats.pop("iteration"))
+    curve = LearningCurve.from_statistics(stats)
+    curve.truncate(iteration)
+    return net, curve, iteration
+
+
+class Trainer:
+    """Runs the training loop for one job.
+
+    ``train_patches`` and ``test_patches`` are callables returning a patch with ``inputs``, ``targets``,
+    ``masks``, ``weights`` (dicts keyed by node group) and, for MALIS, ``segmentation``; ``evaluate`` turns
+    predictions and a patch into (pixel error, Rand error).
+    """
+
+    def __init__(self, engine: Engine, schedule: Schedule, cost_fn: str, prefix: Path,
+                 train_patches: Callable[[], Any], test_patches: Callable[[int], Sequence[Any]],
+                 evaluate: Callable[[Mapping[str, np.ndarray], Any], tuple[float, float]],
+                 malis_norm: str | None = None, curve: LearningCurve | None = None, iteration: int = 0,
+                 log: Callable[[str], None] = print, progress: Any = None):
+        self.engine, self.schedule, self.cost_fn, self.prefix = engine, schedule, cost_fn, Path(prefix)
+        self.train_patches, self.test_patches, self.evaluate = train_patches, test_patches, evaluate
+        self.malis_norm = malis_norm
+        self.curve = curve or LearningCurve()
+        self.iteration = iteration
+        self.log = log
+        self.progress = progress
+        self.elapsed_before = self.curve.train["elapsed"][-1] if self.curve.train["elapsed"] else 0.0
+
+    @property
+    def patch_voxels(self) -> int:
+        return int(np.prod(self.engine.plan.output_patch))
+
+    def run(self, max_iter: int | None = None, time_limit: float | None = None) -> LearningCurve:
+        """Train until ``max_iter`` (default: the job's Max_iter) or ``time_limit`` seconds; save at the end."""
+        stop_at = self.schedule.max_iter if max_iter is None else max_iter
+        start = time.perf_counter()
+        window: list[tuple[float, float, float]] = []
+        while self.iteration < stop_at:
+            if time_limit is not None and time.perf_counter() - start > time_limit:
+                self.log(f"time limit of {time_limit:.0f} s reached at iteration {self.iteration}")
+                break
+            cost, pixel_error = self._step()
+            self.iteration += 1
+            window.append((cost, pixel_error, float("nan")))
+            elapsed = self.elapsed_before + time.perf_counter() - start
+            if self.iteration % self.schedule.show_every == 0 or self.iteration == stop_at:
+                costs = np.array(window)
+                self.curve.add("train", self.iteration, *np.nanmean(costs, axis=0) if len(costs) else (0, 0, 0),
+                               elapsed)
+                window = []
+            if self.iteration % self.schedule.test_every == 0:
+                self.curve.add("test", self.iteration, *self.validate(), elapsed)
+            if self.progress is not None:
+                self.progress.update(1, cost=cost)
+            if self.iteration % self.schedule.save_every == 0:
+                self.save(elapsed)
+        if self.iteration % self.schedule.save_every != 0:
+            self.save(self.elapsed_before + time.perf_counter() - start)
+        return self.curve
+
+    def _step(self) -> tuple[float, float]:
+        patch = self.train_patches()
+        loss = self._loss(patch)
+        hyper = self.schedule.hyper(self.iteration, self.patch_voxels)
+        cost, outputs = self.engine.train_step(patch.inputs, loss, hyper)
+        self._check_finite(cost)
+        pixel_error, _ = self.evaluate(predictions(outputs, self.cost_fn), patch)
+        return cost / self.patch_voxels, pixel_error
+
+    def _loss(self, patch: Any) -> Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]:
+        malis = None
+        if self.malis_norm is not None:
+            malis = {n: (self.malis_norm, patch.segmentation[n]) for n in patch.targets}
+        return functools.partial(patch_loss, cost_fn=self.cost_fn, targets=patch.targets, weights=patch.weights,
+                                 masks=patch.masks, malis=malis)
+
+    def validate(self) -> tuple[float, float, float]:
+        """Mean cost per voxel, pixel error and Rand error over the job's ``test_num`` validation patches."""
+        rows = []
+        for patch in self.test_patches(self.schedule.test_num):
+            outputs = self.engine.forward(patch.inputs)
+            cost, _ = self._loss(patch)(outputs)
+            pixel_error, rand_error = self.evaluate(predictions(outputs, self.cost_fn), patch)
+            rows.append((cost / self.patch_voxels, pixel_error, rand_error))
+        return tuple(np.mean(rows, axis=0)) if rows else (math.nan, math.nan, math.nan)  # type: ignore[return-value]
+
+    def _check_finite(self, cost: float) -> None:
+        if math.isfinite(cost):
+            bad = [n for n, a in {**self.engine.net.kernels, **self.engine.net.biases}.items()
+                   if not np.isfinite(a).all()]
+            if not bad:
+                return
+            where = f"parameters of {', '.join(bad)}"
+        else:
+            where = f"the cost ({cost}) at output {', '.join(self.engine.net.spec.outputs)}"
+        raise TrainingError(f"step {self.iteration + 1}: non-finite values in {where}; training stopped, the last good "
+                            f"checkpoint is {checkpoint_paths(self.prefix, 0)[1]}. Lower eta or check the data")
+
+    def save(self, elapsed: float) -> Path:
+        stats = self.curve.to_statistics()
+        stats["iteration"] = np.asarray(self.iteration)
+        stats["elapsed"] = np.asarray(elapsed)
+        numbered, current = checkpoint_paths(self.prefix, self.iteration)
+        save_checkpoint(numbered, self.engine.net, stats)
+        save_checkpoint(current, self.engine.net, stats)
+        self.curve.plot(Path(f"{self.prefix}_curve.png"), title=f"{self.prefix.name} at iteration {self.iteration}")
+        return current
