@@ -1,0 +1,335 @@
+"""Memory planning for dense inference: predict the peak memory of one output block before running it, and pick the
+largest FFT-friendly output patch that fits a memory budget.
+
+The model follows what one block's forward graph holds when it runs sequentially (one block = one task, its graph
+run in-process on one thread, intermediates released as soon as their consumers ran):
+
+* activations: each node group's maps over its extent, kept until every edge that reads them has run; while a node
+  group is computed, the outputs of its incoming edges, their sum and the transfer's result are alive together;
+* a conv edge in FFT mode: the input spectra of all input maps (kept until every output block is computed), the
+  padded real buffer and transform output of one input block, the kernel spectra of the layer unless they come from
+  the cache, and per output block the accumulated spectra, the inverse-transform buffers and the result;
+* a conv edge in direct mode: the gathered column tile (at most ``znn.ops.conv._TILE_BYTES``) and the partial sums;
+* max filters and pools: the winner indices (int32) and the running-max temporaries, about four times the input;
+* per block: the raw input read from the file, its float copy with the mirrored border, the transformed output
+  and its copy handed to the store.
+
+On top of the blocks: the kernel spectra cache (every FFT conv layer's ``in x out`` spectra at its FFT shape,
+shared by all blocks of the process) and the process baseline (interpreter, libraries, FFTW plans), measured.
+Peak = baseline + cache + blocks in flight x per-block peak x ``SAFETY``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from znn.errors import ConfigError, ShapeError
+from znn.ops import fft as fftops
+from znn.pipeline.plan import NetPlan, make_plan
+from znn.spec import NetworkSpec, Triple
+
+__all__ = [
+    "BlockEstimate",
+    "MemoryPlan",
+    "parse_bytes",
+    "format_bytes",
+    "process_rss",
+    "block_estimate",
+    "candidate_patches",
+    "choose_modes",
+    "plan_memory",
+]
+
+# Allocator slack, temporaries the model leaves out (dask's bookkeeping, NumPy scratch of pointwise ops).
+SAFETY = 1.15
+# Per block in flight: a thread's stack, its FFTW plans, zarr/numcodecs buffers.
+PER_BLOCK_OVERHEAD = 16 << 20
+# Bytes of gathered columns of one direct-convolution tile (znn.ops.conv._TILE_BYTES).
+DIRECT_TILE_BYTES = 48 << 20
+
+_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
+          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
+
+
+def parse_bytes(text: str | int | float) -> int:
+    """``"8GB"`` -> 8e9, ``"512MiB"`` -> 512 * 2**20, ``"1.5g"`` -> 1.5 * 2**30; plain numbers are bytes."""
+    if isinstance(text, (int, float)):
+        return int(text)
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _UNITS:
+        raise ConfigError(f"memory {text!r} is not a size; write e.g. 8GB, 512MiB or 2000000000")
+    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
+
+
+def format_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def process_rss() -> int:
+    """Resident memory of this process now, in bytes (Linux /proc; 0 where unknown)."""
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
+@dataclass(frozen=True)
+class BlockEstimate:
+    """Predicted memory of one output block at ``outsz``: ``per_block`` bytes while it runs (``layers`` says where
+    the peak is) and ``cache`` bytes of kernel spectra shared by every block when ``spectra_cache`` is on."""
+
+    outsz: Triple
+    input_patch: Triple
+    modes: dict[str, str]
+    spectra_cache: bool
+    per_block: int
+    cache: int
+    peak_at: str
+    layers: dict[str, int] = field(default_factory=dict)
+
+    def total(self, in_flight: int, baseline: int) -> int:
+        return int(baseline + (self.cache if self.spectra_cache else 0) + in_flight * self.per_block)
+
+
+@dataclass(frozen=True)
+class MemoryPlan:
+    """The chosen output patch and what the planner predicted for it and for the other candidates."""
+
+    budget: int
+    baseline: int
+    in_flight: int
+    chosen: BlockEstimate | None
+    candidates: list[BlockEstimate]
+
+    @property
+    def predicted_peak(self) -> int:
+        if self.chosen is None:
+            return 0
+        return self.chosen.total(self.in_flight, self.baseline)
+
+    def table(self) -> str:
+        """One row per candidate (largest first): patch, per block, cache, predicted peak, fits."""
+        head = ("output patch", "input patch", "per block", "spectra cache", "peak", "fits")
+        rows = []
+        for est in sorted(self.candidates, key=lambda e: -math.prod(e.outsz)):
+            peak = est.total(self.in_flight, self.baseline)
+            mark = "<- chosen" if est == self.chosen else ("yes" if peak <= self.budget else "no")
+            rows.append((_t(est.outsz), _t(est.input_patch), format_bytes(est.per_block),
+                         format_bytes(est.cache) if est.spectra_cache else "off (recomputed)", format_bytes(peak),
+                         mark))
+        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
+        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
+        lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
+        lines.append(f"budget {format_bytes(self.budget)} = baseline {format_bytes(self.baseline)} + spectra cache "
+                     f"+ {self.in_flight} block(s) in flight x per block")
+        return "\n".join(lines)
+
+
+def _t(values: Sequence[int]) -> str:
+    return ",".join(str(v) for v in values)
+
+
+def _vox(shape: Sequence[int]) -> int:
+    return math.prod(int(v) for v in shape)
+
+
+# -------------------------------------------------------------------------------------------------- the model
+def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tuple[int, int]:
+    """(transient bytes while edge ``name`` runs, bytes of its kernel spectra) for one block."""
+    spec, ep = plan.spec, plan.edges[name]
+    edge = spec.edges[name]
+    n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
+    in_bytes = n_in * _vox(ep.need) * itemsize
+    out_bytes = n_out * _vox(ep.out_extent) * itemsize
+    if edge.type == "conv" and ep.mode == "fft":
+        shape = ep.fft_shape
+        assert shape is not None
+        freq = _vox(fftops.spectrum_shape(shape))
+        csize = 2 * itemsize
+        in_blocks, out_blocks = plan.blocks[edge.input], plan.blocks[edge.output]
+        ib = max(b - a for a, b in in_blocks)
+        ob = max(b - a for a, b in out_blocks)
+        x_spec = n_in * freq * csize
+        transform = ib * (_vox(shape) * itemsize + 2 * freq * csize)  # padded real, spectrum, freq-major copy
+        k_pair = ib * ob * freq * csize
+        kernels = n_in * n_out * freq * csize
+        kz = edge.size[0] if shape[0] > 1 else 1
+        k_transient = k_pair * (1 + kz / max(1, shape[0])) + k_pair  # pruned DFT stages of one block pair
+        per_out = ob * (3 * freq * csize + _vox(shape) * itemsize)  # accumulators, inverse buffer, real result
+        work = x_spec + max(transform, per_out + ob * _vox(ep.out_extent) * itemsize)
+        if cached:
+            return int(work), int(kernels)
+        return int(work + kernels + k_transient), int(kernels)
+    if edge.type == "conv":
+        tile = min(DIRECT_TILE_BYTES, math.prod(edge.size[1:]) * n_in * _vox(ep.out_extent) * itemsize
+                   + n_in * _vox(ep.need) * itemsize)
+        parts = len(plan.blocks[edge.input])
+        return int(tile + 2 * out_bytes + parts * out_bytes), 0
+    if edge.type in ("max_filter", "max_pool"):
+        return int(4 * in_bytes + out_bytes), 0
+    return int(in_bytes + out_bytes), 0
+
+
+def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping[str, str] = "fft",
+                   spectra_cache: bool = True, itemsize: int = 4, input_itemsize: int = 1) -> BlockEstimate:
+    """Predict the memory of one block at output patch ``outsz`` (see the module docstring for the model).
+
+    ``itemsize`` is the network's float size (4 or 8); ``input_itemsize`` that of the stored input volume.
+    """
+    plan = make_plan(spec, tuple(int(v) for v in outsz), modes)  # type: ignore[arg-type]
+    extent = plan.layout.extent
+    node_bytes = {n: spec.nodes[n].size * _vox(extent[n]) * itemsize for n in spec.nodes}
+    consumers = {n: len(spec.outgoing[n]) for n in spec.nodes}
+    order = spec.order()
+    live: dict[str, int] = {}
+    layers: dict[str, int] = {}
+    cache = 0
+    in_bytes = sum(node_bytes[n] for n in spec.inputs)
+    read = sum(spec.nodes[n].size * _vox(extent[n]) * (input_itemsize + itemsize) for n in spec.inputs)
+    out_bytes = sum(node_bytes[n] for n in spec.outputs)
+    peak, peak_at = read + in_bytes, "input"
+    for node in order:
+        if spec.nodes[node].type == "input":
+            live[node] = node_bytes[node]
+            continue
+        edge_outputs, work = 0, 0
+        for e in spec.incoming[node]:
+            w, k = _edge_working(plan, e, itemsize, spectra_cache)
+            cache += k if plan.edges[e].mode == "fft" and spec.edges[e].type == "conv" else 0
+            work = max(work, edge_outputs + w)
+            edge_outputs += node_bytes[node]
+        here = sum(live.values()) + max(work, edge_outputs + 2 * node_bytes[node])
+        layers[node] = here
+        if here > peak:
+            peak, peak_at = here, node
+        for e in spec.incoming[node]:  # inputs of this node's edges are released once all their readers ran
+            src = spec.edges[e].input
+            consumers[src] -= 1
+            if consumers[src] == 0:
+                live.pop(src, None)
+        live[node] = node_bytes[node]
+    finish = sum(live.values()) + 3 * out_bytes  # transform, the copy written to the store
+    if finish > peak:
+        peak, peak_at = finish, "output"
+    per_block = int(SAFETY * peak) + PER_BLOCK_OVERHEAD
+    mode_map = {e: plan.edges[e].mode for e in spec.conv_edges()}
+    first = spec.inputs[0]
+    return BlockEstimate(plan.output_patch, extent[first], mode_map, spectra_cache, per_block,
+                         int(SAFETY * cache) if spectra_cache else 0, peak_at, layers)
+
+
+# -------------------------------------------------------------------------------------------------- modes
+# Rough speeds of this project's kernels on one core (GFLOP/s): GEMM for direct convolution, FFTW transforms, and
+# the small complex matrix products of the frequency-domain accumulation.
+_DIRECT_GFLOPS = 60.0
+_FFT_GFLOPS = 6.0
+_MAC_GFLOPS = 12.0
+
+
+def choose_modes(spec: NetworkSpec, outsz: Sequence[int], spectra_cache: bool = True) -> dict[str, str]:
+    """Per conv edge, ``fft`` or ``direct`` by a cost model (used for ``optimize`` when no autotuner is present)."""
+    plan = make_plan(spec, tuple(int(v) for v in outsz), "fft")  # type: ignore[arg-type]
+    modes: dict[str, str] = {}
+    for name in spec.conv_edges():
+        ep, edge = plan.edges[name], spec.edges[name]
+        n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
+        direct = 2.0 * n_in * n_out * math.prod(edge.size) * _vox(ep.out_extent) / _DIRECT_GFLOPS
+        shape = ep.fft_shape
+        assert shape is not None
+        voxels, freq = _vox(shape), _vox(fftops.spectrum_shape(shape))
+        transforms = (n_in + n_out) * 2.5 * voxels * math.log2(max(2, voxels)) / _FFT_GFLOPS
+        mac = 8.0 * n_in * n_out * freq / _MAC_GFLOPS
+        kernels = 0.0 if spectra_cache else 8.0 * n_in * n_out * freq * max(1, edge.size[0]) / _DIRECT_GFLOPS
+        modes[name] = "fft" if transforms + mac + kernels < direct else "direct"
+    return modes
+
+
+# -------------------------------------------------------------------------------------------------- candidates
+def _smooth_sizes(limit: int) -> list[int]:
+    return [n for n in range(1, limit + 1) if fftops.fast_len(n) == n]
+
+
+def candidate_patches(spec: NetworkSpec, volume_out: Sequence[int] | None = None,
+                      max_side: int | None = None) -> list[Triple]:
+    """FFT-friendly output patches (input patch extent a 7-smooth length on every axis), clipped to the output
+    volume ``volume_out``; 2D networks (FOV 1 in z) get planes ``1 x s x s`` and then thicker slabs once a plane
+    covers the volume. Sorted by voxels, ascending."""
+    fov = spec.layout((1, 1, 1)).fov
+    two_d = fov[0] == 1
+    limit = max_side or (4096 if two_d else 1024)
+    vol = tuple(int(v) for v in volume_out) if volume_out is not None else (10**9,) * 3
+
+    def axis(a: int, s: int) -> int:
+        size = s - fov[a] + 1
+        return size
+
+    sides = [n for n in _smooth_sizes(limit + max(fov)) if n - max(fov[1:]) + 1 >= 1]
+    found: set[Triple] = set()
+    for n in sides:
+        y, x = min(axis(1, n), vol[1]), min(axis(2, n), vol[2])
+        if y < 1 or x < 1:
+            continue
+        if two_d:
+            found.add((1, y, x))
+            if y == vol[1] and x == vol[2]:
+                for z in (2, 4, 8, 16, 32, 64):
+                    found.add((min(z, vol[0]), y, x))
+        else:
+            z = min(axis(0, n) if n - fov[0] + 1 >= 1 else 1, vol[0])
+            if z >= 1:
+                found.add((z, y, x))
+    return sorted(found, key=lambda t: (math.prod(t), t))
+
+
+# -------------------------------------------------------------------------------------------------- the plan
+def plan_memory(spec: NetworkSpec, budget: int, in_flight: int = 1, baseline: int | None = None,
+                modes: str | Mapping[str, str] = "fft", volume_out: Sequence[int] | None = None,
+                itemsize: int = 4, input_itemsize: int = 1, spectra_cache: bool | None = None,
+                candidates: Sequence[Sequence[int]] | None = None) -> MemoryPlan:
+    """Pick the largest candidate output patch whose predicted peak fits ``budget`` bytes.
+
+    ``in_flight`` blocks run at once (each with its own memory); ``baseline`` is the process's memory before any
+    block (default: measured now). Kernel spectra are cached across blocks when that fits, else recomputed per
+    block (``spectra_cache`` forces one or the other). ``modes`` may be ``optimize`` (chosen per patch by
+    :func:`choose_modes`). Raises :class:`ShapeError` if not even the smallest candidate fits.
+    """
+    base = process_rss() if baseline is None else int(baseline)
+    patches = [tuple(int(v) for v in p) for p in (candidates or candidate_patches(spec, volume_out))]
+    options = (True, False) if spectra_cache is None else (spectra_cache,)
+    estimates: list[BlockEstimate] = []
+    chosen: BlockEstimate | None = None
+    for patch in patches:
+        best_here = None
+        for cache in options:
+            m = choose_modes(spec, patch, cache) if modes == "optimize" else modes
+            est = block_estimate(spec, patch, m, cache, itemsize, input_itemsize)
+            if best_here is None or (est.total(in_flight, base) <= budget and
+                                     best_here.total(in_flight, base) > budget):
+                best_here = est
+        assert best_here is not None
+        estimates.append(best_here)
+        if best_here.total(in_flight, base) <= budget:
+            chosen = best_here
+    if chosen is None:
+        smallest = estimates[0] if estimates else None
+        need = format_bytes(smallest.total(in_flight, base)) if smallest else "?"
+        raise ShapeError(f"no output patch fits {format_bytes(budget)}: the smallest candidate "
+                         f"{_t(smallest.outsz) if smallest else '?'} needs {need} with {in_flight} block(s) in "
+                         "flight (baseline " + format_bytes(base) + "); give more memory or fewer threads")
+    return MemoryPlan(budget, base, in_flight, chosen, estimates)
+
+
+def describe_estimate(est: BlockEstimate) -> dict[str, Any]:
+    """A JSON-friendly summary of an estimate."""
+    return {"outsz": list(est.outsz), "input_patch": list(est.input_patch), "per_block": est.per_block,
+            "cache": est.cache, "spectra_cache": est.spectra_cache, "peak_at": est.peak_at, "modes": est.modes}
