@@ -173,6 +173,9 @@ def test_spectra_layout_and_dtype():
 
 def test_threads_give_the_same_result():
     x, w, gy, d = problem(CASES[3])
+    np.testing.assert_allclose(conv_forward_direct(x, w, d, threads=2), conv_forward_direct(x, w, d), atol=1e-12)
+    for a, b in zip(conv_backward_direct(x, w, gy, d, threads=2), conv_backward_direct(x, w, gy, d)):
+        np.testing.assert_allclose(a, b, atol=1e-12)
     y1, sp1 = cf.conv_forward_fft(x, w, d, threads=1)
     y2, sp2 = cf.conv_forward_fft(x, w, d, threads=2)
     np.testing.assert_allclose(y1, y2, atol=1e-12)

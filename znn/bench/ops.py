@@ -88,9 +88,9 @@ def _torch() -> Any | None:
 def _ours_direct(x: np.ndarray, w: np.ndarray, gy: np.ndarray, threads: int) -> Callable[[], tuple[float, float]]:
     def run() -> tuple[float, float]:
         t0 = time.perf_counter()
-        conv_forward_direct(x, w)
+        conv_forward_direct(x, w, threads=threads)
         t1 = time.perf_counter()
-        conv_backward_direct(x, w, gy)
+        conv_backward_direct(x, w, gy, threads=threads)
         return t1 - t0, time.perf_counter() - t0
     return run
 

@@ -159,8 +159,11 @@ def _dft_matrix(size: int, taps: int, dilation: int, half: bool, sign: int, dtyp
     return out
 
 
-def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3) -> np.ndarray:
-    """Pruned forward DFT of dilated kernels: three matrix products, result C-contiguous (Z, Y, Xh, in, out)."""
+def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, threads: int) -> np.ndarray:
+    """Pruned forward DFT of dilated kernels: three matrix products, result C-contiguous (Z, Y, Xh, in, out).
+
+    The y and z stages run fused over chunks of y frequencies, so the only big array written is the result.
+    """
     n_in, n_out, kz, ky, kx = w.shape
     cdt = complex_dtype(w.dtype).str
     Z, Y, X = shape
@@ -172,11 +175,26 @@ def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3
     # x stage on the few non-zero rows, then put the maps last (small array) for the big products
     a = np.matmul(w.reshape(nio * kz * ky, kx).astype(cdt), ex.T)
     b = np.ascontiguousarray(a.reshape(nio, kz, ky, Xh).transpose(1, 2, 3, 0))  # (kz, ky, Xh, nio)
-    c = np.matmul(ey, b.reshape(kz, ky, Xh * nio))  # (kz, Y, Xh*nio)
-    if Z == 1:
-        return c.reshape(1, Y, Xh, n_in, n_out)
-    d = np.matmul(ez, c.reshape(kz, Y * Xh * nio))  # (Z, Y*Xh*nio): the one big product
-    return d.reshape(Z, Y, Xh, n_in, n_out)
+    width = Xh * nio
+    b = b.reshape(kz, ky, width)
+    out = np.empty((Z, Y, width), dtype=cdt)
+
+    def work(y0: int, y1: int) -> None:
+        if Z == 1:
+            np.matmul(ey[y0:y1], b[0], out=out[0, y0:y1])
+            return
+        c = np.matmul(ey[y0:y1], b)  # (kz, yc, width)
+        np.matmul(ez, c.reshape(kz, (y1 - y0) * width), out=_rows(out[:, y0:y1, :]))
+
+    parallel_chunks(Y, threads, work, 1, 4)
+    return out.reshape(Z, Y, Xh, n_in, n_out)
+
+
+def _rows(a: np.ndarray) -> np.ndarray:
+    """View ``(r, m, n)`` with contiguous trailing ``(m, n)`` as the matrix ``(r, m * n)`` (never a copy)."""
+    v = a.reshape(a.shape[0], a.shape[1] * a.shape[2])
+    assert v.size == 0 or np.shares_memory(v, a), "internal: expected a view"
+    return v
 
 
 def _fftw_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, threads: int) -> np.ndarray:
@@ -205,7 +223,7 @@ def kernel_spectra(w_block: np.ndarray, dilation: Sequence[int], shape: Sequence
     if _choose(method, w_block.shape[2:], shape3) == "fft":
         full = _fftw_kernel_spectra(w_block, dilation, shape3, threads)
     else:
-        full = _pruned_kernel_spectra(w_block, dilation, shape3)
+        full = _pruned_kernel_spectra(w_block, dilation, shape3, threads)
     count_transforms("forward", n_in * n_out)
     return np.moveaxis(full, (3, 4), (0, 1))
 
@@ -241,7 +259,7 @@ def multiply_accumulate(x_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1
     def work(lo: int, hi: int) -> None:
         np.matmul(x3[lo:hi], wf[lo:hi], out=out[lo:hi])
 
-    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK)
+    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK, 4)
     return _maps_first(out.reshape(nf, n_out), x_spec.shape[1:], 1)
 
 
@@ -284,7 +302,7 @@ def grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1
         np.matmul(wf[lo:hi], gf[lo:hi], out=out[lo:hi])
         np.conjugate(out[lo:hi], out=out[lo:hi])
 
-    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK)
+    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK, 4)
     return _maps_first(out.reshape(nf, n_in), gy_spec.shape[1:], 1)
 
 
@@ -342,7 +360,7 @@ def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape
             gw = (gc[a:b, :, None, :] * e4).reshape(b - a, L, k_lead * n_out)
             np.matmul(xc[a:b], gw, out=q[a:b])
 
-    parallel_chunks(ncol, threads, work, _COLS_PER_STEP)
+    parallel_chunks(ncol, threads, work, _COLS_PER_STEP, 4)
     scale = 1.0 / (Z * Y * X)
     ex = _dft_matrix(X, kx, int(dilation[2]), True, +1, cdt).T * scale  # (kx, Xh)
     ex[:, 1:(X + 1) // 2] *= 2  # the conjugate half of the spectrum, folded in

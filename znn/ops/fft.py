@@ -15,13 +15,15 @@ import json
 import math
 import os
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import pyfftw
+from threadpoolctl import ThreadpoolController
 
 from znn.errors import ShapeError
 
@@ -39,6 +41,8 @@ __all__ = [
     "reset_transform_counts",
     "count_transforms",
     "parallel_chunks",
+    "parallel_map",
+    "blas_single_threaded",
     "empty_aligned",
 ]
 
@@ -50,6 +54,9 @@ _COUNTS_LOCK = threading.Lock()
 _COUNTS: dict[str, int] = {"forward": 0, "inverse": 0}
 _POOLS: dict[int, ThreadPoolExecutor] = {}
 _POOLS_LOCK = threading.Lock()
+_CONTROLLER: ThreadpoolController | None = None
+T = TypeVar("T")
+R = TypeVar("R")
 
 # FFTW is fast for sizes whose only prime factors are these.
 _SMOOTH_PRIMES = (2, 3, 5, 7)
@@ -166,20 +173,49 @@ def _pool(threads: int) -> ThreadPoolExecutor:
         return pool
 
 
-def parallel_chunks(n: int, threads: int, work: Callable[[int, int], None], min_chunk: int = 1) -> None:
-    """Run ``work(start, stop)`` over ``threads`` contiguous pieces of ``range(n)``.
+def _blas_controller() -> ThreadpoolController:
+    global _CONTROLLER
+    if _CONTROLLER is None:
+        _CONTROLLER = ThreadpoolController()
+    return _CONTROLLER
+
+
+@contextmanager
+def blas_single_threaded() -> Iterator[None]:
+    """BLAS on one thread while our own threads split the work (no oversubscription, no BLAS spin-waits).
+
+    The limit is process-wide: it is meant for a call that owns the cores (``threads > 1``); tasks running
+    side by side use ``threads=1`` and never enter here.
+    """
+    with _blas_controller().limit(limits=1, user_api="blas"):
+        yield
+
+
+def parallel_chunks(n: int, threads: int, work: Callable[[int, int], None], min_chunk: int = 1,
+                    pieces_per_thread: int = 1) -> None:
+    """Run ``work(start, stop)`` over contiguous pieces of ``range(n)`` on ``threads`` threads.
 
     NumPy's matmul and ufunc loops and FFTW's execute release the GIL, so Python threads give real
     parallelism for work that BLAS does not thread by itself (many small matrix products, batched plans).
+    More pieces than threads balance the load when another process takes part of a core.
     """
-    pieces = max(1, min(threads, n // max(1, min_chunk)))
-    if pieces == 1:
+    pieces = max(1, min(threads * pieces_per_thread, n // max(1, min_chunk)))
+    if threads <= 1 or pieces == 1:
         work(0, n)
         return
     bounds = [round(i * n / pieces) for i in range(pieces + 1)]
-    futures = [_pool(threads).submit(work, bounds[i], bounds[i + 1]) for i in range(pieces)]
-    for future in futures:
-        future.result()
+    with blas_single_threaded():
+        futures = [_pool(threads).submit(work, bounds[i], bounds[i + 1]) for i in range(pieces)]
+        for future in futures:
+            future.result()
+
+
+def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
+    """``[fn(item) for item in items]`` on ``threads`` threads (BLAS single-threaded meanwhile), in order."""
+    if threads <= 1 or len(items) <= 1:
+        return [fn(item) for item in items]
+    with blas_single_threaded():
+        return list(_pool(threads).map(fn, items))
 
 
 # ----------------------------------------------------------------------------------------------- plans
