@@ -146,6 +146,7 @@ def test_affinity_targets_recomputed_after_augmentation(out):
             np.testing.assert_array_equal(patch.targets["output"], want_aff)
             np.testing.assert_array_equal(patch.masks["output"], want_mask)
             np.testing.assert_array_equal(centre(patch.inputs["input"][0], [2, 2, 2]), patch.labels["output"])
+            assert patch.segmentation["output"] is patch.labels["output"]
 
 
 def test_flip_turns_predecessor_edges_into_successor_edges():

@@ -95,6 +95,11 @@ class Patch:
     position: Triple = (0, 0, 0)
     transform: Transform = IDENTITY
 
+    @property
+    def segmentation(self) -> dict[str, Array]:
+        """The label patches as MALIS wants them (the same arrays as ``labels``)."""
+        return self.labels
+
 
 class PatchSampler:
     """Draws matching input/target patches from a list of :class:`SampleData`.
