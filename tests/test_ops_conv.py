@@ -202,6 +202,21 @@ def test_backward_reuses_spectra_transform_counts():
     assert sp2.x_spec is None and sp2.w_spec is sp.w_spec
 
 
+def test_changed_kernels_recomputed_in_place():
+    x, w, gy, d = problem(CASES[6])
+    w2 = w[:, :, ::-1].copy()
+    _, sp = cf.conv_forward_fft(x, w, d)
+    F.reset_transform_counts()
+    y2, sp2 = cf.conv_forward_fft(x, w2, d, spectra=sp, kernels_changed=True)
+    assert F.transform_counts()["forward"] == x.shape[0] * (1 + w.shape[1])
+    assert np.shares_memory(sp2.w_spec, sp.w_spec)  # the stale buffer was reused
+    np.testing.assert_allclose(y2, conv_forward_direct(x, w2, d), atol=1e-10)
+    for a, b in zip(cf.conv_backward_fft(x, w2, gy, d, spectra=sp2), conv_backward_direct(x, w2, gy, d)):
+        np.testing.assert_allclose(a, b, atol=1e-10)
+    with pytest.raises(ShapeError, match="kernel spectra here are"):
+        cf.kernel_spectra(w[:1], d, sp.shape, out=sp.w_spec)
+
+
 # ----------------------------------------------------------------------------------------------- sizes, wisdom
 
 

@@ -159,10 +159,12 @@ def _dft_matrix(size: int, taps: int, dilation: int, half: bool, sign: int, dtyp
     return out
 
 
-def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, threads: int) -> np.ndarray:
+def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, threads: int,
+                           out: np.ndarray | None) -> np.ndarray:
     """Pruned forward DFT of dilated kernels: three matrix products, result C-contiguous (Z, Y, Xh, in, out).
 
-    The y and z stages run fused over chunks of y frequencies, so the only big array written is the result.
+    The y and z stages run fused over chunks of y frequencies, so the only big array written is the result
+    (into ``out``, a C-contiguous ``(Z, Y, Xh * in * out)`` buffer, when given).
     """
     n_in, n_out, kz, ky, kx = w.shape
     cdt = complex_dtype(w.dtype).str
@@ -172,12 +174,15 @@ def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3
     ex = _dft_matrix(X, kx, int(dilation[2]), True, -1, cdt)   # (Xh, kx)
     ey = _dft_matrix(Y, ky, int(dilation[1]), False, -1, cdt)  # (Y, ky)
     ez = _dft_matrix(Z, kz, int(dilation[0]), False, -1, cdt)  # (Z, kz)
-    # x stage on the few non-zero rows, then put the maps last (small array) for the big products
-    a = np.matmul(w.reshape(nio * kz * ky, kx).astype(cdt), ex.T)
+    # x stage on the few non-zero rows as a real GEMM whose output columns interleave (re, im): it *is* the
+    # complex result; then put the maps last (small array) for the big products
+    ex_ri = np.ascontiguousarray(ex.T).view(w.dtype)  # (kx, 2*Xh) real
+    a = np.matmul(w.reshape(nio * kz * ky, kx), ex_ri).view(cdt)  # (nio*kz*ky, Xh) complex
     b = np.ascontiguousarray(a.reshape(nio, kz, ky, Xh).transpose(1, 2, 3, 0))  # (kz, ky, Xh, nio)
     width = Xh * nio
     b = b.reshape(kz, ky, width)
-    out = np.empty((Z, Y, width), dtype=cdt)
+    if out is None:
+        out = np.empty((Z, Y, width), dtype=cdt)
 
     def work(y0: int, y1: int) -> None:
         if Z == 1:
@@ -212,20 +217,39 @@ def _fftw_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, 
 
 
 def kernel_spectra(w_block: np.ndarray, dilation: Sequence[int], shape: Sequence[int], threads: int = 1,
-                   method: str = "auto") -> np.ndarray:
+                   method: str = "auto", out: np.ndarray | None = None) -> np.ndarray:
     """Spectra of kernels ``(in, out, kz, ky, kx)`` dilated and zero-padded to ``shape``.
 
     Returns complex ``(in, out, Z, Y, Xh)`` (frequency-major storage). ``method``: ``"pruned"`` (matrix
-    products, BLAS-threaded by the caller's limit), ``"fft"`` (one FFTW transform per kernel) or ``"auto"``.
+    products), ``"fft"`` (one FFTW transform per kernel) or ``"auto"``. ``out``: stale spectra returned by
+    an earlier call for kernels of the same shape, overwritten in place (after a weight update this skips
+    allocating, and the kernel zeroing the pages of, the largest array of the layer).
     """
     shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     n_in, n_out = w_block.shape[:2]
+    storage = None if out is None else _kernel_storage(out, w_block, shape3)
     if _choose(method, w_block.shape[2:], shape3) == "fft":
         full = _fftw_kernel_spectra(w_block, dilation, shape3, threads)
+        if storage is not None:
+            np.copyto(storage.reshape(full.shape), full)
+            full = storage.reshape(full.shape)
     else:
-        full = _pruned_kernel_spectra(w_block, dilation, shape3, threads)
+        full = _pruned_kernel_spectra(w_block, dilation, shape3, threads, storage)
     count_transforms("forward", n_in * n_out)
     return np.moveaxis(full, (3, 4), (0, 1))
+
+
+def _kernel_storage(out: np.ndarray, w: np.ndarray, shape: Shape3) -> np.ndarray:
+    """The frequency-major buffer ``(Z, Y, Xh * in * out)`` behind kernel spectra ``out`` (checked)."""
+    n_in, n_out = w.shape[:2]
+    expect = (n_in, n_out, *spectrum_shape(shape))
+    if out.shape != expect or out.dtype != complex_dtype(w.dtype):
+        raise ShapeError(f"out has shape {out.shape} and dtype {out.dtype}; kernel spectra here are {expect} "
+                         f"{complex_dtype(w.dtype)}")
+    base = np.moveaxis(out, (0, 1), (3, 4))
+    if not base.flags.c_contiguous:
+        raise ShapeError("out must be kernel spectra returned by kernel_spectra (frequency-major storage)")
+    return base.reshape(shape[0], shape[1], -1)
 
 
 def _choose(method: str, kernel_size: Sequence[int], shape: Shape3) -> str:
@@ -427,26 +451,25 @@ def _as_dilation(dilation: Sequence[int]) -> Shape3:
 
 
 def conv_forward_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
-                     spectra: Spectra | None = None, keep: bool = True,
-                     threads: int = 1) -> tuple[np.ndarray, Spectra]:
+                     spectra: Spectra | None = None, keep: bool = True, threads: int = 1,
+                     kernels_changed: bool = False) -> tuple[np.ndarray, Spectra]:
     """Valid true convolution ``(in, z, y, x) * (in, out, kz, ky, kx) -> (out, z', y', x')`` through FFTs.
 
-    Kernel spectra found in ``spectra`` are reused (same kernels, new input); the returned record holds the
-    kernel spectra and, with ``keep``, this input's spectra for :func:`conv_backward_fft`.
+    Kernel spectra found in ``spectra`` are reused (same kernels, new input), or, with ``kernels_changed``
+    (the weights were updated since), recomputed into the same buffer. The returned record holds the kernel
+    spectra and, with ``keep``, this input's spectra for :func:`conv_backward_fft`.
     """
-    check_conv_shapes(x.shape, w.shape, dilation)
+    out_spatial = check_conv_shapes(x.shape, w.shape, dilation)
     x, w = _same_dtype(x, w)
     d = _as_dilation(dilation)
     rec = _spectra_for(x, w, d, spectra)
-    if rec.w_spec is None:
-        rec.w_spec = kernel_spectra(w, d, rec.shape, threads)
+    w_spec = rec.w_spec
+    if w_spec is None or kernels_changed:
+        w_spec = kernel_spectra(w, d, rec.shape, threads, out=w_spec)
     x_spec = input_spectra(x, rec.shape, threads)
-    y_spec = multiply_accumulate(x_spec, rec.w_spec, threads)
-    out_spatial = check_conv_shapes(x.shape, w.shape, d)
+    y_spec = multiply_accumulate(x_spec, w_spec, threads)
     y = inverse_valid(y_spec, rec.shape, out_spatial, output_offset(w.shape[2:], d), threads)
-    rec = Spectra(rec.shape, rec.in_spatial, rec.kernel_size, d, rec.dtype, x_spec if keep else None,
-                  rec.w_spec)
-    return y, rec
+    return y, Spectra(rec.shape, rec.in_spatial, rec.kernel_size, d, rec.dtype, x_spec if keep else None, w_spec)
 
 
 def conv_backward_fft(x: np.ndarray, w: np.ndarray, grad_y: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
