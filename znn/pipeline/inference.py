@@ -252,10 +252,6 @@ def apply_transform(y: np.ndarray, transform: str) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------------------------------- one block
-def _after(value: Any, *_: Any) -> Any:
-    return value
-
-
 class BlockForward:
     """One network planned at one output patch, run block after block in this process: the forward graph of a
     block runs on the calling thread; kernel spectra come from a shared cache (when enabled), else each block
@@ -272,17 +268,37 @@ class BlockForward:
     def input_patch(self) -> dict[str, Triple]:
         return self.plan.layout.input_patch
 
+    def warm(self) -> None:
+        """Compute every FFT conv layer's kernel spectra into the cache once (blocks that start together would
+        otherwise each compute their own copy)."""
+        from znn.pipeline import tasks
+
+        if not self.cache.enabled:
+            return
+        with self._lock:
+            for name, ep in self.plan.edges.items():
+                if ep.mode != "fft" or ep.fft_shape is None or self.cache.get(name, ep.fft_shape) is not None:
+                    continue
+                edge = self.plan.spec.edges[name]
+                kernel = self.net.kernels[name]
+                spectra = [[tasks.kernel_spectra(kernel, ib, ob, ep.dilation, ep.fft_shape)
+                            for ob in self.plan.blocks[edge.output]] for ib in self.plan.blocks[edge.input]]
+                self.cache.put(name, ep.fft_shape, spectra)
+
     def forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         from znn.pipeline import tasks
 
         g = forward_graph(self.plan, self.net, inputs, training=False, cache=self.cache)
-        for edge, rows in g.new_kspec.items():  # kernel spectra only once their layer's input is there
-            first_input = g.xspec[edge][0]
-            for row in rows:
-                for key in row:
-                    g.dsk[key] = (_after, g.dsk[key], first_input)
-        outputs = {n: g.act[n] for n in self.plan.spec.outputs}
         keep = dict(g.new_kspec) if self.cache.enabled else {}
+        if not self.cache.enabled:
+            # each output block's task makes the kernel spectra of its column itself and drops them after, so
+            # at most one column of a layer's kernel spectra is alive, whatever order the scheduler picks
+            for edge, rows in g.new_kspec.items():
+                for j, conv_key in enumerate(g.fwd[edge]):
+                    task = g.dsk[conv_key]
+                    column = [g.dsk[rows[i][j]] for i in range(len(rows))]
+                    g.dsk[conv_key] = (task[0], task[1], column, *task[3:])
+        outputs = {n: g.act[n] for n in self.plan.spec.outputs}
         flat = [k for ks in outputs.values() for k in ks] + [k for rows in keep.values() for row in rows for k in row]
         needed, _ = cull(g.dsk, flat)
         values = dict(zip(flat, dask.get(needed, flat)))
@@ -325,7 +341,8 @@ def _engine(ctx: _Context) -> BlockForward:
             _ENGINES.clear()  # one network at a time per process: free the previous one's spectra
             engine = BlockForward(ctx.net, ctx.outsz, ctx.modes, ctx.spectra_cache, ctx.cache_bytes)
             _ENGINES[ctx.token] = engine
-        return engine
+    engine.warm()
+    return engine
 
 
 _ARRAYS: dict[tuple[str, str], Any] = {}

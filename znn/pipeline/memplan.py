@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 # Allocator slack, temporaries the model leaves out (dask's bookkeeping, NumPy scratch of pointwise ops).
-SAFETY = 1.15
+SAFETY = 1.35
 # Per block in flight: a thread's stack, its FFTW plans, zarr/numcodecs buffers.
 PER_BLOCK_OVERHEAD = 16 << 20
 # Bytes of gathered columns of one direct-convolution tile (znn.ops.conv._TILE_BYTES).
@@ -163,13 +163,15 @@ def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tupl
         transform = ib * (_vox(shape) * itemsize + 2 * freq * csize)  # padded real, spectrum, freq-major copy
         k_pair = ib * ob * freq * csize
         kernels = n_in * n_out * freq * csize
-        kz = edge.size[0] if shape[0] > 1 else 1
-        k_transient = k_pair * (1 + kz / max(1, shape[0])) + k_pair  # pruned DFT stages of one block pair
+        # the pruned DFT of one block pair: its result plus the (kz of Z) partial stage of 3D kernels
+        k_transient = k_pair * (edge.size[0] / shape[0] if shape[0] > 1 else 0.1)
         per_out = ob * (3 * freq * csize + _vox(shape) * itemsize)  # accumulators, inverse buffer, real result
         work = x_spec + max(transform, per_out + ob * _vox(ep.out_extent) * itemsize)
         if cached:
             return int(work), int(kernels)
-        return int(work + kernels + k_transient), int(kernels)
+        # without the cache each output block's task makes the kernel spectra of its column and drops them
+        column = n_in * ob * freq * csize
+        return int(work + column + k_transient), int(kernels)
     if edge.type == "conv":
         tile = min(DIRECT_TILE_BYTES, math.prod(edge.size[1:]) * n_in * _vox(ep.out_extent) * itemsize
                    + n_in * _vox(ep.need) * itemsize)
@@ -305,9 +307,12 @@ def plan_memory(spec: NetworkSpec, budget: int, in_flight: int = 1, baseline: in
     """
     base = process_rss() if baseline is None else int(baseline)
     patches = [tuple(int(v) for v in p) for p in (candidates or candidate_patches(spec, volume_out))]
+    if volume_out is not None:  # same block count, blocks of even size: no block computes mostly overlap
+        patches = sorted({_even(volume_out, p) for p in patches}, key=lambda t: (math.prod(t), t))
     options = (True, False) if spectra_cache is None else (spectra_cache,)
     estimates: list[BlockEstimate] = []
     chosen: BlockEstimate | None = None
+    busy: BlockEstimate | None = None  # the largest that fits and still gives every block in flight work
     for patch in patches:
         best_here = None
         for cache in options:
@@ -320,6 +325,9 @@ def plan_memory(spec: NetworkSpec, budget: int, in_flight: int = 1, baseline: in
         estimates.append(best_here)
         if best_here.total(in_flight, base) <= budget:
             chosen = best_here
+            if volume_out is None or _blocks(volume_out, patch) >= in_flight:
+                busy = best_here
+    chosen = busy or chosen
     if chosen is None:
         smallest = estimates[0] if estimates else None
         need = format_bytes(smallest.total(in_flight, base)) if smallest else "?"
@@ -327,6 +335,14 @@ def plan_memory(spec: NetworkSpec, budget: int, in_flight: int = 1, baseline: in
                          f"{_t(smallest.outsz) if smallest else '?'} needs {need} with {in_flight} block(s) in "
                          "flight (baseline " + format_bytes(base) + "); give more memory or fewer threads")
     return MemoryPlan(budget, base, in_flight, chosen, estimates)
+
+
+def _even(volume_out: Sequence[int], patch: Sequence[int]) -> Triple:
+    return tuple(math.ceil(int(v) / math.ceil(int(v) / int(p))) for v, p in zip(volume_out, patch))  # type: ignore[return-value]
+
+
+def _blocks(volume_out: Sequence[int], patch: Sequence[int]) -> int:
+    return math.prod(math.ceil(int(v) / int(p)) for v, p in zip(volume_out, patch))
 
 
 def describe_estimate(est: BlockEstimate) -> dict[str, Any]:
