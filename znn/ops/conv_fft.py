@@ -210,8 +210,7 @@ def _fftw_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, 
     real.fill(0)
     real[:, 0:(kz - 1) * dz + 1:dz, 0:(ky - 1) * dy + 1:dy, 0:(kx - 1) * dx + 1:dx] = \
         w.reshape(n_in * n_out, kz, ky, kx)
-    spec = rfft3(real, threads)
-    count_transforms("forward", -n_in * n_out)  # counted once below with the pruned path
+    spec = rfft3(real, threads, count=False)  # kernel_spectra counts them, whichever way they are made
     flat = np.ascontiguousarray(spec.reshape(n_in * n_out, math.prod(spec.shape[1:])).T)
     return flat.reshape(*spectrum_shape(shape), n_in, n_out)
 
@@ -415,11 +414,10 @@ def _fftw_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape3,
         flat = buf.reshape(n_out, math.prod(sp))
         for i in range(lo, hi):
             np.multiply(gmaps, np.conj(xf[:, i])[None, :], out=flat)
-            real = irfft3(buf, shape, 1)
+            real = irfft3(buf, shape, 1, count=False)  # grad_kernel counts them
             np.multiply(real[(slice(None), *taps)], scale, out=out[i])
 
     parallel_chunks(n_in, threads, work)
-    count_transforms("inverse", -n_in * n_out)  # counted once by the caller
     return out
 
 

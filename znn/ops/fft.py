@@ -16,6 +16,7 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,6 +51,8 @@ Shape3 = tuple[int, int, int]
 
 _PLAN_LOCK = threading.Lock()  # FFTW's planner is not thread-safe
 _LOCAL = threading.local()
+# Bytes of arrays that cached FFTW objects may keep alive, per thread.
+_PLAN_CACHE_BYTES = 256 << 20
 _COUNTS_LOCK = threading.Lock()
 _COUNTS: dict[str, int] = {"forward": 0, "inverse": 0}
 _POOLS: dict[int, ThreadPoolExecutor] = {}
@@ -231,10 +234,35 @@ def planner_effort() -> str:
     return effort if effort in PLANNER_EFFORTS else "FFTW_MEASURE"
 
 
-def _plans() -> dict[tuple[Any, ...], pyfftw.FFTW]:
+class _PlanCache:
+    """Per-thread LRU of FFTW objects, bounded in bytes: an FFTW object keeps its last arrays alive."""
+
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.plans: OrderedDict[tuple[Any, ...], tuple[pyfftw.FFTW, int]] = OrderedDict()
+        self.nbytes = 0
+
+    def get(self, key: tuple[Any, ...]) -> pyfftw.FFTW | None:
+        hit = self.plans.get(key)
+        if hit is None:
+            return None
+        self.plans.move_to_end(key)
+        return hit[0]
+
+    def put(self, key: tuple[Any, ...], plan: pyfftw.FFTW, nbytes: int) -> None:
+        if nbytes > self.budget // 4:
+            return  # rebuilt from wisdom each time (~0.3 ms), which is nothing next to such a transform
+        self.plans[key] = (plan, nbytes)
+        self.nbytes += nbytes
+        while self.nbytes > self.budget:
+            _, (_, freed) = self.plans.popitem(last=False)
+            self.nbytes -= freed
+
+
+def _plans() -> _PlanCache:
     cache = getattr(_LOCAL, "plans", None)
     if cache is None:
-        cache = {}
+        cache = _PlanCache(_PLAN_CACHE_BYTES)
         _LOCAL.plans = cache
     return cache
 
@@ -243,62 +271,70 @@ def _aligned(a: np.ndarray) -> bool:
     return a.ctypes.data % pyfftw.simd_alignment == 0
 
 
-def _plan(direction: str, batch: int, shape: Shape3, dtype: np.dtype[Any], threads: int,
-          aligned: bool) -> pyfftw.FFTW:
-    """The cached FFTW object for ``batch`` transforms of real ``shape`` volumes of ``dtype``."""
-    key = (direction, batch, shape, dtype.str, threads, aligned)
+def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, threads: int) -> pyfftw.FFTW:
+    """An FFTW object for the batch ``src`` -> ``dst`` (C-contiguous; real ``shape`` volumes), bound to them.
+
+    Cached per (direction, batch, shape, dtype, threads, alignment). A new one is planned on scratch arrays
+    the first time (``FFTW_MEASURE`` runs trial transforms that would overwrite the data) and from then on
+    straight from FFTW's wisdom on the caller's arrays.
+    """
+    aligned = _aligned(src) and _aligned(dst)
+    key = (direction, src.shape[0], shape, src.dtype.str, threads, aligned)
     cache = _plans()
     plan = cache.get(key)
-    if plan is None:
-        real = empty_aligned((batch, *shape), dtype)
-        spec = empty_aligned((batch, *spectrum_shape(shape)), complex_dtype(dtype))
-        flags = [planner_effort()] if aligned else [planner_effort(), "FFTW_UNALIGNED"]
-        if direction == "inverse":
-            flags.append("FFTW_DESTROY_INPUT")  # multi-dimensional c2r cannot preserve its input anyway
-        src, dst = (real, spec) if direction == "forward" else (spec, real)
-        fftw_dir = "FFTW_FORWARD" if direction == "forward" else "FFTW_BACKWARD"
-        with _PLAN_LOCK:
+    if plan is not None:
+        plan.update_arrays(src, dst)
+        return plan
+    flags = [planner_effort()] if aligned else [planner_effort(), "FFTW_UNALIGNED"]
+    if direction == "inverse":
+        flags.append("FFTW_DESTROY_INPUT")  # multi-dimensional c2r cannot preserve its input anyway
+    fftw_dir = "FFTW_FORWARD" if direction == "forward" else "FFTW_BACKWARD"
+    with _PLAN_LOCK:
+        try:
+            plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir,
+                               flags=(*flags, "FFTW_WISDOM_ONLY"), threads=threads)
+        except RuntimeError:  # no wisdom yet: measure on scratch arrays, then plan from the new wisdom
+            pyfftw.FFTW(empty_aligned(src.shape, src.dtype), empty_aligned(dst.shape, dst.dtype),
+                        axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags), threads=threads)
+            saved = src.copy()  # in case the wisdom does not apply and the planner runs trials on src
             plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags),
                                threads=threads)
-        cache[key] = plan
+            np.copyto(src, saved)
+    cache.put(key, plan, src.nbytes + dst.nbytes)
     return plan
 
 
-def _run(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, dtype: np.dtype[Any],
-         threads: int) -> None:
+def _run(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, threads: int) -> None:
     """Transform the batch ``src`` into ``dst`` (both C-contiguous), splitting the batch over threads."""
     batch = src.shape[0]
     if batch == 0:
         return
 
     def work(lo: int, hi: int) -> None:
-        s, d = src[lo:hi], dst[lo:hi]
-        aligned = _aligned(s) and _aligned(d)
         # one map but several threads: let FFTW split the transform itself
-        plan = _plan(direction, hi - lo, shape, dtype, threads if batch < threads else 1, aligned)
-        plan.update_arrays(s, d)
-        plan.execute()
+        _plan(direction, src[lo:hi], dst[lo:hi], shape, threads if batch < threads else 1).execute()
 
     if batch < threads:
         work(0, batch)
     else:
         parallel_chunks(batch, threads, work)
-    count_transforms(direction, batch)
 
 
-def rfft3(real: np.ndarray, threads: int = 1) -> np.ndarray:
+def rfft3(real: np.ndarray, threads: int = 1, count: bool = True) -> np.ndarray:
     """Real-to-complex FFT over the last three axes: ``(n, Z, Y, X)`` -> ``(n, Z, Y, X // 2 + 1)``.
 
     ``real`` must be float32/float64 and C-contiguous (use :func:`empty_aligned` for the fastest plans).
+    ``count``: add the ``n`` transforms to :func:`transform_counts`.
     """
     shape = (real.shape[1], real.shape[2], real.shape[3])
-    dtype = real.dtype
-    out = empty_aligned((real.shape[0], *spectrum_shape(shape)), complex_dtype(dtype))
-    _run("forward", np.ascontiguousarray(real), out, shape, dtype, threads)
+    out = empty_aligned((real.shape[0], *spectrum_shape(shape)), complex_dtype(real.dtype))
+    _run("forward", np.ascontiguousarray(real), out, shape, threads)
+    if count:
+        count_transforms("forward", real.shape[0])
     return out
 
 
-def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1) -> np.ndarray:
+def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1, count: bool = True) -> np.ndarray:
     """Unnormalised complex-to-real FFT: ``(n, Z, Y, X // 2 + 1)`` -> ``(n, Z, Y, X)``; DESTROYS ``spec``.
 
     The result is ``prod(shape)`` times the inverse DFT; callers fold the ``1 / prod(shape)`` into their crop.
@@ -308,7 +344,9 @@ def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1) -> np.ndarr
     if not spec.flags.c_contiguous:
         raise ValueError("irfft3 needs a C-contiguous spectrum")
     out = empty_aligned((spec.shape[0], *shape3), dtype)
-    _run("inverse", spec, out, shape3, dtype, threads)
+    _run("inverse", spec, out, shape3, threads)
+    if count:
+        count_transforms("inverse", spec.shape[0])
     return out
 
 
@@ -333,8 +371,3 @@ def load_wisdom(path: str | Path) -> tuple[bool, ...]:
     blobs = json.loads(p.read_text())["fftw_wisdom"]
     with _PLAN_LOCK:
         return tuple(bool(ok) for ok in pyfftw.import_wisdom(tuple(b.encode("ascii") for b in blobs)))
-
-
-def log2_size(shape: Sequence[int]) -> float:
-    """``log2`` of the number of voxels of ``shape`` (used by cost models)."""
-    return math.log2(max(2, math.prod(shape)))
