@@ -252,7 +252,7 @@ def _triple(text: str) -> Triple:
         values = (values[0],) * 3
     if len(values) != 3 or min(values) < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not z,y,x (three positive integers, or one for a cube)")
-    return values  # type: ignore[return-value]
+    return values
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

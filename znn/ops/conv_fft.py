@@ -154,7 +154,7 @@ def _dft_matrix(size: int, taps: int, dilation: int, half: bool, sign: int, dtyp
     # reduce the phase index modulo size first: exact integers keep float64 phases accurate
     phase = np.mod(f * t, size) * (2.0 * np.pi / size)
     mat = np.exp(sign * 1j * phase)
-    out = mat.astype(dtype_str)
+    out: np.ndarray = mat.astype(dtype_str)
     out.flags.writeable = False
     return out
 
@@ -440,12 +440,12 @@ def _spectra_for(x: np.ndarray, w: np.ndarray, dilation: Shape3, spectra: Spectr
                          f"dilation {spectra.dilation}, {spectra.dtype}; got input {x.shape[1:]}, kernel "
                          f"{w.shape[2:]}, dilation {dilation}, {x.dtype}: pass spectra=None")
     shape = fft_shape(x.shape[1:], w.shape[2:], dilation)
-    return Spectra(shape, tuple(x.shape[1:]), tuple(w.shape[2:]), dilation, np.dtype(x.dtype))  # type: ignore[arg-type]
+    return Spectra(shape, tuple(x.shape[1:]), tuple(w.shape[2:]), dilation, np.dtype(x.dtype))
 
 
 def _as_dilation(dilation: Sequence[int]) -> Shape3:
-    d = tuple(int(v) for v in dilation)
-    return (d[0], d[1], d[2]) if len(d) == 3 else d  # type: ignore[return-value]
+    d = [int(v) for v in dilation]  # length checked by check_conv_shapes
+    return (d[0], d[1], d[2])
 
 
 def conv_forward_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = (1, 1, 1),

@@ -139,7 +139,8 @@ def complex_dtype(dtype: np.dtype[Any] | type) -> np.dtype[Any]:
 
 def empty_aligned(shape: Sequence[int], dtype: np.dtype[Any] | type) -> np.ndarray:
     """An uninitialised SIMD-aligned C-contiguous array (what FFTW plans are built for)."""
-    return pyfftw.empty_aligned(tuple(shape), dtype=dtype)
+    arr: np.ndarray = pyfftw.empty_aligned(tuple(shape), dtype=dtype)
+    return arr
 
 
 # ----------------------------------------------------------------------------------------------- counters
@@ -268,7 +269,7 @@ def _plans() -> _PlanCache:
 
 
 def _aligned(a: np.ndarray) -> bool:
-    return a.ctypes.data % pyfftw.simd_alignment == 0
+    return bool(a.ctypes.data % pyfftw.simd_alignment == 0)
 
 
 def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, threads: int) -> pyfftw.FFTW:
