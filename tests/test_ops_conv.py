@@ -183,6 +183,18 @@ def test_threads_give_the_same_result():
         np.testing.assert_allclose(a, b, atol=1e-12)
 
 
+def test_concurrent_calls_from_many_threads():
+    """Dask runs tasks side by side with threads=1: per-thread plans must not interfere."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    problems = [problem(CASES[i % len(CASES)], seed=i) for i in range(12)]
+    expected = [conv_forward_direct(x, w, d) for x, w, _, d in problems]
+    with ThreadPoolExecutor(4) as pool:
+        got = list(pool.map(lambda p: cf.conv_forward_fft(p[0], p[1], p[3])[0], problems))
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a, b, atol=1e-10)
+
+
 def test_backward_reuses_spectra_transform_counts():
     x, w, gy, d = problem(CASES[3])
     n_in, n_out = w.shape[:2]
