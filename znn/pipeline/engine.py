@@ -40,13 +40,19 @@ class Engine:
         self._planned: set[str] = set()
 
     @property
+    def _threads(self) -> int:
+        """Cores the graphs run on: a threaded scheduler's workers (narrow stages then thread their tasks);
+        one for the synchronous scheduler and for a cluster's single-threaded worker processes."""
+        return self.runner.workers if self.runner.kind == "threads" else 1
+
+    @property
     def input_patch(self) -> dict[str, tuple[int, int, int]]:
         return self.plan.layout.input_patch
 
     def forward(self, inputs: Mapping[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
         self._plan_transforms("forward")
         g = forward_graph(self.plan, self.net, self._cast(inputs), training=training, seed=self.seed,
-                          step=self.steps, cache=self.cache)
+                          step=self.steps, cache=self.cache, threads=self._threads)
         wanted: dict[str, Any] = {"out": {n: g.act[n] for n in self.plan.spec.outputs}, "kspec": g.new_kspec}
         result = _get(self.runner, g.dsk, wanted)
         for edge, spectra in result["kspec"].items():
@@ -57,7 +63,7 @@ class Engine:
         """One step; returns the cost and the outputs of the forward pass."""
         self._plan_transforms("step")
         g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, hyper, seed=self.seed, step=self.steps,
-                            cache=self.cache)
+                            cache=self.cache, threads=self._threads)
         frozen = {e for e in res["kernels"] if _eta(self.net.spec.edges[e].options, hyper) == 0}
         wanted = {"cost": res["cost"], "outputs": res["outputs"],
                   "kernels": {e: k for e, k in res["kernels"].items() if e not in frozen},
@@ -70,7 +76,7 @@ class Engine:
     def gradients(self, inputs: Mapping[str, np.ndarray], loss: Loss) -> tuple[float, dict[str, np.ndarray]]:
         """The cost and the gradient of every kernel (by edge) and bias (by node), without updating."""
         g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, Hyper(0.0, 0.0, 0.0), seed=self.seed,
-                            step=self.steps, cache=self.cache)
+                            step=self.steps, cache=self.cache, threads=self._threads)
         result = _get(self.runner, g.dsk, {"cost": res["cost"], "kernels": res["kernels"], "biases": res["biases"]})
         grads = {name: triple[2] for group in ("kernels", "biases") for name, triple in result[group].items()}
         return float(result["cost"]), grads

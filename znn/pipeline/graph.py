@@ -40,19 +40,29 @@ class Graph:
     kspec: dict[str, list[list[Any]]] = field(default_factory=dict)  # conv edge -> [ib][ob] key or cached array
     new_kspec: dict[str, list[list[Key]]] = field(default_factory=dict)  # kernel spectra computed in this graph
     params: dict[str, Key] = field(default_factory=dict)
+    threads: int = 1  # cores the graph runs on (workers of a threaded scheduler; 1 for one-thread workers)
 
     def key(self, op: str, layer: str, *index: int) -> Key:
         return (f"{op}-{layer}-{self.token}", *index)
 
+    def task_threads(self, width: int) -> int:
+        """Threads for each of ``width`` tasks that run side by side: a stage narrower than the machine splits
+        its tasks over the idle cores (only kernels whose numbers do not depend on the split take them)."""
+        return max(1, self.threads // max(1, width))
+
 
 def forward_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], *, training: bool = False,
-                  seed: int = 0, step: int = 0, cache: SpectraCache | None = None) -> Graph:
-    """The forward pass for ``inputs`` (input node -> (maps, z, y, x) patches of the planned extent)."""
+                  seed: int = 0, step: int = 0, cache: SpectraCache | None = None, threads: int = 1) -> Graph:
+    """The forward pass for ``inputs`` (input node -> (maps, z, y, x) patches of the planned extent).
+
+    ``threads``: the cores the graph will run on (the workers of a threaded scheduler, else 1); stages with
+    fewer blocks than that give their tasks several threads. Keys and numbers do not depend on it.
+    """
     spec = plan.spec
     _check_inputs(plan, inputs)
     token = tokenize(plan.output_patch, {k: plan.edges[k].mode for k in plan.edges}, net.kernels, net.biases,
                      dict(inputs), training, seed, step)
-    g = Graph(plan, token)
+    g = Graph(plan, token, threads=max(1, int(threads)))
     for name in spec.conv_edges():
         g.params[name] = ("kernel-" + name + "-" + token,)
         g.dsk[g.params[name]] = net.kernels[name]
@@ -138,7 +148,8 @@ def _conv_forward(g: Graph, name: str, cache: SpectraCache | None) -> None:
     if ep.mode == "direct":
         keys = [g.key("conv", name, j) for j in range(len(out_blocks))]
         for k, ob in zip(keys, out_blocks):
-            g.dsk[k] = (tasks.conv_direct_forward, xs, kernel, in_blocks, ob, ep.crop_lo, ep.need, ep.dilation)
+            g.dsk[k] = (tasks.conv_direct_forward, xs, kernel, in_blocks, ob, ep.crop_lo, ep.need, ep.dilation,
+                        g.task_threads(len(out_blocks)))
         g.fwd[name] = keys
         return
     shape = ep.fft_shape
@@ -157,7 +168,8 @@ def _conv_forward(g: Graph, name: str, cache: SpectraCache | None) -> None:
     keys = [g.key("conv", name, j) for j in range(len(out_blocks))]
     for j, k in enumerate(keys):
         column = [g.kspec[name][i][j] for i in range(len(in_blocks))]
-        g.dsk[k] = (tasks.conv_fft_forward, g.xspec[name], column, shape, ep.out_extent, edge.size, ep.dilation)
+        g.dsk[k] = (tasks.conv_fft_forward, g.xspec[name], column, shape, ep.out_extent, edge.size, ep.dilation,
+                    g.task_threads(len(out_blocks)))
     g.fwd[name] = keys
 
 
@@ -194,11 +206,12 @@ class Hyper:
 
 
 def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper, *,
-               seed: int = 0, step: int = 0, cache: SpectraCache | None = None) -> tuple[Graph, dict[str, Any]]:
+               seed: int = 0, step: int = 0, cache: SpectraCache | None = None,
+               threads: int = 1) -> tuple[Graph, dict[str, Any]]:
     """Forward, loss, backward and update. Returns the graph and the keys of its results:
     ``cost``, ``outputs`` (node -> block keys), ``kernels``/``biases`` (group -> key of (param, momentum, grad)),
     ``kspec`` (edge -> kernel spectra keys computed here, for edges that are not updated)."""
-    g = forward_graph(plan, net, inputs, training=True, seed=seed, step=step, cache=cache)
+    g = forward_graph(plan, net, inputs, training=True, seed=seed, step=step, cache=cache, threads=threads)
     spec = plan.spec
     outputs = {n: g.act[n] for n in spec.outputs}
     loss_key = g.key("loss", "net")
@@ -278,21 +291,27 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
     xs, kernel = g.act[edge.input], g.params[name]
     if ep.mode == "direct":
+        # a network input needs no gradient: its pairs compute the kernel gradient only
+        grad_input = spec.nodes[edge.input].type != "input"
+        threads = g.task_threads(len(in_blocks) * len(out_blocks))
         pairs = [[g.key("gconv", name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
         for i, ib in enumerate(in_blocks):
             for j, ob in enumerate(out_blocks):
                 g.dsk[pairs[i][j]] = (tasks.conv_direct_backward, xs[i], kernel, ib, ob, gy[j], ep.crop_lo, ep.need,
-                                      ep.dilation)
+                                      ep.dilation, threads, grad_input)
         g.fwd["gw:" + name] = [[(tasks.item, k, 1) for k in row] for row in pairs]
+        if not grad_input:
+            return []
         return [(tasks.sum_first, row, ep.crop_lo, ep.in_extent) for row in pairs]
     shape = ep.fft_shape
     gspec = [g.key("gfft", name, j) for j in range(len(out_blocks))]
     for j, k in enumerate(gspec):
         g.dsk[k] = (tasks.grad_output_spectra, gy[j], shape, edge.size, ep.dilation)
     grads = []
-    for i in range(len(in_blocks)):
+    for i in range(len(in_blocks) if spec.nodes[edge.input].type != "input" else 0):  # inputs need no gradient
         k = g.key("gx", name, i)
-        g.dsk[k] = (tasks.conv_fft_grad_input, gspec, g.kspec[name][i], shape, ep.need, ep.crop_lo, ep.in_extent)
+        g.dsk[k] = (tasks.conv_fft_grad_input, gspec, g.kspec[name][i], shape, ep.need, ep.crop_lo, ep.in_extent,
+                    g.task_threads(len(in_blocks)))
         grads.append(k)
     gw = [[g.key("gw", name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
     for i in range(len(in_blocks)):

@@ -154,11 +154,15 @@ def kernel_spectra(kernel: np.ndarray, ib: Block, ob: Block, dilation: Triple, s
 
 
 def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], shape: Triple,
-                     out_extent: Triple, kernel_size: Triple, dilation: Triple) -> np.ndarray:
-    """One output block: accumulate over input blocks in the frequency domain, one inverse per output map."""
-    acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0])
+                     out_extent: Triple, kernel_size: Triple, dilation: Triple, threads: int = 1) -> np.ndarray:
+    """One output block: accumulate over input blocks in the frequency domain, one inverse per output map.
+
+    ``threads`` split the products over frequencies (each frequency's product is the same whatever the split);
+    the inverse FFTs stay on one thread, so the numbers do not depend on ``threads``.
+    """
+    acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads)
     for xs, ks in zip(x_specs[1:], k_specs[1:]):
-        acc += conv_fft.multiply_accumulate(xs, ks)
+        acc += conv_fft.multiply_accumulate(xs, ks, threads)
     return conv_fft.inverse_valid(acc, shape, out_extent, conv_fft.output_offset(kernel_size, dilation))
 
 
@@ -167,11 +171,12 @@ def grad_output_spectra(g: np.ndarray, shape: Triple, kernel_size: Triple, dilat
 
 
 def conv_fft_grad_input(gy_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], shape: Triple,
-                        need: Triple, lo: Triple, full: Triple) -> np.ndarray:
-    """Input gradient of one input block: accumulate over output blocks, one inverse per input map."""
-    acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0])
+                        need: Triple, lo: Triple, full: Triple, threads: int = 1) -> np.ndarray:
+    """Input gradient of one input block: accumulate over output blocks, one inverse per input map
+    (``threads`` as in :func:`conv_fft_forward`)."""
+    acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0], threads)
     for gs, ks in zip(gy_specs[1:], k_specs[1:]):
-        acc += conv_fft.grad_input_spectra(gs, ks)
+        acc += conv_fft.grad_input_spectra(gs, ks, threads)
     return pad_back(conv_fft.inverse_valid(acc, shape, need, (0, 0, 0)), lo, full)
 
 
@@ -181,17 +186,32 @@ def conv_fft_grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Triple,
 
 
 def conv_direct_forward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks: Sequence[Block], ob: Block,
-                        lo: Triple, need: Triple, dilation: Triple) -> np.ndarray:
-    parts = [convops.conv_forward_direct(np.ascontiguousarray(central(x, lo, need)), kernel_block(kernel, ib, ob),
-                                         dilation) for x, ib in zip(xs, in_blocks)]
-    return add_all(parts)
+                        lo: Triple, need: Triple, dilation: Triple, threads: int = 1) -> np.ndarray:
+    """One output block, summed over the input blocks in order. ``threads`` split the output tiles (each tile is
+    computed the same way whatever the split, so the numbers do not depend on it)."""
+    total: np.ndarray | None = None
+    for x, ib in zip(xs, in_blocks):
+        part = convops.conv_forward_direct(np.ascontiguousarray(central(x, lo, need)), kernel_block(kernel, ib, ob),
+                                           dilation, threads)
+        if total is None:
+            total = part  # a fresh array of ours: accumulate into it
+        else:
+            total += part
+    assert total is not None
+    return total
 
 
 def conv_direct_backward(x: np.ndarray, kernel: np.ndarray, ib: Block, ob: Block, g: np.ndarray, lo: Triple,
-                         need: Triple, dilation: Triple) -> tuple[np.ndarray, np.ndarray]:
-    """(input-gradient part, kernel gradient) of one (input block, output block) pair."""
+                         need: Triple, dilation: Triple, threads: int = 1,
+                         grad_input: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
+    """(input-gradient part, kernel gradient) of one (input block, output block) pair; without ``grad_input``
+    (the input is a network input) only the kernel gradient is computed and the first item is None."""
     xc = np.ascontiguousarray(central(x, lo, need))
-    return convops.conv_backward_direct(xc, kernel_block(kernel, ib, ob), g, dilation)
+    if not grad_input:
+        w = kernel_block(kernel, ib, ob)
+        # ops' kernel-gradient half of conv_backward_direct
+        return None, convops._grad_kernel_direct(xc, g.astype(xc.dtype, copy=False), w.shape, dilation, threads)
+    return convops.conv_backward_direct(xc, kernel_block(kernel, ib, ob), g, dilation, threads)
 
 
 def sum_first(pairs: Sequence[tuple[np.ndarray, np.ndarray]], lo: Triple, full: Triple) -> np.ndarray:

@@ -1,0 +1,215 @@
+"""Conv mode ``optimize``: layers are measured once, the choice is persisted and reused, fixed modes are kept,
+and a broken cache file costs a remeasurement, not a crash."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+
+from znn.errors import ConfigError
+from znn.io.netfile import parse_network
+from znn.network import Network
+from znn.pipeline import autotune
+from znn.pipeline.autotune import LayerProblem, cache_file, resolve_modes, time_layer
+from znn.pipeline.engine import Engine
+from znn.pipeline.schedulers import make_runner
+
+NET = """
+nodes in
+type input
+size 2
+edges c1
+type conv
+size 1,3,3
+init gaussian
+input in
+output h1
+nodes h1
+type transfer
+function rectify_linear
+size 3
+edges c2
+type conv
+size 1,5,5
+init gaussian
+input h1
+output h2
+nodes h2
+type transfer
+function rectify_linear
+size 4
+edges c3
+type conv
+size 1,2,2
+init gaussian
+input h2
+output output
+nodes output
+type transfer
+size 2
+"""
+OUTSZ = (1, 4, 4)
+
+
+class FakeTimer:
+    """Direct wins for kernels of at most 9 taps, FFT above; records what it was asked to time."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[LayerProblem, str]] = []
+
+    def __call__(self, problem: LayerProblem, mode: str) -> float:
+        self.calls.append((problem, mode))
+        taps = int(np.prod(problem.kernel))
+        return (1.0 if taps <= 9 else 3.0) if mode == "direct" else 2.0
+
+    @property
+    def measured(self) -> set[tuple[int, int, int]]:
+        return {p.kernel for p, _ in self.calls}
+
+
+def _never(problem: LayerProblem, mode: str) -> float:
+    raise AssertionError(f"measured {problem} in {mode} although the choice was cached")
+
+
+@pytest.fixture
+def spec():
+    return parse_network(NET)
+
+
+def test_choice_is_persisted_and_reused(spec, tmp_path, caplog):
+    path = tmp_path / "autotune.json"
+    timer = FakeTimer()
+    with caplog.at_level(logging.INFO, logger="znn.autotune"):
+        modes = resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=timer)
+    assert modes == {"c1": "direct", "c2": "fft", "c3": "direct"}
+    assert timer.measured == {(1, 3, 3), (1, 5, 5), (1, 2, 2)}
+    assert sum("measured" in r.getMessage() for r in caplog.records) == 3
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 3 and {e["mode"] for e in entries.values()} == {"direct", "fft"}
+    assert all("float32" in key and autotune.machine_id() in key for key in entries)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="znn.autotune"):
+        again = resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=_never)
+    assert again == modes
+    assert sum("cached" in r.getMessage() for r in caplog.records) == 3
+    assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temporary files left behind
+
+
+def test_choices_are_per_dtype_and_patch(spec, tmp_path):
+    path = tmp_path / "autotune.json"
+    resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=FakeTimer())
+    timer = FakeTimer()
+    resolve_modes(spec, OUTSZ, "optimize", np.float64, cache_path=path, timer=timer)
+    assert len(timer.calls) > 0 and all(p.dtype == "float64" for p, _ in timer.calls)
+    timer = FakeTimer()
+    resolve_modes(spec, (1, 6, 6), "optimize", np.float32, cache_path=path, timer=timer)
+    assert len(timer.calls) > 0
+    assert len(json.loads(path.read_text())["entries"]) == 9
+
+
+def test_mode_dict_mixing_fixed_and_optimize(spec, tmp_path):
+    timer = FakeTimer()
+    modes = resolve_modes(spec, OUTSZ, {"c1": "fft", "c2": "optimize"}, np.float32,
+                          cache_path=tmp_path / "a.json", timer=timer)
+    # c1 fixed, c2 measured, c3 absent: fft as in make_plan
+    assert modes == {"c1": "fft", "c2": "fft", "c3": "fft"}
+    assert timer.measured == {(1, 5, 5)}
+    timer = FakeTimer()
+    modes = resolve_modes(spec, OUTSZ, {"c1": "optimize", "c2": "direct", "c3": "optimize"}, np.float32,
+                          cache_path=tmp_path / "b.json", timer=timer)
+    assert modes == {"c1": "direct", "c2": "direct", "c3": "direct"}
+    assert timer.measured == {(1, 3, 3), (1, 2, 2)}
+
+
+def test_fixed_modes_measure_nothing_and_bad_modes_are_refused(spec, tmp_path):
+    path = tmp_path / "autotune.json"
+    assert resolve_modes(spec, OUTSZ, "direct", cache_path=path, timer=_never) == dict.fromkeys(spec.edges, "direct")
+    assert not path.exists()
+    with pytest.raises(ConfigError, match="use fft, direct or optimize"):
+        resolve_modes(spec, OUTSZ, {"c1": "fastest"}, cache_path=path, timer=_never)
+
+
+@pytest.mark.parametrize("content", ["{not json", '{"version": 1}', '{"version": 99, "entries": {}}', "[1, 2]",
+                                     '{"version": 1, "entries": []}'])
+def test_corrupt_cache_is_remeasured_with_a_warning(spec, tmp_path, content):
+    path = tmp_path / "autotune.json"
+    path.write_text(content)
+    timer = FakeTimer()
+    with pytest.warns(RuntimeWarning, match="autotune cache is corrupt"):
+        modes = resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=timer)
+    assert modes == {"c1": "direct", "c2": "fft", "c3": "direct"} and len(timer.calls) > 0
+    assert len(json.loads(path.read_text())["entries"]) == 3  # rewritten whole
+    assert resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=_never) == modes
+
+
+def test_bad_entries_are_remeasured(spec, tmp_path):
+    path = tmp_path / "autotune.json"
+    resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=FakeTimer())
+    data = json.loads(path.read_text())
+    for entry in data["entries"].values():
+        entry["mode"] = "sideways"
+    path.write_text(json.dumps(data))
+    timer = FakeTimer()
+    assert resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=timer)["c2"] == "fft"
+    assert len(timer.measured) == 3
+
+
+def test_unwritable_cache_warns_and_still_answers(spec, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.warns(RuntimeWarning) as caught:
+        modes = resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=blocker / "a.json", timer=FakeTimer())
+    assert modes["c2"] == "fft"
+    assert any("cannot write the autotune cache" in str(w.message) for w in caught)
+
+
+def test_cache_location(tmp_path, monkeypatch):
+    monkeypatch.setenv("ZNN_CACHE_DIR", str(tmp_path / "env"))
+    assert cache_file() == tmp_path / "env" / "autotune.json"
+    assert cache_file(tmp_path / "x.json") == tmp_path / "x.json"  # an explicit path beats the environment
+    monkeypatch.delenv("ZNN_CACHE_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_file() == tmp_path / "home" / ".cache" / "znn" / "autotune.json"
+
+
+def test_clear_loser_is_timed_once(spec, tmp_path):
+    calls: list[str] = []
+
+    def timer(ratio: float):
+        def run(problem: LayerProblem, mode: str) -> float:
+            calls.append(mode)
+            return ratio if mode == "direct" else 1.0
+        return run
+
+    assert resolve_modes(spec, OUTSZ, {"c2": "optimize"}, np.float32, cache_path=tmp_path / "a.json",
+                         timer=timer(10.0), repeat=5)["c2"] == "fft"
+    assert len(calls) == 4  # a warm-up and one timed run per mode: 10x slower has lost
+    calls.clear()
+    assert resolve_modes(spec, OUTSZ, {"c2": "optimize"}, np.float32, cache_path=tmp_path / "b.json",
+                         timer=timer(0.8), repeat=5)["c2"] == "direct"
+    assert len(calls) == 2 + 2 * 5  # a close call: every repetition, median
+
+
+def test_real_measurement(tmp_path):
+    for grad_input in (True, False):
+        problem = LayerProblem(2, 3, (1, 9, 10), (1, 3, 3), (1, 2, 1), "float32", grad_input)
+        assert problem.out_extent == (1, 5, 8)
+        for mode in ("fft", "direct"):
+            assert 0 < time_layer(problem, mode) < 5
+
+
+def test_engine_optimize_measures_once(spec, tmp_path, monkeypatch):
+    monkeypatch.setenv("ZNN_CACHE_DIR", str(tmp_path))
+    net = Network.initialise(spec, seed=0)
+    first = Engine(net, OUTSZ, "optimize", make_runner("synchronous"))
+    assert set(first.plan.edges[e].mode for e in spec.conv_edges()) <= {"fft", "direct"}
+    monkeypatch.setattr(autotune, "time_layer", _never)
+    second = Engine(net, OUTSZ, {"c1": "direct", "c2": "optimize", "c3": "optimize"}, make_runner("synchronous"))
+    assert second.plan.edges["c1"].mode == "direct"
+    for e in ("c2", "c3"):
+        assert second.plan.edges[e].mode == first.plan.edges[e].mode
+    x = np.random.default_rng(0).normal(size=(2, *second.input_patch["in"])).astype(np.float32)
+    assert np.allclose(first.forward({"in": x})["output"], second.forward({"in": x})["output"], atol=1e-5)

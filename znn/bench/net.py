@@ -1,0 +1,414 @@
+"""Benchmark of a whole network: forward pass and training step on the task-graph engine, and PyTorch's.
+
+``znn bench net NET.znn --outsz z,y,x`` builds the network (seeded random init), then reports:
+
+* ``forward``: one inference pass (kernel spectra cached, as in dense inference), median of ``--repeat`` runs
+  after a warm-up that plans the FFTs;
+* ``step``: one training step (forward, loss, backward, SGD update of every kernel and bias), median;
+* ``overhead``: the share of a step not spent inside tasks, measured on the *synchronous* scheduler, where
+  nothing waits for anything: ``(wall - sum of task times) / wall``. It counts building the graph, culling,
+  dask's bookkeeping and the engine's own work around ``get``; it is the cost of expressing the step as a
+  graph, free of idle time;
+* ``efficiency``: on the threaded scheduler, ``max(critical path, sum of task times / workers) / wall``: how
+  close the run comes to the best any scheduler could do with those tasks (1.0 = no idle worker beyond what
+  the graph's dependencies force). ``parallel`` is ``sum of task times / (workers * wall)``;
+* ``peak``: the largest amount of memory NumPy held during one step (``tracemalloc``, which NumPy reports its
+  allocations to), above what was held before it;
+* PyTorch (when importable, unless ``--no-torch``): the same network from :func:`build_torch_net` with the same
+  weights and thread count, timed for a no-grad forward and a forward + backward + SGD step, and the largest
+  difference between its forward outputs and ours, relative to the output's largest magnitude.
+
+The loss is a logistic cross-entropy towards 0.5 (bounded gradients) and the learning rate is tiny, so that
+the random network stays finite over the repetitions; timings of overflowing arithmetic would mean nothing.
+Ours and PyTorch's runs are interleaved repetition by repetition so machine noise hits both alike.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import sys
+import time
+import tracemalloc
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from dask.core import get_deps
+
+from znn.network import Network
+from znn.pipeline.engine import Engine
+from znn.pipeline.graph import Hyper
+from znn.pipeline.schedulers import Runner, cores
+
+__all__ = ["TimingRunner", "GraphRun", "run_net_bench", "format_report", "add_arguments", "run_from_args", "main"]
+
+Triple = tuple[int, int, int]
+DEFAULT_ETA = 1e-6
+
+
+# ---------------------------------------------------------------------------------------------- task timing
+
+
+class _Timed:
+    """A task's function, recording ``(key, start, stop)`` of each call into a shared log."""
+
+    __slots__ = ("fn", "key", "log")
+
+    def __init__(self, fn: Callable[..., Any], key: Any, log: list[tuple[Any, float, float]]):
+        self.fn, self.key, self.log = fn, key, log
+
+    def __call__(self, *args: Any) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return self.fn(*args)
+        finally:
+            self.log.append((self.key, t0, time.perf_counter()))  # list.append is atomic
+
+
+@dataclass
+class GraphRun:
+    """One ``get``: its wall time, every task's run time, and the graph's dependencies."""
+
+    wall: float
+    tasks: dict[Any, float]
+    dependencies: dict[Any, set[Any]]
+
+    @property
+    def busy(self) -> float:
+        return sum(self.tasks.values())
+
+    def critical_path(self) -> float:
+        """The longest chain of dependent tasks, weighted by their measured times."""
+        finish: dict[Any, float] = {}
+
+        def visit(key: Any) -> float:
+            stack = [key]
+            while stack:
+                k = stack[-1]
+                if k in finish:
+                    stack.pop()
+                    continue
+                pending = [d for d in self.dependencies.get(k, ()) if d not in finish]
+                if pending:
+                    stack.extend(pending)
+                    continue
+                before = max((finish[d] for d in self.dependencies.get(k, ())), default=0.0)
+                finish[k] = before + self.tasks.get(k, 0.0)
+                stack.pop()
+            return finish[key]
+
+        return max((visit(k) for k in self.dependencies), default=0.0)
+
+    def by_op(self) -> dict[str, float]:
+        """Total task time per operation (the key's name up to the layer)."""
+        out: dict[str, float] = defaultdict(float)
+        for key, t in self.tasks.items():
+            name = key[0] if isinstance(key, tuple) else str(key)
+            out[name.split("-")[0]] += t
+        return dict(out)
+
+
+@dataclass
+class TimingRunner(Runner):
+    """A :class:`Runner` that times every task of the graphs it runs (a wrapper around each task's function,
+    so the times are the functions' own, on the worker that ran them)."""
+
+    runs: list[GraphRun] = field(default_factory=list)
+
+    def get(self, dsk: dict[Any, Any], keys: Any) -> Any:
+        log: list[tuple[Any, float, float]] = []
+        timed = {k: _wrap(v, k, log) for k, v in dsk.items()}
+        t0 = time.perf_counter()
+        result = super().get(timed, keys)
+        wall = time.perf_counter() - t0
+        dependencies, _ = get_deps(dsk)
+        busy: dict[Any, float] = defaultdict(float)
+        for k, a, b in log:
+            busy[k] += b - a
+        self.runs.append(GraphRun(wall, dict(busy), dependencies))
+        return result
+
+
+def _wrap(task: Any, key: Any, log: list[tuple[Any, float, float]]) -> Any:
+    """``task`` with the function of it and of every task nested in its arguments timed under ``key`` (nested
+    tasks run before their parent's function, on the same worker, as part of the same task)."""
+    if isinstance(task, tuple) and task and callable(task[0]):
+        return (_Timed(task[0], key, log), *(_wrap(a, key, log) for a in task[1:]))
+    if isinstance(task, list):
+        return [_wrap(a, key, log) for a in task]
+    return task
+
+
+# ---------------------------------------------------------------------------------------------- the problem
+
+
+def bounded_loss(outputs: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+    """Logistic cross-entropy of every output voxel towards 0.5: bounded gradients keep training finite."""
+    cost, grads = 0.0, {}
+    for name, y in outputs.items():
+        p = 1.0 / (1.0 + np.exp(-np.clip(y, -60, 60)))
+        cost += float(np.sum(np.logaddexp(0.0, y) - 0.5 * y))
+        grads[name] = (p - 0.5).astype(y.dtype, copy=False)
+    return cost, grads
+
+
+def _inputs(net: Network, patch: dict[str, Triple], seed: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    return {k: rng.standard_normal((net.spec.nodes[k].size, *v)).astype(net.dtype) for k, v in patch.items()}
+
+
+def _median(values: Sequence[float]) -> float | None:
+    return float(statistics.median(values)) if values else None
+
+
+def _torch() -> Any | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+# ---------------------------------------------------------------------------------------------- measurement
+
+
+def run_net_bench(path: str | Path, outsz: Sequence[int], threads: int = 0, repeat: int = 5, mode: str = "fft",
+                  torch: bool = True, dtype: str = "float32", seed: int = 0, eta: float = DEFAULT_ETA,
+                  sync_repeat: int = 2, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure ``path`` at output patch ``outsz``; returns the report as a dict (see :func:`format_report`)."""
+    from znn.describe import load_any_network
+
+    say = progress or (lambda s: None)
+    outsz3 = (int(outsz[0]), int(outsz[1]), int(outsz[2]))
+    workers = cores(threads)
+    spec = load_any_network(path)
+    net = Network.initialise(spec, seed=seed, dtype=np.dtype(dtype))
+    t0 = time.perf_counter()
+    engine = Engine(net.copy(), outsz3, mode, TimingRunner("threads", workers), seed=seed)
+    setup_s = time.perf_counter() - t0
+    inputs = _inputs(net, engine.input_patch, seed)
+    hyper = Hyper(eta, 0.9, 0.0, float(math.prod(outsz3)))
+    modes = {e: p.mode for e, p in engine.plan.edges.items() if spec.edges[e].type == "conv"}
+    report: dict[str, Any] = {
+        "network": str(path), "outsz": list(outsz3), "input_patch": {k: list(v) for k, v in engine.input_patch.items()},
+        "threads": workers, "repeat": repeat, "dtype": dtype, "mode": mode, "modes": modes,
+        "setup_s": round(setup_s, 3), "machine": _machine(),
+    }
+    tmod = _torch() if torch else None
+    tnet = _TorchSide(tmod, net, outsz3, inputs, eta, workers) if tmod is not None else None
+    runner: TimingRunner = engine.runner  # type: ignore[assignment]
+
+    say("warm-up (plans FFTs)")
+    ours_out = engine.forward(inputs)
+    if tnet is not None:
+        report["torch_max_rel_diff"] = tnet.compare(ours_out)
+    engine.train_step(inputs, bounded_loss, hyper)
+    engine.forward(inputs)
+    if tnet is not None:
+        tnet.step()
+        tnet.forward()
+
+    times: dict[str, list[float]] = defaultdict(list)
+
+    def timed(name: str, fn: Callable[[], Any]) -> None:
+        t = time.perf_counter()
+        fn()
+        times[name].append(time.perf_counter() - t)
+
+    say(f"forward x{repeat}")
+    for _ in range(repeat):
+        timed("forward", lambda: engine.forward(inputs))
+        if tnet is not None:
+            timed("torch_forward", tnet.forward)
+    say(f"step x{repeat}")
+    step_runs: list[GraphRun] = []
+    for _ in range(repeat):
+        timed("step", lambda: engine.train_step(inputs, bounded_loss, hyper))
+        step_runs.append(runner.runs[-1])
+        if tnet is not None:
+            timed("torch_step", tnet.step)
+    for name, values in times.items():
+        report[f"{name}_s"] = _median(values)
+        report[f"{name}_all_s"] = [round(v, 4) for v in values]
+
+    # threaded: how close to the best schedule of these tasks (median step by wall)
+    run = sorted(zip(times["step"], step_runs), key=lambda p: p[0])[len(step_runs) // 2]
+    wall, graph = run
+    cp, busy = graph.critical_path(), graph.busy
+    report.update({
+        "step_tasks": len(graph.tasks), "step_busy_s": busy, "step_critical_path_s": cp,
+        "step_efficiency": max(cp, busy / workers) / wall, "step_parallel": busy / (workers * wall),
+        "step_get_s": graph.wall, "step_by_op_s": {k: round(v, 4) for k, v in sorted(graph.by_op().items())},
+    })
+
+    say(f"synchronous step x{sync_repeat} (overhead)")
+    sync = Engine(net.copy(), outsz3, modes if modes else mode, TimingRunner("synchronous", 1), seed=seed)
+    sync.train_step(inputs, bounded_loss, hyper)
+    shares, sync_walls = [], []
+    for _ in range(sync_repeat):
+        t = time.perf_counter()
+        sync.train_step(inputs, bounded_loss, hyper)
+        w = time.perf_counter() - t
+        r = sync.runner.runs[-1]  # type: ignore[attr-defined]
+        sync_walls.append(w)
+        shares.append(((w - r.busy) / w, (w - r.wall) / w))
+    report["sync_step_s"] = _median(sync_walls)
+    report["overhead"] = _median([s[0] for s in shares])
+    report["overhead_outside_get"] = _median([s[1] for s in shares])
+
+    say("peak memory of one step")
+    report["peak_bytes"] = _peak(lambda: engine.train_step(inputs, bounded_loss, hyper))
+    report["final_cost_finite"] = bool(np.isfinite(engine.train_step(inputs, bounded_loss, hyper)[0]))
+    if tnet is not None:
+        report["torch"] = tmod.__version__  # type: ignore[union-attr]
+        report["step_vs_torch"] = report["step_s"] / report["torch_step_s"]
+        report["forward_vs_torch"] = report["forward_s"] / report["torch_forward_s"]
+    return report
+
+
+def _peak(fn: Callable[[], Any]) -> int:
+    tracemalloc.start()
+    base, _ = tracemalloc.get_traced_memory()
+    try:
+        fn()
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    return int(peak - base)
+
+
+def _machine() -> dict[str, Any]:
+    from znn.pipeline.autotune import machine_id
+
+    return {"id": machine_id(), "python": platform.python_version()}
+
+
+class _TorchSide:
+    """The PyTorch network with the same weights: inference copy, training copy with its optimiser."""
+
+    def __init__(self, torch: Any, net: Network, outsz: Triple, inputs: dict[str, np.ndarray], eta: float,
+                 threads: int):
+        from znn.bench.torchnet import build_torch_net, to_tensors
+
+        self.torch = torch
+        torch.set_num_threads(threads)
+        self.eval_net = build_torch_net(net, outsz, training=False)
+        self.train_net = build_torch_net(net, outsz, training=True)
+        self.opt = torch.optim.SGD(self.train_net.parameters(), lr=eta / math.prod(outsz), momentum=0.9)
+        self.inputs = to_tensors(inputs)
+
+    def forward(self) -> dict[str, Any]:
+        with self.torch.no_grad():
+            return self.eval_net(self.inputs)  # type: ignore[no-any-return]
+
+    def step(self) -> None:
+        torch = self.torch
+        self.opt.zero_grad(set_to_none=True)
+        outputs = self.train_net(self.inputs)
+        loss = sum(torch.nn.functional.binary_cross_entropy_with_logits(y, torch.full_like(y, 0.5),
+                                                                        reduction="sum")
+                   for y in outputs.values())
+        loss.backward()
+        self.opt.step()
+
+    def compare(self, ours: dict[str, np.ndarray]) -> float:
+        """Largest |ours - torch| relative to the largest |torch| of each output, over the outputs."""
+        theirs = self.forward()
+        worst = 0.0
+        for name, y in ours.items():
+            t = theirs[name][0].numpy().astype(np.float64)
+            worst = max(worst, float(np.abs(y - t).max() / max(np.abs(t).max(), 1e-30)))
+        return worst
+
+
+# ---------------------------------------------------------------------------------------------- output
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{1e3 * value:.0f} ms"
+
+
+def format_report(r: dict[str, Any]) -> str:
+    """The report as a plain-text table with the definitions of its figures."""
+    torch = "torch_step_s" in r
+    lines = [
+        f"network {r['network']}  output {'x'.join(map(str, r['outsz']))}  input "
+        + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["input_patch"].items())
+        + f"  threads {r['threads']}  {r['dtype']}  mode {r['mode']}",
+        "conv modes: " + ", ".join(f"{e}={m}" for e, m in r["modes"].items()),
+        "",
+        f"{'':24}{'ours':>12}{'pytorch' if torch else '':>12}{'ours/torch' if torch else '':>12}",
+        f"{'forward (inference)':24}{_ms(r['forward_s']):>12}"
+        + (f"{_ms(r['torch_forward_s']):>12}{r['forward_vs_torch']:>12.2f}" if torch else ""),
+        f"{'training step':24}{_ms(r['step_s']):>12}"
+        + (f"{_ms(r['torch_step_s']):>12}{r['step_vs_torch']:>12.2f}" if torch else ""),
+        "",
+        f"scheduler overhead      {100 * r['overhead']:.1f}% of a synchronous step ({_ms(r['sync_step_s'])}; "
+        f"{100 * r['overhead_outside_get']:.1f}% outside dask's get)",
+        f"threaded efficiency     {r['step_efficiency']:.2f}  (critical path {_ms(r['step_critical_path_s'])}, "
+        f"task time {_ms(r['step_busy_s'])} in {r['step_tasks']} tasks, parallel {r['step_parallel']:.2f})",
+        f"peak memory of a step   {r['peak_bytes'] / 2**20:.0f} MiB (NumPy, tracemalloc)",
+    ]
+    if torch:
+        lines.append(f"forward vs pytorch      max |ours - torch| / max |torch| = {r['torch_max_rel_diff']:.1e}")
+    lines += [
+        "",
+        f"medians of {r['repeat']} runs after a warm-up. overhead = (wall - sum of task times) / wall on the "
+        "synchronous scheduler;",
+        "efficiency = max(critical path, task time / workers) / wall on the threaded scheduler.",
+        "task time by op (threaded step): " + ", ".join(f"{k} {1e3 * v:.0f}" for k, v in
+                                                         sorted(r["step_by_op_s"].items(), key=lambda kv: -kv[1])
+                                                         if v >= 0.0005) + " ms",
+    ]
+    return "\n".join(lines)
+
+
+def _triple(text: str) -> Triple:
+    from znn.cli import parse_triple
+
+    return parse_triple(text)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options of ``znn bench net``."""
+    parser.add_argument("network", help="a .znn network file (or a .h5 checkpoint: its spec, random weights)")
+    parser.add_argument("--outsz", type=_triple, required=True, help="output patch z,y,x")
+    parser.add_argument("--threads", type=int, default=0, help="workers and PyTorch threads (0: every core)")
+    parser.add_argument("--repeat", type=int, default=5, help="timed runs, median reported (default 5)")
+    parser.add_argument("--mode", choices=["fft", "direct", "optimize"], default="fft",
+                        help="conv mode of every layer; optimize measures each layer once and remembers")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--eta", type=float, default=DEFAULT_ETA, help="learning rate of the timed steps")
+    parser.add_argument("--no-torch", action="store_true", help="do not build and time the PyTorch network")
+    parser.add_argument("--json", help="also write the report to this JSON file")
+
+
+def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    report = run_net_bench(args.network, args.outsz, args.threads, args.repeat, args.mode, not args.no_torch,
+                           args.dtype, args.seed, args.eta,
+                           progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
+    print(format_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+    return report
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m znn.bench.net NET.znn --outsz z,y,x [options]``."""
+    parser = argparse.ArgumentParser(prog="znn bench net", description=(__doc__ or "").split("\n")[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
+
