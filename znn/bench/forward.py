@@ -1,0 +1,208 @@
+"""Dense-inference throughput (output voxels per second) of ZNNi's 80-map networks, side by side with PyTorch.
+
+Networks (``workflows/inference/``): ``n337`` (7 convs of 3x3x3, three 2x2x2 max filters) and ``n726`` (6 convs of
+7x7x7, two max filters), 80 maps, 3 outputs; the layer lists of ZNNi's ``networks/337.znni`` and ``276.znni``
+(Zlateski, Lee, Seung 2016), written as ZNN sparse (max-filter) networks so they give dense output.
+
+For each output patch (a cube, clipped to what the planner says fits ``--memory``):
+
+* ``znn``: what `znn forward` does per block: the block's forward graph on one thread with the kernel spectra
+  from the cache (made once per volume, so not timed; their time is shown), ``--threads`` blocks at once;
+  throughput = blocks x output voxels / wall time;
+* ``torch``: the same network with the same weights in PyTorch (``conv3d`` dilated by the sparsity, kernels
+  flipped, ``max_pool3d`` at stride 1 dilated for max filters), ``torch.set_num_threads(--threads)``, one patch.
+
+Medians over ``--repeat`` runs after a warm-up. Run ``znn bench forward --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from threadpoolctl import threadpool_limits
+
+from znn.io.netfile import load_network
+from znn.network import Network
+from znn.pipeline import memplan
+from znn.pipeline.inference import BlockForward
+
+__all__ = ["NETWORKS", "run_forward_bench", "format_table", "add_arguments", "run_from_args"]
+
+NETWORK_DIR = Path(__file__).resolve().parents[2] / "workflows" / "inference"
+NETWORKS = {"n337": NETWORK_DIR / "n337.znn", "n726": NETWORK_DIR / "n726.znn"}
+TARGETS = {"n337": 1.0, "n726": 2.0}  # team target: znn / torch throughput at the largest patch that fits
+DEFAULT_OUTSZ = {"n337": (8, 16, 32), "n726": (8, 16, 32)}
+
+
+def _torch() -> Any | None:
+    try:
+        import torch
+
+        from znn.bench import torchnet
+    except ImportError:
+        return None
+    return torch, torchnet
+
+
+def _time(fn: Any, repeat: int) -> float:
+    fn()  # warm-up: FFTW plans, allocator, torch's primitive selection
+    times = []
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _bench_znn(net: Network, outsz: tuple[int, int, int], modes: Any, cache: bool, threads: int,
+               repeat: int, x: dict[str, np.ndarray]) -> tuple[float, float, np.ndarray]:
+    engine = BlockForward(net, outsz, modes, cache)
+    t0 = time.perf_counter()
+    engine.warm()
+    warm = time.perf_counter() - t0
+    pool = ThreadPoolExecutor(max_workers=threads)
+    out: list[np.ndarray] = []
+
+    def blocks() -> None:
+        results = list(pool.map(lambda _: engine.forward(x), range(threads)))
+        out[:] = [results[0][net.spec.outputs[0]]]
+
+    with threadpool_limits(limits=1):
+        seconds = _time(blocks, repeat)
+    pool.shutdown()
+    return seconds, warm, out[0]
+
+
+def _bench_torch(tmods: Any, net: Network, outsz: tuple[int, int, int], threads: int, repeat: int,
+                 x: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
+    torch, torchnet = tmods
+    torch.set_num_threads(threads)
+    model = torchnet.build_torch_net(net, outsz)
+    tx = torchnet.to_tensors(x)
+    out: list[Any] = []
+
+    def run() -> None:
+        with torch.no_grad():
+            out[:] = [model(tx)[net.spec.outputs[0]]]
+
+    seconds = _time(run, repeat)
+    return seconds, out[0][0].numpy()
+
+
+def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, Sequence[int]] | None = None,
+                      threads: int = 2, repeat: int = 2, modes: str = "optimize", memory: str = "16GB",
+                      torch: bool = True, seed: int = 0, progress: Any = None) -> list[dict[str, Any]]:
+    """One row per (network, output cube): znn and torch seconds, voxels/s, ratio, predicted memory."""
+    tmods = _torch() if torch else None
+    budget = memplan.parse_bytes(memory)
+    rows = []
+    for name in nets:
+        spec = load_network(NETWORKS[name])
+        net = Network.initialise(spec, seed=seed)
+        for side in (sizes or DEFAULT_OUTSZ)[name]:
+            outsz = (int(side),) * 3
+            m = memplan.choose_modes(spec, outsz, True) if modes == "optimize" else modes
+            est = memplan.block_estimate(spec, outsz, m, True)
+            cache = est.total(threads, memplan.process_rss()) <= budget
+            if not cache:
+                m = memplan.choose_modes(spec, outsz, False) if modes == "optimize" else modes
+                est = memplan.block_estimate(spec, outsz, m, False)
+            fits = est.total(threads, memplan.process_rss()) <= budget
+            row: dict[str, Any] = {"net": name, "outsz": list(outsz), "threads": threads, "repeat": repeat,
+                                   "modes": ",".join(sorted(set(est.modes.values()))), "spectra_cache": cache,
+                                   "predicted_bytes": est.total(threads, memplan.process_rss()), "fits": fits}
+            if not fits:
+                rows.append(row)
+                continue
+            rng = np.random.default_rng(seed)
+            x = {n: rng.standard_normal((spec.nodes[n].size, *p)).astype(np.float32)
+                 for n, p in spec.layout(outsz).input_patch.items()}
+            vox = math.prod(outsz)
+            secs, warm, ours = _bench_znn(net, outsz, m, cache, threads, repeat, x)
+            row.update(znn_s=round(secs, 3), znn_vox_s=round(threads * vox / secs), spectra_s=round(warm, 2))
+            if tmods is not None:
+                tsecs, theirs = _bench_torch(tmods, net, outsz, threads, repeat, x)
+                row.update(torch_s=round(tsecs, 3), torch_vox_s=round(vox / tsecs),
+                           ratio=round(threads * vox / secs / (vox / tsecs), 2),
+                           max_diff=float(np.abs(ours - theirs).max() / max(1e-30, np.abs(theirs).max())))
+            rows.append(row)
+            if progress is not None:
+                progress(row)
+    return rows
+
+
+_COLUMNS = (("net", "net", "{}"), ("outsz", "output", "{}"), ("modes", "conv modes", "{}"),
+            ("spectra_cache", "spectra", "{}"), ("predicted_bytes", "plan mem", "{}"), ("znn_vox_s", "znn vox/s", "{:,}"),
+            ("spectra_s", "spectra s", "{}"), ("torch_vox_s", "torch vox/s", "{:,}"), ("ratio", "znn/torch", "{:.2f}"),
+            ("max_diff", "rel diff", "{:.1e}"))
+
+
+def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
+    value = row.get(key)
+    if value is None:
+        return "-" if key != "znn_vox_s" or row.get("fits", True) else "does not fit"
+    if key == "predicted_bytes":
+        return memplan.format_bytes(value)
+    if key == "spectra_cache":
+        return "cached" if value else "per block"
+    if isinstance(value, list):
+        return "x".join(map(str, value))
+    return fmt.format(value)
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = [t for _, t, _ in _COLUMNS]
+    body = [[_cell(r, k, f) for k, _, f in _COLUMNS] for r in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *body]]
+    if rows:
+        lines.append(f"output voxels/s, {rows[0]['threads']} threads, median of {rows[0]['repeat']}; znn runs "
+                     f"{rows[0]['threads']} blocks at once (one per thread), torch one patch with "
+                     f"{rows[0]['threads']} intra-op threads; targets znn/torch >= {TARGETS}")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--nets", nargs="+", choices=sorted(NETWORKS), default=sorted(NETWORKS))
+    parser.add_argument("--outsz", type=int, nargs="+", help="output cube sides (default: 8 16 32)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=2)
+    parser.add_argument("--modes", choices=["optimize", "fft", "direct"], default="optimize",
+                        help="conv modes (optimize: the planner's cost model per layer)")
+    parser.add_argument("--memory", default="16GB", help="memory the blocks may use (default 16GB)")
+    parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    sizes = {n: args.outsz for n in NETWORKS} if args.outsz else None
+    rows = run_forward_bench(args.nets, sizes, args.threads, args.repeat, args.modes, args.memory,
+                             not args.no_torch,
+                             progress=lambda r: print(f"  {r['net']} {r['outsz']}: znn {r.get('znn_vox_s')} vox/s, "
+                                                      f"torch {r.get('torch_vox_s')} vox/s", file=sys.stderr,
+                                                      flush=True))
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="znn bench forward", description=__doc__.split("\n")[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
