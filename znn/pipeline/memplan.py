@@ -16,7 +16,7 @@ run in-process on one thread, intermediates released as soon as their consumers 
 
 On top of the blocks: the kernel spectra cache (every FFT conv layer's ``in x out`` spectra at its FFT shape,
 shared by all blocks of the process) and the process baseline (interpreter, libraries, FFTW plans), measured.
-Peak = baseline + cache + blocks in flight x per-block peak x ``SAFETY``.
+Peak = baseline + run overhead + cache + blocks in flight x per-block peak x ``SAFETY``.
 """
 
 from __future__ import annotations
@@ -49,6 +49,10 @@ __all__ = [
 SAFETY = 1.35
 # Per block in flight: a thread's stack, its FFTW plans, zarr/numcodecs buffers.
 PER_BLOCK_OVERHEAD = 16 << 20
+# Per process, once the run starts: the scheduler's thread pool and bookkeeping, zarr/numcodecs codec buffers,
+# FFTW plans and their scratch, allocator fragmentation across threads (measured: 50-70 MiB on the development
+# machine for a small network).
+RUN_OVERHEAD = 64 << 20
 # Bytes of gathered columns of one direct-convolution tile (znn.ops.conv._TILE_BYTES).
 DIRECT_TILE_BYTES = 48 << 20
 
@@ -98,7 +102,7 @@ class BlockEstimate:
     layers: dict[str, int] = field(default_factory=dict)
 
     def total(self, in_flight: int, baseline: int) -> int:
-        return int(baseline + (self.cache if self.spectra_cache else 0) + in_flight * self.per_block)
+        return int(baseline + RUN_OVERHEAD + (self.cache if self.spectra_cache else 0) + in_flight * self.per_block)
 
 
 @dataclass(frozen=True)
@@ -130,7 +134,8 @@ class MemoryPlan:
         widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
         fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
         lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
-        lines.append(f"budget {format_bytes(self.budget)} = baseline {format_bytes(self.baseline)} + spectra cache "
+        lines.append(f"budget {format_bytes(self.budget)} = baseline {format_bytes(self.baseline)} + run overhead "
+                     f"{format_bytes(RUN_OVERHEAD)} + spectra cache "
                      f"+ {self.in_flight} block(s) in flight x per block")
         return "\n".join(lines)
 
