@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from znn.errors import ConfigError, ShapeError, ZnnError, ZnnFileNotFoundError
+from znn.errors import ConfigError, ShapeError, ZnnFileNotFoundError
 from znn.io.checkpoint import save_checkpoint
 from znn.io.config import load_job
 from znn.io.netfile import load_network, parse_network

@@ -3,7 +3,6 @@ bound what one block really takes, and the plan picks the largest patch that fit
 
 from __future__ import annotations
 
-import resource
 import subprocess
 import sys
 from pathlib import Path

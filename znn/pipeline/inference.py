@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -547,7 +548,7 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
     else:
         reporter = Progress(len(grid), "blocks", f"forward {store.name}", initial=skipped, enabled=bool(progress))
     if runner.distributed and runner.dashboard:
-        print(f"dask dashboard: {runner.dashboard}", file=getattr(reporter, "stream", None) or __import__("sys").stderr)
+        print(f"dask dashboard: {runner.dashboard}", file=getattr(reporter, "stream", None) or sys.stderr, flush=True)
     stats: list[dict[str, Any]] = []
     lock = threading.Lock()
 
@@ -615,12 +616,10 @@ def export_outputs(result: InferenceResult, targets: Mapping[str, str]) -> None:
     """Copy the zarr outputs into h5 or tif files (block by block, never the whole volume at once for h5)."""
     from znn.io.volume import open_volume, parse_volume_path, write_volume
 
-    h5_files: set[Path] = set()
     for node, target in targets.items():
         vp = parse_volume_path(target)
         src = open_volume(result.arrays[node])
         if vp.format == "h5":
-            h5_files.add(vp.file)
             _write_h5(vp.file, vp.key or node, src)
         else:
             write_volume(target, src, overwrite=True)
