@@ -130,7 +130,8 @@ def input_spectra(x_block: np.ndarray, shape: Sequence[int], threads: int = 1,
     sl = tuple(slice(o, o + e) for o, e in zip(offset, x_block.shape[1:]))
     if any(s.stop > e for s, e in zip(sl, shape3)):
         raise ShapeError(f"maps {x_block.shape} at offset {tuple(offset)} do not fit the FFT shape {shape3}")
-    real = empty_aligned((n, *shape3), x_block.dtype)
+    dtype = np.float32 if x_block.dtype == np.float32 else np.float64
+    real = empty_aligned((n, *shape3), dtype)
     real.fill(0)
     real[(slice(None), *sl)] = x_block
     spec = rfft3(real, threads)
@@ -248,7 +249,7 @@ def _kernel_storage(out: np.ndarray, w: np.ndarray, shape: Shape3) -> np.ndarray
     base = np.moveaxis(out, (0, 1), (3, 4))
     if not base.flags.c_contiguous:
         raise ShapeError("out must be kernel spectra returned by kernel_spectra (frequency-major storage)")
-    return base.reshape(shape[0], shape[1], -1)
+    return base.reshape(shape[0], shape[1], spectrum_shape(shape)[2] * n_in * n_out)
 
 
 def _choose(method: str, kernel_size: Sequence[int], shape: Shape3) -> str:
