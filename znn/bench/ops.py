@@ -261,7 +261,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outsz", type=_triple, default=DEFAULT_OUTSZ_3D,
                         help="output patch z,y,x of the 3D layers (or one number for a cube); default 24")
     parser.add_argument("--outsz2d", type=_triple, default=DEFAULT_OUTSZ_2D,
-                        help="output patch z,y,x of the 2D layers; default 1,128,128")
+                        help="output patch of the 2D layers: z,y,x with z forced to 1, or one number for a "
+                             "square; default 1,128,128")
     parser.add_argument("--threads", type=int, default=2, help="threads for every side (default 2)")
     parser.add_argument("--repeat", type=int, default=5, help="timed runs per method, median reported")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
