@@ -193,10 +193,12 @@ def test_clear_loser_is_timed_once(spec, tmp_path):
     assert len(calls) == 2 + 2 * 5  # a close call: every repetition, median
 
 
-def test_real_measurement(tmp_path):
+@pytest.mark.parametrize("blocks", [{}, {"in_blocks": ((0, 1), (1, 2)), "out_blocks": ((0, 1), (1, 3))}])
+def test_real_measurement(blocks):
     for grad_input in (True, False):
-        problem = LayerProblem(2, 3, (1, 9, 10), (1, 3, 3), (1, 2, 1), "float32", grad_input)
+        problem = LayerProblem(2, 3, (1, 9, 10), (1, 3, 3), (1, 2, 1), "float32", grad_input, **blocks)
         assert problem.out_extent == (1, 5, 8)
+        assert len(problem.in_blocks) == len(blocks.get("in_blocks", [0]))
         for mode in ("fft", "direct"):
             assert 0 < time_layer(problem, mode) < 5
 

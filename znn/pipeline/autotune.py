@@ -1,11 +1,12 @@
 """Conv mode ``optimize``: time each conv layer in both modes on its real shapes, keep the faster, remember it.
 
 For every conv edge group whose mode is ``optimize``, :func:`resolve_modes` times one training pass of the
-whole layer (forward, kernel gradient, and the input gradient unless the input is a network input) in FFT
-and in direct mode, single-threaded as the pipeline's tasks run. The whole layer, not one map block: the
-graph runs the same kernels on blocks of maps spread over the workers, so the layer's single-threaded time is
-the work the graph does for it (a block's time would not scale to the layer: the FFTs grow with in + out
-maps, the products with in x out).
+layer (forward, kernel gradient, and the input gradient unless the input is a network input) in FFT and in
+direct mode, as the graph runs it: the graph's own task functions (:mod:`znn.pipeline.tasks`) on the plan's
+map blocks, single-threaded. One task of each kind is timed (blocks of a node differ by at most one map) and
+multiplied by how many the graph has; the sum is the work the graph does for the layer. Timing the whole
+layer in one call would mislead: a direct convolution split into blocks of a few output maps runs its
+products far below the speed of one call on all maps, while FFTs of input blocks are shared by all pairs.
 
 Choices are kept in a JSON file (``cache_path``, else ``$ZNN_CACHE_DIR/autotune.json``, else
 ``~/.cache/znn/autotune.json``), keyed by the layer's shape, dilation, dtype, FFTW planner effort and the
@@ -31,9 +32,8 @@ from typing import Any
 
 import numpy as np
 
-from znn.ops import conv as convops
-from znn.ops import conv_fft
 from znn.ops import fft as fftops
+from znn.pipeline import tasks
 from znn.pipeline.plan import CONV_MODES, make_plan
 from znn.pipeline.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
@@ -60,6 +60,14 @@ class LayerProblem:
     dilation: Triple
     dtype: str
     grad_input: bool  # False when the input is a network input: no input gradient is computed
+    in_blocks: tuple[tuple[int, int], ...] = ()  # the plan's map blocks of the input and output nodes
+    out_blocks: tuple[tuple[int, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if not self.in_blocks:
+            object.__setattr__(self, "in_blocks", ((0, self.maps_in),))
+        if not self.out_blocks:
+            object.__setattr__(self, "out_blocks", ((0, self.maps_out),))
 
     @property
     def out_extent(self) -> Triple:
@@ -69,7 +77,8 @@ class LayerProblem:
     def key(self, machine: str) -> str:
         fields = [f"maps={self.maps_in},{self.maps_out}", "in=" + ",".join(map(str, self.in_extent)),
                   "kernel=" + ",".join(map(str, self.kernel)), "dilation=" + ",".join(map(str, self.dilation)),
-                  f"dtype={self.dtype}", f"grad_input={int(self.grad_input)}",
+                  f"blocks={len(self.in_blocks)},{len(self.out_blocks)}", f"dtype={self.dtype}",
+                  f"grad_input={int(self.grad_input)}",
                   f"planner={fftops.planner_effort()}", f"machine={machine}"]
         return "|".join(fields)
 
@@ -130,7 +139,8 @@ def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[st
         edge, ep = spec.edges[name], plan.edges[name]
         n_in, n_out = spec.kernel_shape(name)[:2]
         out[name] = LayerProblem(n_in, n_out, ep.need, edge.size, ep.dilation, dtype.name,
-                                 spec.nodes[edge.input].type != "input")
+                                 spec.nodes[edge.input].type != "input", tuple(plan.blocks[edge.input]),
+                                 tuple(plan.blocks[edge.output]))
     return out
 
 
@@ -155,39 +165,53 @@ def _measure(problem: LayerProblem, timer: Timer, repeat: int) -> dict[str, Any]
 
 
 def time_layer(problem: LayerProblem, mode: str, seed: int = 0) -> float:
-    """Seconds of one training pass of the layer in ``mode`` with single-threaded kernels (as in tasks)."""
+    """Seconds of the graph's work for one training pass of the layer in ``mode`` (single-threaded tasks):
+    one task of each kind timed, times the number of such tasks."""
     rng = np.random.default_rng(seed)
     dt = np.dtype(problem.dtype)
-    x = rng.standard_normal((problem.maps_in, *problem.in_extent)).astype(dt)
+    xs = [rng.standard_normal((b - a, *problem.in_extent)).astype(dt) for a, b in problem.in_blocks]
     w = (rng.standard_normal((problem.maps_in, problem.maps_out, *problem.kernel)) * 0.1).astype(dt)
-    gy = rng.standard_normal((problem.maps_out, *problem.out_extent)).astype(dt)
-    run = _fft_pass if mode == "fft" else _direct_pass
+    gys = [rng.standard_normal((b - a, *problem.out_extent)).astype(dt) for a, b in problem.out_blocks]
+    run = _fft_tasks if mode == "fft" else _direct_tasks
     with single_threaded_kernels():
-        t0 = time.perf_counter()
-        run(problem, x, w, gy)
-        return time.perf_counter() - t0
+        return run(problem, xs, w, gys)
 
 
-def _fft_pass(p: LayerProblem, x: np.ndarray, w: np.ndarray, gy: np.ndarray) -> None:
-    """What the FFT-mode graph does for the layer: the same pieces, on all maps at once."""
+def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
+    t0 = time.perf_counter()
+    result = fn(*args)
+    return result, time.perf_counter() - t0
+
+
+def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
+    """The FFT-mode tasks of :mod:`znn.pipeline.graph` for this layer (see ``_conv_forward``/``_conv_backward``)."""
     shape = fftops.fft_shape(p.in_extent, p.kernel, p.dilation)
-    ws = conv_fft.kernel_spectra(w, p.dilation, shape)
-    xs = conv_fft.input_spectra(x, shape)
-    conv_fft.inverse_valid(conv_fft.multiply_accumulate(xs, ws), shape, p.out_extent,
-                           conv_fft.output_offset(p.kernel, p.dilation))
-    gs = conv_fft.grad_output_spectra(gy, shape, p.kernel, p.dilation)
+    lo = (0, 0, 0)
+    n_i, n_o = len(p.in_blocks), len(p.out_blocks)
+    ib0, ob0 = p.in_blocks[0], p.out_blocks[0]
+    xspec, t_x = _timed(tasks.input_spectra, xs[0], lo, p.in_extent, shape)
+    xspecs = [xspec] + [tasks.input_spectra(x, lo, p.in_extent, shape) for x in xs[1:]]
+    kspec, t_k = _timed(tasks.kernel_spectra, w, ib0, ob0, p.dilation, shape)
+    column = [kspec] + [tasks.kernel_spectra(w, ib, ob0, p.dilation, shape) for ib in p.in_blocks[1:]]
+    _, t_conv = _timed(tasks.conv_fft_forward, xspecs, column, shape, p.out_extent, p.kernel, p.dilation)
+    gspec, t_g = _timed(tasks.grad_output_spectra, gys[0], shape, p.kernel, p.dilation)
+    t_gx = 0.0
     if p.grad_input:
-        conv_fft.inverse_valid(conv_fft.grad_input_spectra(gs, ws), shape, p.in_extent)
-    conv_fft.grad_kernel(xs, gs, shape, p.kernel, p.dilation)
+        gspecs = [gspec] + [tasks.grad_output_spectra(g, shape, p.kernel, p.dilation) for g in gys[1:]]
+        row = [kspec] + [tasks.kernel_spectra(w, ib0, ob, p.dilation, shape) for ob in p.out_blocks[1:]]
+        _, t_gx = _timed(tasks.conv_fft_grad_input, gspecs, row, shape, p.in_extent, lo, p.in_extent)
+    _, t_gw = _timed(tasks.conv_fft_grad_kernel, xspec, gspec, shape, p.kernel, p.dilation)
+    return n_i * (t_x + t_gx) + n_i * n_o * (t_k + t_gw) + n_o * (t_conv + t_g)
 
 
-def _direct_pass(p: LayerProblem, x: np.ndarray, w: np.ndarray, gy: np.ndarray) -> None:
-    convops.conv_forward_direct(x, w, p.dilation)
-    if p.grad_input:
-        convops.conv_backward_direct(x, w, gy, p.dilation)
-    else:
-        # the graph's direct tasks skip the input gradient of a network input the same way
-        convops._grad_kernel_direct(x, gy, w.shape, p.dilation, 1)
+def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
+    """The direct-mode tasks: one forward task per output block, one backward task per block pair."""
+    lo = (0, 0, 0)
+    _, t_conv = _timed(tasks.conv_direct_forward, xs, w, p.in_blocks, p.out_blocks[0], lo, p.in_extent,
+                       p.dilation)
+    _, t_pair = _timed(tasks.conv_direct_backward, xs[0], w, p.in_blocks[0], p.out_blocks[0], gys[0], lo,
+                       p.in_extent, p.dilation, 1, p.grad_input)
+    return len(p.out_blocks) * t_conv + len(p.in_blocks) * len(p.out_blocks) * t_pair
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -176,7 +176,11 @@ def _conv_forward(g: Graph, name: str, cache: SpectraCache | None) -> None:
 def _node_forward(g: Graph, node: str, training: bool) -> None:
     spec = g.plan.spec
     group = spec.nodes[node]
-    maxout = any(spec.edges[e].type == "maxout" for e in spec.incoming[node])
+    incoming = spec.incoming[node]
+    if len(incoming) == 1 and spec.edges[incoming[0]].type == "conv":
+        _fuse_into_conv(g, node, incoming[0], training)
+        return
+    maxout = any(spec.edges[e].type == "maxout" for e in incoming)
     keys = []
     for b, block in enumerate(g.plan.blocks[node]):
         parts = [edge_output(g, e, b) for e in spec.incoming[node]]
@@ -190,6 +194,17 @@ def _node_forward(g: Graph, node: str, training: bool) -> None:
             g.dsk[k] = (tasks.item, g.fwd["maxout:" + node][b], 0)
         keys.append(k)
     g.act[node] = keys
+
+
+def _fuse_into_conv(g: Graph, node: str, edge: str, training: bool) -> None:
+    """A node fed by one conv edge: each of the edge's output-block tasks also adds the bias and applies the
+    transfer (the task's arguments end with the node's), and its result is the node's activation block."""
+    group = g.plan.spec.nodes[node]
+    keys = g.fwd[edge]
+    for b, block in enumerate(g.plan.blocks[node]):
+        bias = (tasks.take_maps, g.params[node], block) if group.type == "transfer" else None
+        g.dsk[keys[b]] = (*g.dsk[keys[b]], group.type, group.function, group.function_args, bias, training)
+    g.act[node] = list(keys)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -43,9 +43,12 @@ def pad_back(g: np.ndarray, lo: Triple, full: Triple) -> np.ndarray:
 
 
 def add_all(parts: Sequence[np.ndarray]) -> np.ndarray:
-    """Sum in the given order (fixed by the graph, so results do not depend on the scheduler)."""
-    total = np.array(parts[0], copy=True)
-    for p in parts[1:]:
+    """Sum in the given order (fixed by the graph, so results do not depend on the scheduler). One part is
+    returned as it is (tasks never write into their inputs or their results after returning them)."""
+    if len(parts) == 1:
+        return parts[0]
+    total = np.add(parts[0], parts[1])
+    for p in parts[2:]:
         total += p
     return total
 
@@ -83,6 +86,17 @@ def node_backward(kind: str, function: str, args: Sequence[float], y: np.ndarray
     if kind == "transfer":
         g = pointwise.transfer_backward(function, y, g, args, training=training)
     return g
+
+
+def finish_node(y: np.ndarray, kind: str | None, function: str, args: Sequence[float], bias: np.ndarray | None,
+                training: bool) -> np.ndarray:
+    """Bias and transfer of a node fed by one conv edge, applied by that edge's task to its own fresh output
+    (the same numbers as :func:`node_forward`, without a task and two copies of the maps)."""
+    if kind == "transfer":
+        if bias is not None:
+            y += bias.astype(y.dtype, copy=False)[:, None, None, None]
+        y = pointwise.transfer_forward(function, y, args, training=training)
+    return y
 
 
 def maxout_route(g: np.ndarray, which: np.ndarray, index: int) -> np.ndarray:
@@ -154,8 +168,11 @@ def kernel_spectra(kernel: np.ndarray, ib: Block, ob: Block, dilation: Triple, s
 
 
 def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], shape: Triple,
-                     out_extent: Triple, kernel_size: Triple, dilation: Triple, threads: int = 1) -> np.ndarray:
-    """One output block: accumulate over input blocks in the frequency domain, one inverse per output map.
+                     out_extent: Triple, kernel_size: Triple, dilation: Triple, threads: int = 1,
+                     kind: str | None = None, function: str = "", args: Sequence[float] = (),
+                     bias: np.ndarray | None = None, training: bool = False) -> np.ndarray:
+    """One output block: accumulate over input blocks in the frequency domain, one inverse per output map;
+    with ``kind``, then the output node's bias and transfer (:func:`finish_node`).
 
     ``threads`` split the products over frequencies (each frequency's product is the same whatever the split);
     the inverse FFTs stay on one thread, so the numbers do not depend on ``threads``.
@@ -163,7 +180,8 @@ def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray
     acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads)
     for xs, ks in zip(x_specs[1:], k_specs[1:]):
         acc += conv_fft.multiply_accumulate(xs, ks, threads)
-    return conv_fft.inverse_valid(acc, shape, out_extent, conv_fft.output_offset(kernel_size, dilation))
+    y = conv_fft.inverse_valid(acc, shape, out_extent, conv_fft.output_offset(kernel_size, dilation))
+    return finish_node(y, kind, function, args, bias, training)
 
 
 def grad_output_spectra(g: np.ndarray, shape: Triple, kernel_size: Triple, dilation: Triple) -> np.ndarray:
@@ -186,9 +204,12 @@ def conv_fft_grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Triple,
 
 
 def conv_direct_forward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks: Sequence[Block], ob: Block,
-                        lo: Triple, need: Triple, dilation: Triple, threads: int = 1) -> np.ndarray:
-    """One output block, summed over the input blocks in order. ``threads`` split the output tiles (each tile is
-    computed the same way whatever the split, so the numbers do not depend on it)."""
+                        lo: Triple, need: Triple, dilation: Triple, threads: int = 1, kind: str | None = None,
+                        function: str = "", args: Sequence[float] = (), bias: np.ndarray | None = None,
+                        training: bool = False) -> np.ndarray:
+    """One output block, summed over the input blocks in order; with ``kind``, then the output node's bias and
+    transfer (:func:`finish_node`). ``threads`` split the output tiles (each tile is computed the same way
+    whatever the split, so the numbers do not depend on it)."""
     total: np.ndarray | None = None
     for x, ib in zip(xs, in_blocks):
         part = convops.conv_forward_direct(np.ascontiguousarray(central(x, lo, need)), kernel_block(kernel, ib, ob),
@@ -198,7 +219,7 @@ def conv_direct_forward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks:
         else:
             total += part
     assert total is not None
-    return total
+    return finish_node(total, kind, function, args, bias, training)
 
 
 def conv_direct_backward(x: np.ndarray, kernel: np.ndarray, ib: Block, ob: Block, g: np.ndarray, lo: Triple,
