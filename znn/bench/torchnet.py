@@ -29,7 +29,7 @@ from znn.errors import ShapeError
 from znn.network import Network
 from znn.spec import Layout, NetworkSpec
 
-__all__ = ["TorchNet", "build_torch_net", "torch_kernel", "znn_kernel"]
+__all__ = ["TorchNet", "build_torch_net", "to_tensors", "torch_kernel", "znn_kernel"]
 
 Triple = tuple[int, int, int]
 

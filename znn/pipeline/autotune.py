@@ -205,13 +205,12 @@ def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[n
 
 
 def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
-    """The direct-mode tasks: one forward task per output block, one backward task per block pair."""
+    """The direct-mode tasks: one forward and one backward task for the whole layer."""
     lo = (0, 0, 0)
-    _, t_conv = _timed(tasks.conv_direct_forward, xs, w, p.in_blocks, p.out_blocks[0], lo, p.in_extent,
-                       p.dilation)
-    _, t_pair = _timed(tasks.conv_direct_backward, xs[0], w, p.in_blocks[0], p.out_blocks[0], gys[0], lo,
-                       p.in_extent, p.dilation, 1, p.grad_input)
-    return len(p.out_blocks) * t_conv + len(p.in_blocks) * len(p.out_blocks) * t_pair
+    _, t_fwd = _timed(tasks.conv_direct_layer, xs, w, p.out_blocks, lo, p.in_extent, p.dilation)
+    _, t_bwd = _timed(tasks.conv_direct_layer_backward, xs, w, p.in_blocks, gys, lo, p.in_extent, p.in_extent,
+                      p.dilation, 1, p.grad_input)
+    return t_fwd + t_bwd
 
 
 # ---------------------------------------------------------------------------------------------- the cache

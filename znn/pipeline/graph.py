@@ -40,6 +40,7 @@ class Graph:
     kspec: dict[str, list[list[Any]]] = field(default_factory=dict)  # conv edge -> [ib][ob] key or cached array
     new_kspec: dict[str, list[list[Key]]] = field(default_factory=dict)  # kernel spectra computed in this graph
     params: dict[str, Key] = field(default_factory=dict)
+    whole: dict[str, Key] = field(default_factory=dict)  # direct-mode conv edge -> the layer's one forward task
     threads: int = 1  # cores the graph runs on (workers of a threaded scheduler; 1 for one-thread workers)
 
     def key(self, op: str, layer: str, *index: int) -> Key:
@@ -145,12 +146,14 @@ def _conv_forward(g: Graph, name: str, cache: SpectraCache | None) -> None:
     edge = spec.edges[name]
     in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
     xs, kernel = g.act[edge.input], g.params[name]
-    if ep.mode == "direct":
-        keys = [g.key("conv", name, j) for j in range(len(out_blocks))]
-        for k, ob in zip(keys, out_blocks):
-            g.dsk[k] = (tasks.conv_direct_forward, xs, kernel, in_blocks, ob, ep.crop_lo, ep.need, ep.dilation,
-                        g.task_threads(len(out_blocks)))
-        g.fwd[name] = keys
+    if ep.mode == "direct":  # one task for the layer, on every core of the graph (tasks.conv_direct_layer)
+        whole = g.key("conv", name)
+        g.dsk[whole] = (tasks.conv_direct_layer, xs, kernel, out_blocks, ep.crop_lo, ep.need, ep.dilation,
+                        g.threads)
+        g.fwd[name] = [g.key("conv", name, j) for j in range(len(out_blocks))]
+        for j, k in enumerate(g.fwd[name]):
+            g.dsk[k] = (tasks.item, whole, j)
+        g.whole[name] = whole
         return
     shape = ep.fft_shape
     g.xspec[name] = [g.key("xfft", name, i) for i in range(len(in_blocks))]
@@ -201,6 +204,12 @@ def _fuse_into_conv(g: Graph, node: str, edge: str, training: bool) -> None:
     transfer (the task's arguments end with the node's), and its result is the node's activation block."""
     group = g.plan.spec.nodes[node]
     keys = g.fwd[edge]
+    if edge in g.whole:  # direct mode: the layer's one task, with the whole bias
+        bias = g.params[node] if group.type == "transfer" else None
+        g.dsk[g.whole[edge]] = (*g.dsk[g.whole[edge]], group.type, group.function, group.function_args, bias,
+                                training)
+        g.act[node] = list(keys)
+        return
     for b, block in enumerate(g.plan.blocks[node]):
         bias = (tasks.take_maps, g.params[node], block) if group.type == "transfer" else None
         g.dsk[keys[b]] = (*g.dsk[keys[b]], group.type, group.function, group.function_args, bias, training)
@@ -306,18 +315,12 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
     xs, kernel = g.act[edge.input], g.params[name]
     if ep.mode == "direct":
-        # a network input needs no gradient: its pairs compute the kernel gradient only
-        grad_input = spec.nodes[edge.input].type != "input"
-        threads = g.task_threads(len(in_blocks) * len(out_blocks))
-        pairs = [[g.key("gconv", name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
-        for i, ib in enumerate(in_blocks):
-            for j, ob in enumerate(out_blocks):
-                g.dsk[pairs[i][j]] = (tasks.conv_direct_backward, xs[i], kernel, ib, ob, gy[j], ep.crop_lo, ep.need,
-                                      ep.dilation, threads, grad_input)
-        g.fwd["gw:" + name] = [[(tasks.item, k, 1) for k in row] for row in pairs]
-        if not grad_input:
-            return []
-        return [(tasks.sum_first, row, ep.crop_lo, ep.in_extent) for row in pairs]
+        grad_input = spec.nodes[edge.input].type != "input"  # a network input needs no gradient
+        k = g.key("gconv", name)
+        g.dsk[k] = (tasks.conv_direct_layer_backward, xs, kernel, in_blocks, gy, ep.crop_lo, ep.need, ep.in_extent,
+                    ep.dilation, g.threads, grad_input)
+        g.fwd["gw:" + name] = [[(tasks.item, k, 1)]]
+        return [(tasks.item, (tasks.item, k, 0), i) for i in range(len(in_blocks))] if grad_input else []
     shape = ep.fft_shape
     gspec = [g.key("gfft", name, j) for j in range(len(out_blocks))]
     for j, k in enumerate(gspec):

@@ -203,40 +203,43 @@ def conv_fft_grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Triple,
     return conv_fft.grad_kernel(x_spec, gy_spec, shape, kernel_size, dilation)
 
 
-def conv_direct_forward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks: Sequence[Block], ob: Block,
-                        lo: Triple, need: Triple, dilation: Triple, threads: int = 1, kind: str | None = None,
-                        function: str = "", args: Sequence[float] = (), bias: np.ndarray | None = None,
-                        training: bool = False) -> np.ndarray:
-    """One output block, summed over the input blocks in order; with ``kind``, then the output node's bias and
-    transfer (:func:`finish_node`). ``threads`` split the output tiles (each tile is computed the same way
-    whatever the split, so the numbers do not depend on it)."""
-    total: np.ndarray | None = None
-    for x, ib in zip(xs, in_blocks):
-        part = convops.conv_forward_direct(np.ascontiguousarray(central(x, lo, need)), kernel_block(kernel, ib, ob),
-                                           dilation, threads)
-        if total is None:
-            total = part  # a fresh array of ours: accumulate into it
-        else:
-            total += part
-    assert total is not None
-    return finish_node(total, kind, function, args, bias, training)
+def joined_maps(blocks: Sequence[np.ndarray], lo: Triple, need: Triple) -> np.ndarray:
+    """The ``need`` part (from ``lo``) of every block, joined along the maps: one contiguous array."""
+    if len(blocks) == 1:
+        return np.ascontiguousarray(central(blocks[0], lo, need))
+    return np.concatenate([central(b, lo, need) for b in blocks])
 
 
-def conv_direct_backward(x: np.ndarray, kernel: np.ndarray, ib: Block, ob: Block, g: np.ndarray, lo: Triple,
-                         need: Triple, dilation: Triple, threads: int = 1,
-                         grad_input: bool = True) -> tuple[np.ndarray | None, np.ndarray]:
-    """(input-gradient part, kernel gradient) of one (input block, output block) pair; without ``grad_input``
-    (the input is a network input) only the kernel gradient is computed and the first item is None."""
-    xc = np.ascontiguousarray(central(x, lo, need))
+def conv_direct_layer(xs: Sequence[np.ndarray], kernel: np.ndarray, out_blocks: Sequence[Block], lo: Triple,
+                      need: Triple, dilation: Triple, threads: int = 1, kind: str | None = None,
+                      function: str = "", args: Sequence[float] = (), bias: np.ndarray | None = None,
+                      training: bool = False) -> list[np.ndarray]:
+    """A whole direct-mode conv layer in one task, returned as the output node's blocks (views of one array);
+    with ``kind``, then the node's bias (all maps) and transfer (:func:`finish_node`).
+
+    One task rather than one per block: each call gathers its input columns once, so splitting the output
+    maps would repeat the gather and shrink the products (blocks of a few maps run several times slower).
+    ``threads`` split the output tiles instead; each tile is computed the same way whatever the split, so the
+    numbers do not depend on it.
+    """
+    y = convops.conv_forward_direct(joined_maps(xs, lo, need), kernel, dilation, threads)
+    y = finish_node(y, kind, function, args, bias, training)
+    return [y[a:b] for a, b in out_blocks]
+
+
+def conv_direct_layer_backward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks: Sequence[Block],
+                               gys: Sequence[np.ndarray], lo: Triple, need: Triple, full: Triple,
+                               dilation: Triple, threads: int = 1,
+                               grad_input: bool = True) -> tuple[list[np.ndarray] | None, np.ndarray]:
+    """(input gradient per input block, padded to the node's extent; kernel gradient) of a direct-mode layer;
+    without ``grad_input`` (the input is a network input) only the kernel gradient, and None."""
+    x = joined_maps(xs, lo, need)
+    gy = concat_maps(gys).astype(x.dtype, copy=False)
     if not grad_input:
-        w = kernel_block(kernel, ib, ob)
         # ops' kernel-gradient half of conv_backward_direct
-        return None, convops._grad_kernel_direct(xc, g.astype(xc.dtype, copy=False), w.shape, dilation, threads)
-    return convops.conv_backward_direct(xc, kernel_block(kernel, ib, ob), g, dilation, threads)
-
-
-def sum_first(pairs: Sequence[tuple[np.ndarray, np.ndarray]], lo: Triple, full: Triple) -> np.ndarray:
-    return pad_back(add_all([p[0] for p in pairs]), lo, full)
+        return None, convops._grad_kernel_direct(x, gy, kernel.shape, dilation, threads)
+    gx, gw = convops.conv_backward_direct(x, kernel, gy, dilation, threads)
+    return [pad_back(gx[a:b], lo, full) for a, b in in_blocks], gw
 
 
 # -- updates -------------------------------------------------------------------------------------------------
