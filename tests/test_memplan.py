@@ -81,11 +81,11 @@ import resource, sys, numpy as np
 from znn.io.netfile import load_network
 from znn.network import Network
 from znn.pipeline import memplan
-from znn.pipeline.inference import BlockForward
+from znn.pipeline.inference import PhaseForward
 from threadpoolctl import threadpool_limits
 spec = load_network(sys.argv[1]); cache = sys.argv[2] == "1"
 net = Network.initialise(spec, seed=0)
-bf = BlockForward(net, (24, 40, 40), "fft", cache)
+bf = PhaseForward(net, (24, 40, 40), "fft", cache)
 x = {n: np.ones((1, *p), np.float32) for n, p in bf.input_patch.items()}
 base = memplan.process_rss()
 with threadpool_limits(1):

@@ -55,6 +55,9 @@ __all__ = [
     "InputFile",
     "InferenceResult",
     "BlockForward",
+    "PhaseForward",
+    "phase_conv_fft",
+    "max_filter_values",
     "TRANSFORMS",
     "PP_TYPES",
     "mirror_indices",
@@ -259,7 +262,7 @@ class BlockForward:
     computes them when its layer is reached and drops them after."""
 
     def __init__(self, net: Network, outsz: Sequence[int], modes: str | Mapping[str, str] = "fft",
-                 spectra_cache: bool = True, cache_bytes: int | None = None):
+                 spectra_cache: bool = True, cache_bytes: int | None = None, threads: int = 1):
         self.net = net
         self.plan: NetPlan = make_plan(net.spec, outsz, modes)
         self.cache = SpectraCache(spectra_cache, cache_bytes)
@@ -309,6 +312,196 @@ class BlockForward:
         return {n: tasks.concat_maps([values[k] for k in ks]) for n, ks in outputs.items()}
 
 
+# ---------------------------------------------------------------------------------------------------- phases
+# Working memory of one group of phases in a phase-decomposed FFT convolution (input and output spectra).
+PHASE_GROUP_BYTES = 96 << 20
+
+
+def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
+    """The values of :func:`znn.ops.pooling.max_filter` (no winner indices: inference needs none), one running
+    maximum over views per axis."""
+    y = x
+    for axis in (1, 2, 3):
+        w, d = int(size[axis - 1]), int(dilation[axis - 1])
+        if w == 1:
+            continue
+        m = y.shape[axis] - (w - 1) * d
+
+        def part(t: int, y: np.ndarray = y, axis: int = axis, d: int = d, m: int = m) -> np.ndarray:
+            index = [slice(None)] * 4
+            index[axis] = slice(t * d, t * d + m)
+            return y[tuple(index)]
+
+        out = np.array(part(0), copy=True)
+        for t in range(1, w):
+            np.maximum(out, part(t), out=out)
+        y = out
+    return np.ascontiguousarray(y)
+
+
+def phase_shape(extent: Sequence[int], kernel: Sequence[int], dilation: Sequence[int]) -> Triple:
+    """FFT shape of the phases of a dilated convolution over ``extent``: each phase is ``ceil(extent / d)`` long."""
+    from znn.ops.fft import fast_len
+
+    return tuple(fast_len(-(-int(n) // int(d))) for n, d in zip(extent, dilation))  # type: ignore[return-value]
+
+
+def phase_kernel_spectra(w: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    """Undilated kernel spectra at ``shape``, frequency-major ``(F, in, out)``."""
+    from znn.ops import conv_fft
+
+    spec = conv_fft.kernel_spectra(w, (1, 1, 1), shape)
+    full = np.moveaxis(spec, (0, 1), (3, 4))  # storage order (Z, Y, Xh, in, out): a view
+    return np.ascontiguousarray(full).reshape(-1, w.shape[0], w.shape[1])
+
+
+def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np.ndarray | None = None,
+                   group_bytes: int = PHASE_GROUP_BYTES, threads: int = 1) -> np.ndarray:
+    """Valid true convolution ``(in, z, y, x) * (in, out, k...)`` dilated by ``dilation``, through FFTs of its phases.
+
+    A convolution dilated by ``d`` on a dense volume is ``d_z d_y d_x`` independent undilated convolutions, one per
+    phase (the voxels ``r + d q``). The phases share the kernel spectra of one small FFT shape (so they can be
+    cached where the full-size ones would not fit), and per frequency the sum over input maps of a group of phases
+    is one matrix product ``(phases x in) @ (in x out)``. ``wf`` are :func:`phase_kernel_spectra` (computed here if
+    not given). ``threads`` split the transforms and the products.
+    """
+    from znn.ops import conv_fft
+    from znn.ops.fft import parallel_chunks
+
+    n_in, n_out = w.shape[:2]
+    k = w.shape[2:]
+    d = tuple(int(v) for v in dilation)
+    n = x.shape[1:]
+    m = tuple(a - (b - 1) * c for a, b, c in zip(n, k, d))
+    lengths = tuple(-(-a // c) for a, c in zip(n, d))
+    shape = phase_shape(n, k, d)
+    if wf is None:
+        wf = phase_kernel_spectra(w, shape)
+    if any(a * c != b for a, c, b in zip(lengths, d, n)):
+        padded = np.zeros((n_in, *(a * c for a, c in zip(lengths, d))), dtype=x.dtype)
+        padded[:, :n[0], :n[1], :n[2]] = x
+        x = padded
+    phases = x.reshape(n_in, lengths[0], d[0], lengths[1], d[1], lengths[2], d[2]).transpose(2, 4, 6, 0, 1, 3, 5)
+    count = d[0] * d[1] * d[2]
+    low = tuple(a - b + 1 for a, b in zip(lengths, k))
+    freq = wf.shape[0]
+    per_phase = (n_in + n_out) * freq * np.dtype(wf.dtype).itemsize * 2
+    group = max(1, min(count, group_bytes // max(1, per_phase)))
+    out = np.empty((count, n_out, *low), dtype=x.dtype)
+    index = list(np.ndindex(*d))
+    for g0 in range(0, count, group):
+        chosen = index[g0:g0 + group]
+        xg = np.stack([phases[i] for i in chosen]).reshape(len(chosen) * n_in, *lengths)
+        spec = conv_fft.input_spectra(xg, shape, threads)
+        xf = np.moveaxis(spec, 0, -1).reshape(freq, len(chosen), n_in)  # frequency-major storage: a view
+        yf = np.empty((freq, len(chosen), n_out), dtype=xf.dtype)
+
+        def products(lo: int, hi: int, xf: np.ndarray = xf, yf: np.ndarray = yf) -> None:
+            np.matmul(xf[lo:hi], wf[lo:hi], out=yf[lo:hi])  # (F, phases, out): one product per frequency
+
+        parallel_chunks(freq, threads, products, 256)
+        ys = np.moveaxis(yf.reshape(*spec.shape[1:], len(chosen) * n_out), -1, 0)
+        y = conv_fft.inverse_valid(ys, shape, low, conv_fft.output_offset(k, (1, 1, 1)), threads)
+        out[g0:g0 + len(chosen)] = y.reshape(len(chosen), n_out, *low)
+    full = out.reshape(d[0], d[1], d[2], n_out, *low).transpose(3, 4, 0, 5, 1, 6, 2)
+    full = full.reshape(n_out, low[0] * d[0], low[1] * d[1], low[2] * d[2])
+    return np.ascontiguousarray(full[:, :m[0], :m[1], :m[2]])
+
+
+class PhaseForward:
+    """Inference-only forward pass of one block, node group by node group on the calling thread.
+
+    Conv edges in ``fft`` mode run :func:`phase_conv_fft` with kernel spectra kept per edge (``spectra_cache``) or
+    made per block; ``direct`` edges run the BLAS direct convolution; max filters keep no winner indices. Extents,
+    crops and dilations come from the same plan as the graph engine's, so the result is the same network.
+    """
+
+    def __init__(self, net: Network, outsz: Sequence[int], modes: str | Mapping[str, str] = "fft",
+                 spectra_cache: bool = True, cache_bytes: int | None = None, threads: int = 1):
+        self.net = net
+        self.plan: NetPlan = make_plan(net.spec, outsz, modes)
+        self.spectra_cache = spectra_cache
+        self.threads = max(1, int(threads))
+        self._kspec: dict[str, np.ndarray] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def input_patch(self) -> dict[str, Triple]:
+        return self.plan.layout.input_patch
+
+    def _shape(self, name: str) -> Triple:
+        ep = self.plan.edges[name]
+        return phase_shape(ep.need, self.plan.spec.edges[name].size, ep.dilation)
+
+    def _fft_edges(self) -> list[str]:
+        return [e for e in self.plan.spec.conv_edges() if self.plan.edges[e].mode == "fft"]
+
+    def warm(self) -> None:
+        """Make the kernel spectra of every FFT conv edge once (when caching)."""
+        if not self.spectra_cache:
+            return
+        with self._lock:
+            for name in self._fft_edges():
+                if name not in self._kspec:
+                    self._kspec[name] = phase_kernel_spectra(self.net.kernels[name], self._shape(name))
+
+    @property
+    def cache_nbytes(self) -> int:
+        return sum(a.nbytes for a in self._kspec.values())
+
+    def forward(self, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from znn.ops import conv as convops
+        from znn.ops import pointwise, pooling
+        from znn.pipeline.tasks import central
+
+        spec, plan, net = self.plan.spec, self.plan, self.net
+        self.warm()
+        values: dict[str, np.ndarray] = {n: np.asarray(inputs[n], dtype=net.dtype) for n in spec.inputs}
+        readers = {n: len(spec.outgoing[n]) for n in spec.nodes}
+        for node in spec.order():
+            group = spec.nodes[node]
+            if group.type == "input":
+                continue
+            parts = []
+            for name in spec.incoming[node]:
+                edge, ep = spec.edges[name], plan.edges[name]
+                x = central(values[edge.input], ep.crop_lo, ep.need)
+                if edge.type == "conv":
+                    x = np.ascontiguousarray(x)
+                    if ep.mode == "fft":
+                        parts.append(phase_conv_fft(x, net.kernels[name], ep.dilation, self._kspec.get(name),
+                                                    threads=self.threads))
+                    else:
+                        parts.append(convops.conv_forward_direct(x, net.kernels[name], ep.dilation))
+                elif edge.type == "max_filter":
+                    parts.append(max_filter_values(x, edge.size, ep.dilation))
+                elif edge.type == "max_pool":
+                    parts.append(pooling.max_pool(np.ascontiguousarray(x), edge.size)[0])
+                elif edge.type == "dropout":
+                    parts.append(pointwise.dropout(np.ascontiguousarray(x), edge.ratio, np.random.default_rng(0),
+                                                   training=False)[0])
+                elif edge.type == "crop":
+                    parts.append(np.ascontiguousarray(pointwise.crop(x, edge.offset)))
+                else:
+                    parts.append(np.ascontiguousarray(x))
+                readers[edge.input] -= 1
+                if readers[edge.input] == 0 and edge.input not in spec.outputs:
+                    del values[edge.input]  # free activations as soon as their last reader ran
+            if any(spec.edges[e].type == "maxout" for e in spec.incoming[node]):
+                y = pointwise.maxout(parts)[0]
+            else:
+                y = parts[0] if len(parts) == 1 else parts[0] + sum(parts[1:])
+            del parts
+            if group.type == "transfer":
+                y = pointwise.add_bias(y, net.biases[node])
+                y = pointwise.transfer_forward(group.function, y, group.function_args, training=False)
+            values[node] = y
+        return {n: values[n] for n in spec.outputs}
+
+
+EVALUATORS = {"phases": PhaseForward, "graph": BlockForward}
+
+
 @dataclass
 class _Context:
     """Everything a block task needs (picklable; shipped once per worker on a cluster)."""
@@ -329,18 +522,21 @@ class _Context:
     digest: str
     layout: str
     dtype: str
+    evaluator: str = "phases"
+    block_threads: int = 1
 
 
-_ENGINES: dict[str, BlockForward] = {}
+_ENGINES: dict[str, Any] = {}
 _ENGINES_LOCK = threading.Lock()
 
 
-def _engine(ctx: _Context) -> BlockForward:
+def _engine(ctx: _Context) -> Any:
     with _ENGINES_LOCK:
         engine = _ENGINES.get(ctx.token)
         if engine is None:
             _ENGINES.clear()  # one network at a time per process: free the previous one's spectra
-            engine = BlockForward(ctx.net, ctx.outsz, ctx.modes, ctx.spectra_cache, ctx.cache_bytes)
+            engine = EVALUATORS[ctx.evaluator](ctx.net, ctx.outsz, ctx.modes, ctx.spectra_cache, ctx.cache_bytes,
+                                               ctx.block_threads)
             _ENGINES[ctx.token] = engine
     engine.warm()
     return engine
@@ -476,7 +672,8 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
                  outsz: Sequence[int], *, mirror: bool = True, modes: str | Mapping[str, str] = "fft",
                  transform: str = "none", scheduler: Any = "threads", num_threads: int = 0,
                  spectra_cache: bool = True, cache_bytes: int | None = None,
-                 progress: bool | Any = True, fresh: bool = False) -> InferenceResult:
+                 progress: bool | Any = True, fresh: bool = False, evaluator: str = "phases",
+                 block_threads: int = 1) -> InferenceResult:
     """Run ``net`` densely over the input volumes and write its outputs into the zarr ``store``.
 
     ``inputs`` maps each network input node to its files (one per channel group, in order). ``outsz`` is the output
@@ -484,10 +681,13 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
     :func:`resolve_transform`). ``scheduler`` is ``threads``, ``synchronous``, ``local``, an address or a
     :class:`~znn.pipeline.schedulers.Runner`. Blocks finished earlier with the same model and settings are skipped
     (``fresh=True`` redoes everything). ``progress`` is a bool or a :class:`~znn.pipeline.progress.Progress`-like
-    factory ``(total, initial) -> reporter``.
+    factory ``(total, initial) -> reporter``. ``evaluator``: ``phases`` (:class:`PhaseForward`, the fast
+    inference path) or ``graph`` (:class:`BlockForward`, the training engine's forward graph). ``block_threads``
+    threads work on each block (FFTs, products, BLAS), and ``threads / block_threads`` blocks run at once: more
+    threads per block for networks whose blocks are too big to have one per thread in memory.
     """
     from znn.pipeline.progress import Progress
-    from znn.pipeline.schedulers import Runner, cores, make_runner
+    from znn.pipeline.schedulers import Runner, make_runner
 
     spec = net.spec
     if transform not in TRANSFORMS[1:]:
@@ -538,9 +738,11 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
     todo = [b for b in grid if b[0] not in done]
     skipped = len(grid) - len(todo)
     log.info("%s: %d blocks of %s, %d already done (skipped), %d to run", store, len(grid), patch, skipped, len(todo))
-    token = digest_of({"digest": digest, "outsz": patch, "modes": modes, "cache": spectra_cache})
+    if evaluator not in EVALUATORS:
+        raise ConfigError(f"evaluator {evaluator!r} is not known; use {' or '.join(EVALUATORS)}")
+    token = digest_of({"digest": digest, "outsz": patch, "modes": modes, "cache": spectra_cache, "ev": evaluator})
     ctx = _Context(token, net, patch, modes, spectra_cache, cache_bytes, sources, offsets, mirror, transform,
-                   str(store), list(outputs), out_shape, digest, layout, dtype)
+                   str(store), list(outputs), out_shape, digest, layout, dtype, evaluator, max(1, block_threads))
     runner = scheduler if isinstance(scheduler, Runner) else make_runner(scheduler, num_threads)
     voxels_todo = sum(int(np.prod([b - a for a, b in zip(lo, hi)])) for _, _, lo, hi in todo)
     if callable(progress) and not isinstance(progress, bool):
@@ -568,7 +770,7 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
     t0 = time.perf_counter()
     try:
         if keys:
-            _run_blocks(runner, dsk, keys, report, cores(num_threads))
+            _run_blocks(runner, dsk, keys, report, max(1, block_threads))
     finally:
         reporter.close()
         if not isinstance(scheduler, Runner):
@@ -579,9 +781,9 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
 
 
 def _run_blocks(runner: Any, dsk: dict[Any, Any], keys: list[Any], report: Callable[[dict[str, Any]], None],
-                threads: int) -> None:
-    """Run the block graph: at most one block per worker thread at a time (a block task returns only statistics,
-    so nothing else accumulates)."""
+                block_threads: int) -> None:
+    """Run the block graph: at most one block per ``block_threads`` worker threads at a time (a block task returns
+    only statistics, so nothing else accumulates)."""
     if runner.distributed:
         from distributed import as_completed
 
@@ -589,12 +791,12 @@ def _run_blocks(runner: Any, dsk: dict[Any, Any], keys: list[Any], report: Calla
         for future in as_completed(futures):
             report(future.result())
         return
-    # BLAS single-threaded for the whole run (set once: threadpoolctl is process-wide, not per thread)
-    with threadpool_limits(limits=1), _Progress(report):
+    # BLAS threads for the whole run (set once: threadpoolctl is process-wide, not per thread)
+    with threadpool_limits(limits=block_threads), _Progress(report):
         if runner.kind == "synchronous":
             dask.get(dsk, keys)
         else:
-            dask.threaded.get(dsk, keys, num_workers=max(1, runner.workers))
+            dask.threaded.get(dsk, keys, num_workers=max(1, runner.workers // block_threads))
 
 
 # ---------------------------------------------------------------------------------------------------- outputs

@@ -187,12 +187,50 @@ def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tupl
     return int(in_bytes + out_bytes), 0
 
 
+def _phase_geometry(plan: NetPlan, name: str) -> tuple[int, Triple, Triple, int]:
+    """(phases, phase length, FFT shape, spectrum size) of a conv edge run by the phase evaluator."""
+    ep, edge = plan.edges[name], plan.spec.edges[name]
+    lengths = tuple(-(-n // d) for n, d in zip(ep.need, ep.dilation))
+    shape = tuple(fftops.fast_len(n) for n in lengths)
+    return math.prod(ep.dilation), lengths, shape, _vox(fftops.spectrum_shape(shape))  # type: ignore[return-value]
+
+
+def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tuple[int, int]:
+    """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.inference.PhaseForward`."""
+    from znn.pipeline.inference import PHASE_GROUP_BYTES
+
+    spec, ep = plan.spec, plan.edges[name]
+    edge = spec.edges[name]
+    n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
+    in_bytes = n_in * _vox(ep.need) * itemsize
+    out_bytes = n_out * _vox(ep.out_extent) * itemsize
+    if edge.type == "conv" and ep.mode == "fft":
+        count, lengths, shape, freq = _phase_geometry(plan, name)
+        csize = 2 * itemsize
+        group = max(1, min(count, PHASE_GROUP_BYTES // max(1, (n_in + n_out) * freq * csize * 2)))
+        low = tuple(a - b + 1 for a, b in zip(lengths, edge.size))
+        per_phase = (n_in * (_vox(lengths) * itemsize + _vox(shape) * itemsize + 2 * freq * csize)
+                     + n_out * (2 * freq * csize + _vox(shape) * itemsize + _vox(low) * itemsize))
+        padded = n_in * math.prod(a * d for a, d in zip(lengths, ep.dilation)) * itemsize
+        kernels = n_in * n_out * freq * csize
+        work = 2 * in_bytes + padded + group * per_phase + 3 * count * n_out * _vox(low) * itemsize
+        return int(work + (0 if cached else 1.3 * kernels)), int(kernels)
+    if edge.type == "conv":
+        return _edge_working(plan, name, itemsize, cached)
+    if edge.type == "max_filter":
+        return int(in_bytes + 2 * out_bytes), 0
+    return _edge_working(plan, name, itemsize, cached)
+
+
 def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping[str, str] = "fft",
-                   spectra_cache: bool = True, itemsize: int = 4, input_itemsize: int = 1) -> BlockEstimate:
+                   spectra_cache: bool = True, itemsize: int = 4, input_itemsize: int = 1,
+                   evaluator: str = "phases") -> BlockEstimate:
     """Predict the memory of one block at output patch ``outsz`` (see the module docstring for the model).
 
-    ``itemsize`` is the network's float size (4 or 8); ``input_itemsize`` that of the stored input volume.
+    ``itemsize`` is the network's float size (4 or 8); ``input_itemsize`` that of the stored input volume;
+    ``evaluator`` the block evaluator of :mod:`znn.pipeline.inference` (``phases`` or ``graph``).
     """
+    working = _edge_working_phases if evaluator == "phases" else _edge_working
     plan = make_plan(spec, tuple(int(v) for v in outsz), modes)  # type: ignore[arg-type]
     extent = plan.layout.extent
     node_bytes = {n: spec.nodes[n].size * _vox(extent[n]) * itemsize for n in spec.nodes}
@@ -211,7 +249,7 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
             continue
         edge_outputs, work = 0, 0
         for e in spec.incoming[node]:
-            w, k = _edge_working(plan, e, itemsize, spectra_cache)
+            w, k = working(plan, e, itemsize, spectra_cache)
             cache += k if plan.edges[e].mode == "fft" and spec.edges[e].type == "conv" else 0
             work = max(work, edge_outputs + w)
             edge_outputs += node_bytes[node]
@@ -236,29 +274,46 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
 
 
 # -------------------------------------------------------------------------------------------------- modes
-# Rough speeds of this project's kernels on one core (GFLOP/s): GEMM for direct convolution, FFTW transforms, and
-# the small complex matrix products of the frequency-domain accumulation.
-_DIRECT_GFLOPS = 60.0
-_FFT_GFLOPS = 6.0
-_MAC_GFLOPS = 12.0
+# Speeds of this project's kernels on one core, measured on the development machine (n337 layers, 80 maps):
+# direct convolution (GFLOP/s), FFTW transforms (GFLOP/s at 2.5 N log2 N flops), the per-frequency products of
+# the phase evaluator (complex GFLOP/s, 8 flops per multiply-add; one phase: matrix-vector, slower), and making
+# kernel spectra (bytes of spectra per second).
+_DIRECT_GFLOPS = 20.0
+_FFT_GFLOPS = 2.5
+_MAC_GFLOPS = {1: 3.0, 8: 8.0}
+_KSPEC_BYTES_PER_S = 1.0e9
+
+
+def _seconds(plan: NetPlan, name: str, spectra_cache: bool) -> tuple[float, float]:
+    """Predicted (direct, fft) seconds of conv edge ``name`` for one block with the phase evaluator."""
+    spec, ep = plan.spec, plan.edges[name]
+    edge = spec.edges[name]
+    n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
+    direct = 2.0 * n_in * n_out * math.prod(edge.size) * _vox(ep.out_extent) / (_DIRECT_GFLOPS * 1e9)
+    count, _, shape, freq = _phase_geometry(plan, name)
+    voxels = _vox(shape)
+    transforms = count * (n_in + n_out) * 2.5 * voxels * math.log2(max(2, voxels)) / (_FFT_GFLOPS * 1e9)
+    mac = 8.0 * count * n_in * n_out * freq / (_MAC_GFLOPS[1 if count == 1 else 8] * 1e9)
+    kernels = 0.0 if spectra_cache else 8.0 * n_in * n_out * freq / _KSPEC_BYTES_PER_S
+    return direct, transforms + mac + kernels
 
 
 def choose_modes(spec: NetworkSpec, outsz: Sequence[int], spectra_cache: bool = True) -> dict[str, str]:
-    """Per conv edge, ``fft`` or ``direct`` by a cost model (used for ``optimize`` when no autotuner is present)."""
+    """Per conv edge, ``fft`` or ``direct``, whichever the speed model above predicts faster for one block (used
+    for ``optimize`` when the autotuner is absent, and by the forward benchmark)."""
     plan = make_plan(spec, tuple(int(v) for v in outsz), "fft")  # type: ignore[arg-type]
     modes: dict[str, str] = {}
     for name in spec.conv_edges():
-        ep, edge = plan.edges[name], spec.edges[name]
-        n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
-        direct = 2.0 * n_in * n_out * math.prod(edge.size) * _vox(ep.out_extent) / _DIRECT_GFLOPS
-        shape = ep.fft_shape
-        assert shape is not None
-        voxels, freq = _vox(shape), _vox(fftops.spectrum_shape(shape))
-        transforms = (n_in + n_out) * 2.5 * voxels * math.log2(max(2, voxels)) / _FFT_GFLOPS
-        mac = 8.0 * n_in * n_out * freq / _MAC_GFLOPS
-        kernels = 0.0 if spectra_cache else 8.0 * n_in * n_out * freq * max(1, edge.size[0]) / _DIRECT_GFLOPS
-        modes[name] = "fft" if transforms + mac + kernels < direct else "direct"
+        direct, fft = _seconds(plan, name, spectra_cache)
+        modes[name] = "fft" if fft < direct else "direct"
     return modes
+
+
+def predicted_seconds(spec: NetworkSpec, outsz: Sequence[int], modes: Mapping[str, str],
+                      spectra_cache: bool = True) -> float:
+    """Predicted seconds of the conv layers of one block (one thread) under ``modes``."""
+    plan = make_plan(spec, tuple(int(v) for v in outsz), "fft")  # type: ignore[arg-type]
+    return sum(_seconds(plan, e, spectra_cache)[0 if modes.get(e) == "direct" else 1] for e in spec.conv_edges())
 
 
 # -------------------------------------------------------------------------------------------------- candidates
