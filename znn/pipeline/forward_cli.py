@@ -121,9 +121,11 @@ def plan_job(job: Job, memory: int | None, net: Network | None = None, sample_id
     modes = job.forward_conv_mode
     budget = memory if memory is not None else default_memory()
     cache = None if job.spectra_cache else False
-    return memplan.plan_memory(net.spec, budget, _in_flight(job), baseline, modes, _volume_out(job, files, net),
-                               itemsize=net.dtype.itemsize, input_itemsize=_input_itemsize(files),
-                               spectra_cache=cache)
+    options: dict[str, Any] = {"volume_out": _volume_out(job, files, net), "itemsize": net.dtype.itemsize,
+                               "input_itemsize": _input_itemsize(files), "spectra_cache": cache}
+    if job.scheduler in ("threads", "threading", ""):  # one block per thread, or all threads on bigger blocks
+        return memplan.plan_parallel(net.spec, budget, _in_flight(job), baseline, modes, **options)
+    return memplan.plan_memory(net.spec, budget, _in_flight(job), baseline, modes, **options)
 
 
 @dataclass
@@ -136,6 +138,7 @@ class ForwardSetup:
     modes: Any
     transform: str
     plan: memplan.MemoryPlan | None
+    block_threads: int = 1
 
 
 def forward_job(job: Job, transform: str = "auto", memory: int | None = None, outsz: Any = None,
@@ -152,12 +155,15 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
         patch = outsz or job.forward_outsz
         plan = None
         cache = bool(job.spectra_cache)
+        block_threads = 1
         if patch == "auto" or memory is not None:
             plan = plan_job(job, memory, net, sample)
             assert plan.chosen is not None
             if patch == "auto":
                 patch = plan.chosen.outsz
                 cache = cache and plan.chosen.spectra_cache
+                if job.scheduler in ("threads", "threading", ""):
+                    block_threads = max(1, _in_flight(job) // plan.in_flight)
             else:
                 est = memplan.block_estimate(net.spec, patch, job.forward_conv_mode if job.forward_conv_mode !=
                                              "optimize" else "fft", cache, net.dtype.itemsize)
@@ -165,14 +171,14 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
                     cache = False  # kernel spectra do not fit beside the blocks: recompute them per block
         patch = tuple(int(v) for v in patch)
         modes = _modes(job, net, patch, cache)
-        setup = ForwardSetup(sample, patch, cache, modes, transform, plan)  # type: ignore[arg-type]
+        setup = ForwardSetup(sample, patch, cache, modes, transform, plan, block_threads)  # type: ignore[arg-type]
         if on_setup is not None:
             on_setup(setup)
         store = output_paths(prefix, sample, "zarr", net.spec.outputs)
         store_dir = Path(next(iter(store.values()))).parent
         result = infer_volume(net, files, store_dir, patch, mirror=job.is_bd_mirror, modes=modes,
                               transform=transform, scheduler=job.scheduler, num_threads=job.num_threads,
-                              spectra_cache=cache, progress=progress, fresh=fresh)
+                              spectra_cache=cache, progress=progress, fresh=fresh, block_threads=block_threads)
         if job.output_format != "zarr":
             export_outputs(result, output_paths(prefix, sample, job.output_format, net.spec.outputs))
         results.append(result)
@@ -225,7 +231,8 @@ def _cmd_forward(args: argparse.Namespace) -> int:
         how = "planned" if setup.plan is not None and setup.plan.chosen and setup.plan.chosen.outsz == setup.outsz \
             else "given"
         peak = f", predicted peak {memplan.format_bytes(setup.plan.predicted_peak)}" if setup.plan else ""
-        print(f"sample {setup.sample}: output block {','.join(map(str, setup.outsz))} ({how}), kernel spectra "
+        print(f"sample {setup.sample}: output block {','.join(map(str, setup.outsz))} ({how}, "
+              f"{setup.block_threads} thread(s) per block), kernel spectra "
               f"{'cached' if setup.spectra_cache else 'recomputed per block'}, transform {setup.transform}{peak}",
               file=sys.stderr, flush=True)
 
