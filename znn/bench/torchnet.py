@@ -64,7 +64,7 @@ def _transfer(name: str, args: Sequence[float], x: torch.Tensor, training: bool)
     raise ValueError(f"transfer function {name!r} has no PyTorch counterpart here")
 
 
-class TorchNet(torch.nn.Module):  # type: ignore[misc]
+class TorchNet(torch.nn.Module):
     """A network spec evaluated in PyTorch at a fixed output patch.
 
     ``forward`` takes a mapping input node -> tensor ``(batch, maps, z, y, x)`` (or one tensor for a network

@@ -129,7 +129,7 @@ def _get(runner: Runner, dsk: dict[Any, Any], wanted: Any) -> Any:
     """Compute a nested structure (dicts and lists) of keys, culling the graph to what it needs."""
     flat: list[Any] = []
     _flatten(wanted, flat)
-    needed, _ = cull(dsk, flat)
+    needed, _ = cull(dsk, flat)  # type: ignore[no-untyped-call]
     values = runner.get(needed, flat)
     return _rebuild(wanted, iter(values))
 

@@ -296,7 +296,7 @@ def _edge_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
         index = spec.incoming[edge.output].index(name)
         return [(tasks.pass_back, (tasks.maxout_route, gy[b], (tasks.item, which[b], 1), index), lo, full)
                 for b in range(len(gy))]
-    out = []
+    out: list[Any] = []
     for b in range(len(gy)):
         if edge.type == "max_filter":
             out.append((tasks.max_filter_backward, gy[b], fwd[b], lo, ep.need, full))
@@ -319,7 +319,7 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
         k = g.key("gconv", name)
         g.dsk[k] = (tasks.conv_direct_layer_backward, xs, kernel, in_blocks, gy, ep.crop_lo, ep.need, ep.in_extent,
                     ep.dilation, g.threads, grad_input)
-        g.fwd["gw:" + name] = [[(tasks.item, k, 1)]]
+        g.fwd["gw:" + name] = [[(tasks.item, k, 1)]]  # type: ignore[list-item]
         return [(tasks.item, (tasks.item, k, 0), i) for i in range(len(in_blocks))] if grad_input else []
     shape = ep.fft_shape
     gspec = [g.key("gfft", name, j) for j in range(len(out_blocks))]
@@ -335,5 +335,5 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     for i in range(len(in_blocks)):
         for j in range(len(out_blocks)):
             g.dsk[gw[i][j]] = (tasks.conv_fft_grad_kernel, g.xspec[name][i], gspec[j], shape, edge.size, ep.dilation)
-    g.fwd["gw:" + name] = gw
+    g.fwd["gw:" + name] = gw  # type: ignore[assignment]
     return grads

@@ -38,7 +38,7 @@ def pad_back(g: np.ndarray, lo: Triple, full: Triple) -> np.ndarray:
     if tuple(g.shape[1:]) == tuple(full):
         return g
     out = np.zeros((g.shape[0], *full), dtype=g.dtype)
-    central(out, lo, g.shape[1:])[...] = g  # type: ignore[arg-type]
+    central(out, lo, g.shape[1:])[...] = g
     return out
 
 
@@ -47,7 +47,7 @@ def add_all(parts: Sequence[np.ndarray]) -> np.ndarray:
     returned as it is (tasks never write into their inputs or their results after returning them)."""
     if len(parts) == 1:
         return parts[0]
-    total = np.add(parts[0], parts[1])
+    total: np.ndarray = np.add(parts[0], parts[1])
     for p in parts[2:]:
         total += p
     return total
