@@ -98,7 +98,7 @@ def test_choice_is_persisted_and_reused(spec, tmp_path, caplog):
     assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temporary files left behind
 
 
-def test_choices_are_per_dtype_and_patch(spec, tmp_path):
+def test_choices_are_per_dtype_patch_and_pass(spec, tmp_path):
     path = tmp_path / "autotune.json"
     resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=FakeTimer())
     timer = FakeTimer()
@@ -107,7 +107,10 @@ def test_choices_are_per_dtype_and_patch(spec, tmp_path):
     timer = FakeTimer()
     resolve_modes(spec, (1, 6, 6), "optimize", np.float32, cache_path=path, timer=timer)
     assert len(timer.calls) > 0
-    assert len(json.loads(path.read_text())["entries"]) == 9
+    timer = FakeTimer()
+    resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=timer, training=False)
+    assert len(timer.calls) > 0 and not any(p.training for p, _ in timer.calls)
+    assert len(json.loads(path.read_text())["entries"]) == 12
 
 
 def test_mode_dict_mixing_fixed_and_optimize(spec, tmp_path):
@@ -194,9 +197,11 @@ def test_clear_loser_is_timed_once(spec, tmp_path):
 
 
 @pytest.mark.parametrize("blocks", [{}, {"in_blocks": ((0, 1), (1, 2)), "out_blocks": ((0, 1), (1, 3))}])
-def test_real_measurement(blocks):
+@pytest.mark.parametrize("training", [True, False])
+def test_real_measurement(blocks, training):
     for grad_input in (True, False):
-        problem = LayerProblem(2, 3, (1, 9, 10), (1, 3, 3), (1, 2, 1), "float32", grad_input, **blocks)
+        problem = LayerProblem(2, 3, (1, 9, 10), (1, 3, 3), (1, 2, 1), "float32", grad_input, **blocks,
+                               training=training)
         assert problem.out_extent == (1, 5, 8)
         assert len(problem.in_blocks) == len(blocks.get("in_blocks", [0]))
         for mode in ("fft", "direct"):

@@ -62,6 +62,7 @@ class LayerProblem:
     grad_input: bool  # False when the input is a network input: no input gradient is computed
     in_blocks: tuple[tuple[int, int], ...] = ()  # the plan's map blocks of the input and output nodes
     out_blocks: tuple[tuple[int, int], ...] = ()
+    training: bool = True  # False: forward passes with cached kernel spectra (inference)
 
     def __post_init__(self) -> None:
         if not self.in_blocks:
@@ -78,20 +79,21 @@ class LayerProblem:
         fields = [f"maps={self.maps_in},{self.maps_out}", "in=" + ",".join(map(str, self.in_extent)),
                   "kernel=" + ",".join(map(str, self.kernel)), "dilation=" + ",".join(map(str, self.dilation)),
                   f"blocks={len(self.in_blocks)},{len(self.out_blocks)}", f"dtype={self.dtype}",
-                  f"grad_input={int(self.grad_input)}",
+                  f"grad_input={int(self.grad_input)}", "pass=" + ("train" if self.training else "forward"),
                   f"planner={fftops.planner_effort()}", f"machine={machine}"]
         return "|".join(fields)
 
 
 def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
                   dtype: Any = np.float32, *, cache_path: str | Path | None = None, repeat: int = 3,
-                  timer: Timer | None = None) -> dict[str, str]:
+                  timer: Timer | None = None, training: bool = True) -> dict[str, str]:
     """The conv mode of every conv edge group, with ``optimize`` replaced by the faster of fft and direct.
 
     ``modes`` is one mode for all conv edges or a dict per edge (missing edges are ``fft``, as in
     :func:`~znn.pipeline.plan.make_plan`). Layers whose choice is in the cache are not measured; the others
     are timed ``repeat`` times per mode (median; fewer when one mode is clearly slower) and written back.
     ``timer(problem, mode)`` returns the seconds of one run and replaces the real measurement (tests).
+    ``training=False`` times forward passes only, with kernel spectra cached (dense inference).
     """
     wanted = {e: (modes if isinstance(modes, str) else modes.get(e, "fft")) for e in spec.conv_edges()}
     for edge, mode in wanted.items():
@@ -102,7 +104,7 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     todo = [e for e, m in wanted.items() if m == "optimize"]
     if not todo:
         return wanted
-    problems = _problems(spec, output_patch, todo, np.dtype(dtype))
+    problems = _problems(spec, output_patch, todo, np.dtype(dtype), training)
     path = cache_file(cache_path)
     machine = machine_id()
     stored = _read(path)
@@ -131,8 +133,8 @@ def _fmt(seconds: Any) -> str:
     return f"{1e3 * seconds:.1f} ms" if isinstance(seconds, (int, float)) else "?"
 
 
-def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[str],
-              dtype: np.dtype[Any]) -> dict[str, LayerProblem]:
+def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[str], dtype: np.dtype[Any],
+              training: bool) -> dict[str, LayerProblem]:
     plan = make_plan(spec, output_patch, "fft")
     out = {}
     for name in edges:
@@ -140,7 +142,7 @@ def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[st
         n_in, n_out = spec.kernel_shape(name)[:2]
         out[name] = LayerProblem(n_in, n_out, ep.need, edge.size, ep.dilation, dtype.name,
                                  spec.nodes[edge.input].type != "input", tuple(plan.blocks[edge.input]),
-                                 tuple(plan.blocks[edge.output]))
+                                 tuple(plan.blocks[edge.output]), training)
     return out
 
 
@@ -165,8 +167,8 @@ def _measure(problem: LayerProblem, timer: Timer, repeat: int) -> dict[str, Any]
 
 
 def time_layer(problem: LayerProblem, mode: str, seed: int = 0) -> float:
-    """Seconds of the graph's work for one training pass of the layer in ``mode`` (single-threaded tasks):
-    one task of each kind timed, times the number of such tasks."""
+    """Seconds of the graph's work for one training pass (or, with ``problem.training`` false, one inference
+    pass) of the layer in ``mode`` (single-threaded tasks): one task of each kind timed, times their number."""
     rng = np.random.default_rng(seed)
     dt = np.dtype(problem.dtype)
     xs = [rng.standard_normal((b - a, *problem.in_extent)).astype(dt) for a, b in problem.in_blocks]
@@ -194,6 +196,8 @@ def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[n
     kspec, t_k = _timed(tasks.kernel_spectra, w, ib0, ob0, p.dilation, shape)
     column = [kspec] + [tasks.kernel_spectra(w, ib, ob0, p.dilation, shape) for ib in p.in_blocks[1:]]
     _, t_conv = _timed(tasks.conv_fft_forward, xspecs, column, shape, p.out_extent, p.kernel, p.dilation)
+    if not p.training:  # inference: kernel spectra come from the cache
+        return n_i * t_x + n_o * t_conv
     gspec, t_g = _timed(tasks.grad_output_spectra, gys[0], shape, p.kernel, p.dilation)
     t_gx = 0.0
     if p.grad_input:
@@ -208,6 +212,8 @@ def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: lis
     """The direct-mode tasks: one forward and one backward task for the whole layer."""
     lo = (0, 0, 0)
     _, t_fwd = _timed(tasks.conv_direct_layer, xs, w, p.out_blocks, lo, p.in_extent, p.dilation)
+    if not p.training:
+        return t_fwd
     _, t_bwd = _timed(tasks.conv_direct_layer_backward, xs, w, p.in_blocks, gys, lo, p.in_extent, p.in_extent,
                       p.dilation, 1, p.grad_input)
     return t_fwd + t_bwd
