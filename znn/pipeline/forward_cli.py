@@ -9,7 +9,6 @@ The job keys used: ``fnet_spec`` (optional check of the checkpoint), ``forward_n
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import logging
 import sys
 from collections.abc import Callable
@@ -70,13 +69,11 @@ def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[Inpu
 
 
 def _modes(job: Job, net: Network, outsz: Any, cache: bool) -> Any:
+    """``forward_conv_mode``; ``optimize`` is resolved per layer by the planner's speed model of the phase
+    evaluator that dense inference runs (the training autotuner times the training engine's kernels instead)."""
     mode = job.forward_conv_mode
     if mode != "optimize":
         return mode
-    if importlib.util.find_spec("znn.pipeline.autotune") is not None:
-        from znn.pipeline.autotune import resolve_modes
-
-        return resolve_modes(net.spec, outsz, mode, net.dtype)
     return memplan.choose_modes(net.spec, outsz, cache)
 
 
