@@ -48,7 +48,7 @@ __all__ = [
 ]
 
 # Allocator slack, temporaries the model leaves out (dask's bookkeeping, NumPy scratch of pointwise ops).
-SAFETY = 1.35
+SAFETY = 1.2
 # Per block in flight: a thread's stack, its FFTW plans, zarr/numcodecs buffers.
 PER_BLOCK_OVERHEAD = 16 << 20
 # Per process, once the run starts: the scheduler's thread pool and bookkeeping, zarr/numcodecs codec buffers,
@@ -271,8 +271,9 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
     per_block = int(SAFETY * peak) + PER_BLOCK_OVERHEAD
     mode_map = {e: plan.edges[e].mode for e in spec.conv_edges()}
     first = spec.inputs[0]
+    # the cache is the exact size of the spectra arrays: no allowance for temporaries
     return BlockEstimate(plan.output_patch, extent[first], mode_map, spectra_cache, per_block,
-                         int(SAFETY * cache) if spectra_cache else 0, peak_at, layers)
+                         int(cache) if spectra_cache else 0, peak_at, layers)
 
 
 # -------------------------------------------------------------------------------------------------- modes
