@@ -379,7 +379,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
                                volume_out=volume_shape_dtype(volume)[0], input_itemsize=1)
     res = inference.infer_volume(net, {"input": [volume]}, store, plan.chosen.outsz, num_threads=2,
                                  spectra_cache=plan.chosen.spectra_cache, progress=False)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peak = memplan.peak_rss()  # not ru_maxrss: that includes the pytest process this one was forked from
     print(json.dumps({"baseline": base, "predicted": plan.predicted_peak, "peak": peak, "limit_extra": extra,
                       "outsz": plan.chosen.outsz, "blocks": res.blocks_run}))
 """)

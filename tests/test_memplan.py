@@ -88,16 +88,12 @@ spec = load_network(sys.argv[1]); cache = sys.argv[2] == "1"
 net = Network.initialise(spec, seed=0)
 bf = PhaseForward(net, (24, 40, 40), "fft", cache)
 x = {n: np.ones((1, *p), np.float32) for n, p in bf.input_patch.items()}
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) * 1024
 base = memplan.process_rss()
 with open("/proc/self/clear_refs", "w") as f:  # peak RSS from here on (imports may have peaked higher)
     f.write("5")
 with threadpool_limits(1):
     bf.warm(); bf.forward(x); bf.forward(x)
-peak = hwm()
+peak = memplan.peak_rss()
 est = memplan.block_estimate(spec, (24, 40, 40), "fft", cache)
 print(peak - base, est.per_block + est.cache)
 """

@@ -54,12 +54,6 @@ def _torch() -> Any | None:
     return torch, torchnet
 
 
-def _peak_rss() -> int:
-    import resource
-
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
-
-
 def _time(fn: Any, repeat: int, long: float = 60.0) -> float:
     t0 = time.perf_counter()
     fn()  # warm-up: FFTW plans, allocator, torch's primitive selection
@@ -147,7 +141,7 @@ def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, S
             vox = math.prod(outsz)
             secs, warm, ours = _bench_znn(net, outsz, m, cache, threads, bt, repeat, x)
             row.update(znn_s=round(secs, 3), znn_vox_s=round(max(1, threads // bt) * vox / secs),
-                       spectra_s=round(warm, 2), peak_rss_so_far=_peak_rss())
+                       spectra_s=round(warm, 2), peak_rss_so_far=memplan.peak_rss())
             if tmods is not None:
                 tsecs, theirs = _bench_torch(tmods, net, outsz, threads, repeat, x)
                 row.update(torch_s=round(tsecs, 3), torch_vox_s=round(vox / tsecs),

@@ -89,6 +89,21 @@ def process_rss() -> int:
         return 0
 
 
+def peak_rss() -> int:
+    """Peak resident memory of this process image, in bytes (Linux VmHWM; 0 where unknown).
+
+    Unlike ``ru_maxrss``, which a child inherits from the process that forked it, VmHWM starts afresh at exec, and
+    writing ``5`` to ``/proc/self/clear_refs`` resets it to the current RSS."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0
+
+
 @dataclass(frozen=True)
 class BlockEstimate:
     """Predicted memory of one output block at ``outsz``: ``per_block`` bytes while it runs (``layers`` says where
