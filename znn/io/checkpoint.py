@@ -27,6 +27,7 @@ def save_checkpoint(path: str | Path, net: Network, statistics: Mapping[str, np.
     """Write ``net`` (and an optional flat mapping ``"train/it" -> array`` of learning-curve series) to ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with h5py.File(tmp, "w") as f:
@@ -37,10 +38,20 @@ def save_checkpoint(path: str | Path, net: Network, statistics: Mapping[str, np.
                 _write_edge(root.create_group(name), edge, net)
             for key, series in (statistics or {}).items():
                 f.create_dataset(f"{STATISTICS}/{key}", data=np.asarray(series))
+        with open(tmp, "rb") as done:  # on disk before it takes the name, so the name never points at a stub
+            os.fsync(done.fileno())
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
     return path
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Delete temporaries of ``path`` left by writers that were killed (their process no longer exists)."""
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not Path(f"/proc/{pid}").exists():
+            tmp.unlink(missing_ok=True)
 
 
 def _strings(group: h5py.Group, entries: Mapping[str, object]) -> None:

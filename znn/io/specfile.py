@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from znn.errors import SpecFileError, ZnnFileNotFoundError, closest
+from znn.errors import SpecFileError, VolumeError, ZnnFileNotFoundError, closest
 from znn.io.inifile import IniFile, parse_ini, read_ini
 
 IMAGE_PP = ("none", "standard2D", "standard3D", "symetric_rescale")
@@ -39,9 +39,14 @@ class VolumeSet:
 
     def check_files(self) -> None:
         """Raise ZnnFileNotFoundError for the first listed file that does not exist."""
+        from znn.io.volume import parse_volume_path
+
         for f in (*self.fnames, *self.fmasks):
-            base = str(f).split(":", 1)[0] if ".h5:" in str(f) else str(f)
-            if not Path(base).exists():
+            try:
+                base = parse_volume_path(f).file
+            except VolumeError as exc:
+                raise SpecFileError(f"{self.where} fnames: {exc}") from None
+            if not base.exists():
                 raise ZnnFileNotFoundError(f"{self.where} fnames: {f} does not exist; fix the path (relative paths "
                                            "are resolved against the .spec file's folder)")
 

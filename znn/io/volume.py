@@ -7,6 +7,10 @@ Paths name the file and, where the format has them, the dataset inside it:
 - ``file.h5`` / ``file.hdf5`` / ``file.hdf`` (its only dataset) or ``file.h5:/group/dataset``
 - ``store.zarr`` (an array at the root) or ``store.zarr/group/array``
 
+Any of them may end in ``[start:stop]``: only those z slices (0-based, stop excluded, as Python slicing; either
+bound may be left out), e.g. ``train-volume.tif[0:15]`` for the first 15 sections. Reading, opening lazily and
+shapes honour it; writing to such a path is refused.
+
 Each format lives in its own module (``tif``, ``hdf5``, ``zarrvol``) exposing the functions of
 :class:`VolumeBackend`; this module validates arguments and dispatches to them.
 """
@@ -50,7 +54,9 @@ VolumeFormat = Literal["tif", "h5", "zarr"]
 Chunks = tuple[int, ...] | tuple[tuple[int, ...], ...] | int | str | None
 
 MIN_NDIM, MAX_NDIM = 2, 4
-PATH_SYNTAX = "file.tif, file.tiff, file.h5[:/group/dataset] (.hdf5, .hdf), store.zarr[/group/array]"
+PATH_SYNTAX = ("file.tif, file.tiff, file.h5[:/group/dataset] (.hdf5, .hdf), store.zarr[/group/array], each "
+               "optionally followed by a z range [start:stop]")
+_ZRANGE_RE = re.compile(r"^(?P<path>.+)\[(?P<start>[^:\]]*):(?P<stop>[^:\]]*)\]$")
 _H5_RE = re.compile(r"^(?P<file>.+\.(?:h5|hdf5|hdf))(?::(?P<key>.*))?$", re.IGNORECASE)
 _TIF_SUFFIXES = (".tif", ".tiff")
 _BACKENDS: dict[str, str] = {"tif": "znn.io.tif", "h5": "znn.io.hdf5", "zarr": "znn.io.zarrvol"}
@@ -63,11 +69,28 @@ class VolumePath:
     format: VolumeFormat
     file: Path
     key: str | None = None  # h5 dataset or zarr array path without leading '/'; None: the file's only one
+    zrange: tuple[int | None, int | None] | None = None  # z slices [start:stop] to use; None: all
 
     def __str__(self) -> str:
-        if self.key is None:
-            return str(self.file)
-        return f"{self.file}:/{self.key}" if self.format == "h5" else f"{self.file}/{self.key}"
+        text = str(self.file) if self.key is None else (
+            f"{self.file}:/{self.key}" if self.format == "h5" else f"{self.file}/{self.key}")
+        if self.zrange is None:
+            return text
+        start, stop = ("" if v is None else str(v) for v in self.zrange)
+        return f"{text}[{start}:{stop}]"
+
+    def z_slice(self, shape: tuple[int, ...]) -> slice:
+        """The z slice of a volume of ``shape``; VolumeError if the volume has no z axis or the range is empty."""
+        assert self.zrange is not None
+        if len(shape) < 3:
+            raise VolumeError(f"{self}: a z range needs a volume with a z axis, this one is 2D {shape}; drop "
+                              f"[{self.zrange[0] or ''}:{self.zrange[1] or ''}]")
+        z = shape[-3]
+        start, stop, _ = slice(*self.zrange).indices(z)
+        if stop <= start:
+            raise VolumeError(f"{self}: the z range selects no slice of the {z} in the volume; give "
+                              f"[start:stop] with 0 <= start < stop <= {z}")
+        return slice(start, stop)
 
 
 class VolumeBackend(Protocol):
@@ -85,17 +108,33 @@ def parse_volume_path(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
     if isinstance(path, VolumePath):
         return path
     text = os.fspath(path)
+    zrange = None
+    ranged = _ZRANGE_RE.match(text)
+    if ranged:
+        text, zrange = ranged.group("path"), _parse_zrange(ranged.group("start"), ranged.group("stop"),
+                                                           ranged.group("path"))
     h5 = _H5_RE.match(text)
     if h5:
         key = (h5.group("key") or "").strip("/")
-        return VolumePath("h5", Path(h5.group("file")), key or None)
+        return VolumePath("h5", Path(h5.group("file")), key or None, zrange)
     parts = Path(text).parts
     for i, part in enumerate(parts):
         if part.lower().endswith(".zarr"):
-            return VolumePath("zarr", Path(*parts[: i + 1]), "/".join(parts[i + 1 :]) or None)
+            return VolumePath("zarr", Path(*parts[: i + 1]), "/".join(parts[i + 1 :]) or None, zrange)
     if text.lower().endswith(_TIF_SUFFIXES):
-        return VolumePath("tif", Path(text))
+        return VolumePath("tif", Path(text), None, zrange)
     raise VolumeError(f"{text}: cannot tell the volume format from the path; valid forms: {PATH_SYNTAX}")
+
+
+def _parse_zrange(start: str, stop: str, path: str) -> tuple[int | None, int | None]:
+    try:
+        bounds = tuple(int(v) if v.strip() else None for v in (start, stop))
+    except ValueError:
+        raise VolumeError(f"{path}[{start}:{stop}]: the z range must be [start:stop] with integers, e.g. "
+                          f"{path}[0:15]") from None
+    if any(b is not None and b < 0 for b in bounds):
+        raise VolumeError(f"{path}[{start}:{stop}]: z range bounds count from 0; give non-negative integers")
+    return bounds  # type: ignore[return-value]
 
 
 def _backend(fmt: str) -> VolumeBackend:
@@ -113,7 +152,11 @@ def _existing(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
 def read_volume(path: str | os.PathLike[str] | VolumePath) -> np.ndarray:
     """Read a whole volume into memory: an array of 2 to 4 dims ``([c,] [z,] y, x)`` in the file's dtype."""
     vp = _existing(path)
-    return _backend(vp.format).read(vp)
+    if vp.zrange is None:
+        return _backend(vp.format).read(vp)
+    shape, _ = _backend(vp.format).shape_dtype(vp)
+    z = vp.z_slice(shape)
+    return _backend(vp.format).open(vp, None)[(..., z, slice(None), slice(None))].compute(scheduler="sync")
 
 
 def open_volume(path: str | os.PathLike[str] | VolumePath, chunks: Chunks = None) -> da.Array:
@@ -124,13 +167,22 @@ def open_volume(path: str | os.PathLike[str] | VolumePath, chunks: Chunks = None
     dask.distributed too.
     """
     vp = _existing(path)
-    return _backend(vp.format).open(vp, chunks)
+    if vp.zrange is None:
+        return _backend(vp.format).open(vp, chunks)
+    shape, _ = _backend(vp.format).shape_dtype(vp)
+    z = vp.z_slice(shape)
+    whole = _backend(vp.format).open(vp, None)[(..., z, slice(None), slice(None))]
+    return whole if chunks is None else whole.rechunk(chunks)
 
 
 def volume_shape_dtype(path: str | os.PathLike[str] | VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
     """The volume's shape and dtype, read from metadata only."""
     vp = _existing(path)
-    return _backend(vp.format).shape_dtype(vp)
+    shape, dtype = _backend(vp.format).shape_dtype(vp)
+    if vp.zrange is not None:
+        z = vp.z_slice(shape)
+        shape = (*shape[:-3], z.stop - z.start, *shape[-2:])
+    return shape, dtype
 
 
 def write_volume(
@@ -147,7 +199,7 @@ def write_volume(
     zarr always compresses with its default codec, tif is written uncompressed. A file that exists is
     replaced only with ``overwrite=True``; a failed write leaves no partial file behind.
     """
-    vp = parse_volume_path(path)
+    vp = _writable(parse_volume_path(path))
     if not isinstance(array, da.Array):
         array = np.asarray(array)
     check_volume(array.shape, array.dtype, vp)
@@ -164,7 +216,7 @@ def create_volume(
     overwrite: bool = False,
 ) -> zarr.Array:
     """Create an empty (zero-filled) zarr array of ``shape`` to be filled chunk by chunk; zarr only."""
-    vp = parse_volume_path(path)
+    vp = _writable(parse_volume_path(path))
     if vp.format != "zarr":
         raise VolumeError(f"{vp}: create_volume writes zarr only; name a store such as out.zarr or "
                           f"out.zarr/group/array")
@@ -172,6 +224,12 @@ def create_volume(
     from znn.io import zarrvol
 
     return zarrvol.create(vp, tuple(shape), np.dtype(dtype), tuple(chunks), overwrite)
+
+
+def _writable(vp: VolumePath) -> VolumePath:
+    if vp.zrange is not None:
+        raise VolumeError(f"{vp}: a z range selects slices to read; write to the path without it")
+    return vp
 
 
 # ---- helpers shared by the format modules ----------------------------------------------------------------

@@ -134,14 +134,16 @@ def resume(prefix: Path, spec: NetworkSpec, dtype: Any) -> tuple[Network, Learni
 class Trainer:
     """Runs the training loop for one job.
 
-    ``train_patches`` and ``test_patches`` are callables returning a patch with ``inputs``, ``targets``,
-    ``masks``, ``weights`` (dicts keyed by node group) and, for MALIS, ``segmentation``; ``evaluate`` turns
-    predictions and a patch into (pixel error, Rand error).
+    ``train_patches(iteration)`` returns the patch of that iteration (drawn from the iteration number, so a run
+    resumed from any checkpoint sees the patches an uninterrupted run would) and ``test_patches(n)`` the
+    validation patches; a patch has ``inputs``, ``targets``, ``masks``, ``weights`` (dicts keyed by node group)
+    and, for MALIS, ``segmentation``. ``evaluate(predictions, patch, with_rand)`` gives (pixel error, Rand error);
+    training steps ask for the pixel error only (NaN Rand error), validation for both.
     """
 
     def __init__(self, engine: Engine, schedule: Schedule, cost_fn: str, prefix: Path,
-                 train_patches: Callable[[], Any], test_patches: Callable[[int], Sequence[Any]],
-                 evaluate: Callable[[Mapping[str, np.ndarray], Any], tuple[float, float]],
+                 train_patches: Callable[[int], Any], test_patches: Callable[[int], Sequence[Any]] | None,
+                 evaluate: Callable[[Mapping[str, np.ndarray], Any, bool], tuple[float, float]],
                  malis_norm: str | None = None, curve: LearningCurve | None = None, iteration: int = 0,
                  log: Callable[[str], None] = print, progress: Any = None):
         self.engine, self.schedule, self.cost_fn, self.prefix = engine, schedule, cost_fn, Path(prefix)
@@ -161,24 +163,23 @@ class Trainer:
         """Train until ``max_iter`` (default: the job's Max_iter) or ``time_limit`` seconds; save at the end."""
         stop_at = self.schedule.max_iter if max_iter is None else max_iter
         start = time.perf_counter()
-        window: list[tuple[float, float, float]] = []
+        window: list[tuple[float, float]] = []
         while self.iteration < stop_at:
             if time_limit is not None and time.perf_counter() - start > time_limit:
                 self.log(f"time limit of {time_limit:.0f} s reached at iteration {self.iteration}")
                 break
             cost, pixel_error = self._step()
             self.iteration += 1
-            window.append((cost, pixel_error, float("nan")))
+            window.append((cost, pixel_error))
             elapsed = self.elapsed_before + time.perf_counter() - start
             if self.iteration % self.schedule.show_every == 0 or self.iteration == stop_at:
-                costs = np.array(window)
-                self.curve.add("train", self.iteration, *np.nanmean(costs, axis=0) if len(costs) else (0, 0, 0),
-                               elapsed)
+                mean_cost, mean_pixel_error = np.mean(window, axis=0)
+                self.curve.add("train", self.iteration, mean_cost, mean_pixel_error, math.nan, elapsed)
                 window = []
-            if self.iteration % self.schedule.test_every == 0:
+            if self.test_patches is not None and self.iteration % self.schedule.test_every == 0:
                 self.curve.add("test", self.iteration, *self.validate(), elapsed)
             if self.progress is not None:
-                self.progress.update(1, cost=cost)
+                self.progress.update(1, cost=f"{cost:.4f}")
             if self.iteration % self.schedule.save_every == 0:
                 self.save(elapsed)
         if self.iteration % self.schedule.save_every != 0:
@@ -186,12 +187,12 @@ class Trainer:
         return self.curve
 
     def _step(self) -> tuple[float, float]:
-        patch = self.train_patches()
+        patch = self.train_patches(self.iteration)
         loss = self._loss(patch)
         hyper = self.schedule.hyper(self.iteration, self.patch_voxels)
         cost, outputs = self.engine.train_step(patch.inputs, loss, hyper)
         self._check_finite(cost)
-        pixel_error, _ = self.evaluate(predictions(outputs, self.cost_fn), patch)
+        pixel_error, _ = self.evaluate(predictions(outputs, self.cost_fn), patch, False)
         return cost / self.patch_voxels, pixel_error
 
     def _loss(self, patch: Any) -> Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]:
@@ -204,10 +205,10 @@ class Trainer:
     def validate(self) -> tuple[float, float, float]:
         """Mean cost per voxel, pixel error and Rand error over the job's ``test_num`` validation patches."""
         rows = []
-        for patch in self.test_patches(self.schedule.test_num):
+        for patch in self.test_patches(self.schedule.test_num) if self.test_patches is not None else ():
             outputs = self.engine.forward(patch.inputs)
             cost, _ = self._loss(patch)(outputs)
-            pixel_error, rand_error = self.evaluate(predictions(outputs, self.cost_fn), patch)
+            pixel_error, rand_error = self.evaluate(predictions(outputs, self.cost_fn), patch, True)
             rows.append((cost / self.patch_voxels, pixel_error, rand_error))
         return tuple(np.mean(rows, axis=0)) if rows else (math.nan, math.nan, math.nan)  # type: ignore[return-value]
 

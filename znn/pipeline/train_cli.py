@@ -1,0 +1,206 @@
+"""`znn train JOB.cfg [--seed NET.h5]` and `znn quickstart`.
+
+``train_job`` wires a job file to the training loop: the network (initialised, resumed from
+``<train_net_prefix>_current.h5`` or seeded from another checkpoint), the samples of ``train_range`` and
+``test_range`` read from ``fdata_spec``, the patch sampler (mirroring, augmentation, rebalancing), the engine on
+the job's scheduler and the :class:`~znn.pipeline.train.Trainer`. ``znn quickstart`` makes its own data (see
+:mod:`znn.pipeline.quickstart`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from znn.errors import ConfigError, ShapeError
+from znn.io.config import Job, load_job
+from znn.io.netfile import load_network
+from znn.io.samples import SampleData, load_sample
+from znn.io.specfile import load_spec
+from znn.network import Network
+from znn.ops import metrics
+from znn.pipeline.engine import Engine
+from znn.pipeline.progress import Progress
+from znn.pipeline.sampler import Patch, PatchSampler
+from znn.pipeline.schedulers import make_runner, resolve_scheduler
+from znn.pipeline.train import Schedule, Trainer, resume, seed_network
+
+__all__ = ["register", "train_job", "PatchEvaluator", "load_samples"]
+
+
+def load_samples(job: Job, key: str, dtype: Any) -> list[SampleData]:
+    """The samples of ``train_range`` or ``test_range`` (``key``), read and preprocessed; [] when the key is unset
+    (allowed for test_range only)."""
+    ids = job.values.get(key)
+    if not ids:
+        if key == "train_range":
+            job.require(key)
+        return []
+    spec = load_spec(job.require("fdata_spec"))
+    return [load_sample(spec, i, job.out_type, dtype) for i in ids]
+
+
+@dataclass
+class PatchEvaluator:
+    """Pixel error (and, for validation, adapted Rand error) of the predictions on one patch, averaged over the
+    network's outputs. ``label_pp[node]`` is the label transform of that output (one_class targets are the
+    non-boundary probability)."""
+
+    out_type: str
+    label_pp: Mapping[str, str]
+
+    def __call__(self, pred: Mapping[str, np.ndarray], patch: Patch, with_rand: bool) -> tuple[float, float]:
+        pixel, rand = [], []
+        for node, p in pred.items():
+            pixel.append(metrics.pixel_error(p, patch.targets[node], patch.masks[node]))
+            if with_rand:
+                rand.append(self._rand_error(node, p, patch))
+        rand_error = float(np.nanmean(rand)) if rand and not np.isnan(rand).all() else float("nan")
+        return float(np.mean(pixel)), rand_error
+
+    def _rand_error(self, node: str, pred: np.ndarray, patch: Patch) -> float:
+        labels = patch.labels.get(node)
+        pp = self.label_pp.get(node, "binary_class")
+        if labels is None or labels.ndim != 3 or pp == "none":
+            return float("nan")  # multi-channel or untransformed labels are not a segmentation
+        mask = patch.masks[node][0] if self.out_type == "boundary" else None
+        one_channel = "nonboundary" if pp == "one_class" else "boundary"
+        return metrics.evaluate(pred, labels, self.out_type, mask=mask, one_channel=one_channel)["rand_error"]
+
+
+def _announce(log: Callable[[str], None], job: Job, engine: Engine, train: list[SampleData],
+              test: list[SampleData]) -> None:
+    layout = engine.plan.layout
+    log(f"network {job.fnet_spec}: FOV {','.join(map(str, layout.fov))}, output patch "
+        f"{','.join(map(str, job.train_outsz))}, input patch "
+        f"{'; '.join(f'{n} ' + ','.join(map(str, p)) for n, p in engine.input_patch.items())}")
+    log(f"samples: train {', '.join(str(s.id) for s in train)} "
+        f"({sum(int(np.prod(s.shape)) for s in train):,} voxels), "
+        f"test {', '.join(str(s.id) for s in test) or 'none (no validation)'}; cost {job.cost}, "
+        f"rebalance {job.rebalance}, augmentation {'on' if job.is_data_aug else 'off'}, "
+        f"MALIS {job.malis_norm_type if job.is_malis else 'off'}")
+
+
+def _network(job: Job, prefix: Path, seed: str | Path | None, log: Callable[[str], None]) -> tuple[
+        Network, Any, int]:
+    spec = load_network(job.require("fnet_spec"))
+    dtype = np.dtype(job.dtype)
+    resumed = resume(prefix, spec, dtype)
+    if resumed is not None:
+        net, curve, iteration = resumed
+        log(f"resuming from {prefix}_current.h5 at iteration {iteration}"
+            + (f" (--seed {seed} ignored: the run has its own checkpoint)" if seed else ""))
+        return net, curve, iteration
+    net = Network.initialise(spec, seed=job.seed, dtype=dtype)
+    if seed:
+        seed_network(net, seed, log)
+    return net, None, 0
+
+
+def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = None,
+              max_iter: int | None = None, time_limit: float | None = None, progress: bool = True,
+              log: Callable[[str], None] = print) -> Trainer:
+    """Train ``job`` until Max_iter (or ``max_iter``, or ``time_limit`` seconds); returns the finished trainer."""
+    prefix = Path(job.net_prefix or job.require("train_net_prefix"))
+    prefix.parent.mkdir(parents=True, exist_ok=True)
+    net, curve, iteration = _network(job, prefix, seed, log)
+    runner = make_runner(resolve_scheduler(scheduler, job), job.num_threads)
+    if runner.distributed and runner.dashboard:
+        log(f"dask dashboard: {runner.dashboard}")
+    engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
+                    spectra_cache=job.spectra_cache)
+    engine.steps = iteration  # dropout masks follow the step number, also after a resume
+    train, test = load_samples(job, "train_range", net.dtype), load_samples(job, "test_range", net.dtype)
+    _announce(log, job, engine, train, test)
+    fov = engine.plan.layout.fov
+    options = {"fov": fov, "is_bd_mirror": job.is_bd_mirror, "output_nodes": net.spec.outputs}
+    try:
+        sampler = PatchSampler(train, engine.input_patch, job.train_outsz, is_data_aug=job.is_data_aug,
+                               rebalance=job.rebalance, rng_seed=job.seed, **options)
+        tester = PatchSampler(test, engine.input_patch, job.train_outsz, rebalance=job.rebalance,
+                              **options) if test else None
+    except ShapeError as exc:
+        raise ShapeError(f"{job.path}: {exc}") from None
+
+    def draw(it: int) -> Patch:
+        sampler.rng = np.random.default_rng([job.seed, it])  # the patch of step `it` depends on nothing else
+        return sampler.sample(1)[0]
+
+    test_patches = None if tester is None else (lambda n: tester.validation_patches(n, seed=job.seed))
+    evaluator = PatchEvaluator(job.out_type, dict(zip(net.spec.outputs, train[0].label_pp)))
+    schedule = Schedule.from_job(job)
+    stop_at = schedule.max_iter if max_iter is None else max_iter
+    bar = Progress(stop_at, "iterations", "train", initial=min(iteration, stop_at), rate_fields=(),
+                   every_percent=5, enabled=progress)
+    trainer = Trainer(engine, schedule, job.cost, prefix, draw, test_patches, evaluator,
+                      malis_norm=job.malis_norm_type if job.is_malis else None, curve=curve, iteration=iteration,
+                      log=log, progress=bar)
+    with bar:
+        trainer.run(stop_at, time_limit)
+    _summary(trainer, log)
+    return trainer
+
+
+def _summary(trainer: Trainer, log: Callable[[str], None]) -> None:
+    curve = trainer.curve
+    parts = [f"iteration {trainer.iteration}"]
+    for phase in ("train", "test"):
+        s = getattr(curve, phase)
+        if s["it"]:
+            parts.append(f"{phase} cost {s['err'][-1]:.4f}, pixel error {s['cls'][-1]:.4f}"
+                         + (f", Rand error {s['re'][-1]:.4f}" if np.isfinite(s["re"][-1]) else ""))
+    log("; ".join(parts))
+    log(f"checkpoint {trainer.prefix}_current.h5, learning curve {trainer.prefix}_curve.png")
+
+
+# ------------------------------------------------------------------------------------------------------ CLI
+def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:  # type: ignore[type-arg]
+    p = sub.add_parser("train", help="train a network from a ZNN job file (.cfg)",
+                       description="Train the job's fnet_spec on the samples of train_range, validating on "
+                       "test_range; checkpoints <train_net_prefix>_<iter>.h5 and _current.h5 with the learning "
+                       "curve (and its PNG). A rerun resumes from _current.h5.")
+    p.add_argument("job", help="a .cfg job file")
+    p.add_argument("--seed", metavar="NET.h5", help="initialise every group whose name and shape match this "
+                                                    "checkpoint (ignored when the run resumes)")
+    p.add_argument("--scheduler", help="threads (default), synchronous, local, or a dask scheduler address "
+                                       "(overrides the job's scheduler key)")
+    p.add_argument("--max-iter", type=int, help="stop at this iteration instead of the job's Max_iter")
+    p.add_argument("--minutes", type=float, help="stop (and save) after this many minutes of training")
+    p.add_argument("--quiet", action="store_true", help="no progress output")
+    q = sub.add_parser("quickstart", help="train and evaluate a small network on synthetic EM data (no download)",
+                       description="Make a synthetic EM-like volume, train the workflows/quickstart network on it "
+                       "for a few minutes, predict a held-out part and evaluate it; writes PNG previews.")
+    q.add_argument("--out", default="quickstart", help="output folder (default: ./quickstart)")
+    q.add_argument("--minutes", type=float, default=4.0, help="training time limit (default 4)")
+    q.add_argument("--max-iter", type=int, help="stop at this iteration instead of the job's Max_iter")
+    q.add_argument("--scheduler", help="as for znn train")
+    q.add_argument("--quiet", action="store_true", help="no progress output")
+    return {"train": _cmd_train, "quickstart": _cmd_quickstart}
+
+
+def _log(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    job = load_job(args.job)
+    if args.max_iter is not None and args.max_iter < 0:
+        raise ConfigError(f"--max-iter {args.max_iter}: give a number of iterations >= 0")
+    train_job(job, args.seed, args.scheduler, args.max_iter,
+              None if args.minutes is None else 60 * args.minutes, not args.quiet, _log)
+    return 0
+
+
+def _cmd_quickstart(args: argparse.Namespace) -> int:
+    from znn.pipeline.quickstart import quickstart
+
+    report = quickstart(Path(args.out), minutes=args.minutes, max_iter=args.max_iter, scheduler=args.scheduler,
+                        progress=not args.quiet, log=_log)
+    print(report.text())
+    return 0
