@@ -16,8 +16,9 @@ from znn.pipeline.tasks import central
 
 
 def sequential_forward(net: Network, inputs: Mapping[str, np.ndarray], output_patch: Sequence[int],
-                       mode: str = "direct") -> dict[str, np.ndarray]:
-    """Outputs of ``net`` in inference mode, node group by node group in topological order."""
+                       mode: str = "direct", keep: dict[str, np.ndarray] | None = None) -> dict[str, np.ndarray]:
+    """Outputs of ``net`` in inference mode, node group by node group in topological order (every node group's
+    values are also put into ``keep`` when given)."""
     spec = net.spec
     layout = spec.layout(output_patch)
     values: dict[str, np.ndarray] = {n: np.asarray(inputs[n], dtype=net.dtype) for n in spec.inputs}
@@ -53,4 +54,6 @@ def sequential_forward(net: Network, inputs: Mapping[str, np.ndarray], output_pa
             y = pointwise.transfer_forward(group.function, pointwise.add_bias(y, net.biases[node]),
                                            group.function_args, training=False)
         values[node] = y
+    if keep is not None:
+        keep.update(values)
     return {n: values[n] for n in spec.outputs}

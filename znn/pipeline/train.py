@@ -111,6 +111,20 @@ def seed_network(net: Network, seed_path: str | Path, log: Callable[[str], None]
         log(f"kept the initialisation of {len(skipped)} groups: {', '.join(skipped)}")
 
 
+def _first_non_finite(net: Network, inputs: Mapping[str, np.ndarray], output_patch: Sequence[int]) -> str | None:
+    """The first node group (in evaluation order) whose forward values are not finite, as "layer X (node Y)"."""
+    from znn.pipeline.sequential import sequential_forward
+
+    values: dict[str, np.ndarray] = {}
+    with np.errstate(all="ignore"):
+        sequential_forward(net, inputs, output_patch, mode="fft", keep=values)
+    for node in net.spec.order():
+        if node in values and not np.isfinite(values[node]).all():
+            edges = ", ".join(net.spec.incoming.get(node, ())) or "input"
+            return f"the forward pass at layer {edges} (node group {node})"
+    return None
+
+
 def checkpoint_paths(prefix: Path, iteration: int) -> tuple[Path, Path]:
     return Path(f"{prefix}_{iteration}.h5"), Path(f"{prefix}_current.h5")
 
@@ -190,8 +204,10 @@ class Trainer:
         patch = self.train_patches(self.iteration)
         loss = self._loss(patch)
         hyper = self.schedule.hyper(self.iteration, self.patch_voxels)
+        net = self.engine.net
+        before = dict(net.kernels), dict(net.biases)  # the step replaces arrays, never writes into them
         cost, outputs = self.engine.train_step(patch.inputs, loss, hyper)
-        self._check_finite(cost)
+        self._check_finite(cost, patch, before)
         pixel_error, _ = self.evaluate(predictions(outputs, self.cost_fn), patch, False)
         return cost / self.patch_voxels, pixel_error
 
@@ -212,17 +228,21 @@ class Trainer:
             rows.append((cost / self.patch_voxels, pixel_error, rand_error))
         return tuple(np.mean(rows, axis=0)) if rows else (math.nan, math.nan, math.nan)  # type: ignore[return-value]
 
-    def _check_finite(self, cost: float) -> None:
-        if math.isfinite(cost):
-            bad = [n for n, a in {**self.engine.net.kernels, **self.engine.net.biases}.items()
-                   if not np.isfinite(a).all()]
-            if not bad:
-                return
-            where = f"parameters of {', '.join(bad)}"
-        else:
-            where = f"the cost ({cost}) at output {', '.join(self.engine.net.spec.outputs)}"
-        raise TrainingError(f"step {self.iteration + 1}: non-finite values in {where}; training stopped, the last good "
-                            f"checkpoint is {checkpoint_paths(self.prefix, 0)[1]}. Lower eta or check the data")
+    def _check_finite(self, cost: float, patch: Any, before: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
+                      ) -> None:
+        """Stop with a TrainingError naming the step and the layer where non-finite values first appeared."""
+        net = self.engine.net
+        bad = [n for n, a in {**net.kernels, **net.biases}.items() if not np.isfinite(a).all()]
+        if math.isfinite(cost) and not bad:
+            return
+        net.kernels.update(before[0])  # back to the last good parameters (kept in memory for the caller)
+        net.biases.update(before[1])
+        where = _first_non_finite(net, patch.inputs, self.engine.plan.output_patch)
+        if where is None:
+            where = (f"the cost ({cost})" if not math.isfinite(cost) else "the update") + (
+                f", then the parameters of {', '.join(bad)}" if bad else "")
+        raise TrainingError(f"step {self.iteration + 1}: non-finite values in {where}; training stopped, the last "
+                            f"good checkpoint is {checkpoint_paths(self.prefix, 0)[1]}. Lower eta or check the data")
 
     def save(self, elapsed: float) -> Path:
         stats = self.curve.to_statistics()
