@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -342,3 +343,26 @@ def test_quickstart_small(tmp_path, capsys):
         assert (tmp_path / "qs" / name).is_file()
     with h5py.File(tmp_path / "qs" / "out" / "net_current.h5") as f:
         assert int(f["processing/znn/train/statistics/iteration"][()]) == 40
+
+
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+@pytest.mark.parametrize("workflow,data,train_shape,test_shape", [
+    ("isbi2012", "isbi2012", (15, 512, 512), (5, 512, 512)),
+    ("fib-affinity", "gala-fib", (25, 100, 200), (25, 100, 200)),
+])
+def test_bundled_workflows_train_on_the_shared_data(tmp_path, workflow, data, train_shape, test_shape):
+    if not (SHARED_DATA / data).is_dir():
+        pytest.skip(f"{SHARED_DATA / data} is absent (the shared EM data sits beside a development checkout)")
+    folder = tmp_path / workflow
+    shutil.copytree(ROOT / "workflows" / workflow, folder, symlinks=True, ignore=shutil.ignore_patterns("data"))
+    (folder / "data").symlink_to(SHARED_DATA / data)
+    job = load_job(folder / "train.cfg")
+    job.values["train_net_prefix"] = tmp_path / "out" / "net"
+    trainer = train_job(job, max_iter=1, progress=False, log=lambda _: None)
+    assert trainer.iteration == 1 and (tmp_path / "out" / "net_current.h5").is_file()
+    from znn.pipeline.train_cli import load_samples
+
+    train, test = load_samples(job, "train_range", np.float32), load_samples(job, "test_range", np.float32)
+    assert train[0].shape == train_shape and test[0].shape == test_shape
