@@ -108,41 +108,42 @@ def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = 
               log: Callable[[str], None] = print) -> Trainer:
     """Train ``job`` until Max_iter (or ``max_iter``, or ``time_limit`` seconds); returns the finished trainer."""
     prefix = Path(job.net_prefix or job.require("train_net_prefix"))
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     net, curve, iteration = _network(job, prefix, seed, log)
-    runner = make_runner(resolve_scheduler(scheduler, job), job.num_threads)
-    if runner.distributed and runner.dashboard:
-        log(f"dask dashboard: {runner.dashboard}")
-    engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
-                    spectra_cache=job.spectra_cache)
-    engine.steps = iteration  # dropout masks follow the step number, also after a resume
-    train, test = load_samples(job, "train_range", net.dtype), load_samples(job, "test_range", net.dtype)
-    _announce(log, job, engine, train, test)
-    fov = engine.plan.layout.fov
-    options = {"fov": fov, "is_bd_mirror": job.is_bd_mirror, "output_nodes": net.spec.outputs}
-    try:
-        sampler = PatchSampler(train, engine.input_patch, job.train_outsz, is_data_aug=job.is_data_aug,
-                               rebalance=job.rebalance, rng_seed=job.seed, **options)
-        tester = PatchSampler(test, engine.input_patch, job.train_outsz, rebalance=job.rebalance,
-                              **options) if test else None
-    except ShapeError as exc:
-        raise ShapeError(f"{job.path}: {exc}") from None
+    # a cluster started for the job (scheduler = local) stops with it, also when the job turns out to be wrong
+    with make_runner(resolve_scheduler(scheduler, job), job.num_threads) as runner:
+        if runner.distributed and runner.dashboard:
+            log(f"dask dashboard: {runner.dashboard}")
+        engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
+                        spectra_cache=job.spectra_cache)
+        engine.steps = iteration  # dropout masks follow the step number, also after a resume
+        train, test = load_samples(job, "train_range", net.dtype), load_samples(job, "test_range", net.dtype)
+        _announce(log, job, engine, train, test)
+        fov = engine.plan.layout.fov
+        options = {"fov": fov, "is_bd_mirror": job.is_bd_mirror, "output_nodes": net.spec.outputs}
+        try:
+            sampler = PatchSampler(train, engine.input_patch, job.train_outsz, is_data_aug=job.is_data_aug,
+                                   rebalance=job.rebalance, rng_seed=job.seed, **options)
+            tester = PatchSampler(test, engine.input_patch, job.train_outsz, rebalance=job.rebalance,
+                                  **options) if test else None
+        except ShapeError as exc:
+            raise ShapeError(f"{job.path}: {exc}") from None
 
-    def draw(it: int) -> Patch:
-        sampler.rng = np.random.default_rng([job.seed, it])  # the patch of step `it` depends on nothing else
-        return sampler.sample(1)[0]
+        def draw(it: int) -> Patch:
+            sampler.rng = np.random.default_rng([job.seed, it])  # the patch of step `it` depends on nothing else
+            return sampler.sample(1)[0]
 
-    test_patches = None if tester is None else (lambda n: tester.validation_patches(n, seed=job.seed))
-    evaluator = PatchEvaluator(job.out_type, dict(zip(net.spec.outputs, train[0].label_pp)))
-    schedule = Schedule.from_job(job)
-    stop_at = schedule.max_iter if max_iter is None else max_iter
-    bar = Progress(stop_at, "iterations", "train", initial=min(iteration, stop_at), rate_fields=(),
-                   every_percent=5, enabled=progress)
-    trainer = Trainer(engine, schedule, job.cost, prefix, draw, test_patches, evaluator,
-                      malis_norm=job.malis_norm_type if job.is_malis else None, curve=curve, iteration=iteration,
-                      log=log, progress=bar)
-    with bar:
-        trainer.run(stop_at, time_limit)
+        test_patches = None if tester is None else (lambda n: tester.validation_patches(n, seed=job.seed))
+        evaluator = PatchEvaluator(job.out_type, dict(zip(net.spec.outputs, train[0].label_pp)))
+        schedule = Schedule.from_job(job)
+        prefix.parent.mkdir(parents=True, exist_ok=True)  # only now that the job has proved readable
+        stop_at = schedule.max_iter if max_iter is None else max_iter
+        bar = Progress(stop_at, "iterations", "train", initial=min(iteration, stop_at), rate_fields=(),
+                       every_percent=5, enabled=progress)
+        trainer = Trainer(engine, schedule, job.cost, prefix, draw, test_patches, evaluator,
+                          malis_norm=job.malis_norm_type if job.is_malis else None, curve=curve, iteration=iteration,
+                          log=log, progress=bar)
+        with bar:
+            trainer.run(stop_at, time_limit)
     _summary(trainer, log)
     return trainer
 
