@@ -9,6 +9,10 @@ For each output patch (a cube, clipped to what the planner says fits ``--memory`
 * ``znn``: what `znn forward` does per block (:class:`~znn.pipeline.inference.PhaseForward`, kernel spectra from
   the cache, made once per volume so not timed; their time is shown), ``--threads / --block-threads`` blocks at
   once, each on ``--block-threads`` threads; throughput = blocks x output voxels / wall time;
+* with ``--scheduler local`` or an address, ``znn`` is instead dense inference (`znn forward`'s
+  :func:`~znn.pipeline.inference.infer_volume`) of a synthetic volume of two blocks per worker on that dask cluster,
+  one block per single-threaded worker process at a time (``local``: ``--threads`` workers on 127.0.0.1); throughput
+  = output voxels / wall time of the run, after a warm-up run (`znn bench scaling` compares worker counts);
 * ``torch``: the same network with the same weights in PyTorch (``conv3d`` dilated by the sparsity, kernels
   flipped, ``max_pool3d`` at stride 1 dilated for max filters), ``torch.set_num_threads(--threads)``, one patch.
 
@@ -104,13 +108,50 @@ def _bench_torch(tmods: Any, net: Network, outsz: tuple[int, int, int], threads:
     return seconds, out[0][0].numpy()
 
 
+def _bench_znn_cluster(runner: Any, net: Network, outsz: tuple[int, int, int], modes: Any, cache: bool,
+                       repeat: int, seed: int) -> dict[str, Any]:
+    """Dense inference of a synthetic volume of two blocks per worker on ``runner``'s cluster (see
+    :func:`znn.bench.scaling.measure`)."""
+    import tempfile
+
+    from znn.bench.scaling import block_grid_shape, measure, synthetic_volume
+
+    with tempfile.TemporaryDirectory(prefix="znn-bench-") as tmp:
+        shape = block_grid_shape(2 * max(1, runner.workers), outsz)
+        volume = synthetic_volume(Path(tmp) / "input.zarr", shape, seed)
+        return measure([runner], net, volume, outsz, modes, cache, repeat, Path(tmp))[0]
+
+
 def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, Sequence[int]] | None = None,
                       threads: int = 2, repeat: int = 2, modes: str = "optimize", memory: str = "16GB",
                       torch: bool = True, seed: int = 0, progress: Any = None,
-                      block_threads: int | None = None) -> list[dict[str, Any]]:
-    """One row per (network, output cube): znn and torch seconds, voxels/s, ratio, predicted memory."""
+                      block_threads: int | None = None, scheduler: str | None = None) -> list[dict[str, Any]]:
+    """One row per (network, output cube): znn and torch seconds, voxels/s, ratio, predicted memory.
+
+    ``scheduler`` (resolved by :func:`~znn.pipeline.schedulers.resolve_scheduler`; default threads): ``threads``
+    times blocks in this process, ``synchronous`` the same on one thread, ``local`` or an address dense inference
+    on a dask cluster."""
+    from znn.pipeline.schedulers import make_runner, resolve_scheduler
+
+    where = resolve_scheduler(scheduler, None)
+    if where == "synchronous":
+        threads, block_threads = 1, 1
+    runner = None if where in ("threads", "synchronous") else make_runner(where, threads)
+    try:
+        return _forward_rows(nets, sizes, threads, repeat, modes, memory, torch, seed, progress, block_threads,
+                             where, runner)
+    finally:
+        if runner is not None:
+            runner.close()
+
+
+def _forward_rows(nets: Sequence[str], sizes: dict[str, Sequence[int]] | None, threads: int, repeat: int,
+                  modes: str, memory: str, torch: bool, seed: int, progress: Any, block_threads: int | None,
+                  where: str, runner: Any) -> list[dict[str, Any]]:
     tmods = _torch() if torch else None
     budget = memplan.parse_bytes(memory)
+    if runner is not None:
+        block_threads = 1  # single-threaded worker processes, one block each
     rows = []
     for name in nets:
         spec = load_network(NETWORKS[name])
@@ -123,7 +164,8 @@ def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, S
                 for cache in (True, False):
                     m = memplan.choose_modes(spec, outsz, cache) if modes == "optimize" else modes
                     est = memplan.block_estimate(spec, outsz, m, cache)
-                    peak = est.total(max(1, threads // bt), memplan.process_rss())
+                    in_flight = 1 if runner is not None else max(1, threads // bt)  # per process
+                    peak = est.total(in_flight, memplan.process_rss())
                     fits = peak <= budget
                     if fits:
                         break
@@ -131,7 +173,8 @@ def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, S
                     break
             row: dict[str, Any] = {"net": name, "outsz": list(outsz), "threads": threads, "repeat": repeat,
                                    "block_threads": bt, "modes": ",".join(sorted(set(est.modes.values()))),
-                                   "spectra_cache": cache, "predicted_bytes": peak, "fits": fits}
+                                   "spectra_cache": cache, "predicted_bytes": peak, "fits": fits,
+                                   "scheduler": where}
             if not fits:
                 rows.append(row)
                 continue
@@ -139,14 +182,21 @@ def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, S
             x = {n: rng.standard_normal((spec.nodes[n].size, *p)).astype(np.float32)
                  for n, p in spec.layout(outsz).input_patch.items()}
             vox = math.prod(outsz)
-            secs, warm, ours = _bench_znn(net, outsz, m, cache, threads, bt, repeat, x)
-            row.update(znn_s=round(secs, 3), znn_vox_s=round(max(1, threads // bt) * vox / secs),
-                       spectra_s=round(warm, 2), peak_rss_so_far=memplan.peak_rss())
+            ours = None
+            if runner is not None:
+                dense = _bench_znn_cluster(runner, net, outsz, m, cache, repeat, seed)
+                row.update(znn_s=dense["seconds"], znn_vox_s=round(dense["voxels_s"]), workers=runner.workers,
+                           blocks=dense["blocks"])
+            else:
+                secs, warm, ours = _bench_znn(net, outsz, m, cache, threads, bt, repeat, x)
+                row.update(znn_s=round(secs, 3), znn_vox_s=round(max(1, threads // bt) * vox / secs),
+                           spectra_s=round(warm, 2), peak_rss_so_far=memplan.peak_rss())
             if tmods is not None:
                 tsecs, theirs = _bench_torch(tmods, net, outsz, threads, repeat, x)
                 row.update(torch_s=round(tsecs, 3), torch_vox_s=round(vox / tsecs),
-                           ratio=round(row["znn_vox_s"] / (vox / tsecs), 2),
-                           max_diff=float(np.abs(ours - theirs).max() / max(1e-30, np.abs(theirs).max())))
+                           ratio=round(row["znn_vox_s"] / (vox / tsecs), 2))
+                if ours is not None:
+                    row["max_diff"] = float(np.abs(ours - theirs).max() / max(1e-30, np.abs(theirs).max()))
             rows.append(row)
             if progress is not None:
                 progress(row)
@@ -182,6 +232,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
         lines.append(f"output voxels/s, {rows[0]['threads']} threads, median of {rows[0]['repeat']}; znn runs "
                      f"{rows[0]['threads']} // thr/block blocks at once, torch one patch with "
                      f"{rows[0]['threads']} intra-op threads; targets znn/torch >= {TARGETS}")
+        if rows[0].get("scheduler", "threads") not in ("threads", "synchronous"):
+            lines.append(f"znn here: dense inference on the dask cluster {rows[0]['scheduler']} "
+                         f"({rows[0].get('workers', '?')} worker(s), one block per single-threaded worker at a time, "
+                         "two blocks per worker), not --threads // thr/block")
     return "\n".join(lines)
 
 
@@ -196,13 +250,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="conv modes (optimize: the planner's cost model per layer)")
     parser.add_argument("--memory", default="16GB", help="memory the blocks may use (default 16GB)")
     parser.add_argument("--no-torch", action="store_true")
+    parser.add_argument("--scheduler", help="threads (default: blocks timed in this process), synchronous, local "
+                                            "(a cluster of --threads single-threaded workers on 127.0.0.1) or a "
+                                            "scheduler address: znn's side is then dense inference on that cluster; "
+                                            "default: dask config znn.scheduler, else threads")
     parser.add_argument("--json", help="also write the rows to this JSON file")
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     sizes = {n: args.outsz for n in NETWORKS} if args.outsz else None
     rows = run_forward_bench(args.nets, sizes, args.threads, args.repeat, args.modes, args.memory,
-                             not args.no_torch, block_threads=args.block_threads,
+                             not args.no_torch, block_threads=args.block_threads, scheduler=args.scheduler,
                              progress=lambda r: print(f"  {r['net']} {r['outsz']}: znn {r.get('znn_vox_s')} vox/s, "
                                                       f"torch {r.get('torch_vox_s')} vox/s", file=sys.stderr,
                                                       flush=True))

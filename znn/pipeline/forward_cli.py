@@ -3,7 +3,8 @@
 The job keys used: ``fnet_spec`` (optional check of the checkpoint), ``forward_net``, ``fdata_spec``,
 ``forward_range``, ``forward_outsz`` (z,y,x or ``auto``: the planner's pick), ``forward_conv_mode``,
 ``output_prefix``, ``output_format``, ``is_bd_mirror``, ``out_type``/``cost_fn`` (for ``--transform auto``),
-``scheduler``, ``num_threads``, ``dtype``, ``spectra_cache``.
+``scheduler`` (``--scheduler`` overrides it; see :func:`~znn.pipeline.schedulers.resolve_scheduler`),
+``num_threads``, ``dtype``, ``spectra_cache``.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from znn.pipeline.inference import (
     output_shape,
     resolve_transform,
 )
+from znn.pipeline.schedulers import add_scheduler_argument
 
 __all__ = ["register", "load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup"]
 
@@ -86,10 +88,16 @@ def _volume_out(job: Job, files: dict[str, list[InputFile]], net: Network) -> tu
     return output_shape(vol, fov, job.is_bd_mirror)  # type: ignore[arg-type]
 
 
-def _in_flight(job: Job) -> int:
+def _threaded(scheduler: str) -> bool:
+    return scheduler == "threads"
+
+
+def _in_flight(job: Job, scheduler: str) -> int:
+    """Blocks in memory at once in one process: one per thread in-process; one per (single-threaded) worker
+    process on a cluster, whose memory the plan is for."""
     from znn.pipeline.schedulers import cores
 
-    return cores(job.num_threads) if job.scheduler in ("threads", "threading", "") else 1
+    return cores(job.num_threads) if _threaded(scheduler) else 1
 
 
 def _input_itemsize(files: dict[str, list[InputFile]]) -> int:
@@ -110,8 +118,12 @@ def default_memory() -> int:
 
 
 def plan_job(job: Job, memory: int | None, net: Network | None = None, sample_id: int | None = None,
-             baseline: int | None = None) -> memplan.MemoryPlan:
-    """The memory plan of the job's network for its first forward sample (or ``sample_id``)."""
+             baseline: int | None = None, scheduler: str | None = None) -> memplan.MemoryPlan:
+    """The memory plan of the job's network for its first forward sample (or ``sample_id``), for the blocks one
+    process holds on ``scheduler`` (resolved with the job's key and dask config when not given)."""
+    from znn.pipeline.schedulers import resolve_scheduler
+
+    scheduler = resolve_scheduler(scheduler, job)
     net = net or load_forward_network(job)
     sample_id = sample_id if sample_id is not None else job.require("forward_range")[0]
     files = sample_inputs(job, net, sample_id)
@@ -120,9 +132,9 @@ def plan_job(job: Job, memory: int | None, net: Network | None = None, sample_id
     cache = None if job.spectra_cache else False
     options: dict[str, Any] = {"volume_out": _volume_out(job, files, net), "itemsize": net.dtype.itemsize,
                                "input_itemsize": _input_itemsize(files), "spectra_cache": cache}
-    if job.scheduler in ("threads", "threading", ""):  # one block per thread, or all threads on bigger blocks
-        return memplan.plan_parallel(net.spec, budget, _in_flight(job), baseline, modes, **options)
-    return memplan.plan_memory(net.spec, budget, _in_flight(job), baseline, modes, **options)
+    if _threaded(scheduler):  # one block per thread, or all threads on bigger blocks
+        return memplan.plan_parallel(net.spec, budget, _in_flight(job, scheduler), baseline, modes, **options)
+    return memplan.plan_memory(net.spec, budget, _in_flight(job, scheduler), baseline, modes, **options)
 
 
 @dataclass
@@ -140,46 +152,58 @@ class ForwardSetup:
 
 def forward_job(job: Job, transform: str = "auto", memory: int | None = None, outsz: Any = None,
                 fresh: bool = False, progress: Any = True,
-                on_setup: Callable[[ForwardSetup], None] | None = None) -> list[InferenceResult]:
-    """Run the job's forward pass over every sample of ``forward_range``; returns one result per sample."""
+                on_setup: Callable[[ForwardSetup], None] | None = None,
+                scheduler: str | None = None) -> list[InferenceResult]:
+    """Run the job's forward pass over every sample of ``forward_range``; returns one result per sample.
+
+    ``scheduler`` (``--scheduler``) overrides the job's key (:func:`~znn.pipeline.schedulers.resolve_scheduler`);
+    one runner (one cluster for ``local``) serves every sample."""
+    from znn.pipeline.schedulers import make_runner, resolve_scheduler
+
+    scheduler = resolve_scheduler(scheduler, job)
     net = load_forward_network(job)
     samples = job.require("forward_range")
     prefix = job.require("output_prefix")
     transform = resolve_transform(transform, net.spec, job.out_type, job.cost_fn)
-    results = []
-    for sample in samples:
-        files = sample_inputs(job, net, sample)
-        patch = outsz or job.forward_outsz
-        plan = None
-        cache = bool(job.spectra_cache)
-        block_threads = 1
-        if patch == "auto" or memory is not None:
-            plan = plan_job(job, memory, net, sample)
-            assert plan.chosen is not None
-            if patch == "auto":
-                patch = plan.chosen.outsz
-                cache = cache and plan.chosen.spectra_cache
-                if job.scheduler in ("threads", "threading", ""):
-                    block_threads = max(1, _in_flight(job) // plan.in_flight)
-            else:
-                est = memplan.block_estimate(net.spec, patch, job.forward_conv_mode if job.forward_conv_mode !=
-                                             "optimize" else "fft", cache, net.dtype.itemsize)
-                if cache and est.total(plan.in_flight, plan.baseline) > plan.budget:
-                    cache = False  # kernel spectra do not fit beside the blocks: recompute them per block
-        patch = tuple(int(v) for v in patch)
-        modes = _modes(job, net, patch, cache)
-        setup = ForwardSetup(sample, patch, cache, modes, transform, plan, block_threads)  # type: ignore[arg-type]
-        if on_setup is not None:
-            on_setup(setup)
-        store = output_paths(prefix, sample, "zarr", net.spec.outputs)
-        store_dir = Path(next(iter(store.values()))).parent
-        result = infer_volume(net, files, store_dir, patch, mirror=job.is_bd_mirror, modes=modes,
-                              transform=transform, scheduler=job.scheduler, num_threads=job.num_threads,
-                              spectra_cache=cache, progress=progress, fresh=fresh, block_threads=block_threads)
-        if job.output_format != "zarr":
-            export_outputs(result, output_paths(prefix, sample, job.output_format, net.spec.outputs))
-        results.append(result)
-    return results
+    with make_runner(scheduler, job.num_threads) as runner:
+        return [_forward_sample(job, net, sample, prefix, transform, memory, outsz, fresh, progress, on_setup,
+                                scheduler, runner) for sample in samples]
+
+
+def _forward_sample(job: Job, net: Network, sample: int, prefix: str, transform: str, memory: int | None,
+                    outsz: Any, fresh: bool, progress: Any, on_setup: Callable[[ForwardSetup], None] | None,
+                    scheduler: str, runner: Any) -> InferenceResult:
+    files = sample_inputs(job, net, sample)
+    patch = outsz or job.forward_outsz
+    plan = None
+    cache = bool(job.spectra_cache)
+    block_threads = 1
+    if patch == "auto" or memory is not None:
+        plan = plan_job(job, memory, net, sample, scheduler=scheduler)
+        assert plan.chosen is not None
+        if patch == "auto":
+            patch = plan.chosen.outsz
+            cache = cache and plan.chosen.spectra_cache
+            if _threaded(scheduler):
+                block_threads = max(1, _in_flight(job, scheduler) // plan.in_flight)
+        else:
+            est = memplan.block_estimate(net.spec, patch, job.forward_conv_mode if job.forward_conv_mode !=
+                                         "optimize" else "fft", cache, net.dtype.itemsize)
+            if cache and est.total(plan.in_flight, plan.baseline) > plan.budget:
+                cache = False  # kernel spectra do not fit beside the blocks: recompute them per block
+    patch = tuple(int(v) for v in patch)
+    modes = _modes(job, net, patch, cache)
+    setup = ForwardSetup(sample, patch, cache, modes, transform, plan, block_threads)  # type: ignore[arg-type]
+    if on_setup is not None:
+        on_setup(setup)
+    store = output_paths(prefix, sample, "zarr", net.spec.outputs)
+    store_dir = Path(next(iter(store.values()))).parent
+    result = infer_volume(net, files, store_dir, patch, mirror=job.is_bd_mirror, modes=modes,
+                          transform=transform, scheduler=runner, num_threads=job.num_threads,
+                          spectra_cache=cache, progress=progress, fresh=fresh, block_threads=block_threads)
+    if job.output_format != "zarr":
+        export_outputs(result, output_paths(prefix, sample, job.output_format, net.spec.outputs))
+    return result
 
 
 # ------------------------------------------------------------------------------------------------------ CLI
@@ -212,11 +236,13 @@ def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Na
     p.add_argument("--outsz", type=_triple_or_auto, help="output block z,y,x (or auto); overrides forward_outsz")
     p.add_argument("--fresh", action="store_true", help="ignore finished blocks and recompute everything")
     p.add_argument("--quiet", action="store_true", help="no progress output")
+    add_scheduler_argument(p)
     q = sub.add_parser("plan", help="predict memory per output block and pick the largest patch that fits",
                        description="Predict the peak memory of dense inference for candidate FFT-friendly output "
                        "patches and pick the largest that fits --memory.")
     q.add_argument("job", help="a .cfg job file")
     q.add_argument("--memory", type=_memory, help="memory budget, e.g. 8GB (default: available memory)")
+    add_scheduler_argument(q)
     return {"forward": _cmd_forward, "plan": _cmd_plan}
 
 
@@ -233,7 +259,8 @@ def _cmd_forward(args: argparse.Namespace) -> int:
               f"{'cached' if setup.spectra_cache else 'recomputed per block'}, transform {setup.transform}{peak}",
               file=sys.stderr, flush=True)
 
-    results = forward_job(job, args.transform, args.memory, args.outsz, args.fresh, not args.quiet, show)
+    results = forward_job(job, args.transform, args.memory, args.outsz, args.fresh, not args.quiet, show,
+                          args.scheduler)
     for r in results:
         print(f"{r.store}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run in "
               f"{r.seconds:.1f} s, {r.voxels_per_second:,.0f} voxels/s", flush=True)
@@ -243,7 +270,7 @@ def _cmd_forward(args: argparse.Namespace) -> int:
 def _cmd_plan(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     try:
-        plan = plan_job(job, args.memory)
+        plan = plan_job(job, args.memory, scheduler=args.scheduler)
     except ShapeError as exc:
         raise ShapeError(f"{args.job}: {exc}") from None
     print(plan.table())

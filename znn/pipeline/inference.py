@@ -12,7 +12,12 @@ at the border, and writes only its own part). Each block is one dask task that
    when the memory plan says they do not fit);
 3. applies the output transform (softmax or sigmoid over channels) and writes its region into the zarr output,
    whose chunks are the output blocks (no two tasks write one chunk), then marks the block done in the manifest
-   (:mod:`znn.pipeline.manifest`).
+   (:mod:`znn.pipeline.manifest`). Chunks are written atomically (:class:`~znn.io.atomic_store.AtomicLocalStore`:
+   a temporary file renamed into place), so a worker killed mid-write never leaves a half-written chunk.
+
+On a dask.distributed cluster, blocks lost with a dead worker (running, or finished but not yet collected) are
+recomputed on the remaining workers by the scheduler; rewriting a block gives the same bytes, and its marker is
+written after its chunk, so the output and the manifest stay right whatever dies when.
 
 Blocks are a dask graph whose tasks return only small statistics, so at most one block per worker thread is in
 memory: memory is bounded by the block size times the blocks in flight, never by the volume.
@@ -547,12 +552,13 @@ _ARRAYS: dict[tuple[str, str], Any] = {}
 
 def _out_array(store: str, node: str) -> Any:
     import zarr
-    from zarr.storage import LocalStore
+
+    from znn.io.atomic_store import AtomicLocalStore
 
     key = (store, node)
     with _OPENED_LOCK:
         if key not in _ARRAYS:
-            _ARRAYS[key] = zarr.open_array(LocalStore(store), path=node, mode="r+")
+            _ARRAYS[key] = zarr.open_array(AtomicLocalStore(store), path=node, mode="r+")
         return _ARRAYS[key]
 
 
@@ -649,6 +655,9 @@ def _prepare_store(store: Path, outputs: Mapping[str, int], out_shape: Triple, o
     import zarr
     from zarr.storage import LocalStore
 
+    from znn.io.atomic_store import AtomicLocalStore, clear_partial
+
+    clear_partial(store)  # temporary files of writers killed mid-write in an earlier run
     arrays = {n: f"{store}/{n}" for n in outputs}
     fresh = not manifest.layout_matches()
     if not fresh:
@@ -661,7 +670,7 @@ def _prepare_store(store: Path, outputs: Mapping[str, int], out_shape: Triple, o
             fresh = True
     if fresh:
         manifest.reset()
-        root = zarr.open_group(LocalStore(store), mode="a")
+        root = zarr.open_group(AtomicLocalStore(store), mode="a")
         for n, maps in outputs.items():
             root.create_array(n, shape=(maps, *out_shape), chunks=(maps, *outsz), dtype=dtype, fill_value=0,
                               overwrite=True)
@@ -741,15 +750,17 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
     if evaluator not in EVALUATORS:
         raise ConfigError(f"evaluator {evaluator!r} is not known; use {' or '.join(EVALUATORS)}")
     token = digest_of({"digest": digest, "outsz": patch, "modes": modes, "cache": spectra_cache, "ev": evaluator})
-    ctx = _Context(token, net, patch, modes, spectra_cache, cache_bytes, sources, offsets, mirror, transform,
-                   str(store), list(outputs), out_shape, digest, layout, dtype, evaluator, max(1, block_threads))
+    # absolute paths: a worker on another machine (with a shared file system) may run in another directory
+    ctx = _Context(token, net, patch, modes, spectra_cache, cache_bytes, _absolute(sources), offsets, mirror,
+                   transform, str(store.absolute()), list(outputs), out_shape, digest, layout, dtype, evaluator,
+                   max(1, block_threads))
     runner = scheduler if isinstance(scheduler, Runner) else make_runner(scheduler, num_threads)
     voxels_todo = sum(int(np.prod([b - a for a, b in zip(lo, hi)])) for _, _, lo, hi in todo)
     if callable(progress) and not isinstance(progress, bool):
         reporter = progress(len(grid), skipped)
     else:
         reporter = Progress(len(grid), "blocks", f"forward {store.name}", initial=skipped, enabled=bool(progress))
-    if runner.distributed and runner.dashboard:
+    if runner.distributed and runner.dashboard and not runner.started_cluster:
         print(f"dask dashboard: {runner.dashboard}", file=getattr(reporter, "stream", None) or sys.stderr, flush=True)
     stats: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -780,6 +791,21 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
                            transform, spectra_cache, modes, stats)
 
 
+def _absolute(sources: Mapping[str, list[_Source]]) -> dict[str, list[_Source]]:
+    """``sources`` with the file of every volume path made absolute (URLs stay as they are)."""
+    from dataclasses import replace
+
+    from znn.io.volume import parse_volume_path
+
+    def absolute(path: str) -> str:
+        if "://" in path:
+            return path
+        vp = parse_volume_path(path)
+        return str(replace(vp, file=vp.file.absolute()))
+
+    return {n: [replace(s, path=absolute(s.path)) for s in srcs] for n, srcs in sources.items()}
+
+
 def _run_blocks(runner: Any, dsk: dict[Any, Any], keys: list[Any], report: Callable[[dict[str, Any]], None],
                 block_threads: int) -> None:
     """Run the block graph: at most one block per ``block_threads`` worker threads at a time (a block task returns
@@ -787,9 +813,13 @@ def _run_blocks(runner: Any, dsk: dict[Any, Any], keys: list[Any], report: Calla
     if runner.distributed:
         from distributed import as_completed
 
-        futures = runner.client.get(dsk, keys, sync=False)
-        for future in as_completed(futures):
-            report(future.result())
+        # Each result is released once collected: the scheduler then forgets it, so a worker dying later costs
+        # only its running block (recomputed on another worker), not blocks already reported.
+        pending = as_completed(runner.client.get(dsk, keys, sync=False))
+        for future in pending:
+            result = future.result()
+            future.release()
+            report(result)
         return
     # BLAS threads for the whole run (set once: threadpoolctl is process-wide, not per thread)
     with threadpool_limits(limits=block_threads), _Progress(report):

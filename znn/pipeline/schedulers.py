@@ -1,5 +1,11 @@
 """Where graphs run: synchronous (debugging), local threads (default) or a dask.distributed cluster.
 
+Which one a command uses is decided here, by :func:`resolve_scheduler`, for every command alike: ``--scheduler``
+on the command line, else the job file's ``scheduler`` key, else dask's configuration (``znn.scheduler``, e.g.
+``DASK_ZNN__SCHEDULER=tcp://host:8786`` or a yaml file in ``~/.config/dask/``; then dask's own
+``scheduler-address``), else ``threads``. A cluster started here (``local``) listens on 127.0.0.1 (dask config
+``znn.local.host`` changes that); TLS comes from dask's ``distributed.comm.tls`` settings for ``tls://`` addresses.
+
 This is the one place that sets thread counts. When dask runs tasks in parallel, BLAS and FFTW inside each task
 run single-threaded, so cores are never oversubscribed (threadpoolctl for BLAS; the ops' FFTs default to one
 thread). Workers of a cluster started here get the same limits through their environment.
@@ -8,6 +14,7 @@ thread). Workers of a cluster started here get the same limits through their env
 from __future__ import annotations
 
 import os
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -20,6 +27,8 @@ from threadpoolctl import threadpool_limits
 from znn.errors import ConfigError
 
 SCHEDULERS = ("synchronous", "threads", "local")
+_ALIASES = {"sync": "synchronous", "single-threaded": "synchronous", "threading": "threads"}
+_HELP = "synchronous, threads, local, or a scheduler address like tcp://127.0.0.1:8786"
 # Single-threaded BLAS/OpenMP in worker processes started by us (distributed sets these too by default).
 _WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
 
@@ -37,6 +46,7 @@ class Runner:
     workers: int
     client: Any = None
     _cluster: Any = field(default=None, repr=False)
+    _owns_client: bool = field(default=False, repr=False)
 
     def get(self, dsk: dict[Any, Any], keys: Any) -> Any:
         # BLAS stays single-threaded inside tasks on every scheduler: parallelism comes from dask, and the same
@@ -67,12 +77,19 @@ class Runner:
         self.client.register_plugin(_WisdomPlugin(pyfftw.export_wisdom()), name="znn-fftw-wisdom")
 
     @property
+    def started_cluster(self) -> bool:
+        """Whether this runner started its own cluster (``local``), which announced its dashboard already."""
+        return self._cluster is not None
+
+    @property
     def dashboard(self) -> str | None:
         return getattr(self.client, "dashboard_link", None) if self.client is not None else None
 
     def close(self) -> None:
-        if self.client is not None and self._cluster is not None:
+        """Close the client and cluster this runner started (a client given to :func:`make_runner` stays open)."""
+        if self.client is not None and self._owns_client:
             self.client.close()
+        if self._cluster is not None:
             self._cluster.close()
         self.client = self._cluster = None
 
@@ -95,34 +112,100 @@ class _WisdomPlugin(WorkerPlugin):  # type: ignore[misc]
         pyfftw.import_wisdom(self.wisdom)
 
 
+def check_scheduler(value: str, where: str = "scheduler") -> str:
+    """``value`` in canonical spelling (aliases such as ``sync`` resolved); ConfigError naming ``where`` if it is
+    neither a known scheduler nor an address."""
+    text = str(value).strip()
+    text = _ALIASES.get(text, text)
+    if text in SCHEDULERS or "://" in text:
+        return text
+    raise ConfigError(f"{where} = {value!r} is not a scheduler; use {_HELP}")
+
+
+def resolve_scheduler(cli_value: str | None = None, job_value: Any = None) -> str:
+    """The scheduler a command runs on: ``cli_value`` (``--scheduler``), else the job file's ``scheduler`` key,
+    else dask configuration ``znn.scheduler``, else dask's ``scheduler-address``, else ``threads``.
+
+    ``job_value`` is the job's value (None when the job does not give one) or the :class:`~znn.io.config.Job`
+    itself, whose ``scheduler`` counts only when the file sets the key (its built-in default does not hide dask's
+    configuration). Returns ``synchronous``, ``threads``, ``local`` or an address; ConfigError for anything else.
+    """
+    if cli_value:
+        return check_scheduler(cli_value, "--scheduler")
+    job_text = _job_scheduler(job_value)
+    if job_text:
+        return check_scheduler(job_text, "scheduler (job file)")
+    configured = dask.config.get("znn.scheduler", None)
+    if configured:
+        return check_scheduler(configured, "znn.scheduler (dask config)")
+    address = dask.config.get("scheduler-address", None)
+    if address:
+        return check_scheduler(address, "scheduler-address (dask config)")
+    return "threads"
+
+
+def _job_scheduler(job: Any) -> str | None:
+    if job is None or isinstance(job, str):
+        return job or None
+    ini = getattr(job, "ini", None)
+    sections = getattr(ini, "sections", None)
+    if sections is not None:  # a Job: only a key the file sets counts
+        from znn.io.config import SECTION
+
+        if "scheduler" not in sections.get(SECTION, {}):
+            return None
+    value = getattr(job, "values", {}).get("scheduler")
+    return str(value) if value else None
+
+
+def add_scheduler_argument(parser: Any) -> None:
+    """``--scheduler`` as every command spells it (resolve the value with :func:`resolve_scheduler`)."""
+    parser.add_argument("--scheduler", metavar="SCHEDULER",
+                        help=f"where the work runs: {_HELP} (local: a cluster of num_threads single-threaded worker "
+                             "processes on 127.0.0.1). Overrides the job's scheduler key; default: the job's key, "
+                             "else dask config znn.scheduler, else threads")
+
+
 def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runner:
     """A runner for ``scheduler``: ``synchronous``, ``threads``, ``local`` (a multi-process cluster on
     127.0.0.1 with ``num_threads`` single-threaded workers), a scheduler address (``tcp://host:8786``) or a
     ``distributed.Client``."""
     n = cores(num_threads)
-    if scheduler in ("synchronous", "sync", "single-threaded"):
+    if scheduler in (None, ""):
+        scheduler = "threads"
+    if isinstance(scheduler, str):
+        scheduler = check_scheduler(scheduler)
+    if scheduler == "synchronous":
         return Runner("synchronous", 1)
-    if scheduler in ("threads", "threading", None, ""):
+    if scheduler == "threads":
         return Runner("threads", n)
-    from distributed import Client, LocalCluster
+    from distributed import Client
 
     if isinstance(scheduler, Client):
         return Runner("distributed", len(scheduler.scheduler_info().get("workers", {})), scheduler)
     if scheduler == "local":
-        with dask.config.set({"distributed.nanny.pre-spawn-environ": _WORKER_ENV}):
-            cluster = LocalCluster(n_workers=n, threads_per_worker=1, host="127.0.0.1", dashboard_address=":0",
-                                   processes=True)
-        client = Client(cluster)
-        return Runner("distributed", n, client, cluster)
-    if isinstance(scheduler, str) and "://" in scheduler:
-        try:
-            client = Client(scheduler, timeout="10s")
-        except OSError as exc:
-            raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one with "
-                              "`dask scheduler` or use scheduler = local") from None
-        return Runner("distributed", len(client.scheduler_info().get("workers", {})), client)
-    raise ConfigError(f"scheduler {scheduler!r} is not known; use synchronous, threads, local or an address "
-                      "like tcp://127.0.0.1:8786")
+        return _local_runner(n)
+    try:
+        client = Client(scheduler, timeout=dask.config.get("znn.connect-timeout", "10s"))
+    except (OSError, TimeoutError) as exc:
+        raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one with "
+                          "`dask scheduler` (see workflows/cluster/) or use scheduler = local") from None
+    return Runner("distributed", len(client.scheduler_info().get("workers", {})), client, _owns_client=True)
+
+
+def _local_runner(n: int) -> Runner:
+    """A LocalCluster of ``n`` single-threaded worker processes; scheduler and dashboard on 127.0.0.1 (dask config
+    ``znn.local.host`` to listen elsewhere)."""
+    from distributed import Client, LocalCluster
+
+    host = str(dask.config.get("znn.local.host", "127.0.0.1"))
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": _WORKER_ENV}):
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1, host=host, dashboard_address=f"{host}:0",
+                               processes=True)
+    client = Client(cluster)
+    print(f"local dask cluster: {n} single-threaded worker process(es), scheduler {cluster.scheduler_address}, "
+          f"dashboard {client.dashboard_link}", file=sys.stderr, flush=True)
+    return Runner("distributed", n, client, cluster, _owns_client=True)
 
 
 @contextmanager

@@ -1,0 +1,227 @@
+"""Dense-inference throughput on 1, 2, ... single-threaded dask worker processes, and the speedup over one.
+
+For each worker count a local dask cluster (`--scheduler local`: worker processes on 127.0.0.1, one thread each)
+runs the same `znn forward` work: :func:`~znn.pipeline.inference.infer_volume` over a synthetic uint8 zarr volume of
+``--blocks`` output blocks of ``--outsz``, writing a zarr output. One untimed run first (each worker plans its FFTs
+and makes its kernel spectra once per process, as a long run would), then ``--repeat`` rounds of timed runs, one
+per worker count in turn (``fresh``: every block recomputed; interleaved, so a change in the machine's load hits
+every count alike); the median is reported as blocks/s, output voxels/s and the speedup over the first worker count.
+Blocks read their input and write their output themselves, so only statistics travel to the driver: the work
+scales as far as the cores do. ``--scheduler ADDRESS`` measures an existing cluster instead (one row).
+
+The default network, ``workflows/cluster/scaling.znn`` (32 maps, 3x3x3 convolutions, one 2x2x2 max filter; FOV
+16^3), costs about 1 s per 48^3 block on one core, far above the ~1 ms a distributed task costs. ``--net n337``
+or ``n726`` uses ZNNi's 80-map networks (about 10 s and 3 GiB of cached kernel spectra per worker at 16^3).
+Run ``znn bench scaling --help``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import shutil
+import statistics
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from znn.bench.forward import NETWORK_DIR, NETWORKS
+from znn.io.netfile import load_network
+from znn.network import Network
+from znn.pipeline import memplan
+from znn.pipeline.inference import infer_volume
+from znn.pipeline.schedulers import Runner, make_runner, resolve_scheduler
+
+__all__ = ["SCALING_NETWORKS", "block_grid_shape", "synthetic_volume", "measure", "run_scaling_bench", "format_table", "add_arguments", "run_from_args"]
+
+SCALING_NETWORKS = {"scaling": Path(__file__).resolve().parents[2] / "workflows" / "cluster" / "scaling.znn",
+                    "tiny3d": NETWORK_DIR / "tiny3d.znn", **NETWORKS}
+
+
+def _grid(blocks: int) -> tuple[int, int, int]:
+    """``blocks`` as a z,y,x grid, as even as its prime factors allow (x the longest)."""
+    grid = [1, 1, 1]
+    n, f, factors = max(1, int(blocks)), 2, []
+    while n > 1:
+        while n % f == 0:
+            factors.append(f)
+            n //= f
+        f += 1
+    for f in sorted(factors, reverse=True):
+        axis = max(i for i in range(3) if grid[i] == min(grid))
+        grid[axis] *= f
+    return grid[0], grid[1], grid[2]
+
+
+def block_grid_shape(blocks: int, outsz: Sequence[int]) -> tuple[int, int, int]:
+    """A volume of ``blocks`` output blocks of ``outsz`` (mirrored borders: the output has the volume's size)."""
+    return tuple(g * int(s) for g, s in zip(_grid(blocks), outsz))  # type: ignore[return-value]
+
+
+def synthetic_volume(path: Path, shape: Sequence[int], seed: int = 0) -> str:
+    """A random uint8 zarr volume of ``shape`` at ``path``; returns its path."""
+    from znn.io.volume import write_volume
+
+    data = np.random.default_rng(seed).integers(0, 256, tuple(shape), dtype=np.uint8)
+    write_volume(path, data, chunks=tuple(min(64, int(s)) for s in shape))
+    return str(path)
+
+
+def _cpu_seconds() -> float:
+    """CPU seconds (user + system) this process has used."""
+    import resource
+
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return float(usage.ru_utime + usage.ru_stime)
+
+
+def _worker_cpu(runner: Runner) -> float:
+    """CPU seconds used so far by the runner's worker processes (this process for in-process runners)."""
+    if runner.client is None:
+        return _cpu_seconds()
+    return float(sum(runner.client.run(_cpu_seconds).values()))
+
+
+def _machine_idle() -> tuple[float, float] | None:
+    """(idle, total) jiffies of all cores since boot (Linux /proc/stat), or None elsewhere."""
+    try:
+        fields = [float(v) for v in Path("/proc/stat").read_text().split("\n")[0].split()[1:]]
+    except (OSError, ValueError, IndexError):
+        return None
+    return fields[3] + fields[4], sum(fields[:8])
+
+
+def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes: Any, spectra_cache: bool,
+         store: Path) -> dict[str, Any]:
+    """One run: its result, and the cores its workers used and the cores the machine left idle meanwhile."""
+    import os
+
+    cpu0, idle0 = _worker_cpu(runner), _machine_idle()
+    result = infer_volume(net, {net.spec.inputs[0]: [volume]}, store, outsz, modes=modes,
+                          spectra_cache=spectra_cache, scheduler=runner, progress=False, fresh=True)
+    cpu1, idle1 = _worker_cpu(runner), _machine_idle()
+    idle = None
+    if idle0 is not None and idle1 is not None and idle1[1] > idle0[1]:
+        idle = (idle1[0] - idle0[0]) / (idle1[1] - idle0[1]) * (os.cpu_count() or 1)
+    return {"result": result, "worker_cores": (cpu1 - cpu0) / max(result.seconds, 1e-9), "idle_cores": idle}
+
+
+def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequence[int], modes: Any,
+            spectra_cache: bool, repeat: int, workdir: Path) -> list[dict[str, Any]]:
+    """Median seconds, blocks/s and voxels/s of dense inference of ``volume`` on each runner: one untimed run each
+    (it warms every worker), then ``repeat`` rounds that time each runner in turn, so a change in the machine's
+    load during the benchmark affects every worker count alike."""
+    firsts = [_run(r, net, volume, outsz, modes, spectra_cache, workdir / f"out-{i}.zarr")
+              for i, r in enumerate(runners)]
+    runs: list[list[dict[str, Any]]] = [[] for _ in runners]
+    for _ in range(repeat):
+        for i, r in enumerate(runners):
+            runs[i].append(_run(r, net, volume, outsz, modes, spectra_cache, workdir / f"out-{i}.zarr"))
+    rows = []
+    for first, timed in zip(firsts, runs):
+        seconds = [t["result"].seconds for t in timed]
+        s = statistics.median(seconds)
+        idle = [t["idle_cores"] for t in timed if t["idle_cores"] is not None]
+        blocks, voxels = first["result"].blocks_run, first["result"].voxels_run
+        rows.append({"blocks": blocks, "voxels": voxels, "warmup_s": round(first["result"].seconds, 2),
+                     "seconds": round(s, 3), "runs_s": [round(v, 2) for v in seconds],
+                     "blocks_s": blocks / s, "voxels_s": voxels / s,
+                     "worker_cores": statistics.median(t["worker_cores"] for t in timed),
+                     "idle_cores": statistics.median(idle) if idle else None})
+    return rows
+
+
+def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 16,
+                      workers: Sequence[int] = (1, 2), repeat: int = 3, modes: str = "optimize",
+                      spectra_cache: bool = True, scheduler: str | None = None, seed: int = 0,
+                      workdir: str | None = None) -> list[dict[str, Any]]:
+    """One row per worker count (or one for the cluster at ``scheduler``), with the speedup over the first row."""
+    spec = load_network(SCALING_NETWORKS[net_name])
+    net = Network.initialise(spec, seed=seed)
+    outsz = (int(side),) * 3
+    shape = block_grid_shape(blocks, outsz)
+    m = memplan.choose_modes(spec, outsz, spectra_cache) if modes == "optimize" else modes
+    where = resolve_scheduler(scheduler, None) if scheduler else "local"
+    tmp = Path(tempfile.mkdtemp(prefix="znn-scaling-", dir=workdir))
+    runners: list[Runner] = []
+    try:
+        volume = synthetic_volume(tmp / "input.zarr", shape, seed)
+        runners = [make_runner("local", n) for n in workers] if where == "local" else [make_runner(where)]
+        measured = measure(runners, net, volume, outsz, m, spectra_cache, repeat, tmp)
+    finally:
+        for r in reversed(runners):  # last started, first closed: each LocalCluster restores the log levels it found
+            r.close()
+        shutil.rmtree(tmp, ignore_errors=True)
+    rows = []
+    for runner, result in zip(runners, measured):
+        rows.append({"net": net_name, "outsz": list(outsz), "volume": list(shape), "workers": runner.workers,
+                     "scheduler": where, "modes": ",".join(sorted(set(m.values()))) if isinstance(m, dict) else m,
+                     "spectra_cache": spectra_cache, "repeat": repeat, **result})
+    for row in rows:
+        row["speedup"] = row["voxels_s"] / rows[0]["voxels_s"]
+        row["efficiency"] = row["speedup"] * rows[0]["workers"] / row["workers"]
+    return rows
+
+
+_COLUMNS = (("workers", "workers", "{}"), ("blocks", "blocks", "{}"), ("seconds", "median s", "{:.2f}"),
+            ("runs_s", "runs s", "{}"), ("blocks_s", "blocks/s", "{:.2f}"), ("voxels_s", "voxels/s", "{:,.0f}"),
+            ("speedup", "speedup", "{:.2f}x"), ("efficiency", "per worker", "{:.0%}"),
+            ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"))
+
+
+def format_table(rows: Sequence[dict[str, Any]]) -> str:
+    header = [t for _, t, _ in _COLUMNS]
+    body = [[" ".join(map(str, r[k])) if isinstance(r[k], list) else "-" if r[k] is None else f.format(r[k])
+             for k, _, f in _COLUMNS] for r in rows]
+    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *body]]
+    if rows:
+        r = rows[0]
+        lines.append(f"net {r['net']}, output blocks {'x'.join(map(str, r['outsz']))}, volume "
+                     f"{'x'.join(map(str, r['volume']))}, conv modes {r['modes']}, kernel spectra "
+                     f"{'cached' if r['spectra_cache'] else 'per block'}; scheduler {r['scheduler']} "
+                     f"(single-threaded worker processes); median of {r['repeat']} runs after a warm-up run; "
+                     f"speedup = voxels/s over the first row; cores used = CPU seconds of the workers / wall "
+                     f"seconds, cores idle = the machine's idle cores meanwhile (medians over the runs): "
+                     f"a speedup below the worker count with no idle core means the machine was busy elsewhere")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--net", choices=sorted(SCALING_NETWORKS), default="scaling",
+                        help="network (default: workflows/cluster/scaling.znn)")
+    parser.add_argument("--outsz", type=int, default=48, help="output block side (default 48)")
+    parser.add_argument("--blocks", type=int, default=16, help="blocks in the volume (default 16; a multiple of "
+                                                               "every worker count keeps workers equally busy)")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--modes", choices=["optimize", "fft", "direct"], default="optimize")
+    parser.add_argument("--no-cache", action="store_true", help="recompute kernel spectra per block")
+    parser.add_argument("--scheduler", help="measure this existing cluster (an address) instead of local clusters "
+                                            "of --workers workers")
+    parser.add_argument("--workdir", help="where the synthetic volume and outputs go (default: the system temp)")
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
+    rows = run_scaling_bench(args.net, args.outsz, args.blocks, args.workers, args.repeat, args.modes,
+                             not args.no_cache, args.scheduler, workdir=args.workdir)
+    print(format_table(rows))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="znn bench scaling", description=(__doc__ or "").split("\n")[0])
+    add_arguments(parser)
+    run_from_args(parser.parse_args(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
