@@ -39,6 +39,7 @@ COMMAND_MODULES = (
     "znn.pipeline.train_cli",
     "znn.pipeline.forward_cli",
     "znn.pipeline.evaluate_cli",
+    "znn.pipeline.workflow_cli",
 )
 
 

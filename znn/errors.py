@@ -17,6 +17,7 @@ __all__ = [
     "NetworkSpecError",
     "SpecFileError",
     "ConfigError",
+    "WorkflowError",
     "CheckpointError",
     "VolumeError",
     "ShapeError",
@@ -51,6 +52,10 @@ class SpecFileError(FormatError):
 
 class ConfigError(FormatError):
     """A `.cfg` job file is malformed."""
+
+
+class WorkflowError(ConfigError):
+    """A batch workflow (`znn run WORKFLOW.yaml`) or its state file is malformed, or steps of it failed."""
 
 
 class CheckpointError(FormatError):

@@ -7,7 +7,7 @@ is checked on reading; an unknown key is reported with the closest known key.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +21,7 @@ COST_FUNCTIONS = ("auto", "square_loss", "binomial_cross_entropy", "softmax_loss
 MALIS_NORMS = ("none", "frac", "num", "pair")
 REBALANCE_MODES = ("none", "global", "patch")
 OUTPUT_FORMATS = ("zarr", "h5", "tif")
+MAX_RANGE = 100_000
 _BOOLEANS = {"yes": True, "true": True, "on": True, "1": True, "no": False, "false": False, "off": False, "0": False}
 
 
@@ -41,6 +42,9 @@ def parse_range(text: str, what: str = "range") -> list[int]:
             raise _Explained(f"{what} {text!r}: {part!r} is not a number or a range like 1-3") from None
         if first < 0 or last < first:
             raise _Explained(f"{what} {text!r}: {part!r} is not an increasing range of ids >= 0")
+        if len(ids) + last - first >= MAX_RANGE:  # ids are [sampleN] sections: this many is a typo, not a list
+            raise _Explained(f"{what} {text!r}: {part!r} makes it more than {MAX_RANGE} samples; write the ids "
+                             "of the .spec file's [sampleN] sections, like 1-3,6")
         ids.update(range(first, last + 1))
     if not ids:
         raise _Explained(f"{what} {text!r} names no sample; write ids like 1-3,6")
@@ -199,9 +203,14 @@ class Job:
         return n if n > 0 else (os.cpu_count() or 1)
 
 
-def load_job(path: str | Path) -> Job:
-    """Read and check the `.cfg` job file at ``path``."""
-    return _job(read_ini(path, ConfigError, "job file (.cfg)"))
+def load_job(path: str | Path, overrides: Mapping[str, str] | None = None) -> Job:
+    """Read and check the `.cfg` job file at ``path``. ``overrides`` (key -> text, as a workflow step sets them)
+    replace the file's values and are checked like them; relative paths among them are resolved against the job
+    file's folder, as the file's own are."""
+    ini = read_ini(path, ConfigError, "job file (.cfg)")
+    if overrides and SECTION in ini.sections:
+        ini.sections[SECTION].update(overrides)
+    return _job(ini)
 
 
 def parse_job(text: str, path: str | Path | None = None) -> Job:
