@@ -131,6 +131,8 @@ def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequenc
                      "seconds": round(s, 3), "runs_s": [round(v, 2) for v in seconds],
                      "blocks_s": blocks / s, "voxels_s": voxels / s,
                      "worker_cores": statistics.median(t["worker_cores"] for t in timed),
+                     "cpu_s_block": statistics.median(t["worker_cores"] * t["result"].seconds / blocks
+                                                      for t in timed),
                      "idle_cores": statistics.median(idle) if idle else None})
     return rows
 
@@ -170,7 +172,8 @@ def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 1
 _COLUMNS = (("workers", "workers", "{}"), ("blocks", "blocks", "{}"), ("seconds", "median s", "{:.2f}"),
             ("runs_s", "runs s", "{}"), ("blocks_s", "blocks/s", "{:.2f}"), ("voxels_s", "voxels/s", "{:,.0f}"),
             ("speedup", "speedup", "{:.2f}x"), ("efficiency", "per worker", "{:.0%}"),
-            ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"))
+            ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"),
+            ("cpu_s_block", "CPU s/block", "{:.3f}"))
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -186,8 +189,10 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{'cached' if r['spectra_cache'] else 'per block'}; scheduler {r['scheduler']} "
                      f"(single-threaded worker processes); median of {r['repeat']} runs after a warm-up run; "
                      f"speedup = voxels/s over the first row; cores used = CPU seconds of the workers / wall "
-                     f"seconds, cores idle = the machine's idle cores meanwhile (medians over the runs): "
-                     f"a speedup below the worker count with no idle core means the machine was busy elsewhere")
+                     f"seconds, cores idle = the machine's idle cores meanwhile, CPU s/block = worker CPU "
+                     f"seconds per block (medians over the runs): a speedup below the worker count with no idle "
+                     f"core and the same CPU s/block means the machine was busy elsewhere, not that the work "
+                     f"stopped dividing")
     return "\n".join(lines)
 
 
