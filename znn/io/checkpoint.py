@@ -9,18 +9,21 @@ renamed, so a crash never leaves a half-written checkpoint.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 
 import h5py
 import numpy as np
 
-from znn.errors import CheckpointError, NetworkSpecError, ZnnFileNotFoundError
+from znn.errors import CheckpointError, NetworkSpecError, ZnnError, ZnnFileNotFoundError
+from znn.io.hdf5 import H5_ERRORS
 from znn.network import Network
 from znn.spec import EdgeGroup, NetworkSpec, NodeGroup
 
 NETWORK = "processing/znn/train/network"
 STATISTICS = "processing/znn/train/statistics"
+MAX_ENTRY = 64  # values in one saved spec entry (a size or stride has 3)
 
 
 def save_checkpoint(path: str | Path, net: Network, statistics: Mapping[str, np.ndarray] | None = None) -> Path:
@@ -92,43 +95,95 @@ def load_checkpoint(path: str | Path, spec: NetworkSpec | None = None,
                     dtype: np.dtype | type = np.float32) -> Network:
     """Load a network. With ``spec``, parameters are checked against it; without, the spec saved in the file is
     used (ZNN stores every group's options beside its parameters)."""
-    path = Path(path)
-    if not path.is_file():
-        raise ZnnFileNotFoundError(f"{path}: network checkpoint not found; give the path of a .h5 checkpoint")
-    try:
-        with h5py.File(path, "r") as f:
-            if NETWORK not in f:
-                raise CheckpointError(f"{path}: no /{NETWORK} group; this is not a ZNN network checkpoint")
-            root = f[NETWORK]
-            spec = spec or _spec_from_file(path, root)
-            net = _parameters(path, root, spec, dtype)
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot be read as HDF5 ({exc}); is it a complete .h5 checkpoint?") from None
+    with _reading(path) as (path, f):
+        root = f.get(NETWORK)
+        if not isinstance(root, h5py.Group):
+            raise CheckpointError(f"{path}: no /{NETWORK} group; this is not a ZNN network checkpoint")
+        spec = spec or _spec_from_file(path, root)
+        net = _parameters(path, root, spec, dtype)
     net.check_shapes(str(path))
     return net
 
 
 def load_statistics(path: str | Path) -> dict[str, np.ndarray]:
     """The learning-curve series saved in a checkpoint, keyed like ``"train/it"`` (empty if none)."""
-    with h5py.File(path, "r") as f:
-        if STATISTICS not in f:
+    out: dict[str, np.ndarray] = {}
+    with _reading(path) as (path, f):
+        group = f.get(STATISTICS)
+        if group is None:
             return {}
-        out: dict[str, np.ndarray] = {}
-        f[STATISTICS].visititems(lambda k, o: out.__setitem__(k, o[()]) if isinstance(o, h5py.Dataset) else None)
-        return out
+        if not isinstance(group, h5py.Group):
+            raise CheckpointError(f"{path}: /{STATISTICS} is not a group of learning-curve series")
+        names: list[str] = []
+        group.visit(names.append)
+        for name in names:
+            node = group.get(name)
+            if isinstance(node, h5py.Dataset):
+                out[name] = _numeric(path, node)
+    return out
+
+
+@contextmanager
+def _reading(path: str | Path) -> Iterator[tuple[Path, h5py.File]]:
+    """Open a checkpoint to read; whatever h5py raises on the way (a damaged file) becomes a CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a .h5 checkpoint; give the path of a .h5 checkpoint")
+    if not path.is_file():
+        raise ZnnFileNotFoundError(f"{path}: network checkpoint not found; give the path of a .h5 checkpoint")
+    try:
+        with h5py.File(path, "r") as f:
+            yield path, f
+    except ZnnError:
+        raise
+    except H5_ERRORS as exc:
+        raise CheckpointError(f"{path}: cannot be read as HDF5 ({type(exc).__name__}: {exc}); is it a complete .h5 "
+                              "checkpoint?") from None
+
+
+def _numeric(path: Path, dset: h5py.Dataset) -> np.ndarray:
+    # Checked on the header before reading: a damaged header can claim any type and any number of values.
+    if dset.dtype.kind not in "fiu" or dset.shape is None:
+        raise CheckpointError(f"{path}: {dset.name} is not a numeric array")
+    if dset.size > max(path.stat().st_size, 1 << 20):
+        raise CheckpointError(f"{path}: {dset.name} claims {dset.shape} values, more than the file can hold; the "
+                              "checkpoint is damaged")
+    data = dset[()]
+    if isinstance(data, np.generic):  # a scalar dataset (the iteration of the learning curve)
+        data = np.asarray(data)
+    return data
 
 
 def _text(group: h5py.Group, key: str, default: str | None = None) -> str:
-    if key not in group:
+    path = Path(group.file.filename)
+    node = group.get(key)
+    if node is None:
         if default is None:
-            raise CheckpointError(f"{group.file.filename}: /{group.name.lstrip('/')} has no {key!r} entry")
+            raise CheckpointError(f"{path}: /{group.name.lstrip('/')} has no {key!r} entry")
         return default
-    value = group[key][()]
+    if not isinstance(node, h5py.Dataset):
+        raise CheckpointError(f"{path}: /{group.name.lstrip('/')}/{key} is a group; expected a string or integers")
+    if node.shape is None or node.size > MAX_ENTRY:  # checked before reading: the header may be damaged
+        raise CheckpointError(f"{path}: {node.name} holds {node.shape} values; a saved network entry is a string "
+                              "or a few integers")
+    value = node[()]
     if isinstance(value, bytes):
-        return value.decode()
-    if isinstance(value, np.ndarray):
-        return ",".join(str(int(v)) for v in value.ravel())
-    return str(value)
+        try:
+            value = value.decode()
+        except UnicodeDecodeError:
+            raise CheckpointError(f"{path}: {node.name} is not UTF-8 text") from None
+    elif isinstance(value, np.ndarray):
+        if value.dtype.kind not in "iu":
+            raise CheckpointError(f"{path}: {node.name} holds {value.dtype} values; expected a string or integers")
+        value = ",".join(str(int(v)) for v in value.ravel())
+    return _word(path, node.name, str(value))
+
+
+def _word(path: Path, where: str, text: str) -> str:
+    """``text`` if it is one word: entries become `.znn` lines, and white space would split or add lines."""
+    if not text or any(c.isspace() for c in text):
+        raise CheckpointError(f"{path}: {where} is {text!r}; a saved network entry is one word without spaces")
+    return text
 
 
 def _spec_from_file(path: Path, root: h5py.Group) -> NetworkSpec:
@@ -136,7 +191,11 @@ def _spec_from_file(path: Path, root: h5py.Group) -> NetworkSpec:
     from znn.io.netfile import parse_network
 
     lines: list[str] = []
-    for name, group in root.items():
+    for name in root:
+        group = root.get(name)
+        if not isinstance(group, h5py.Group):
+            raise CheckpointError(f"{path}: /{NETWORK}/{name} is not a group; every node and edge group is one")
+        _word(path, f"the group name under /{NETWORK}", name)
         kind = _text(group, "group_type")
         if kind == "node":
             lines += [f"nodes {name}", f"type {_text(group, 'type')}", f"size {_text(group, 'size')}"]
@@ -169,8 +228,9 @@ def _parameters(path: Path, root: h5py.Group, spec: NetworkSpec, dtype: np.dtype
         biases[name] = _array(path, group, "biases", dtype)
         bias_m[name] = _array(path, group, "momentum_vol", dtype) if "momentum_vol" in group else np.zeros_like(biases[name])
     net = Network(spec, kernels, biases, kernel_m, bias_m)
+    groups = [g for g in (root.get(name) for name in root) if isinstance(g, h5py.Group)]
     for key in ("eta", "momentum", "weight_decay"):
-        group = next((g for g in root.values() if key in g), None)
+        group = next((g for g in groups if key in g), None)
         if group is not None:
             try:
                 net.hyper[key] = float(_text(group, key))
@@ -180,16 +240,15 @@ def _parameters(path: Path, root: h5py.Group, spec: NetworkSpec, dtype: np.dtype
 
 
 def _group(path: Path, root: h5py.Group, name: str, what: str) -> h5py.Group:
-    if name not in root or not isinstance(root[name], h5py.Group):
+    group = root.get(name)
+    if not isinstance(group, h5py.Group):
         raise CheckpointError(f"{path}: no /{NETWORK}/{name} group for {what} {name!r}; the checkpoint was saved "
                               "for a different network")
-    return root[name]
+    return group
 
 
 def _array(path: Path, group: h5py.Group, key: str, dtype: np.dtype | type) -> np.ndarray:
-    if key not in group or not isinstance(group[key], h5py.Dataset):
+    dset = group.get(key)
+    if not isinstance(dset, h5py.Dataset):
         raise CheckpointError(f"{path}: /{group.name.lstrip('/')} has no {key!r} dataset")
-    data = group[key][()]
-    if not isinstance(data, np.ndarray) or data.dtype.kind not in "fiu":
-        raise CheckpointError(f"{path}: /{group.name.lstrip('/')}/{key} is not a numeric array")
-    return data.astype(dtype)
+    return _numeric(path, dset).astype(dtype)

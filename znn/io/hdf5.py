@@ -6,6 +6,8 @@ Without a dataset name a file must hold exactly one dataset. Lazy reads open the
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,7 @@ import dask.array as da
 import h5py
 import numpy as np
 
-from znn.errors import VolumeError
+from znn.errors import VolumeError, ZnnError
 from znn.io.volume import (
     Chunks,
     VolumePath,
@@ -27,10 +29,13 @@ from znn.io.volume import (
     storage_chunks,
 )
 
-__all__ = ["read", "open", "shape_dtype", "write", "H5BlockReader", "DEFAULT_KEY", "COMPRESSIONS"]
+__all__ = ["read", "open", "shape_dtype", "write", "H5BlockReader", "DEFAULT_KEY", "COMPRESSIONS", "H5_ERRORS"]
 
 DEFAULT_KEY = "main"  # dataset written for a path without ":/dataset"
 COMPRESSIONS = ("gzip", "lzf", "szip")
+# What h5py raises for a damaged or foreign file: HDF5's error codes mapped onto builtins (h5py/_errors.pyx), so
+# the class depends on where the damage is rather than on what is wrong. Readers treat them alike.
+H5_ERRORS = (OSError, RuntimeError, KeyError, ValueError, TypeError, NotImplementedError)
 
 
 def _h5file(path: Path, vp: VolumePath, mode: str = "r") -> h5py.File:
@@ -38,6 +43,18 @@ def _h5file(path: Path, vp: VolumePath, mode: str = "r") -> h5py.File:
         return h5py.File(path, mode)
     except OSError as err:
         raise VolumeError(f"{vp}: not a readable HDF5 file ({err})") from err
+
+
+@contextmanager
+def _reading(vp: VolumePath) -> Iterator[h5py.File]:
+    """The file open to read; whatever h5py raises while it is used becomes a VolumeError naming it."""
+    try:
+        with h5py.File(vp.file, "r") as f:
+            yield f
+    except ZnnError:
+        raise
+    except H5_ERRORS as err:
+        raise VolumeError(f"{vp}: not a readable HDF5 file ({type(err).__name__}: {err})") from err
 
 
 def _datasets(f: h5py.File) -> list[str]:
@@ -65,13 +82,13 @@ def _checked(dset: h5py.Dataset, vp: VolumePath) -> tuple[tuple[int, ...], np.dt
 
 def shape_dtype(vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
     """Shape and dtype of the dataset, from its header."""
-    with _h5file(vp.file, vp) as f:
+    with _reading(vp) as f:
         return _checked(_dataset(f, vp), vp)
 
 
 def read(vp: VolumePath) -> np.ndarray:
     """The whole dataset in its stored dtype."""
-    with _h5file(vp.file, vp) as f:
+    with _reading(vp) as f:
         dset = _dataset(f, vp)
         _checked(dset, vp)
         return np.asarray(dset[()])
@@ -84,13 +101,13 @@ class H5BlockReader:
         self.path, self.key, self.shape, self.dtype, self.ndim = str(path), key, shape, dtype, len(shape)
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        with h5py.File(self.path, "r") as f:
+        with _reading(VolumePath("h5", Path(self.path), self.key.lstrip("/"))) as f:
             return np.asarray(f[self.key][key])
 
 
 def open(vp: VolumePath, chunks: Chunks) -> da.Array:  # noqa: A001 - the backend interface's name
     """Lazy dask array; default blocks are multiples of the stored chunks near ``array.chunk-size``."""
-    with _h5file(vp.file, vp) as f:
+    with _reading(vp) as f:
         dset = _dataset(f, vp)
         shape, dtype = _checked(dset, vp)
         key, stored = dset.name, dset.chunks
@@ -100,7 +117,7 @@ def open(vp: VolumePath, chunks: Chunks) -> da.Array:  # noqa: A001 - the backen
 
 
 def _has_dataset(vp: VolumePath) -> bool:
-    with _h5file(vp.file, vp) as f:
+    with _reading(vp) as f:
         return isinstance(f.get(vp.key), h5py.Dataset)
 
 

@@ -30,12 +30,16 @@ EDGE_REQUIRED = {
 def load_network(path: str | Path) -> NetworkSpec:
     """Parse and validate the `.znn` file at ``path``."""
     path = Path(path)
+    if path.is_dir():
+        raise NetworkSpecError(f"{path}: is a folder, not a .znn network file; give the path of a .znn file")
     if not path.is_file():
         raise ZnnFileNotFoundError(f"{path}: network file not found; give the path of a .znn file")
     try:
         text = path.read_text()
     except UnicodeDecodeError as exc:
         raise NetworkSpecError(f"{path}: not a text .znn network file ({exc.reason})") from None
+    if "\0" in text:
+        raise NetworkSpecError(f"{path}: not a text .znn network file (it holds NUL bytes)")
     return parse_network(text, path)
 
 

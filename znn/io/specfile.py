@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from znn.errors import SpecFileError, VolumeError, ZnnFileNotFoundError, closest
+from znn.errors import SpecFileError, VolumeError, ZnnFileNotFoundError, closest, where
 from znn.io.inifile import IniFile, parse_ini, read_ini
 
 IMAGE_PP = ("none", "standard2D", "standard3D", "symetric_rescale")
@@ -99,6 +99,9 @@ def _spec(ini: IniFile) -> SampleSpec:
             samples[number] = _sample(ini, name, number, pairs)
         else:
             groups[kind][number] = _volume_set(ini, name, kind, number, pairs)
+    if not samples:
+        raise SpecFileError(f"{where(ini.path)}: defines no [sampleN] section; a sample file pairs its [imageN] and "
+                            "[labelN] sections in [sample1], [sample2], ... (see docs/formats.md)")
     spec = SampleSpec(ini.path, groups["image"], groups["label"], groups["mask"], samples)
     for sample in samples.values():
         _check_references(ini, spec, sample)

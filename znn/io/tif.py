@@ -7,7 +7,12 @@ store, reading only the pages (strips, tiles) a block needs.
 
 from __future__ import annotations
 
+import lzma
+import math
+import struct
+import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,10 +21,18 @@ import numpy as np
 import tifffile
 import zarr
 
-from znn.errors import VolumeError
+from znn.errors import VolumeError, ZnnError
 from znn.io.volume import Chunks, VolumePath, atomic_file, check_volume, default_chunks, iter_blocks, lazy_array
 
-__all__ = ["read", "open", "shape_dtype", "write", "TifBlockReader"]
+__all__ = ["read", "open", "shape_dtype", "write", "TifBlockReader", "TIF_ERRORS"]
+
+# What tifffile raises for a damaged or foreign file: TiffFileError (a ValueError) where it checks the structure,
+# and wherever it does not, whatever the parsing or decoding step hit (struct, zlib and lzma errors, a KeyError for a
+# codec it lacks, an IndexError or TypeError for a tag of the wrong kind, ZeroDivisionError for a zero size,
+# RuntimeError for inconsistent pages).
+TIF_ERRORS = (ValueError, TypeError, KeyError, IndexError, ArithmeticError, RuntimeError, OSError, EOFError,
+              struct.error, zlib.error, lzma.LZMAError)
+MAX_SEGMENT = 1 << 24  # pixels in a strip or tile: real ones are far smaller (a 4096 x 4096 tile is this size)
 
 
 def _series(tif: tifffile.TiffFile, vp: VolumePath) -> tifffile.TiffPageSeries:
@@ -28,16 +41,21 @@ def _series(tif: tifffile.TiffFile, vp: VolumePath) -> tifffile.TiffPageSeries:
     return tif.series[0]
 
 
-def _tiff(vp: VolumePath) -> tifffile.TiffFile:
+@contextmanager
+def _reading(vp: VolumePath) -> Iterator[tifffile.TiffFile]:
+    """The file open to read; whatever tifffile raises while it is used becomes a VolumeError naming it."""
     try:
-        return tifffile.TiffFile(vp.file)
-    except tifffile.TiffFileError as err:
-        raise VolumeError(f"{vp}: not a readable TIFF file ({err})") from err
+        with tifffile.TiffFile(vp.file) as tif:
+            yield tif
+    except ZnnError:
+        raise
+    except TIF_ERRORS as err:
+        raise VolumeError(f"{vp}: not a readable TIFF file ({type(err).__name__}: {err})") from err
 
 
 def shape_dtype(vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
     """Shape and dtype of the first series, from the TIFF headers."""
-    with _tiff(vp) as tif:
+    with _reading(vp) as tif:
         series = _series(tif, vp)
         shape, dtype = tuple(int(n) for n in series.shape), np.dtype(series.dtype)
     check_volume(shape, dtype, vp)
@@ -46,7 +64,7 @@ def shape_dtype(vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
 
 def read(vp: VolumePath) -> np.ndarray:
     """The whole first series, shape as recorded in the file."""
-    with _tiff(vp) as tif:
+    with _reading(vp) as tif:
         series = _series(tif, vp)
         check_volume(tuple(int(n) for n in series.shape), np.dtype(series.dtype), vp)
         return np.asarray(series.asarray())
@@ -59,10 +77,16 @@ class TifBlockReader:
         self.path, self.shape, self.dtype, self.ndim = str(path), shape, dtype, len(shape)
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
-        with tifffile.TiffFile(self.path) as tif:
+        vp = VolumePath("tif", Path(self.path))
+        with _reading(vp) as tif:
             store = tif.series[0].aszarr()
             try:
-                return np.asarray(zarr.open_array(store, mode="r")[key])
+                z = zarr.open_array(store, mode="r")
+                # zarr allocates a whole strip or tile per read: one far larger than a page comes from a damaged tag
+                if math.prod(z.chunks[-2:]) > max(math.prod(self.shape[-2:]), MAX_SEGMENT):
+                    raise VolumeError(f"{vp}: a strip or tile of {z.chunks[-2:]} pixels is larger than the "
+                                      f"{self.shape[-2:]} image; the TIFF file is damaged")
+                return np.asarray(z[key])
             finally:
                 store.close()
 

@@ -146,6 +146,9 @@ def _existing(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
     vp = parse_volume_path(path)
     if not vp.file.exists():
         raise ZnnFileNotFoundError(f"{vp.file}: no such file or directory (volume {vp})")
+    if vp.file.is_dir() != (vp.format == "zarr"):
+        what = "a file, but a zarr store is a folder" if vp.format == "zarr" else "a folder, not a file"
+        raise VolumeError(f"{vp.file}: is {what}; check the path and its suffix ({PATH_SYNTAX})")
     return vp
 
 

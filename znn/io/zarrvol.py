@@ -16,13 +16,30 @@ from typing import Any
 import dask.array as da
 import numpy as np
 import zarr
+from dask.base import tokenize
 from zarr.errors import BaseZarrError, NodeNotFoundError
 from zarr.storage import LocalStore
 
-from znn.errors import VolumeError
+from znn.errors import VolumeError, ZnnError
 from znn.io.volume import Chunks, VolumePath, check_volume, exists_error, not_found, storage_chunks
 
-__all__ = ["read", "open", "shape_dtype", "write", "create"]
+__all__ = ["read", "open", "shape_dtype", "write", "create", "ZarrBlockReader", "ZARR_ERRORS"]
+
+# What zarr raises for a damaged or foreign store: metadata that is not JSON or not valid zarr (ValueError, which
+# zarr's own errors are, TypeError or KeyError, depending on the step that meets it), a chunk its codec cannot
+# decode (numcodecs raises RuntimeError) and a metadata file that cannot be read (OSError: a folder in its place).
+ZARR_ERRORS = (ValueError, TypeError, KeyError, IndexError, RuntimeError, OSError)
+
+
+@contextmanager
+def _reading(vp: VolumePath) -> Iterator[None]:
+    """Whatever zarr raises while the block reads ``vp`` becomes a VolumeError naming the store."""
+    try:
+        yield
+    except ZnnError:
+        raise
+    except ZARR_ERRORS as err:
+        raise VolumeError(f"{vp}: not a readable zarr array ({type(err).__name__}: {err})") from err
 
 
 def _arrays(group: zarr.Group) -> list[str]:
@@ -33,7 +50,7 @@ def _arrays(group: zarr.Group) -> list[str]:
 def _store_arrays(vp: VolumePath) -> list[str]:
     try:
         return _arrays(zarr.open_group(LocalStore(vp.file, read_only=True), mode="r"))
-    except (NodeNotFoundError, BaseZarrError):
+    except ZARR_ERRORS:  # no group, or a damaged one: list nothing
         return []
 
 
@@ -62,18 +79,37 @@ def _checked(z: zarr.Array, vp: VolumePath) -> zarr.Array:
 
 def shape_dtype(vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
     """Shape and dtype from the array's metadata."""
-    z = _checked(_array(vp), vp)
-    return tuple(z.shape), np.dtype(z.dtype)
+    with _reading(vp):
+        z = _checked(_array(vp), vp)
+        return tuple(z.shape), np.dtype(z.dtype)
 
 
 def read(vp: VolumePath) -> np.ndarray:
     """The whole array in its stored dtype."""
-    return np.asarray(_checked(_array(vp), vp)[...])
+    with _reading(vp):
+        return np.asarray(_checked(_array(vp), vp)[...])
+
+
+class ZarrBlockReader:
+    """The array for dask, with a damaged chunk reported as a VolumeError naming the store."""
+
+    def __init__(self, z: zarr.Array, vp: VolumePath) -> None:
+        self.z, self.vp, self.shape, self.dtype, self.ndim = z, vp, tuple(z.shape), np.dtype(z.dtype), z.ndim
+
+    def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
+        with _reading(self.vp):
+            return np.asarray(self.z[key])
 
 
 def open(vp: VolumePath, chunks: Chunks) -> da.Array:  # noqa: A001 - the backend interface's name
     """Lazy dask array over the store, one block per stored chunk unless ``chunks`` says otherwise."""
-    return da.from_zarr(_checked(_array(vp), vp), chunks=chunks)
+    with _reading(vp):
+        z = _checked(_array(vp), vp)
+        stored = da.core.normalize_chunks(z.chunks, z.shape, dtype=z.dtype)  # damaged metadata fails here
+    chunks = stored if chunks is None else chunks
+    reader = ZarrBlockReader(z, vp)
+    return da.from_array(reader, chunks, name="from-zarr-" + tokenize(z, chunks), asarray=True, fancy=False,
+                         meta=np.empty((0,) * z.ndim, dtype=z.dtype))
 
 
 def create(vp: VolumePath, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
