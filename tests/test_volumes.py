@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import struct
 import subprocess
 import sys
 import textwrap
@@ -161,6 +162,21 @@ class TestTif(VolumeContract):
     def test_compression_is_h5_only(self, tmp_path: Path) -> None:
         with pytest.raises(VolumeError, match="h5 volumes only"):
             write_volume(self.path(tmp_path), np.zeros((3, 3)), compression="gzip")
+
+    @pytest.mark.parametrize("bits", [0, 65535])
+    def test_first_page_without_a_data_type(self, tmp_path: Path, bits: int) -> None:
+        """tifffile meets a shaped series whose first page has no data type with a bare ``assert``."""
+        path = Path(self.path(tmp_path))
+        write_volume(path, _data((2, 16, 16), "uint16"))
+        raw = bytearray(path.read_bytes())
+        ifd = struct.unpack("<I", raw[4:8])[0]
+        entries = [ifd + 2 + 12 * i for i in range(struct.unpack("<H", raw[ifd:ifd + 2])[0])]
+        bits_per_sample = next(e for e in entries if struct.unpack("<H", raw[e:e + 2])[0] == 258)
+        raw[bits_per_sample + 8:bits_per_sample + 10] = struct.pack("<H", bits)
+        path.write_bytes(raw)
+        for load in (read_volume, lambda p: open_volume(p).compute(scheduler="sync")):
+            with pytest.raises(VolumeError, match=rf"{path.name}: not a readable TIFF file"):
+                load(path)
 
     def test_isbi2012_train_volume(self) -> None:
         path = SHARED / "data" / "isbi2012" / "train-volume.tif"

@@ -29,9 +29,10 @@ __all__ = ["read", "open", "shape_dtype", "write", "TifBlockReader", "TIF_ERRORS
 # What tifffile raises for a damaged or foreign file: TiffFileError (a ValueError) where it checks the structure,
 # and wherever it does not, whatever the parsing or decoding step hit (struct, zlib and lzma errors, a KeyError for a
 # codec it lacks, an IndexError or TypeError for a tag of the wrong kind, ZeroDivisionError for a zero size,
-# RuntimeError for inconsistent pages).
+# RuntimeError for inconsistent pages, and AssertionError where it checks an invariant with ``assert``, as it does
+# for a shaped series whose first page lost its data type).
 TIF_ERRORS = (ValueError, TypeError, KeyError, IndexError, ArithmeticError, RuntimeError, OSError, EOFError,
-              struct.error, zlib.error, lzma.LZMAError)
+              AssertionError, struct.error, zlib.error, lzma.LZMAError)
 MAX_SEGMENT = 1 << 24  # pixels in a strip or tile: real ones are far smaller (a 4096 x 4096 tile is this size)
 
 
