@@ -265,3 +265,75 @@ def test_keys_are_deterministic():
     c = forward_graph(plan, net, {"in": np.zeros(shape, np.float32)})
     assert set(a.dsk) == set(b.dsk) and set(a.dsk) != set(c.dsk)
     assert all(k[0].split("-")[0] in ("kernel", "bias", "input", "xfft", "kfft", "conv", "node") for k in a.dsk)
+
+
+def _step_graph_and_order(runner, priority: bool):
+    """A training step of TWO_INPUTS on ``runner``; the keys in the order their tasks started (local schedulers)."""
+    from dask.callbacks import Callback
+
+    from znn.pipeline.engine import _get
+    from znn.pipeline.graph import step_graph
+
+    spec = parse_network(TWO_INPUTS)
+    net = Network.initialise(spec, seed=0)
+    plan = make_plan(spec, (1, 2, 2))
+    engine = Engine(net, (1, 2, 2), "fft", runner)
+    g, res = step_graph(plan, net, _inputs(engine), _square_loss, Hyper(0.01, 0.9, 0))
+    started: list = []
+    with Callback(pretask=lambda key, dsk, state: started.append(key)):
+        _get(runner, g.dsk, {"cost": res["cost"], "kernels": res["kernels"], "biases": res["biases"]},
+             g.priority if priority else None)
+    return g, started
+
+
+def test_priorities_by_depth_with_updates_lowest():
+    g, _ = _step_graph_and_order(make_runner("synchronous"), True)
+    priority = g.priority
+    assert set(priority) == set(g.dsk)
+    by_op: dict[str, list[int]] = {}
+    for key, (op, _) in g.origin.items():
+        by_op.setdefault(op, []).append(priority[key])
+    forward = [p for op in ("xfft", "kfft", "conv") for p in by_op[op]]
+    backward = [p for op in ("gpre", "gfft", "gx") for p in by_op[op]]
+    assert max(by_op["update"]) < min(by_op["gw"]) < min(forward) <= max(forward) < min(by_op["loss"])
+    assert max(by_op["loss"]) < min(backward)
+    # by depth: ca (depth 1) before out (depth 4) forward, after it backward
+    token = g.token
+    assert priority[(f"conv-ca-{token}", 0)] < priority[(f"conv-out-{token}", 0)]
+    assert priority[(f"gfft-ca-{token}", 0)] > priority[(f"gfft-out-{token}", 0)]
+
+
+@pytest.mark.parametrize("scheduler", ["synchronous", "threads"])
+def test_one_core_runs_the_backward_chain_before_any_update(scheduler):
+    """On one core the ready task of highest priority always runs: every update and kernel gradient waits until
+    the last task of the chain of input gradients has run. dask's own order (no priorities) interleaves them."""
+    runner = make_runner(scheduler, 1)
+    for priority in (True, False):
+        g, started = _step_graph_and_order(runner, priority)
+        ops = [g.origin[k][0] for k in started if k in g.origin]
+        last_chain = max(i for i, op in enumerate(ops) if op in ("gpre", "gfft", "gx"))
+        first_update = min(i for i, op in enumerate(ops) if op in ("update", "gw"))
+        assert (first_update > last_chain) == priority, (scheduler, priority, ops)
+
+
+def test_priorities_reach_the_distributed_scheduler(local_client):
+    """The scheduler orders a task by (-priority, ...): each task of a step arrives with the graph's priority."""
+    from distributed.diagnostics.plugin import SchedulerPlugin
+
+    class Record(SchedulerPlugin):
+        def __init__(self):
+            self.seen = {}
+
+        def transition(self, key, start, finish, *args, **kwargs):
+            if finish == "processing":
+                self.seen[key] = scheduler.tasks[key].priority[0]
+
+    scheduler, plugin = local_client.cluster.scheduler, Record()
+    scheduler.add_plugin(plugin, name="record-priorities")
+    try:
+        g, _ = _step_graph_and_order(make_runner(local_client), True)
+    finally:
+        scheduler.remove_plugin(name="record-priorities")
+    assert len(plugin.seen) > 20 and all(key in g.dsk for key in plugin.seen)
+    assert all(plugin.seen[key] == -g.priority[key] for key in plugin.seen)
+    assert {g.origin[key][0] for key in plugin.seen if key in g.origin} >= {"update", "gw", "gpre", "conv", "loss"}

@@ -122,11 +122,11 @@ class TimingRunner(Runner):
 
     runs: list[GraphRun] = field(default_factory=list)
 
-    def get(self, dsk: dict[Any, Any], keys: Any) -> Any:
+    def get(self, dsk: dict[Any, Any], keys: Any, priority: dict[Any, int] | None = None) -> Any:
         log: list[tuple[Any, float, float]] = []
         timed = {k: _wrap(v, k, log) for k, v in dsk.items()}
         t0 = time.perf_counter()
-        result = super().get(timed, keys)
+        result = super().get(timed, keys, priority)
         wall = time.perf_counter() - t0
         dependencies, _ = get_deps(dsk)
         busy: dict[Any, float] = defaultdict(float)

@@ -54,7 +54,7 @@ class Engine:
         g = forward_graph(self.plan, self.net, self._cast(inputs), training=training, seed=self.seed,
                           step=self.steps, cache=self.cache, threads=self._threads)
         wanted: dict[str, Any] = {"out": {n: g.act[n] for n in self.plan.spec.outputs}, "kspec": g.new_kspec}
-        result = _get(self.runner, g.dsk, wanted)
+        result = _get(self.runner, g.dsk, wanted, g.priority)
         for edge, spectra in result["kspec"].items():
             self.cache.put(edge, self.plan.edges[edge].fft_shape, spectra)  # type: ignore[arg-type]
         return {n: tasks.concat_maps(blocks) for n, blocks in result["out"].items()}
@@ -68,7 +68,7 @@ class Engine:
         wanted = {"cost": res["cost"], "outputs": res["outputs"],
                   "kernels": {e: k for e, k in res["kernels"].items() if e not in frozen},
                   "biases": res["biases"], "kspec": {e: k for e, k in res["kspec"].items() if e in frozen}}
-        result = _get(self.runner, g.dsk, wanted)
+        result = _get(self.runner, g.dsk, wanted, g.priority)
         self._apply(result)
         self.steps += 1
         return float(result["cost"]), {n: tasks.concat_maps(b) for n, b in result["outputs"].items()}
@@ -77,7 +77,8 @@ class Engine:
         """The cost and the gradient of every kernel (by edge) and bias (by node), without updating."""
         g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, Hyper(0.0, 0.0, 0.0), seed=self.seed,
                             step=self.steps, cache=self.cache, threads=self._threads)
-        result = _get(self.runner, g.dsk, {"cost": res["cost"], "kernels": res["kernels"], "biases": res["biases"]})
+        result = _get(self.runner, g.dsk, {"cost": res["cost"], "kernels": res["kernels"], "biases": res["biases"]},
+                      g.priority)
         grads = {name: triple[2] for group in ("kernels", "biases") for name, triple in result[group].items()}
         return float(result["cost"]), grads
 
@@ -125,12 +126,13 @@ def _eta(options: Mapping[str, str], hyper: Hyper) -> float:
     return float(options["eta"]) if "eta" in options else hyper.eta
 
 
-def _get(runner: Runner, dsk: dict[Any, Any], wanted: Any) -> Any:
-    """Compute a nested structure (dicts and lists) of keys, culling the graph to what it needs."""
+def _get(runner: Runner, dsk: dict[Any, Any], wanted: Any, priority: dict[Any, int] | None = None) -> Any:
+    """Compute a nested structure (dicts and lists) of keys, culling the graph to what it needs; ready tasks of
+    higher ``priority`` first."""
     flat: list[Any] = []
     _flatten(wanted, flat)
     needed, _ = cull(dsk, flat)  # type: ignore[no-untyped-call]
-    values = runner.get(needed, flat)
+    values = runner.get(needed, flat, priority)
     return _rebuild(wanted, iter(values))
 
 

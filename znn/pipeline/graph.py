@@ -6,6 +6,11 @@ input block, kernel FFTs of each (input block, output block), and per output blo
 all input blocks followed by one inverse FFT per output map. The input and kernel spectra of the forward pass are
 the ones the backward pass uses; kernel spectra of edges that are not updated can come from a
 :class:`~znn.pipeline.cache.SpectraCache` instead of being recomputed.
+
+Every task has a priority (:func:`task_priorities`; higher runs first among ready tasks), as in ZNN: the forward
+pass by depth, then the loss, then the backward pass from the output down (the chain of input gradients is the
+step's critical path), then kernel gradients, and weight updates last, so they fill cores the critical path leaves
+idle instead of delaying it.
 """
 
 from __future__ import annotations
@@ -42,9 +47,17 @@ class Graph:
     params: dict[str, Key] = field(default_factory=dict)
     whole: dict[str, Key] = field(default_factory=dict)  # direct-mode conv edge -> the layer's one forward task
     threads: int = 1  # cores the graph runs on (workers of a threaded scheduler; 1 for one-thread workers)
+    origin: dict[Key, tuple[str, str]] = field(default_factory=dict)  # task key -> (op, layer) it was made for
 
     def key(self, op: str, layer: str, *index: int) -> Key:
-        return (f"{op}-{layer}-{self.token}", *index)
+        key = (f"{op}-{layer}-{self.token}", *index)
+        self.origin[key] = (op, layer)
+        return key
+
+    @property
+    def priority(self) -> dict[Key, int]:
+        """The priority of every key in the graph (see :func:`task_priorities`)."""
+        return task_priorities(self)
 
     def task_threads(self, width: int) -> int:
         """Threads for each of ``width`` tasks that run side by side: a stage narrower than the machine splits
@@ -214,6 +227,46 @@ def _fuse_into_conv(g: Graph, node: str, edge: str, training: bool) -> None:
         bias = (tasks.take_maps, g.params[node], block) if group.type == "transfer" else None
         g.dsk[keys[b]] = (*g.dsk[keys[b]], group.type, group.function, group.function_args, bias, training)
     g.act[node] = list(keys)
+
+
+# --------------------------------------------------------------------------------------------------------------
+# task priorities
+
+_BACKWARD_OPS = frozenset({"gpre", "gfft", "gx", "gconv"})  # the chain of input gradients, output to input
+_KERNEL_GRADIENT, _UPDATE = -1, -2
+_DATA = 1 << 30  # parameters and inputs: no work, ready at once
+
+
+def layer_depths(spec: Any) -> dict[str, int]:
+    """Depth of each node group (inputs 0, else one more than its deepest input) and of each edge (its output's)."""
+    depth: dict[str, int] = {}
+    for node in spec.order():
+        incoming = spec.incoming[node]
+        depth[node] = 1 + max(depth[spec.edges[e].input] for e in incoming) if incoming else 0
+    depth.update({name: depth[edge.output] for name, edge in spec.edges.items()})
+    return depth
+
+
+def task_priorities(g: Graph) -> dict[Key, int]:
+    """Priorities of the graph's keys: forward tasks their layer's depth d (0..D), the loss D+1, backward tasks
+    2D+2-d (rising toward the input), kernel gradients -1 and updates -2; data keys first of all."""
+    depth = layer_depths(g.plan.spec)
+    top = max(depth.values())
+    priority = dict.fromkeys(g.dsk, _DATA)
+    for key, (op, layer) in g.origin.items():
+        if key not in g.dsk:
+            continue
+        if op == "update":
+            priority[key] = _UPDATE
+        elif op == "gw":
+            priority[key] = _KERNEL_GRADIENT
+        elif op in _BACKWARD_OPS:
+            priority[key] = 2 * top + 2 - depth[layer]
+        elif op in ("loss", "cost"):
+            priority[key] = top + 1
+        elif op not in ("input", "inblock"):
+            priority[key] = depth[layer]
+    return priority
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import dask
+from dask.base import annotate
+from dask.callbacks import Callback, normalize_callback
 from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
@@ -48,16 +50,25 @@ class Runner:
     _cluster: Any = field(default=None, repr=False)
     _owns_client: bool = field(default=False, repr=False)
 
-    def get(self, dsk: dict[Any, Any], keys: Any) -> Any:
+    def get(self, dsk: dict[Any, Any], keys: Any, priority: dict[Any, int] | None = None) -> Any:
+        """Compute ``keys`` of ``dsk``; among ready tasks, those of higher ``priority`` (key -> number, every key
+        of ``dsk``) start first: dask's own order breaks ties, and without it dask's order alone decides."""
         # BLAS stays single-threaded inside tasks on every scheduler: parallelism comes from dask, and the same
         # kernels then give the same bits everywhere (a multi-threaded GEMM may sum in another order).
+        # dask's local schedulers take explicit callbacks instead of the active ones, so those are passed on too
+        ordering = normalize_callback(PriorityOrder(priority)) if priority else None  # type: ignore[no-untyped-call]
+        callbacks = [*Callback.active, ordering] if ordering else None
         if self.kind == "synchronous":
             with threadpool_limits(limits=1):
-                return dask.get(dsk, keys)
+                return dask.get(dsk, keys, callbacks=callbacks)
         if self.kind == "threads":
             with threadpool_limits(limits=1):
-                return dask.threaded.get(dsk, keys, num_workers=self.workers)
-        return self.client.get(dsk, keys)
+                return dask.threaded.get(dsk, keys, num_workers=self.workers, callbacks=callbacks)
+        if not priority:
+            return self.client.get(dsk, keys)
+        # the scheduler calls a callable annotation with each key; a dict's own get needs no znn on the scheduler
+        with annotate(priority=priority.get):
+            return self.client.get(dsk, keys)
 
     @property
     def distributed(self) -> bool:
@@ -98,6 +109,25 @@ class Runner:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+class PriorityOrder(Callback):
+    """Makes dask's local schedulers start the ready task of highest priority first.
+
+    They keep ready tasks in a list ordered by ``dask.order`` and start the last one; after the first tasks are
+    found and after each task finishes (when its dependents became ready) this re-sorts that list by priority.
+    The sort is stable, so dask's order still decides between tasks of equal priority.
+    """
+
+    def __init__(self, priority: dict[Any, int]):
+        super().__init__(start_state=self._sort, posttask=self._after_task)  # type: ignore[no-untyped-call]
+        self.priority = priority
+
+    def _sort(self, dsk: Any, state: dict[str, Any]) -> None:
+        state["ready"].sort(key=self.priority.__getitem__)
+
+    def _after_task(self, key: Any, result: Any, dsk: Any, state: dict[str, Any], worker_id: Any) -> None:
+        self._sort(dsk, state)
 
 
 class _WisdomPlugin(WorkerPlugin):  # type: ignore[misc]
