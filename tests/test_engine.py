@@ -295,12 +295,14 @@ def test_priorities_by_depth_with_updates_lowest():
         by_op.setdefault(op, []).append(priority[key])
     forward = [p for op in ("xfft", "kfft", "conv") for p in by_op[op]]
     backward = [p for op in ("gpre", "gfft", "gx") for p in by_op[op]]
-    assert max(by_op["update"]) < min(by_op["gw"]) < min(forward) <= max(forward) < min(by_op["loss"])
-    assert max(by_op["loss"]) < min(backward)
-    # by depth: ca (depth 1) before out (depth 4) forward, after it backward
+    assert max(by_op["update"]) < min(by_op["gw"]) < min(backward) <= max(backward) <= min(by_op["loss"])
+    assert max(by_op["loss"]) < min(forward)
+    # by depth, the longest chain of work left first: ca (depth 1) before out (depth 4) forward, after it backward;
+    # the kernel spectra of out wait for the forward task of ca
     token = g.token
-    assert priority[(f"conv-ca-{token}", 0)] < priority[(f"conv-out-{token}", 0)]
-    assert priority[(f"gfft-ca-{token}", 0)] > priority[(f"gfft-out-{token}", 0)]
+    assert priority[(f"conv-ca-{token}", 0)] > priority[(f"conv-out-{token}", 0)]
+    assert priority[(f"kfft-out-{token}", 0, 0)] < priority[(f"conv-ca-{token}", 0)]
+    assert priority[(f"gfft-ca-{token}", 0)] < priority[(f"gfft-out-{token}", 0)]
 
 
 @pytest.mark.parametrize("scheduler", ["synchronous", "threads"])

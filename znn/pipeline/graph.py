@@ -7,10 +7,11 @@ all input blocks followed by one inverse FFT per output map. The input and kerne
 the ones the backward pass uses; kernel spectra of edges that are not updated can come from a
 :class:`~znn.pipeline.cache.SpectraCache` instead of being recomputed.
 
-Every task has a priority (:func:`task_priorities`; higher runs first among ready tasks), as in ZNN: the forward
-pass by depth, then the loss, then the backward pass from the output down (the chain of input gradients is the
-step's critical path), then kernel gradients, and weight updates last, so they fill cores the critical path leaves
-idle instead of delaying it.
+Every task has a priority (:func:`task_priorities`; higher runs first among ready tasks), from the depth of its
+layer, as in ZNN: the longer the chain of layers still to run after a task, the sooner it runs (the forward pass
+shallow layers first, so kernel spectra of deep layers fill idle cores instead of delaying layer one; then the
+loss; then the backward chain of input gradients), kernel gradients after that, and weight updates last, so they
+fill cores the critical path leaves idle instead of delaying it.
 """
 
 from __future__ import annotations
@@ -248,8 +249,9 @@ def layer_depths(spec: Any) -> dict[str, int]:
 
 
 def task_priorities(g: Graph) -> dict[Key, int]:
-    """Priorities of the graph's keys: forward tasks their layer's depth d (0..D), the loss D+1, backward tasks
-    2D+2-d (rising toward the input), kernel gradients -1 and updates -2; data keys first of all."""
+    """Priorities of the graph's keys by the depth d of their layer (D the deepest): forward tasks 2D+2-d (there
+    are D-d layers, the loss and the backward pass after them), the loss D+1, backward tasks d (d layers of input
+    gradients still to go), kernel gradients -1 and updates -2 (nothing waits for them); data keys first."""
     depth = layer_depths(g.plan.spec)
     top = max(depth.values())
     priority = dict.fromkeys(g.dsk, _DATA)
@@ -261,11 +263,11 @@ def task_priorities(g: Graph) -> dict[Key, int]:
         elif op == "gw":
             priority[key] = _KERNEL_GRADIENT
         elif op in _BACKWARD_OPS:
-            priority[key] = 2 * top + 2 - depth[layer]
+            priority[key] = depth[layer]
         elif op in ("loss", "cost"):
             priority[key] = top + 1
         elif op not in ("input", "inblock"):
-            priority[key] = depth[layer]
+            priority[key] = 2 * top + 2 - depth[layer]
     return priority
 
 
