@@ -72,14 +72,16 @@ def _three_steps(net: Network, outsz, scheduler, mode="fft"):
     return costs, out, net
 
 
-@pytest.mark.parametrize("name, outsz", [("networks/srini2d.znn", (1, 4, 4)), ("networks/N4_relu.znn", (1, 2, 2)),
-                                         ("networks/VD2D3D.znn", (1, 2, 2)), ("networks/hd3d_strided.znn", (1, 1, 1)),
-                                         ("networks/VD2D.znn", (1, 1, 1))])
-def test_schedulers_agree_bit_for_bit(name, outsz, local_client):
+@pytest.mark.parametrize("name, outsz, mode", [
+    ("networks/srini2d.znn", (1, 4, 4), "fft"), ("networks/N4_relu.znn", (1, 2, 2), "fft"),
+    ("networks/VD2D3D.znn", (1, 2, 2), "fft"), ("networks/hd3d_strided.znn", (1, 1, 1), "fft"),
+    ("networks/VD2D.znn", (1, 1, 1), "fft"), ("networks/N4_relu.znn", (1, 2, 2), "direct"),
+    ("benchmark/3d_3.znn", (1, 1, 1), "direct")])
+def test_schedulers_agree_bit_for_bit(name, outsz, mode, local_client):
     spec = load_network(need(REFERENCE / name))
     net = Network.initialise(spec, seed=3)
-    results = {s: _three_steps(net, outsz, s) for s in ("synchronous", "threads")}
-    results["distributed"] = _three_steps(net, outsz, local_client)
+    results = {s: _three_steps(net, outsz, s, mode) for s in ("synchronous", "threads")}
+    results["distributed"] = _three_steps(net, outsz, local_client, mode)
     base_costs, base_out, base_net = results["synchronous"]
     assert np.isfinite(base_costs).all() and base_costs[0] != base_costs[2]  # the network learned something
     for scheduler, (costs, out, trained) in results.items():
