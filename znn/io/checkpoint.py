@@ -16,7 +16,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from znn.errors import CheckpointError, NetworkSpecError, ZnnError, ZnnFileNotFoundError
+from znn.errors import CheckpointError, NetworkSpecError, ZnnError
+from znn.io.files import existing_file
 from znn.io.hdf5 import H5_ERRORS
 from znn.network import Network
 from znn.spec import EdgeGroup, NetworkSpec, NodeGroup
@@ -126,11 +127,7 @@ def load_statistics(path: str | Path) -> dict[str, np.ndarray]:
 @contextmanager
 def _reading(path: str | Path) -> Iterator[tuple[Path, h5py.File]]:
     """Open a checkpoint to read; whatever h5py raises on the way (a damaged file) becomes a CheckpointError."""
-    path = Path(path)
-    if path.is_dir():
-        raise CheckpointError(f"{path}: is a folder, not a .h5 checkpoint; give the path of a .h5 checkpoint")
-    if not path.is_file():
-        raise ZnnFileNotFoundError(f"{path}: network checkpoint not found; give the path of a .h5 checkpoint")
+    path = existing_file(path, CheckpointError, ".h5 network checkpoint", "give the path of a .h5 checkpoint")
     try:
         with h5py.File(path, "r") as f:
             yield path, f

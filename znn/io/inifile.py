@@ -7,7 +7,8 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from znn.errors import FormatError, ZnnFileNotFoundError, where
+from znn.errors import FormatError, where
+from znn.io.files import read_text
 
 _SECTION = re.compile(r"^\s*\[([^\]]+)\]")
 _KEY = re.compile(r"^([^\s=:#;][^=:]*?)\s*[=:]")
@@ -37,18 +38,7 @@ class IniFile:
 
 def read_ini(path: str | Path, error: type[FormatError], what: str) -> IniFile:
     """Read an INI file; syntax errors become ``error`` naming the file and line."""
-    path = Path(path)
-    if path.is_dir():
-        raise error(f"{path}: is a folder, not a {what}; check the path")
-    if not path.is_file():
-        raise ZnnFileNotFoundError(f"{path}: {what} not found; check the path")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:
-        raise error(f"{path}: not a text {what} ({exc.reason})") from None
-    if "\0" in text:
-        raise error(f"{path}: not a text {what} (it holds NUL bytes)")
-    return parse_ini(text, path, error)
+    return parse_ini(read_text(path, error, what), Path(path), error)
 
 
 def parse_ini(text: str, path: Path | None, error: type[FormatError]) -> IniFile:

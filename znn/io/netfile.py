@@ -9,7 +9,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from znn.errors import NetworkSpecError, ZnnFileNotFoundError, closest, where
+from znn.errors import NetworkSpecError, closest, where
+from znn.io.files import read_text
 from znn.ops.init import INIT_ARG_COUNTS
 from znn.spec import EDGE_TYPES, NODE_TYPES, TRANSFER_FUNCTIONS, EdgeGroup, NetworkSpec, NodeGroup
 
@@ -29,18 +30,7 @@ EDGE_REQUIRED = {
 
 def load_network(path: str | Path) -> NetworkSpec:
     """Parse and validate the `.znn` file at ``path``."""
-    path = Path(path)
-    if path.is_dir():
-        raise NetworkSpecError(f"{path}: is a folder, not a .znn network file; give the path of a .znn file")
-    if not path.is_file():
-        raise ZnnFileNotFoundError(f"{path}: network file not found; give the path of a .znn file")
-    try:
-        text = path.read_text()
-    except UnicodeDecodeError as exc:
-        raise NetworkSpecError(f"{path}: not a text .znn network file ({exc.reason})") from None
-    if "\0" in text:
-        raise NetworkSpecError(f"{path}: not a text .znn network file (it holds NUL bytes)")
-    return parse_network(text, path)
+    return parse_network(read_text(path, NetworkSpecError, ".znn network file", "give the path of a .znn file"), path)
 
 
 def parse_network(text: str, path: str | Path | None = None) -> NetworkSpec:

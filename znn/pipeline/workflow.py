@@ -40,6 +40,7 @@ import yaml
 
 from znn.errors import WorkflowError, ZnnError, closest, where
 from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job
+from znn.io.files import existing_file
 from znn.pipeline.inference import TRANSFORMS
 from znn.pipeline.memplan import parse_bytes
 from znn.pipeline.schedulers import check_scheduler
@@ -173,10 +174,7 @@ _Loader.add_constructor("tag:yaml.org,2002:map", _construct_map)
 
 def read_yaml(path: Path) -> Any:
     """The YAML document of ``path``; WorkflowError naming the file (and line) when it is not safe, text YAML."""
-    if not path.is_file():
-        from znn.errors import ZnnFileNotFoundError
-
-        raise ZnnFileNotFoundError(f"{path}: workflow file not found; check the path")
+    existing_file(path, WorkflowError, "workflow file")
     data = path.read_bytes()
     try:
         if b"\0" in data:
