@@ -220,3 +220,31 @@ def test_engine_optimize_measures_once(spec, tmp_path, monkeypatch):
         assert second.plan.edges[e].mode == first.plan.edges[e].mode
     x = np.random.default_rng(0).normal(size=(2, *second.input_patch["in"])).astype(np.float32)
     assert np.allclose(first.forward({"in": x})["output"], second.forward({"in": x})["output"], atol=1e-5)
+
+
+def test_dense_inference_times_the_phase_evaluator_and_remembers_it(spec, tmp_path, monkeypatch):
+    from znn.pipeline.autotune import inference_modes
+
+    monkeypatch.setenv("ZNN_CACHE_DIR", str(tmp_path))
+    path = tmp_path / "autotune.json"
+    assert inference_modes(spec, OUTSZ, "direct") == "direct"  # a fixed mode measures nothing
+    assert not path.exists()
+    modes = inference_modes(spec, OUTSZ, "optimize", np.float32, spectra_cache=True)
+    entries = json.loads(path.read_text())["entries"]
+    assert sorted(modes) == ["c1", "c2", "c3"] and set(modes.values()) <= {"fft", "direct"}
+    assert len(entries) == 3 and all("pass=phases|" in k for k in entries)
+    assert sorted(e["mode"] for e in entries.values()) == sorted(modes.values())
+    assert all(e["fft_s"] > 0 and e["direct_s"] > 0 for e in entries.values())
+    # kernel spectra made per block are a different problem; a second call reads the file
+    inference_modes(spec, OUTSZ, {"c1": "optimize", "c2": "fft", "c3": "direct"}, np.float32, spectra_cache=False)
+    entries = json.loads(path.read_text())["entries"]
+    assert len(entries) == 4 and sum("pass=phases-uncached|" in k for k in entries) == 1
+    monkeypatch.setattr(autotune, "time_layer", _never)
+    assert inference_modes(spec, OUTSZ, "optimize", np.float32, spectra_cache=True) == modes
+
+
+def test_phase_timing_runs_dilated_layers():
+    problem = LayerProblem(3, 4, (9, 9, 9), (3, 3, 3), (2, 2, 2), "float32", True, training=False,
+                           evaluator="phases")
+    assert problem.pass_name == "phases" and problem.out_extent == (5, 5, 5)
+    assert time_layer(problem, "fft") > 0 and time_layer(problem, "direct") > 0

@@ -272,3 +272,43 @@ def test_scaling_bench_rows_and_volume_grid():
     rows = run_scaling_bench("tiny3d", 8, 4, repeat=1, scheduler="synchronous")
     assert len(rows) == 1 and rows[0]["blocks"] == 4 and rows[0]["speedup"] == 1.0 and rows[0]["voxels_s"] > 0
     assert "voxels/s" in format_table(rows) and "scheduler synchronous" in format_table(rows)
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def test_worker_settings_file_for_hand_started_clusters_equals_the_local_clusters():
+    import yaml
+
+    from znn.pipeline.schedulers import WORKER_SETTINGS
+
+    path = ROOT / "workflows" / "cluster" / "dask-config" / "workers.yaml"
+    assert _flat(yaml.safe_load(path.read_text())) == WORKER_SETTINGS
+
+
+def test_local_cluster_workers_get_the_settings_for_long_tasks_unless_the_user_set_them():
+    from znn.pipeline.schedulers import WORKER_SETTINGS, worker_settings
+
+    def seen_by_worker() -> dict[str, Any]:
+        return {"env": {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")},
+                "profile": dask.config.get("distributed.worker.profile.enabled"),
+                "tick": dask.config.get("distributed.admin.tick.interval")}
+
+    with dask.config.set({"distributed.admin.tick.interval": "300ms"}):  # the user's choice wins
+        assert "distributed.admin.tick.interval" not in worker_settings()
+        assert len(worker_settings()) == len(WORKER_SETTINGS) - 1
+        runner = make_runner("local", 1)
+    try:
+        seen = list(runner.client.run(seen_by_worker).values())
+    finally:
+        runner.close()
+    # no MALLOC_TRIM_THRESHOLD_ (dask sets 65536 by default), no statistical profiler, the user's tick interval
+    assert seen == [{"env": {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}, "profile": False,
+                     "tick": "300ms"}]

@@ -38,6 +38,7 @@ from threadpoolctl import threadpool_limits
 from znn.io.netfile import load_network
 from znn.network import Network
 from znn.pipeline import memplan
+from znn.pipeline.autotune import inference_modes
 from znn.pipeline.inference import PhaseForward
 
 __all__ = ["NETWORKS", "run_forward_bench", "format_table", "add_arguments", "run_from_args"]
@@ -178,6 +179,9 @@ def _forward_rows(nets: Sequence[str], sizes: dict[str, Sequence[int]] | None, t
             if not fits:
                 rows.append(row)
                 continue
+            if modes == "optimize":  # the planner's speed model chose for the memory estimate; now time the layers
+                m = inference_modes(spec, outsz, modes, np.float32, cache)
+                row["modes"] = ",".join(sorted(set(m.values())))
             rng = np.random.default_rng(seed)
             x = {n: rng.standard_normal((spec.nodes[n].size, *p)).astype(np.float32)
                  for n, p in spec.layout(outsz).input_patch.items()}

@@ -32,7 +32,7 @@ import numpy as np
 from znn.bench.forward import NETWORK_DIR, NETWORKS
 from znn.io.netfile import load_network
 from znn.network import Network
-from znn.pipeline import memplan
+from znn.pipeline.autotune import inference_modes
 from znn.pipeline.inference import infer_volume
 from znn.pipeline.schedulers import Runner, make_runner, resolve_scheduler
 
@@ -97,7 +97,8 @@ def _machine_idle() -> tuple[float, float] | None:
 
 def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes: Any, spectra_cache: bool,
          store: Path) -> dict[str, Any]:
-    """One run: its result, and the cores its workers used and the cores the machine left idle meanwhile."""
+    """One run: its result, the cores its workers used and the cores the machine left idle meanwhile, the median
+    seconds of one block, and how busy the workers were (their blocks' seconds / (wall seconds x workers))."""
     import os
 
     cpu0, idle0 = _worker_cpu(runner), _machine_idle()
@@ -107,32 +108,43 @@ def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes:
     idle = None
     if idle0 is not None and idle1 is not None and idle1[1] > idle0[1]:
         idle = (idle1[0] - idle0[0]) / (idle1[1] - idle0[1]) * (os.cpu_count() or 1)
-    return {"result": result, "worker_cores": (cpu1 - cpu0) / max(result.seconds, 1e-9), "idle_cores": idle}
+    block_s = [st["finished"] - st["started"] for st in result.stats]
+    busy = sum(block_s) / max(result.seconds * max(1, runner.workers), 1e-9)
+    return {"result": result, "worker_cores": (cpu1 - cpu0) / max(result.seconds, 1e-9), "idle_cores": idle,
+            "block_s": statistics.median(block_s), "busy": busy}
 
 
 def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequence[int], modes: Any,
             spectra_cache: bool, repeat: int, workdir: Path) -> list[dict[str, Any]]:
-    """Median seconds, blocks/s and voxels/s of dense inference of ``volume`` on each runner: one untimed run each
-    (it warms every worker), then ``repeat`` rounds that time each runner in turn, so a change in the machine's
-    load during the benchmark affects every worker count alike."""
-    firsts = [_run(r, net, volume, outsz, modes, spectra_cache, workdir / f"out-{i}.zarr")
-              for i, r in enumerate(runners)]
+    """Seconds, blocks/s and voxels/s of dense inference of ``volume`` on each runner, and the speedup over the
+    first runner: one untimed run each (it warms every worker), then ``repeat`` rounds that time every runner once,
+    in forward order in even rounds and in reverse order in odd ones (so neither count always runs first after
+    the other). The speedup is the median over rounds of the first runner's seconds over this runner's in the same
+    round: a change in the machine's load between rounds, which moves both alike, cancels out."""
+    def run(i: int) -> dict[str, Any]:
+        return _run(runners[i], net, volume, outsz, modes, spectra_cache, workdir / f"out-{i}.zarr")
+
+    firsts = [run(i) for i in range(len(runners))]
     runs: list[list[dict[str, Any]]] = [[] for _ in runners]
-    for _ in range(repeat):
-        for i, r in enumerate(runners):
-            runs[i].append(_run(r, net, volume, outsz, modes, spectra_cache, workdir / f"out-{i}.zarr"))
+    for k in range(repeat):
+        order = range(len(runners)) if k % 2 == 0 else reversed(range(len(runners)))
+        for i in order:
+            runs[i].append(run(i))
     rows = []
     for first, timed in zip(firsts, runs):
         seconds = [t["result"].seconds for t in timed]
         s = statistics.median(seconds)
         idle = [t["idle_cores"] for t in timed if t["idle_cores"] is not None]
         blocks, voxels = first["result"].blocks_run, first["result"].voxels_run
+        paired = [a["result"].seconds / b["result"].seconds for a, b in zip(runs[0], timed)]
         rows.append({"blocks": blocks, "voxels": voxels, "warmup_s": round(first["result"].seconds, 2),
                      "seconds": round(s, 3), "runs_s": [round(v, 2) for v in seconds],
-                     "blocks_s": blocks / s, "voxels_s": voxels / s,
+                     "blocks_s": blocks / s, "voxels_s": voxels / s, "speedup": statistics.median(paired),
                      "worker_cores": statistics.median(t["worker_cores"] for t in timed),
                      "cpu_s_block": statistics.median(t["worker_cores"] * t["result"].seconds / blocks
                                                       for t in timed),
+                     "block_s": statistics.median(t["block_s"] for t in timed),
+                     "busy": statistics.median(t["busy"] for t in timed),
                      "idle_cores": statistics.median(idle) if idle else None})
     return rows
 
@@ -146,7 +158,7 @@ def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 1
     net = Network.initialise(spec, seed=seed)
     outsz = (int(side),) * 3
     shape = block_grid_shape(blocks, outsz)
-    m = memplan.choose_modes(spec, outsz, spectra_cache) if modes == "optimize" else modes
+    m = inference_modes(spec, outsz, modes, net.dtype, spectra_cache)
     where = resolve_scheduler(scheduler, None) if scheduler else "local"
     tmp = Path(tempfile.mkdtemp(prefix="znn-scaling-", dir=workdir))
     runners: list[Runner] = []
@@ -164,7 +176,6 @@ def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 1
                      "scheduler": where, "modes": ",".join(sorted(set(m.values()))) if isinstance(m, dict) else m,
                      "spectra_cache": spectra_cache, "repeat": repeat, **result})
     for row in rows:
-        row["speedup"] = row["voxels_s"] / rows[0]["voxels_s"]
         row["efficiency"] = row["speedup"] * rows[0]["workers"] / row["workers"]
     return rows
 
@@ -173,7 +184,7 @@ _COLUMNS = (("workers", "workers", "{}"), ("blocks", "blocks", "{}"), ("seconds"
             ("runs_s", "runs s", "{}"), ("blocks_s", "blocks/s", "{:.2f}"), ("voxels_s", "voxels/s", "{:,.0f}"),
             ("speedup", "speedup", "{:.2f}x"), ("efficiency", "per worker", "{:.0%}"),
             ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"),
-            ("cpu_s_block", "CPU s/block", "{:.3f}"))
+            ("cpu_s_block", "CPU s/block", "{:.3f}"), ("block_s", "s/block", "{:.3f}"), ("busy", "busy", "{:.1%}"))
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -188,11 +199,13 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{'x'.join(map(str, r['volume']))}, conv modes {r['modes']}, kernel spectra "
                      f"{'cached' if r['spectra_cache'] else 'per block'}; scheduler {r['scheduler']} "
                      f"(single-threaded worker processes); median of {r['repeat']} runs after a warm-up run; "
-                     f"speedup = voxels/s over the first row; cores used = CPU seconds of the workers / wall "
-                     f"seconds, cores idle = the machine's idle cores meanwhile, CPU s/block = worker CPU "
-                     f"seconds per block (medians over the runs): a speedup below the worker count with no idle "
-                     f"core and the same CPU s/block means the machine was busy elsewhere, not that the work "
-                     f"stopped dividing")
+                     f"speedup = median over the rounds of the first row's seconds / this row's (each round runs "
+                     f"every row once); cores used = CPU seconds of the workers / wall seconds, cores idle = the "
+                     f"machine's idle cores meanwhile, CPU s/block = worker CPU seconds per block, s/block = "
+                     f"seconds of one block from its start to its end on a worker, busy = the blocks' seconds / "
+                     f"(wall seconds x workers), the rest is scheduling (medians over the runs). A speedup below "
+                     f"the worker count with a rising s/block is the workers slowing each other down (shared "
+                     f"caches and memory, other processes on the cores); with a falling busy, it is the scheduler")
     return "\n".join(lines)
 
 

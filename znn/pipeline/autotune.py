@@ -8,6 +8,10 @@ multiplied by how many the graph has; the sum is the work the graph does for the
 layer in one call would mislead: a direct convolution split into blocks of a few output maps runs its
 products far below the speed of one call on all maps, while FFTs of input blocks are shared by all pairs.
 
+Dense inference (:func:`inference_modes`, used by ``znn forward`` for ``forward_conv_mode = optimize``) times the
+layer as its evaluator runs it instead: the phase-FFT convolution (kernel spectra cached or made per block) and
+the direct convolution of one block, single-threaded, as one worker runs it.
+
 Choices are kept in a JSON file (``cache_path``, else ``$ZNN_CACHE_DIR/autotune.json``, else
 ``~/.cache/znn/autotune.json``), keyed by the layer's shape, dilation, dtype, FFTW planner effort and the
 machine (:func:`machine_id`), and written atomically; a later run reads them instead of measuring. A corrupt
@@ -38,7 +42,7 @@ from znn.pipeline.plan import CONV_MODES, make_plan
 from znn.pipeline.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
 
-__all__ = ["LayerProblem", "resolve_modes", "machine_id", "cache_file", "time_layer"]
+__all__ = ["LayerProblem", "resolve_modes", "inference_modes", "machine_id", "cache_file", "time_layer"]
 
 log = logging.getLogger("znn.autotune")
 
@@ -63,12 +67,22 @@ class LayerProblem:
     in_blocks: tuple[tuple[int, int], ...] = ()  # the plan's map blocks of the input and output nodes
     out_blocks: tuple[tuple[int, int], ...] = ()
     training: bool = True  # False: forward passes with cached kernel spectra (inference)
+    # "graph": the training engine's tasks; "phases": dense inference's PhaseForward, with kernel spectra cached
+    # per worker (``cached_spectra``) or made per block
+    evaluator: str = "graph"
+    cached_spectra: bool = True
 
     def __post_init__(self) -> None:
         if not self.in_blocks:
             object.__setattr__(self, "in_blocks", ((0, self.maps_in),))
         if not self.out_blocks:
             object.__setattr__(self, "out_blocks", ((0, self.maps_out),))
+
+    @property
+    def pass_name(self) -> str:
+        if self.evaluator == "phases":
+            return "phases" if self.cached_spectra else "phases-uncached"
+        return "train" if self.training else "forward"
 
     @property
     def out_extent(self) -> Triple:
@@ -79,21 +93,24 @@ class LayerProblem:
         fields = [f"maps={self.maps_in},{self.maps_out}", "in=" + ",".join(map(str, self.in_extent)),
                   "kernel=" + ",".join(map(str, self.kernel)), "dilation=" + ",".join(map(str, self.dilation)),
                   f"blocks={len(self.in_blocks)},{len(self.out_blocks)}", f"dtype={self.dtype}",
-                  f"grad_input={int(self.grad_input)}", "pass=" + ("train" if self.training else "forward"),
+                  f"grad_input={int(self.grad_input)}", f"pass={self.pass_name}",
                   f"planner={fftops.planner_effort()}", f"machine={machine}"]
         return "|".join(fields)
 
 
 def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
                   dtype: Any = np.float32, *, cache_path: str | Path | None = None, repeat: int = 3,
-                  timer: Timer | None = None, training: bool = True) -> dict[str, str]:
+                  timer: Timer | None = None, training: bool = True, evaluator: str = "graph",
+                  spectra_cache: bool = True) -> dict[str, str]:
     """The conv mode of every conv edge group, with ``optimize`` replaced by the faster of fft and direct.
 
     ``modes`` is one mode for all conv edges or a dict per edge (missing edges are ``fft``, as in
     :func:`~znn.pipeline.plan.make_plan`). Layers whose choice is in the cache are not measured; the others
     are timed ``repeat`` times per mode (median; fewer when one mode is clearly slower) and written back.
     ``timer(problem, mode)`` returns the seconds of one run and replaces the real measurement (tests).
-    ``training=False`` times forward passes only, with kernel spectra cached (dense inference).
+    ``training=False`` times forward passes only, with kernel spectra cached; ``evaluator="phases"`` times the
+    dense-inference evaluator (:class:`~znn.pipeline.inference.PhaseForward`) instead, with its kernel spectra
+    cached or (``spectra_cache=False``) made per block.
     """
     wanted = {e: (modes if isinstance(modes, str) else modes.get(e, "fft")) for e in spec.conv_edges()}
     for edge, mode in wanted.items():
@@ -104,7 +121,7 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     todo = [e for e, m in wanted.items() if m == "optimize"]
     if not todo:
         return wanted
-    problems = _problems(spec, output_patch, todo, np.dtype(dtype), training)
+    problems = _problems(spec, output_patch, todo, np.dtype(dtype), training, evaluator, spectra_cache)
     path = cache_file(cache_path)
     machine = machine_id()
     stored = _read(path)
@@ -134,7 +151,7 @@ def _fmt(seconds: Any) -> str:
 
 
 def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[str], dtype: np.dtype[Any],
-              training: bool) -> dict[str, LayerProblem]:
+              training: bool, evaluator: str = "graph", spectra_cache: bool = True) -> dict[str, LayerProblem]:
     plan = make_plan(spec, output_patch, "fft")
     out = {}
     for name in edges:
@@ -142,7 +159,8 @@ def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[st
         n_in, n_out = spec.kernel_shape(name)[:2]
         out[name] = LayerProblem(n_in, n_out, ep.need, edge.size, ep.dilation, dtype.name,
                                  spec.nodes[edge.input].type != "input", tuple(plan.blocks[edge.input]),
-                                 tuple(plan.blocks[edge.output]), training)
+                                 tuple(plan.blocks[edge.output]), training and evaluator == "graph", evaluator,
+                                 spectra_cache)
     return out
 
 
@@ -171,6 +189,11 @@ def time_layer(problem: LayerProblem, mode: str, seed: int = 0) -> float:
     pass) of the layer in ``mode`` (single-threaded tasks): one task of each kind timed, times their number."""
     rng = np.random.default_rng(seed)
     dt = np.dtype(problem.dtype)
+    if problem.evaluator == "phases":
+        x = rng.standard_normal((problem.maps_in, *problem.in_extent)).astype(dt)
+        w = (rng.standard_normal((problem.maps_in, problem.maps_out, *problem.kernel)) * 0.1).astype(dt)
+        with single_threaded_kernels():
+            return _phase_forward(problem, x, w, mode)
     xs = [rng.standard_normal((b - a, *problem.in_extent)).astype(dt) for a, b in problem.in_blocks]
     w = (rng.standard_normal((problem.maps_in, problem.maps_out, *problem.kernel)) * 0.1).astype(dt)
     gys = [rng.standard_normal((b - a, *problem.out_extent)).astype(dt) for a, b in problem.out_blocks]
@@ -217,6 +240,27 @@ def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: lis
     _, t_bwd = _timed(tasks.conv_direct_layer_backward, xs, w, p.in_blocks, gys, lo, p.in_extent, p.in_extent,
                       p.dilation, 1, p.grad_input)
     return t_fwd + t_bwd
+
+
+def _phase_forward(p: LayerProblem, x: np.ndarray, w: np.ndarray, mode: str) -> float:
+    """What :class:`~znn.pipeline.inference.PhaseForward` runs for this layer on one block."""
+    from znn.ops import conv as convops
+    from znn.pipeline.inference import phase_conv_fft, phase_kernel_spectra, phase_shape
+
+    if mode == "direct":
+        return _timed(convops.conv_forward_direct, x, w, p.dilation)[1]
+    wf = phase_kernel_spectra(w, phase_shape(p.in_extent, p.kernel, p.dilation)) if p.cached_spectra else None
+    return _timed(phase_conv_fft, x, w, p.dilation, wf)[1]  # without cached spectra it makes them: timed too
+
+
+def inference_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
+                    dtype: Any = np.float32, spectra_cache: bool = True) -> str | dict[str, str]:
+    """``modes`` for dense inference at ``output_patch``: ``optimize`` resolved per layer by timing the phase
+    evaluator's fft and direct convolutions on the layer's real shapes (remembered in the autotune file)."""
+    if not (modes == "optimize" or (not isinstance(modes, str) and "optimize" in modes.values())):
+        return modes if isinstance(modes, str) else dict(modes)
+    return resolve_modes(spec, output_patch, modes, dtype, training=False, evaluator="phases",
+                         spectra_cache=spectra_cache)
 
 
 # ---------------------------------------------------------------------------------------------- the cache

@@ -71,12 +71,11 @@ def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[Inpu
 
 
 def _modes(job: Job, net: Network, outsz: Any, cache: bool) -> Any:
-    """``forward_conv_mode``; ``optimize`` is resolved per layer by the planner's speed model of the phase
-    evaluator that dense inference runs (the training autotuner times the training engine's kernels instead)."""
-    mode = job.forward_conv_mode
-    if mode != "optimize":
-        return mode
-    return memplan.choose_modes(net.spec, outsz, cache)
+    """``forward_conv_mode``; ``optimize`` is resolved per layer by timing both modes of the phase evaluator that
+    dense inference runs, on this block's shapes (:func:`~znn.pipeline.autotune.inference_modes`)."""
+    from znn.pipeline.autotune import inference_modes
+
+    return inference_modes(net.spec, outsz, job.forward_conv_mode, net.dtype, cache)
 
 
 def _volume_out(job: Job, files: dict[str, list[InputFile]], net: Network) -> tuple[int, int, int]:

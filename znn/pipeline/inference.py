@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import sys
 import threading
 import time
@@ -564,7 +565,7 @@ def _out_array(store: str, node: str) -> Any:
 
 def run_block(ctx: _Context, index: Index, origin: Triple, lo: Triple, hi: Triple) -> dict[str, Any]:
     """The task of one block: read, forward, transform, write its chunk, mark done. Returns small statistics."""
-    t0 = time.perf_counter()
+    started, t0 = time.time(), time.perf_counter()
     engine = _engine(ctx)
     dtype = np.dtype(ctx.dtype)
     inputs = {}
@@ -584,7 +585,8 @@ def run_block(ctx: _Context, index: Index, origin: Triple, lo: Triple, hi: Tripl
     Manifest(ctx.store, ctx.digest, ctx.layout).mark_done(index)
     t3 = time.perf_counter()
     return {"index": index, "voxels": int(np.prod([b - a for a, b in zip(lo, hi)])), "read_s": t1 - t0,
-            "forward_s": t2 - t1, "write_s": t3 - t2}
+            "forward_s": t2 - t1, "write_s": t3 - t2, "started": started, "finished": started + (t3 - t0),
+            "pid": os.getpid()}
 
 
 # ---------------------------------------------------------------------------------------------------- the run
@@ -815,9 +817,8 @@ def _run_blocks(runner: Any, dsk: dict[Any, Any], keys: list[Any], report: Calla
 
         # Each result is released once collected: the scheduler then forgets it, so a worker dying later costs
         # only its running block (recomputed on another worker), not blocks already reported.
-        pending = as_completed(runner.client.get(dsk, keys, sync=False))
-        for future in pending:
-            result = future.result()
+        pending = as_completed(runner.client.get(dsk, keys, sync=False), with_results=True)
+        for future, result in pending:
             future.release()
             report(result)
         return

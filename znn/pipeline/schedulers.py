@@ -8,7 +8,8 @@ on the command line, else the job file's ``scheduler`` key, else dask's configur
 
 This is the one place that sets thread counts. When dask runs tasks in parallel, BLAS and FFTW inside each task
 run single-threaded, so cores are never oversubscribed (threadpoolctl for BLAS; the ops' FFTs default to one
-thread). Workers of a cluster started here get the same limits through their environment.
+thread). Workers of a cluster started here get the same limits through their environment, and dask settings for
+long single-threaded tasks (:data:`WORKER_SETTINGS`).
 """
 
 from __future__ import annotations
@@ -31,8 +32,24 @@ from znn.errors import ConfigError
 SCHEDULERS = ("synchronous", "threads", "local")
 _ALIASES = {"sync": "synchronous", "single-threaded": "synchronous", "threading": "threads"}
 _HELP = "synchronous, threads, local, or a scheduler address like tcp://127.0.0.1:8786"
-# Single-threaded BLAS/OpenMP in worker processes started by us (distributed sets these too by default).
-_WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1"}
+# dask settings for the workers of a cluster started here; workflows/cluster/dask-config/workers.yaml holds the
+# same for clusters started by hand (a test keeps the two equal). dask's defaults suit tasks of milliseconds; a znn
+# task is one block or layer on one thread for 0.1 s to minutes, and these defaults only cost it time. Measured on
+# workflows/cluster/scaling.znn (32^3 blocks, one thread): see workflows/cluster/README.md.
+WORKER_SETTINGS: dict[str, Any] = {
+    # BLAS and OpenMP single-threaded: one block per worker thread, cores never oversubscribed
+    "distributed.nanny.pre-spawn-environ.OMP_NUM_THREADS": 1,
+    "distributed.nanny.pre-spawn-environ.MKL_NUM_THREADS": 1,
+    "distributed.nanny.pre-spawn-environ.OPENBLAS_NUM_THREADS": 1,
+    # dask sets MALLOC_TRIM_THRESHOLD_=65536, which also fixes glibc's mmap threshold at 128 KiB: every array of
+    # every block is then a fresh mmap whose pages fault in again (forward passes 1.5x slower); None unsets it
+    "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_": None,
+    # the statistical profiler samples the compute thread's stack every 10 ms (the dashboard's Profile page)
+    "distributed.worker.profile.enabled": False,
+    # event-loop health checks every 20 ms and psutil readings every 500 ms in every scheduler, nanny and worker
+    "distributed.admin.tick.interval": "1s",
+    "distributed.admin.system-monitor.interval": "2s",
+}
 
 
 def cores(num_threads: int = 0) -> int:
@@ -223,13 +240,27 @@ def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runne
     return Runner("distributed", len(client.scheduler_info().get("workers", {})), client, _owns_client=True)
 
 
+def worker_settings() -> dict[str, Any]:
+    """:data:`WORKER_SETTINGS` less the keys the user set: in a dask yaml file or ``DASK_*`` variable, or in this
+    process to a value other than dask's default. What a user set wins."""
+    defaults = dask.config.merge(*dask.config.defaults)
+    files_and_environment = dask.config.collect()
+    unset = object()
+
+    def user_set(key: str) -> bool:
+        return (dask.config.get(key, unset, config=files_and_environment) is not unset
+                or dask.config.get(key, unset) != dask.config.get(key, unset, config=defaults))
+
+    return {key: value for key, value in WORKER_SETTINGS.items() if not user_set(key)}
+
+
 def _local_runner(n: int) -> Runner:
     """A LocalCluster of ``n`` single-threaded worker processes; scheduler and dashboard on 127.0.0.1 (dask config
     ``znn.local.host`` to listen elsewhere)."""
     from distributed import Client, LocalCluster
 
     host = str(dask.config.get("znn.local.host", "127.0.0.1"))
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": _WORKER_ENV}):
+    with dask.config.set(worker_settings()):  # read by the scheduler and nannies here, passed on to the workers
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, host=host, dashboard_address=f"{host}:0",
                                processes=True)
     client = Client(cluster)
