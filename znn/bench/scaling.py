@@ -1,13 +1,15 @@
 """Dense-inference throughput on 1, 2, ... single-threaded dask worker processes, and the speedup over one.
 
-For each worker count a local dask cluster (`--scheduler local`: worker processes on 127.0.0.1, one thread each)
-runs the same `znn forward` work: :func:`~znn.pipeline.inference.infer_volume` over a synthetic uint8 zarr volume of
-``--blocks`` output blocks of ``--outsz``, writing a zarr output. One untimed run first (each worker plans its FFTs
-and makes its kernel spectra once per process, as a long run would), then ``--repeat`` rounds of timed runs, one
-per worker count in turn (``fresh``: every block recomputed; interleaved, so a change in the machine's load hits
-every count alike); the median is reported as blocks/s, output voxels/s and the speedup over the first worker count.
-Blocks read their input and write their output themselves, so only statistics travel to the driver: the work
-scales as far as the cores do. ``--scheduler ADDRESS`` measures an existing cluster instead (one row).
+One local dask cluster (`--scheduler local`: worker processes on 127.0.0.1, one thread each, with znn's worker
+settings; ``--settings znn dask`` adds one with dask's defaults) of the most workers asked for runs the same
+`znn forward` work on its first 1, 2, ... workers (the others idle):
+:func:`~znn.pipeline.inference.infer_volume` over a synthetic uint8 zarr volume of ``--blocks`` output blocks of
+``--outsz``, writing a zarr output. One untimed run first (each worker plans its FFTs and makes its kernel spectra
+once per process, as a long run would), then ``--repeat`` rounds of timed runs, every worker count once per round
+(``fresh``: every block recomputed); medians are reported as blocks/s and output voxels/s, and the speedup over
+the first worker count as the median of the per-round ratios, so a change in the machine's load between rounds
+cancels out. Blocks read their input and write their output themselves, so only statistics travel to the driver:
+the work scales as far as the cores do. ``--scheduler ADDRESS`` measures an existing cluster instead (one row).
 
 The default network, ``workflows/cluster/scaling.znn`` (32 maps, 3x3x3 convolutions, one 2x2x2 max filter; FOV
 16^3), costs about 1 s per 48^3 block on one core, far above the ~1 ms a distributed task costs. ``--net n337``
@@ -34,7 +36,7 @@ from znn.io.netfile import load_network
 from znn.network import Network
 from znn.pipeline.autotune import inference_modes
 from znn.pipeline.inference import infer_volume
-from znn.pipeline.schedulers import Runner, make_runner, resolve_scheduler
+from znn.pipeline.schedulers import Runner, local_runner, make_runner, resolve_scheduler
 
 __all__ = ["SCALING_NETWORKS", "block_grid_shape", "synthetic_volume", "measure", "run_scaling_bench", "format_table", "add_arguments", "run_from_args"]
 
@@ -83,7 +85,8 @@ def _worker_cpu(runner: Runner) -> float:
     """CPU seconds used so far by the runner's worker processes (this process for in-process runners)."""
     if runner.client is None:
         return _cpu_seconds()
-    return float(sum(runner.client.run(_cpu_seconds).values()))
+    only = list(runner.only_workers) if runner.only_workers else None
+    return float(sum(runner.client.run(_cpu_seconds, workers=only).values()))
 
 
 def _machine_idle() -> tuple[float, float] | None:
@@ -115,12 +118,15 @@ def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes:
 
 
 def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequence[int], modes: Any,
-            spectra_cache: bool, repeat: int, workdir: Path) -> list[dict[str, Any]]:
-    """Seconds, blocks/s and voxels/s of dense inference of ``volume`` on each runner, and the speedup over the
-    first runner: one untimed run each (it warms every worker), then ``repeat`` rounds that time every runner once,
+            spectra_cache: bool, repeat: int, workdir: Path,
+            baselines: Sequence[int] | None = None) -> list[dict[str, Any]]:
+    """Seconds, blocks/s and voxels/s of dense inference of ``volume`` on each runner, and the speedup over its
+    baseline runner (``baselines[i]``, by default the first): one untimed run each (it warms every worker), then ``repeat`` rounds that time every runner once,
     in forward order in even rounds and in reverse order in odd ones (so neither count always runs first after
-    the other). The speedup is the median over rounds of the first runner's seconds over this runner's in the same
+    the other). The speedup is the median over rounds of the baseline's seconds over this runner's in the same
     round: a change in the machine's load between rounds, which moves both alike, cancels out."""
+    baselines = list(baselines) if baselines is not None else [0] * len(runners)
+
     def run(i: int) -> dict[str, Any]:
         return _run(runners[i], net, volume, outsz, modes, spectra_cache, workdir / f"out-{i}.zarr")
 
@@ -131,12 +137,12 @@ def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequenc
         for i in order:
             runs[i].append(run(i))
     rows = []
-    for first, timed in zip(firsts, runs):
+    for first, timed, base in zip(firsts, runs, baselines):
         seconds = [t["result"].seconds for t in timed]
         s = statistics.median(seconds)
         idle = [t["idle_cores"] for t in timed if t["idle_cores"] is not None]
         blocks, voxels = first["result"].blocks_run, first["result"].voxels_run
-        paired = [a["result"].seconds / b["result"].seconds for a, b in zip(runs[0], timed)]
+        paired = [a["result"].seconds / b["result"].seconds for a, b in zip(runs[base], timed)]
         rows.append({"blocks": blocks, "voxels": voxels, "warmup_s": round(first["result"].seconds, 2),
                      "seconds": round(s, 3), "runs_s": [round(v, 2) for v in seconds],
                      "blocks_s": blocks / s, "voxels_s": voxels / s, "speedup": statistics.median(paired),
@@ -152,8 +158,9 @@ def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequenc
 def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 16,
                       workers: Sequence[int] = (1, 2), repeat: int = 3, modes: str = "optimize",
                       spectra_cache: bool = True, scheduler: str | None = None, seed: int = 0,
-                      workdir: str | None = None) -> list[dict[str, Any]]:
-    """One row per worker count (or one for the cluster at ``scheduler``), with the speedup over the first row."""
+                      workdir: str | None = None, settings: Sequence[str] = ("znn",)) -> list[dict[str, Any]]:
+    """One row per worker count and worker settings (``znn``: the local clusters znn starts; ``dask``: dask's
+    defaults), or one for the cluster at ``scheduler``, with the speedup over the first row of its settings."""
     spec = load_network(SCALING_NETWORKS[net_name])
     net = Network.initialise(spec, seed=seed)
     outsz = (int(side),) * 3
@@ -162,25 +169,36 @@ def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 1
     where = resolve_scheduler(scheduler, None) if scheduler else "local"
     tmp = Path(tempfile.mkdtemp(prefix="znn-scaling-", dir=workdir))
     runners: list[Runner] = []
+    clusters: list[Runner] = []
     try:
         volume = synthetic_volume(tmp / "input.zarr", shape, seed)
-        runners = [make_runner("local", n) for n in workers] if where == "local" else [make_runner(where)]
-        measured = measure(runners, net, volume, outsz, m, spectra_cache, repeat, tmp)
+        if where == "local":
+            # one cluster of the most workers per settings, each count run on its first workers: a cluster per
+            # count would leave the others' idle processes (and schedulers, in this process) on the cores
+            kinds = [(s, n) for s in settings for n in workers]
+            clusters = [local_runner(max(workers), tuned=kind == "znn") for kind in settings]
+            runners = [clusters[settings.index(kind)].on_workers(n) for kind, n in kinds]
+        else:
+            kinds, clusters = [("-", 0)], [make_runner(where)]
+            runners = clusters[:]
+        baselines = [next(j for j, (t, _) in enumerate(kinds) if t == kind) for kind, _ in kinds]
+        measured = measure(runners, net, volume, outsz, m, spectra_cache, repeat, tmp, baselines)
     finally:
-        for r in reversed(runners):  # last started, first closed: each LocalCluster restores the log levels it found
+        for r in reversed(clusters):  # last started, first closed: each LocalCluster restores the log levels it found
             r.close()
         shutil.rmtree(tmp, ignore_errors=True)
     rows = []
-    for runner, result in zip(runners, measured):
+    for runner, result, (kind, _) in zip(runners, measured, kinds):
         rows.append({"net": net_name, "outsz": list(outsz), "volume": list(shape), "workers": runner.workers,
+                     "settings": kind,
                      "scheduler": where, "modes": ",".join(sorted(set(m.values()))) if isinstance(m, dict) else m,
                      "spectra_cache": spectra_cache, "repeat": repeat, **result})
-    for row in rows:
-        row["efficiency"] = row["speedup"] * rows[0]["workers"] / row["workers"]
+    for row, base in zip(rows, baselines):
+        row["efficiency"] = row["speedup"] * rows[base]["workers"] / row["workers"]
     return rows
 
 
-_COLUMNS = (("workers", "workers", "{}"), ("blocks", "blocks", "{}"), ("seconds", "median s", "{:.2f}"),
+_COLUMNS = (("settings", "settings", "{}"), ("workers", "workers", "{}"), ("blocks", "blocks", "{}"), ("seconds", "median s", "{:.2f}"),
             ("runs_s", "runs s", "{}"), ("blocks_s", "blocks/s", "{:.2f}"), ("voxels_s", "voxels/s", "{:,.0f}"),
             ("speedup", "speedup", "{:.2f}x"), ("efficiency", "per worker", "{:.0%}"),
             ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"),
@@ -199,8 +217,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"{'x'.join(map(str, r['volume']))}, conv modes {r['modes']}, kernel spectra "
                      f"{'cached' if r['spectra_cache'] else 'per block'}; scheduler {r['scheduler']} "
                      f"(single-threaded worker processes); median of {r['repeat']} runs after a warm-up run; "
-                     f"speedup = median over the rounds of the first row's seconds / this row's (each round runs "
-                     f"every row once); cores used = CPU seconds of the workers / wall seconds, cores idle = the "
+                     f"speedup = median over the rounds of the seconds of the first row with the same worker "
+                     f"settings / this row's (each round runs every row once; settings znn: what znn gives the "
+                     f"workers it starts, dask: dask's defaults); cores used = CPU seconds of the workers / wall seconds, cores idle = the "
                      f"machine's idle cores meanwhile, CPU s/block = worker CPU seconds per block, s/block = "
                      f"seconds of one block from its start to its end on a worker, busy = the blocks' seconds / "
                      f"(wall seconds x workers), the rest is scheduling (medians over the runs). A speedup below "
@@ -219,15 +238,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--modes", choices=["optimize", "fft", "direct"], default="optimize")
     parser.add_argument("--no-cache", action="store_true", help="recompute kernel spectra per block")
-    parser.add_argument("--scheduler", help="measure this existing cluster (an address) instead of local clusters "
-                                            "of --workers workers")
+    parser.add_argument("--scheduler", help="measure this existing cluster (an address) instead of a local cluster "
+                                            "of max(--workers) workers")
+    parser.add_argument("--settings", nargs="+", choices=["znn", "dask"], default=["znn"],
+                        help="worker settings of the local clusters: znn (znn.pipeline.schedulers.WORKER_SETTINGS, "
+                             "the default) and/or dask (dask's defaults), measured side by side")
     parser.add_argument("--workdir", help="where the synthetic volume and outputs go (default: the system temp)")
     parser.add_argument("--json", help="also write the rows to this JSON file")
 
 
 def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows = run_scaling_bench(args.net, args.outsz, args.blocks, args.workers, args.repeat, args.modes,
-                             not args.no_cache, args.scheduler, workdir=args.workdir)
+                             not args.no_cache, args.scheduler, workdir=args.workdir, settings=args.settings)
     print(format_table(rows))
     if args.json:
         Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))

@@ -762,7 +762,7 @@ def infer_volume(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], 
         reporter = progress(len(grid), skipped)
     else:
         reporter = Progress(len(grid), "blocks", f"forward {store.name}", initial=skipped, enabled=bool(progress))
-    if runner.distributed and runner.dashboard and not runner.started_cluster:
+    if progress is not False and runner.distributed and runner.dashboard and not runner.started_cluster:
         print(f"dask dashboard: {runner.dashboard}", file=getattr(reporter, "stream", None) or sys.stderr, flush=True)
     stats: list[dict[str, Any]] = []
     lock = threading.Lock()
@@ -817,8 +817,9 @@ def _run_blocks(runner: Any, dsk: dict[Any, Any], keys: list[Any], report: Calla
 
         # Each result is released once collected: the scheduler then forgets it, so a worker dying later costs
         # only its running block (recomputed on another worker), not blocks already reported.
-        pending = as_completed(runner.client.get(dsk, keys, sync=False), with_results=True)
-        for future, result in pending:
+        pending = as_completed(runner.client.get(dsk, keys, sync=False, workers=runner.only_workers))
+        for future in pending:
+            result = future.result()
             future.release()
             report(result)
         return

@@ -66,6 +66,8 @@ class Runner:
     client: Any = None
     _cluster: Any = field(default=None, repr=False)
     _owns_client: bool = field(default=False, repr=False)
+    # on a cluster: the worker addresses tasks may run on (None: any worker)
+    only_workers: tuple[str, ...] | None = None
 
     def get(self, dsk: dict[Any, Any], keys: Any, priority: dict[Any, int] | None = None) -> Any:
         """Compute ``keys`` of ``dsk``; among ready tasks, those of higher ``priority`` (key -> number, every key
@@ -82,10 +84,21 @@ class Runner:
             with threadpool_limits(limits=1):
                 return dask.threaded.get(dsk, keys, num_workers=self.workers, callbacks=callbacks)
         if not priority:
-            return self.client.get(dsk, keys)
+            return self.client.get(dsk, keys, workers=self.only_workers)
         # the scheduler calls a callable annotation with each key; a dict's own get needs no znn on the scheduler
         with annotate(priority=priority.get):
-            return self.client.get(dsk, keys)
+            return self.client.get(dsk, keys, workers=self.only_workers)
+
+    def on_workers(self, count: int) -> "Runner":
+        """A runner for the first ``count`` workers (by address) of this cluster: the others stay idle. It shares
+        this runner's client; closing it closes nothing. Tasks restricted to some workers are assigned to them as
+        they are submitted, not queued for the next free one, so they can end unevenly; with every worker there
+        is no restriction."""
+        addresses = sorted(self.client.scheduler_info()["workers"])
+        if not 0 < count <= len(addresses):
+            raise ConfigError(f"cannot run on {count} of the cluster's {len(addresses)} workers")
+        only = tuple(addresses[:count]) if count < len(addresses) else None
+        return Runner("distributed", count, self.client, only_workers=only)
 
     @property
     def distributed(self) -> bool:
@@ -231,7 +244,7 @@ def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runne
     if isinstance(scheduler, Client):
         return Runner("distributed", len(scheduler.scheduler_info().get("workers", {})), scheduler)
     if scheduler == "local":
-        return _local_runner(n)
+        return local_runner(n)
     try:
         client = Client(scheduler, timeout=dask.config.get("znn.connect-timeout", "10s"))
     except (OSError, TimeoutError) as exc:
@@ -254,13 +267,14 @@ def worker_settings() -> dict[str, Any]:
     return {key: value for key, value in WORKER_SETTINGS.items() if not user_set(key)}
 
 
-def _local_runner(n: int) -> Runner:
+def local_runner(n: int, tuned: bool = True) -> Runner:
     """A LocalCluster of ``n`` single-threaded worker processes; scheduler and dashboard on 127.0.0.1 (dask config
-    ``znn.local.host`` to listen elsewhere)."""
+    ``znn.local.host`` to listen elsewhere). ``tuned=False`` leaves out :data:`WORKER_SETTINGS` (dask's defaults:
+    ``znn bench scaling --settings`` compares the two)."""
     from distributed import Client, LocalCluster
 
     host = str(dask.config.get("znn.local.host", "127.0.0.1"))
-    with dask.config.set(worker_settings()):  # read by the scheduler and nannies here, passed on to the workers
+    with dask.config.set(worker_settings() if tuned else {}):  # read by the scheduler and nannies here, passed on
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, host=host, dashboard_address=f"{host}:0",
                                processes=True)
     client = Client(cluster)
