@@ -312,3 +312,20 @@ def test_local_cluster_workers_get_the_settings_for_long_tasks_unless_the_user_s
     # no MALLOC_TRIM_THRESHOLD_ (dask sets 65536 by default), no statistical profiler, the user's tick interval
     assert seen == [{"env": {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}, "profile": False,
                      "tick": "300ms"}]
+
+
+def test_runner_on_some_workers_runs_every_block_there(tmp_path, local_client):
+    net = Network.initialise(load_network(TINY3D), seed=3)
+    write_volume(tmp_path / "in.zarr", np.random.default_rng(2).integers(0, 255, (8, 24, 24), dtype=np.uint8))
+    files = {"input": [str(tmp_path / "in.zarr")]}
+    cluster = make_runner(local_client)
+    one, both = cluster.on_workers(1), cluster.on_workers(2)
+    assert one.workers == 1 and len(one.only_workers) == 1 and both.only_workers is None
+    pids = local_client.run(os.getpid)
+    got = infer_volume(net, files, tmp_path / "one.zarr", (4, 8, 8), scheduler=one, progress=False)
+    assert got.blocks_run == 18 and {s["pid"] for s in got.stats} == {pids[one.only_workers[0]]}
+    assert all(s["finished"] >= s["started"] for s in got.stats)
+    one.close()  # a view: the cluster's client stays open
+    assert local_client.status == "running"
+    with pytest.raises(ConfigError, match="3 of the cluster's 2 workers"):
+        cluster.on_workers(3)
