@@ -121,10 +121,11 @@ def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequenc
             spectra_cache: bool, repeat: int, workdir: Path,
             baselines: Sequence[int] | None = None) -> list[dict[str, Any]]:
     """Seconds, blocks/s and voxels/s of dense inference of ``volume`` on each runner, and the speedup over its
-    baseline runner (``baselines[i]``, by default the first): one untimed run each (it warms every worker), then ``repeat`` rounds that time every runner once,
-    in forward order in even rounds and in reverse order in odd ones (so neither count always runs first after
-    the other). The speedup is the median over rounds of the baseline's seconds over this runner's in the same
-    round: a change in the machine's load between rounds, which moves both alike, cancels out."""
+    baseline runner (``baselines[i]``, by default the first): one untimed run each (it warms every worker), then
+    ``repeat`` rounds that time every runner once, in forward order in even rounds and in reverse order in odd ones
+    (so neither count always runs first after the other). The speedup is the median over rounds of the baseline's
+    seconds over this runner's in the same round: a change in the machine's load between rounds, which moves both
+    alike, cancels out."""
     baselines = list(baselines) if baselines is not None else [0] * len(runners)
 
     def run(i: int) -> dict[str, Any]:
@@ -198,7 +199,8 @@ def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 1
     return rows
 
 
-_COLUMNS = (("settings", "settings", "{}"), ("workers", "workers", "{}"), ("blocks", "blocks", "{}"), ("seconds", "median s", "{:.2f}"),
+_COLUMNS = (("settings", "settings", "{}"), ("workers", "workers", "{}"), ("blocks", "blocks", "{}"),
+            ("seconds", "median s", "{:.2f}"),
             ("runs_s", "runs s", "{}"), ("blocks_s", "blocks/s", "{:.2f}"), ("voxels_s", "voxels/s", "{:,.0f}"),
             ("speedup", "speedup", "{:.2f}x"), ("efficiency", "per worker", "{:.0%}"),
             ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"),
@@ -219,7 +221,8 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"(single-threaded worker processes); median of {r['repeat']} runs after a warm-up run; "
                      f"speedup = median over the rounds of the seconds of the first row with the same worker "
                      f"settings / this row's (each round runs every row once; settings znn: what znn gives the "
-                     f"workers it starts, dask: dask's defaults); cores used = CPU seconds of the workers / wall seconds, cores idle = the "
+                     f"workers it starts, dask: dask's defaults); cores used = CPU seconds of the workers / wall "
+                     f"seconds, cores idle = the "
                      f"machine's idle cores meanwhile, CPU s/block = worker CPU seconds per block, s/block = "
                      f"seconds of one block from its start to its end on a worker, busy = the blocks' seconds / "
                      f"(wall seconds x workers), the rest is scheduling (medians over the runs). A speedup below "

@@ -42,7 +42,8 @@ from znn.pipeline.plan import CONV_MODES, make_plan
 from znn.pipeline.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
 
-__all__ = ["LayerProblem", "resolve_modes", "inference_modes", "machine_id", "cache_file", "time_layer"]
+__all__ = ["LayerProblem", "resolve_modes", "inference_modes", "wants_optimize", "machine_id", "cache_file",
+           "time_layer"]
 
 log = logging.getLogger("znn.autotune")
 
@@ -253,11 +254,16 @@ def _phase_forward(p: LayerProblem, x: np.ndarray, w: np.ndarray, mode: str) -> 
     return _timed(phase_conv_fft, x, w, p.dilation, wf)[1]  # without cached spectra it makes them: timed too
 
 
+def wants_optimize(modes: str | Mapping[str, str]) -> bool:
+    """Whether ``modes`` (one mode, or one per conv edge) leaves any layer to be measured."""
+    return modes == "optimize" if isinstance(modes, str) else "optimize" in modes.values()
+
+
 def inference_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
                     dtype: Any = np.float32, spectra_cache: bool = True) -> str | dict[str, str]:
     """``modes`` for dense inference at ``output_patch``: ``optimize`` resolved per layer by timing the phase
     evaluator's fft and direct convolutions on the layer's real shapes (remembered in the autotune file)."""
-    if not (modes == "optimize" or (not isinstance(modes, str) and "optimize" in modes.values())):
+    if not wants_optimize(modes):
         return modes if isinstance(modes, str) else dict(modes)
     return resolve_modes(spec, output_patch, modes, dtype, training=False, evaluator="phases",
                          spectra_cache=spectra_cache)

@@ -28,8 +28,9 @@ class Engine:
                  runner: Runner | None = None, seed: int = 0, spectra_cache: bool = True,
                  cache_bytes: int | None = None):
         self.net = net
-        if _wants_optimize(modes):
-            from znn.pipeline.autotune import resolve_modes  # measures each conv layer once, then remembers
+        from znn.pipeline.autotune import resolve_modes, wants_optimize  # measures each layer once, remembers
+
+        if wants_optimize(modes):
 
             modes = resolve_modes(net.spec, output_patch, modes, net.dtype)
         self.plan: NetPlan = make_plan(net.spec, output_patch, modes)
@@ -112,10 +113,6 @@ class Engine:
 
 
 _IN_PROCESS = make_runner("synchronous")
-
-
-def _wants_optimize(modes: str | Mapping[str, str]) -> bool:
-    return modes == "optimize" if isinstance(modes, str) else "optimize" in modes.values()
 
 
 def _zero_loss(outputs: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
