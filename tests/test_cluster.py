@@ -136,6 +136,36 @@ def test_writer_killed_mid_write_never_leaves_a_partial_chunk(tmp_path):
     assert not (store / PARTIAL_DIR).exists()
 
 
+_MARKER_WRITER = textwrap.dedent("""
+    import os, sys, time
+    from znn.pipeline.manifest import Manifest
+    manifest = Manifest(sys.argv[1], "digest", "layout")
+    manifest.begin({})
+    def stalls(fd):  # the marker's bytes are in the temporary file: hold the writer here until it is killed
+        print("writing", flush=True)
+        time.sleep(60)
+    os.fsync = stalls
+    manifest.mark_done((0, 3, 1))
+""")
+
+
+def test_worker_killed_while_marking_a_block_done_leaves_nothing_in_done(tmp_path):
+    store = tmp_path / "m.zarr"
+    env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-c", _MARKER_WRITER, str(store)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL)
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"writing\n"
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    assert list((store / MANIFEST_DIR / "done").iterdir()) == []  # no marker, and no stray temporary file
+    assert len(list((store / PARTIAL_DIR).iterdir())) == 1  # the temporary marker, cleared by the next run
+    clear_partial(store)
+    assert not (store / PARTIAL_DIR).exists()
+
+
 # ------------------------------------------------------------------------------------------------ worker loss
 def _spawn(args: list[str], log: Path) -> subprocess.Popen[bytes]:
     env = {**os.environ, **WORKER_ENV, "PYTHONPATH": str(ROOT)}
@@ -294,13 +324,16 @@ def test_worker_settings_file_for_hand_started_clusters_equals_the_local_cluster
 
 
 def test_local_cluster_workers_get_the_settings_for_long_tasks_unless_the_user_set_them():
-    from znn.pipeline.schedulers import WORKER_SETTINGS, worker_settings
+    from znn.pipeline.schedulers import WORKER_SETTINGS, local_runner, worker_settings
 
     def seen_by_worker() -> dict[str, Any]:
         return {"env": {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")},
                 "profile": dask.config.get("distributed.worker.profile.enabled"),
                 "tick": dask.config.get("distributed.admin.tick.interval")}
 
+    # a cluster with dask's defaults first: its nanny writes MALLOC_TRIM_THRESHOLD_=65536 into this process's
+    # environment, which the next cluster's workers must not inherit
+    local_runner(1, tuned=False).close()
     with dask.config.set({"distributed.admin.tick.interval": "300ms"}):  # the user's choice wins
         assert "distributed.admin.tick.interval" not in worker_settings()
         assert len(worker_settings()) == len(WORKER_SETTINGS) - 1
@@ -312,6 +345,15 @@ def test_local_cluster_workers_get_the_settings_for_long_tasks_unless_the_user_s
     # no MALLOC_TRIM_THRESHOLD_ (dask sets 65536 by default), no statistical profiler, the user's tick interval
     assert seen == [{"env": {"MALLOC_TRIM_THRESHOLD_": None, "OMP_NUM_THREADS": "1"}, "profile": False,
                      "tick": "300ms"}]
+
+
+def test_a_variable_the_user_started_with_is_left_to_the_workers(monkeypatch):
+    import znn.pipeline.schedulers as schedulers
+
+    key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
+    assert key in schedulers.worker_settings() or os.environ.get("MALLOC_TRIM_THRESHOLD_")
+    monkeypatch.setitem(schedulers._STARTING_ENVIRONMENT, "MALLOC_TRIM_THRESHOLD_", "0")  # as if set in the shell
+    assert key not in schedulers.worker_settings()
 
 
 def test_runner_on_some_workers_runs_every_block_there(tmp_path, local_client):

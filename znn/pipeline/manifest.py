@@ -8,8 +8,9 @@ Layout inside the output store (a zarr directory), next to the arrays::
         done/0_3_1          # one marker per finished block, holding the digest it was computed with
 
 A block is marked done only after its data has been written (the task writes the chunk, then the marker), and a
-marker is written to a temporary name and renamed, so a run killed at any moment leaves either no marker or a
-complete one: a rerun redoes exactly the blocks without a valid marker. A marker whose digest differs from the
+marker is written like a chunk (:func:`znn.io.atomic_store.atomic_write_bytes`: a temporary file in the store's
+``.znn-partial/``, then a rename), so a run killed at any moment leaves either no marker or a complete one, and no
+stray file in ``done/``: a rerun redoes exactly the blocks without a valid marker. A marker whose digest differs from the
 current run's (other weights, other settings) counts as not done.
 """
 
@@ -19,12 +20,13 @@ import hashlib
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from znn.io.atomic_store import atomic_write_bytes
 
 __all__ = ["Manifest", "digest_of", "weights_digest", "MANIFEST_DIR"]
 
@@ -65,15 +67,6 @@ def weights_digest(kernels: Mapping[str, np.ndarray], biases: Mapping[str, np.nd
     return digest_of({"kernels": dict(kernels), "biases": dict(biases)})
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{uuid.uuid4().hex[:8]}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 class Manifest:
     """The manifest of one output store.
 
@@ -108,7 +101,11 @@ class Manifest:
         """Record this run's digest, layout and settings (markers of other digests stay, and count as not done)."""
         self.done_dir.mkdir(parents=True, exist_ok=True)
         record = {"digest": self.digest, "layout": self.layout, "settings": dict(settings)}
-        _atomic_write(self.root / "run.json", json.dumps(record, indent=1, sort_keys=True, default=str))
+        self._write(self.root / "run.json", json.dumps(record, indent=1, sort_keys=True, default=str))
+
+    def _write(self, path: Path, text: str) -> None:
+        # the temporary file goes to the store's partial folder, which every run clears before it writes
+        atomic_write_bytes(self.root.parent, path, text.encode())
 
     # -- blocks ---------------------------------------------------------------------------------------------
     @staticmethod
@@ -138,4 +135,4 @@ class Manifest:
 
     def mark_done(self, index: Index) -> None:
         """Record that block ``index`` is written (call after its data is in the store)."""
-        _atomic_write(self.done_dir / self._name(index), self.digest + "\n")
+        self._write(self.done_dir / self._name(index), self.digest + "\n")

@@ -50,6 +50,13 @@ WORKER_SETTINGS: dict[str, Any] = {
     "distributed.admin.tick.interval": "1s",
     "distributed.admin.system-monitor.interval": "2s",
 }
+_PRE_SPAWN = "distributed.nanny.pre-spawn-environ."
+_UNSET_VARIABLES = [key[len(_PRE_SPAWN):] for key, value in WORKER_SETTINGS.items()
+                    if key.startswith(_PRE_SPAWN) and value is None]
+# The variables the user started this process with. A nanny writes its pre-spawn settings into the environment of
+# the process that starts it (distributed's Nanny does os.environ.update), so after a cluster with dask's defaults
+# this process holds MALLOC_TRIM_THRESHOLD_=65536, and the workers of every later cluster would inherit it.
+_STARTING_ENVIRONMENT = {name: os.environ.get(name) for name in _UNSET_VARIABLES}
 
 
 def cores(num_threads: int = 0) -> int:
@@ -262,7 +269,8 @@ def worker_settings() -> dict[str, Any]:
 
     def user_set(key: str) -> bool:
         return (dask.config.get(key, unset, config=files_and_environment) is not unset
-                or dask.config.get(key, unset) != dask.config.get(key, unset, config=defaults))
+                or dask.config.get(key, unset) != dask.config.get(key, unset, config=defaults)
+                or key.startswith(_PRE_SPAWN) and _STARTING_ENVIRONMENT.get(key[len(_PRE_SPAWN):]) is not None)
 
     return {key: value for key, value in WORKER_SETTINGS.items() if not user_set(key)}
 
@@ -274,7 +282,11 @@ def local_runner(n: int, tuned: bool = True) -> Runner:
     from distributed import Client, LocalCluster
 
     host = str(dask.config.get("znn.local.host", "127.0.0.1"))
-    with dask.config.set(worker_settings() if tuned else {}):  # read by the scheduler and nannies here, passed on
+    settings = worker_settings() if tuned else {}
+    for name in _UNSET_VARIABLES:
+        if settings.get(_PRE_SPAWN + name, "kept") is None:
+            os.environ.pop(name, None)  # left here by the nanny of an earlier cluster, not set by the user
+    with dask.config.set(settings):  # read by the scheduler and nannies here, passed on
         cluster = LocalCluster(n_workers=n, threads_per_worker=1, host=host, dashboard_address=f"{host}:0",
                                processes=True)
     client = Client(cluster)
