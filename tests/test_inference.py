@@ -164,7 +164,8 @@ def test_transform_auto():
 
 # ------------------------------------------------------------------------------------------------ phase evaluator
 @pytest.mark.parametrize("n, k, d", [((9, 11, 13), (2, 3, 3), (2, 3, 1)), ((1, 17, 14), (1, 3, 2), (1, 4, 4)),
-                                     ((12, 12, 12), (3, 3, 3), (1, 1, 1)), ((10, 9, 8), (2, 2, 2), (3, 2, 2))])
+                                     ((12, 12, 12), (3, 3, 3), (1, 1, 1)), ((10, 9, 8), (2, 2, 2), (3, 2, 2)),
+                                     ((12, 10, 14), (3, 3, 2), (2, 2, 2))])
 def test_phase_conv_equals_dilated_direct_conv(n, k, d):
     from znn.ops.conv import conv_forward_direct
     from znn.pipeline.inference import phase_conv_fft
@@ -175,6 +176,68 @@ def test_phase_conv_equals_dilated_direct_conv(n, k, d):
     want = conv_forward_direct(x, w, d)
     got = phase_conv_fft(x, w, d, group_bytes=1)  # one phase per group: exercises the grouping too
     np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-10 * np.abs(want).max())
+    assert got.flags.c_contiguous
+    # float32, all phases in one group, and x a crop of a larger map (the evaluator passes views)
+    big = rng.standard_normal((3, *(e + 3 for e in n))).astype(np.float32)
+    view = big[:, 1:1 + n[0], 2:2 + n[1], :n[2]]
+    want32 = conv_forward_direct(np.ascontiguousarray(view), w.astype(np.float32), d)
+    got32 = phase_conv_fft(view, w.astype(np.float32), d)
+    assert got32.dtype == np.float32 and got32.flags.c_contiguous
+    np.testing.assert_allclose(got32, want32, rtol=1e-4, atol=1e-5 * np.abs(want32).max())
+
+
+PASS_THROUGH = """
+nodes input
+type input
+size 1
+edges one
+type max_filter
+size 1,1,1
+stride 1,1,1
+input input
+output t
+nodes t
+type transfer
+function rectify_linear
+size 1
+edges mx
+type maxout
+input t
+output u
+nodes u
+type transfer
+function tanh
+function_args 1,1
+size 1
+edges conv
+type conv
+init gaussian
+size 2,2,2
+input u
+output output
+nodes output
+type transfer
+function rectify_linear
+size 2
+"""
+
+
+def test_phase_forward_never_writes_into_an_array_it_did_not_make():
+    """Transfer nodes behind edges that pass their input through (a 1x1x1 max filter, a maxout of one edge) get
+    the bias and transfer function on a copy: the caller's input and the other nodes' values stay as they were."""
+    from znn.pipeline.inference import PhaseForward
+    from znn.pipeline.sequential import sequential_forward
+
+    net = Network.initialise(parse_network(PASS_THROUGH), seed=4, dtype=np.float64)
+    net.biases["t"][:] = 0.25
+    net.biases["u"][:] = -0.5
+    engine = PhaseForward(net, (3, 4, 5), "fft")
+    x = np.random.default_rng(3).standard_normal((1, *engine.input_patch["input"]))
+    before = x.copy()
+    got = engine.forward({"input": x})["output"]
+    np.testing.assert_array_equal(x, before)
+    want = sequential_forward(net, {"input": before}, (3, 4, 5))["output"]
+    np.testing.assert_allclose(got, want, rtol=1e-10, atol=1e-12)
 
 
 def test_max_filter_values_equal_pooling():

@@ -98,6 +98,10 @@ def _machine_idle() -> tuple[float, float] | None:
     return fields[3] + fields[4], sum(fields[:8])
 
 
+# what run_block times: reading the input patch, the forward pass, writing the output chunk and its marker
+_BLOCK_PARTS = ("read_s", "forward_s", "write_s")
+
+
 def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes: Any, spectra_cache: bool,
          store: Path) -> dict[str, Any]:
     """One run: its result, the cores its workers used and the cores the machine left idle meanwhile, the median
@@ -114,7 +118,8 @@ def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes:
     block_s = [st["finished"] - st["started"] for st in result.stats]
     busy = sum(block_s) / max(result.seconds * max(1, runner.workers), 1e-9)
     return {"result": result, "worker_cores": (cpu1 - cpu0) / max(result.seconds, 1e-9), "idle_cores": idle,
-            "block_s": statistics.median(block_s), "busy": busy}
+            "block_s": statistics.median(block_s), "busy": busy,
+            **{part: statistics.median(st[part] for st in result.stats) for part in _BLOCK_PARTS}}
 
 
 def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequence[int], modes: Any,
@@ -152,6 +157,7 @@ def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequenc
                                                       for t in timed),
                      "block_s": statistics.median(t["block_s"] for t in timed),
                      "busy": statistics.median(t["busy"] for t in timed),
+                     **{part: statistics.median(t[part] for t in timed) for part in _BLOCK_PARTS},
                      "idle_cores": statistics.median(idle) if idle else None})
     return rows
 
@@ -204,7 +210,8 @@ _COLUMNS = (("settings", "settings", "{}"), ("workers", "workers", "{}"), ("bloc
             ("runs_s", "runs s", "{}"), ("blocks_s", "blocks/s", "{:.2f}"), ("voxels_s", "voxels/s", "{:,.0f}"),
             ("speedup", "speedup", "{:.2f}x"), ("efficiency", "per worker", "{:.0%}"),
             ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"),
-            ("cpu_s_block", "CPU s/block", "{:.3f}"), ("block_s", "s/block", "{:.3f}"), ("busy", "busy", "{:.1%}"))
+            ("cpu_s_block", "CPU s/block", "{:.3f}"), ("block_s", "s/block", "{:.3f}"), ("read_s", "read", "{:.3f}"),
+            ("forward_s", "forward", "{:.3f}"), ("write_s", "write", "{:.3f}"), ("busy", "busy", "{:.1%}"))
 
 
 def format_table(rows: Sequence[dict[str, Any]]) -> str:
@@ -224,7 +231,9 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"workers it starts, dask: dask's defaults); cores used = CPU seconds of the workers / wall "
                      f"seconds, cores idle = the "
                      f"machine's idle cores meanwhile, CPU s/block = worker CPU seconds per block, s/block = "
-                     f"seconds of one block from its start to its end on a worker, busy = the blocks' seconds / "
+                     f"seconds of one block from its start to its end on a worker, of which read / forward / write: "
+                     f"reading its input, the network, writing its output chunk and marker; busy = the blocks' "
+                     f"seconds / "
                      f"(wall seconds x workers), the rest is scheduling (medians over the runs). A speedup below "
                      f"the worker count with a rising s/block is the workers slowing each other down (shared "
                      f"caches and memory, other processes on the cores); with a falling busy, it is the scheduler")

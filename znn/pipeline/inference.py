@@ -369,10 +369,14 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
     phase (the voxels ``r + d q``). The phases share the kernel spectra of one small FFT shape (so they can be
     cached where the full-size ones would not fit), and per frequency the sum over input maps of a group of phases
     is one matrix product ``(phases x in) @ (in x out)``. ``wf`` are :func:`phase_kernel_spectra` (computed here if
-    not given). ``threads`` split the transforms and the products.
+    not given). ``threads`` split the transforms and the products. ``x`` may be any view (a crop of a larger map).
+
+    Each phase is read from ``x`` straight into the FFT buffer and each phase's output written straight into its
+    interleaved place in the result: a block's activations are tens of megabytes, and every extra copy is memory
+    traffic that workers on the other cores of the machine compete for.
     """
     from znn.ops import conv_fft
-    from znn.ops.fft import parallel_chunks
+    from znn.ops.fft import complex_dtype, empty_aligned, irfft3, parallel_chunks, rfft3
 
     n_in, n_out = w.shape[:2]
     k = w.shape[2:]
@@ -383,35 +387,49 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
     shape = phase_shape(n, k, d)
     if wf is None:
         wf = phase_kernel_spectra(w, shape)
-    if any(a * c != b for a, c, b in zip(lengths, d, n)):
-        padded = np.zeros((n_in, *(a * c for a, c in zip(lengths, d))), dtype=x.dtype)
-        padded[:, :n[0], :n[1], :n[2]] = x
-        x = padded
-    phases = x.reshape(n_in, lengths[0], d[0], lengths[1], d[1], lengths[2], d[2]).transpose(2, 4, 6, 0, 1, 3, 5)
+    dtype = np.dtype(np.float32) if x.dtype == np.float32 else np.dtype(np.float64)
     count = d[0] * d[1] * d[2]
     low = tuple(a - b + 1 for a, b in zip(lengths, k))
     freq = wf.shape[0]
     per_phase = (n_in + n_out) * freq * np.dtype(wf.dtype).itemsize * 2
     group = max(1, min(count, group_bytes // max(1, per_phase)))
-    out = np.empty((count, n_out, *low), dtype=x.dtype)
+    # the output voxel (o, z d0 + r0, y d1 + r1, x d2 + r2) is voxel (z, y, x) of phase (r0, r1, r2)
+    full = np.empty((n_out, low[0], d[0], low[1], d[1], low[2], d[2]), dtype=dtype)
+    # zeros where a phase is shorter than the FFT shape (a phase past the end of x, or a padded fast length)
+    padded = any(a * c != b for a, c, b in zip(lengths, d, n)) or tuple(shape) != lengths
+    crop = tuple(slice(o, o + e) for o, e in zip(conv_fft.output_offset(k, (1, 1, 1)), low))
+    scale = 1.0 / math.prod(shape)  # FFTW's inverse is unnormalised
     index = list(np.ndindex(*d))
     for g0 in range(0, count, group):
         chosen = index[g0:g0 + group]
-        xg = np.stack([phases[i] for i in chosen]).reshape(len(chosen) * n_in, *lengths)
-        spec = conv_fft.input_spectra(xg, shape, threads)
-        xf = np.moveaxis(spec, 0, -1).reshape(freq, len(chosen), n_in)  # frequency-major storage: a view
+        real = empty_aligned((len(chosen), n_in, *shape), dtype)
+        if padded:
+            real.fill(0)
+        for j, r in enumerate(chosen):
+            phase = x[:, r[0]::d[0], r[1]::d[1], r[2]::d[2]]
+            real[(j, slice(None), *(slice(0, e) for e in phase.shape[1:]))] = phase
+        spec = rfft3(real.reshape(len(chosen) * n_in, *shape), threads)
+        spectrum = spec.shape[1:]
+        # frequency-major: the products over maps then run on contiguous (phases x in) rows
+        xf = np.ascontiguousarray(spec.reshape(len(chosen) * n_in, freq).T).reshape(freq, len(chosen), n_in)
+        del spec
         yf = np.empty((freq, len(chosen), n_out), dtype=xf.dtype)
 
         def products(lo: int, hi: int, xf: np.ndarray = xf, yf: np.ndarray = yf) -> None:
             np.matmul(xf[lo:hi], wf[lo:hi], out=yf[lo:hi])  # (F, phases, out): one product per frequency
 
         parallel_chunks(freq, threads, products, 256)
-        ys = np.moveaxis(yf.reshape(*spec.shape[1:], len(chosen) * n_out), -1, 0)
-        y = conv_fft.inverse_valid(ys, shape, low, conv_fft.output_offset(k, (1, 1, 1)), threads)
-        out[g0:g0 + len(chosen)] = y.reshape(len(chosen), n_out, *low)
-    full = out.reshape(d[0], d[1], d[2], n_out, *low).transpose(3, 4, 0, 5, 1, 6, 2)
-    full = full.reshape(n_out, low[0] * d[0], low[1] * d[1], low[2] * d[2])
-    return np.ascontiguousarray(full[:, :m[0], :m[1], :m[2]])
+        del xf
+        maps_first = empty_aligned((len(chosen) * n_out, *spectrum), complex_dtype(dtype))
+        np.copyto(maps_first.reshape(len(chosen) * n_out, freq), yf.reshape(freq, len(chosen) * n_out).T)
+        del yf
+        y = irfft3(maps_first, shape, threads).reshape(len(chosen), n_out, *shape)
+        for j, r in enumerate(chosen):
+            np.multiply(y[(j, slice(None), *crop)], scale, out=full[:, :, r[0], :, r[1], :, r[2]])
+    result = full.reshape(n_out, low[0] * d[0], low[1] * d[1], low[2] * d[2])
+    if result.shape[1:] != m:
+        result = np.ascontiguousarray(result[:, :m[0], :m[1], :m[2]])
+    return result
 
 
 class PhaseForward:
@@ -468,17 +486,18 @@ class PhaseForward:
             group = spec.nodes[node]
             if group.type == "input":
                 continue
-            parts = []
+            parts, sources = [], []
             for name in spec.incoming[node]:
                 edge, ep = spec.edges[name], plan.edges[name]
+                sources.append(values[edge.input])
                 x = central(values[edge.input], ep.crop_lo, ep.need)
                 if edge.type == "conv":
-                    x = np.ascontiguousarray(x)
-                    if ep.mode == "fft":
+                    if ep.mode == "fft":  # reads its phases from the crop: no contiguous copy first
                         parts.append(phase_conv_fft(x, net.kernels[name], ep.dilation, self._kspec.get(name),
                                                     threads=self.threads))
                     else:
-                        parts.append(convops.conv_forward_direct(x, net.kernels[name], ep.dilation))
+                        parts.append(convops.conv_forward_direct(np.ascontiguousarray(x), net.kernels[name],
+                                                                 ep.dilation))
                 elif edge.type == "max_filter":
                     parts.append(max_filter_values(x, edge.size, ep.dilation))
                 elif edge.type == "max_pool":
@@ -499,10 +518,25 @@ class PhaseForward:
                 y = parts[0] if len(parts) == 1 else parts[0] + sum(parts[1:])
             del parts
             if group.type == "transfer":
-                y = pointwise.add_bias(y, net.biases[node])
-                y = pointwise.transfer_forward(group.function, y, group.function_args, training=False)
+                owned = not any(np.may_share_memory(y, source) for source in sources)  # not an input's memory
+                y = _bias_and_transfer(y, net.biases[node], group.function, group.function_args, owned)
+            del sources
             values[node] = y
         return {n: values[n] for n in spec.outputs}
+
+
+def _bias_and_transfer(y: np.ndarray, bias: np.ndarray, function: str, args: Sequence[float],
+                       in_place: bool) -> np.ndarray:
+    """:func:`~znn.ops.pointwise.add_bias` then the transfer function, in ``y`` itself when ``in_place`` (the pass
+    made ``y`` and nothing else reads it): two fewer volume-sized arrays per layer, for ReLU, the common case."""
+    from znn.ops import pointwise
+
+    if not in_place:
+        return pointwise.transfer_forward(function, pointwise.add_bias(y, bias), args, training=False)
+    y += bias.astype(y.dtype, copy=False)[:, None, None, None]
+    if function == "rectify_linear":
+        return np.maximum(y, y.dtype.type(0), out=y)
+    return pointwise.transfer_forward(function, y, args, training=False)
 
 
 EVALUATORS = {"phases": PhaseForward, "graph": BlockForward}
