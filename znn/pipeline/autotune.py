@@ -50,6 +50,9 @@ log = logging.getLogger("znn.autotune")
 Triple = tuple[int, int, int]
 Timer = Callable[["LayerProblem", str], float]
 CACHE_VERSION = 1
+# The phase evaluator's revision: raise it when its kernels change, so timings stored for the old code are not
+# taken for the new (2: fewer copies in phase_conv_fft).
+PHASES_REVISION = 2
 # After one timed run per mode, a mode this many times slower has lost: no need for more repetitions.
 _CLEAR_WIN = 2.0
 
@@ -82,7 +85,7 @@ class LayerProblem:
     @property
     def pass_name(self) -> str:
         if self.evaluator == "phases":
-            return "phases" if self.cached_spectra else "phases-uncached"
+            return f"phases{'' if self.cached_spectra else '-uncached'}@{PHASES_REVISION}"
         return "train" if self.training else "forward"
 
     @property
