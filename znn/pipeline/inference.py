@@ -321,6 +321,8 @@ class BlockForward:
 # ---------------------------------------------------------------------------------------------------- phases
 # Working memory of one group of phases in a phase-decomposed FFT convolution (input and output spectra).
 PHASE_GROUP_BYTES = 96 << 20
+# Frequencies per product chunk: its spectra (phases x maps x chunk, complex) stay in the core's L2 cache.
+_FREQ_CHUNK = 128
 
 
 def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
@@ -409,20 +411,20 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
             phase = x[:, r[0]::d[0], r[1]::d[1], r[2]::d[2]]
             real[(j, slice(None), *(slice(0, e) for e in phase.shape[1:]))] = phase
         spec = rfft3(real.reshape(len(chosen) * n_in, *shape), threads)
-        spectrum = spec.shape[1:]
-        # frequency-major: the products over maps then run on contiguous (phases x in) rows
-        xf = np.ascontiguousarray(spec.reshape(len(chosen) * n_in, freq).T).reshape(freq, len(chosen), n_in)
+        rows_in, rows_out = len(chosen) * n_in, len(chosen) * n_out
+        maps_first = empty_aligned((rows_out, *spec.shape[1:]), complex_dtype(dtype))
+        xs, ys = spec.reshape(rows_in, freq), maps_first.reshape(rows_out, freq)
+
+        def products(lo: int, hi: int, xs: np.ndarray = xs, ys: np.ndarray = ys) -> None:
+            # per frequency one (phases x in) @ (in x out) product; the spectra are maps-first, so each chunk of
+            # frequencies is turned frequency-major and back while it is in cache, not the whole arrays in memory
+            for a in range(lo, hi, _FREQ_CHUNK):
+                b = min(hi, a + _FREQ_CHUNK)
+                xc = np.ascontiguousarray(xs[:, a:b].T).reshape(b - a, len(chosen), n_in)
+                ys[:, a:b] = np.matmul(xc, wf[a:b]).reshape(b - a, rows_out).T
+
+        parallel_chunks(freq, threads, products, _FREQ_CHUNK)
         del spec
-        yf = np.empty((freq, len(chosen), n_out), dtype=xf.dtype)
-
-        def products(lo: int, hi: int, xf: np.ndarray = xf, yf: np.ndarray = yf) -> None:
-            np.matmul(xf[lo:hi], wf[lo:hi], out=yf[lo:hi])  # (F, phases, out): one product per frequency
-
-        parallel_chunks(freq, threads, products, 256)
-        del xf
-        maps_first = empty_aligned((len(chosen) * n_out, *spectrum), complex_dtype(dtype))
-        np.copyto(maps_first.reshape(len(chosen) * n_out, freq), yf.reshape(freq, len(chosen) * n_out).T)
-        del yf
         y = irfft3(maps_first, shape, threads).reshape(len(chosen), n_out, *shape)
         for j, r in enumerate(chosen):
             np.multiply(y[(j, slice(None), *crop)], scale, out=full[:, :, r[0], :, r[1], :, r[2]])
