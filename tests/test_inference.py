@@ -184,6 +184,8 @@ def test_phase_conv_equals_dilated_direct_conv(n, k, d):
     got32 = phase_conv_fft(view, w.astype(np.float32), d)
     assert got32.dtype == np.float32 and got32.flags.c_contiguous
     np.testing.assert_allclose(got32, want32, rtol=1e-4, atol=1e-5 * np.abs(want32).max())
+    np.testing.assert_allclose(phase_conv_fft(view, w.astype(np.float32), d, threads=2), got32, rtol=1e-5,
+                               atol=1e-6 * np.abs(want32).max())  # threads split the transforms and products
 
 
 PASS_THROUGH = """
