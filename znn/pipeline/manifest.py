@@ -10,8 +10,8 @@ Layout inside the output store (a zarr directory), next to the arrays::
 A block is marked done only after its data has been written (the task writes the chunk, then the marker), and a
 marker is written like a chunk (:func:`znn.io.atomic_store.atomic_write_bytes`: a temporary file in the store's
 ``.znn-partial/``, then a rename), so a run killed at any moment leaves either no marker or a complete one, and no
-stray file in ``done/``: a rerun redoes exactly the blocks without a valid marker. A marker whose digest differs from the
-current run's (other weights, other settings) counts as not done.
+stray file in ``done/``: a rerun redoes exactly the blocks without a valid marker. A marker whose digest differs
+from the current run's (other weights, other settings) counts as not done.
 """
 
 from __future__ import annotations
