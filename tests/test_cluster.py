@@ -352,7 +352,7 @@ def test_a_variable_the_user_started_with_is_left_to_the_workers(monkeypatch):
 
     key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
     assert key in schedulers.worker_settings() or os.environ.get("MALLOC_TRIM_THRESHOLD_")
-    monkeypatch.setitem(schedulers._STARTING_ENVIRONMENT, "MALLOC_TRIM_THRESHOLD_", "0")  # as if set in the shell
+    monkeypatch.setitem(schedulers.STARTING_ENVIRONMENT, "MALLOC_TRIM_THRESHOLD_", "0")  # as if set in the shell
     assert key not in schedulers.worker_settings()
 
 

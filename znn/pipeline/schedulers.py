@@ -27,6 +27,7 @@ from dask.callbacks import Callback, normalize_callback
 from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
+from znn import STARTING_ENVIRONMENT
 from znn.errors import ConfigError
 
 SCHEDULERS = ("synchronous", "threads", "local")
@@ -53,10 +54,10 @@ WORKER_SETTINGS: dict[str, Any] = {
 _PRE_SPAWN = "distributed.nanny.pre-spawn-environ."
 _UNSET_VARIABLES = [key[len(_PRE_SPAWN):] for key, value in WORKER_SETTINGS.items()
                     if key.startswith(_PRE_SPAWN) and value is None]
-# The variables the user started this process with. A nanny writes its pre-spawn settings into the environment of
-# the process that starts it (distributed's Nanny does os.environ.update), so after a cluster with dask's defaults
-# this process holds MALLOC_TRIM_THRESHOLD_=65536, and the workers of every later cluster would inherit it.
-_STARTING_ENVIRONMENT = {name: os.environ.get(name) for name in _UNSET_VARIABLES}
+# A nanny writes its pre-spawn settings into the environment of the process that starts it (distributed's Nanny
+# does os.environ.update), so after a cluster with dask's defaults this process holds MALLOC_TRIM_THRESHOLD_=65536,
+# and the workers of every later cluster would inherit it: only a value the process had when znn was imported is
+# the user's.
 
 
 def cores(num_threads: int = 0) -> int:
@@ -270,7 +271,7 @@ def worker_settings() -> dict[str, Any]:
     def user_set(key: str) -> bool:
         return (dask.config.get(key, unset, config=files_and_environment) is not unset
                 or dask.config.get(key, unset) != dask.config.get(key, unset, config=defaults)
-                or key.startswith(_PRE_SPAWN) and _STARTING_ENVIRONMENT.get(key[len(_PRE_SPAWN):]) is not None)
+                or key.startswith(_PRE_SPAWN) and STARTING_ENVIRONMENT.get(key[len(_PRE_SPAWN):]) is not None)
 
     return {key: value for key, value in WORKER_SETTINGS.items() if not user_set(key)}
 
