@@ -243,6 +243,20 @@ def test_dense_inference_times_the_phase_evaluator_and_remembers_it(spec, tmp_pa
     assert inference_modes(spec, OUTSZ, "optimize", np.float32, spectra_cache=True) == modes
 
 
+def test_phase_timings_are_kept_per_threads_per_block(spec, tmp_path, monkeypatch):
+    from znn.pipeline.autotune import inference_modes
+
+    monkeypatch.setenv("ZNN_CACHE_DIR", str(tmp_path))
+    one = inference_modes(spec, OUTSZ, {"c1": "optimize", "c2": "fft", "c3": "fft"}, np.float32)
+    two = inference_modes(spec, OUTSZ, {"c1": "optimize", "c2": "fft", "c3": "fft"}, np.float32, threads=2)
+    keys = sorted(json.loads((tmp_path / "autotune.json").read_text())["entries"])
+    assert one["c1"] in ("fft", "direct") and two["c1"] in ("fft", "direct")
+    assert len(keys) == 2 and sum("|threads=2|" in k for k in keys) == 1 and sum("threads=" in k for k in keys) == 1
+    problem = LayerProblem(3, 4, (9, 9, 9), (3, 3, 3), (2, 2, 2), "float32", True, training=False,
+                           evaluator="phases", threads=2)
+    assert time_layer(problem, "fft") > 0 and time_layer(problem, "direct") > 0
+
+
 def test_phase_timing_runs_dilated_layers():
     problem = LayerProblem(3, 4, (9, 9, 9), (3, 3, 3), (2, 2, 2), "float32", True, training=False,
                            evaluator="phases")

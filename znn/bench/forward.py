@@ -87,7 +87,7 @@ def _bench_znn(net: Network, outsz: tuple[int, int, int], modes: Any, cache: boo
         results = list(pool.map(lambda _: engine.forward(x), range(blocks_at_once)))
         out[:] = [results[0][net.spec.outputs[0]]]
 
-    with threadpool_limits(limits=block_threads):
+    with threadpool_limits(limits=1):  # as dense inference runs blocks: their threads are the evaluator's own
         seconds = _time(blocks, repeat, long=float("inf"))
     pool.shutdown()
     return seconds, warm, out[0]
@@ -180,7 +180,7 @@ def _forward_rows(nets: Sequence[str], sizes: dict[str, Sequence[int]] | None, t
                 rows.append(row)
                 continue
             if modes == "optimize":  # the planner's speed model chose for the memory estimate; now time the layers
-                m = inference_modes(spec, outsz, modes, np.float32, cache)
+                m = inference_modes(spec, outsz, modes, np.float32, cache, bt)
                 row["modes"] = ",".join(sorted(set(m.values())))
             rng = np.random.default_rng(seed)
             x = {n: rng.standard_normal((spec.nodes[n].size, *p)).astype(np.float32)

@@ -75,6 +75,7 @@ class LayerProblem:
     # per worker (``cached_spectra``) or made per block
     evaluator: str = "graph"
     cached_spectra: bool = True
+    threads: int = 1  # threads per block of the phase evaluator (the graph's tasks are single-threaded)
 
     def __post_init__(self) -> None:
         if not self.in_blocks:
@@ -99,13 +100,15 @@ class LayerProblem:
                   f"blocks={len(self.in_blocks)},{len(self.out_blocks)}", f"dtype={self.dtype}",
                   f"grad_input={int(self.grad_input)}", f"pass={self.pass_name}",
                   f"planner={fftops.planner_effort()}", f"machine={machine}"]
+        if self.threads != 1:
+            fields.insert(-2, f"threads={self.threads}")
         return "|".join(fields)
 
 
 def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
                   dtype: Any = np.float32, *, cache_path: str | Path | None = None, repeat: int = 3,
                   timer: Timer | None = None, training: bool = True, evaluator: str = "graph",
-                  spectra_cache: bool = True) -> dict[str, str]:
+                  spectra_cache: bool = True, threads: int = 1) -> dict[str, str]:
     """The conv mode of every conv edge group, with ``optimize`` replaced by the faster of fft and direct.
 
     ``modes`` is one mode for all conv edges or a dict per edge (missing edges are ``fft``, as in
@@ -114,7 +117,7 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     ``timer(problem, mode)`` returns the seconds of one run and replaces the real measurement (tests).
     ``training=False`` times forward passes only, with kernel spectra cached; ``evaluator="phases"`` times the
     dense-inference evaluator (:class:`~znn.pipeline.inference.PhaseForward`) instead, with its kernel spectra
-    cached or (``spectra_cache=False``) made per block.
+    cached or (``spectra_cache=False``) made per block, on ``threads`` threads per block.
     """
     wanted = {e: (modes if isinstance(modes, str) else modes.get(e, "fft")) for e in spec.conv_edges()}
     for edge, mode in wanted.items():
@@ -125,7 +128,7 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     todo = [e for e, m in wanted.items() if m == "optimize"]
     if not todo:
         return wanted
-    problems = _problems(spec, output_patch, todo, np.dtype(dtype), training, evaluator, spectra_cache)
+    problems = _problems(spec, output_patch, todo, np.dtype(dtype), training, evaluator, spectra_cache, threads)
     path = cache_file(cache_path)
     machine = machine_id()
     stored = _read(path)
@@ -155,7 +158,8 @@ def _fmt(seconds: Any) -> str:
 
 
 def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[str], dtype: np.dtype[Any],
-              training: bool, evaluator: str = "graph", spectra_cache: bool = True) -> dict[str, LayerProblem]:
+              training: bool, evaluator: str = "graph", spectra_cache: bool = True,
+              threads: int = 1) -> dict[str, LayerProblem]:
     plan = make_plan(spec, output_patch, "fft")
     out = {}
     for name in edges:
@@ -164,7 +168,7 @@ def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[st
         out[name] = LayerProblem(n_in, n_out, ep.need, edge.size, ep.dilation, dtype.name,
                                  spec.nodes[edge.input].type != "input", tuple(plan.blocks[edge.input]),
                                  tuple(plan.blocks[edge.output]), training and evaluator == "graph", evaluator,
-                                 spectra_cache)
+                                 spectra_cache, max(1, int(threads)) if evaluator == "phases" else 1)
     return out
 
 
@@ -196,7 +200,7 @@ def time_layer(problem: LayerProblem, mode: str, seed: int = 0) -> float:
     if problem.evaluator == "phases":
         x = rng.standard_normal((problem.maps_in, *problem.in_extent)).astype(dt)
         w = (rng.standard_normal((problem.maps_in, problem.maps_out, *problem.kernel)) * 0.1).astype(dt)
-        with single_threaded_kernels():
+        with single_threaded_kernels():  # BLAS as dense inference runs a block; problem.threads split the work
             return _phase_forward(problem, x, w, mode)
     xs = [rng.standard_normal((b - a, *problem.in_extent)).astype(dt) for a, b in problem.in_blocks]
     w = (rng.standard_normal((problem.maps_in, problem.maps_out, *problem.kernel)) * 0.1).astype(dt)
@@ -249,12 +253,13 @@ def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: lis
 def _phase_forward(p: LayerProblem, x: np.ndarray, w: np.ndarray, mode: str) -> float:
     """What :class:`~znn.pipeline.inference.PhaseForward` runs for this layer on one block."""
     from znn.ops import conv as convops
-    from znn.pipeline.inference import phase_conv_fft, phase_kernel_spectra, phase_shape
+    from znn.pipeline.inference import PHASE_GROUP_BYTES, phase_conv_fft, phase_kernel_spectra, phase_shape
 
     if mode == "direct":
-        return _timed(convops.conv_forward_direct, x, w, p.dilation)[1]
+        return _timed(convops.conv_forward_direct, x, w, p.dilation, p.threads)[1]
     wf = phase_kernel_spectra(w, phase_shape(p.in_extent, p.kernel, p.dilation)) if p.cached_spectra else None
-    return _timed(phase_conv_fft, x, w, p.dilation, wf)[1]  # without cached spectra it makes them: timed too
+    # without cached spectra it makes them: timed too
+    return _timed(phase_conv_fft, x, w, p.dilation, wf, PHASE_GROUP_BYTES, p.threads)[1]
 
 
 def wants_optimize(modes: str | Mapping[str, str]) -> bool:
@@ -263,13 +268,14 @@ def wants_optimize(modes: str | Mapping[str, str]) -> bool:
 
 
 def inference_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
-                    dtype: Any = np.float32, spectra_cache: bool = True) -> str | dict[str, str]:
+                    dtype: Any = np.float32, spectra_cache: bool = True, threads: int = 1) -> str | dict[str, str]:
     """``modes`` for dense inference at ``output_patch``: ``optimize`` resolved per layer by timing the phase
-    evaluator's fft and direct convolutions on the layer's real shapes (remembered in the autotune file)."""
+    evaluator's fft and direct convolutions on the layer's real shapes with ``threads`` threads per block
+    (remembered in the autotune file)."""
     if not wants_optimize(modes):
         return modes if isinstance(modes, str) else dict(modes)
     return resolve_modes(spec, output_patch, modes, dtype, training=False, evaluator="phases",
-                         spectra_cache=spectra_cache)
+                         spectra_cache=spectra_cache, threads=threads)
 
 
 # ---------------------------------------------------------------------------------------------- the cache

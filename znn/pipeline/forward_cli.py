@@ -70,12 +70,12 @@ def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[Inpu
     return result
 
 
-def _modes(job: Job, net: Network, outsz: Any, cache: bool) -> Any:
+def _modes(job: Job, net: Network, outsz: Any, cache: bool, block_threads: int) -> Any:
     """``forward_conv_mode``; ``optimize`` is resolved per layer by timing both modes of the phase evaluator that
-    dense inference runs, on this block's shapes (:func:`~znn.pipeline.autotune.inference_modes`)."""
+    dense inference runs, on this block's shapes and threads (:func:`~znn.pipeline.autotune.inference_modes`)."""
     from znn.pipeline.autotune import inference_modes
 
-    return inference_modes(net.spec, outsz, job.forward_conv_mode, net.dtype, cache)
+    return inference_modes(net.spec, outsz, job.forward_conv_mode, net.dtype, cache, block_threads)
 
 
 def _volume_out(job: Job, files: dict[str, list[InputFile]], net: Network) -> tuple[int, int, int]:
@@ -191,7 +191,7 @@ def _forward_sample(job: Job, net: Network, sample: int, prefix: str, transform:
             if cache and est.total(plan.in_flight, plan.baseline) > plan.budget:
                 cache = False  # kernel spectra do not fit beside the blocks: recompute them per block
     patch = tuple(int(v) for v in patch)
-    modes = _modes(job, net, patch, cache)
+    modes = _modes(job, net, patch, cache, block_threads)
     setup = ForwardSetup(sample, patch, cache, modes, transform, plan, block_threads)  # type: ignore[arg-type]
     if on_setup is not None:
         on_setup(setup)
