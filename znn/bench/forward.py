@@ -33,13 +33,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
 
 from znn.io.netfile import load_network
 from znn.network import Network
 from znn.pipeline import memplan
 from znn.pipeline.autotune import inference_modes
 from znn.pipeline.inference import PhaseForward
+from znn.pipeline.schedulers import single_threaded_kernels
 
 __all__ = ["NETWORKS", "run_forward_bench", "format_table", "add_arguments", "run_from_args"]
 
@@ -87,7 +87,7 @@ def _bench_znn(net: Network, outsz: tuple[int, int, int], modes: Any, cache: boo
         results = list(pool.map(lambda _: engine.forward(x), range(blocks_at_once)))
         out[:] = [results[0][net.spec.outputs[0]]]
 
-    with threadpool_limits(limits=1):  # as dense inference runs blocks: their threads are the evaluator's own
+    with single_threaded_kernels():  # as dense inference runs blocks: their threads are the evaluator's own
         seconds = _time(blocks, repeat, long=float("inf"))
     pool.shutdown()
     return seconds, warm, out[0]

@@ -47,7 +47,6 @@ import dask
 import numpy as np
 from dask.callbacks import Callback
 from dask.optimization import cull
-from threadpoolctl import threadpool_limits
 
 from znn.errors import ConfigError, ShapeError, VolumeError, ZnnFileNotFoundError
 from znn.network import Network
@@ -55,6 +54,7 @@ from znn.pipeline.cache import SpectraCache
 from znn.pipeline.graph import forward_graph
 from znn.pipeline.manifest import Manifest, digest_of, weights_digest
 from znn.pipeline.plan import NetPlan, make_plan
+from znn.pipeline.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec, Triple
 
 __all__ = [
@@ -862,7 +862,7 @@ def _run_blocks(runner: Any, dsk: dict[Any, Any], keys: list[Any], report: Calla
     # BLAS single-threaded for the whole run (threadpoolctl is process-wide): a block's threads are the evaluator's
     # own, splitting its transforms, products and direct-convolution tiles. OpenBLAS's threads, called from the
     # scheduler's threads, spin: n337's 32^3 blocks on two threads took 17.5 s with them against 12 s without.
-    with threadpool_limits(limits=1), _Progress(report):
+    with single_threaded_kernels(), _Progress(report):
         if runner.kind == "synchronous":
             dask.get(dsk, keys)
         else:
