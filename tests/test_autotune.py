@@ -12,10 +12,15 @@ import pytest
 from znn.errors import ConfigError
 from znn.io.netfile import parse_network
 from znn.network import Network
-from znn.pipeline import autotune
-from znn.pipeline.autotune import LayerProblem, cache_file, resolve_modes, time_layer
-from znn.pipeline.engine import Engine
-from znn.pipeline.schedulers import make_runner
+from znn.pipeline.forward import autotune
+from znn.pipeline.forward.autotune import (
+    LayerProblem,
+    cache_file,
+    resolve_modes,
+    time_layer,
+)
+from znn.pipeline.run.schedulers import make_runner
+from znn.pipeline.train.engine import Engine
 
 NET = """
 nodes in
@@ -223,7 +228,7 @@ def test_engine_optimize_measures_once(spec, tmp_path, monkeypatch):
 
 
 def test_dense_inference_times_the_phase_evaluator_and_remembers_it(spec, tmp_path, monkeypatch):
-    from znn.pipeline.autotune import inference_modes
+    from znn.pipeline.forward.autotune import inference_modes
 
     monkeypatch.setenv("ZNN_CACHE_DIR", str(tmp_path))
     path = tmp_path / "autotune.json"
@@ -244,7 +249,7 @@ def test_dense_inference_times_the_phase_evaluator_and_remembers_it(spec, tmp_pa
 
 
 def test_phase_timings_are_kept_per_threads_per_block(spec, tmp_path, monkeypatch):
-    from znn.pipeline.autotune import inference_modes
+    from znn.pipeline.forward.autotune import inference_modes
 
     monkeypatch.setenv("ZNN_CACHE_DIR", str(tmp_path))
     one = inference_modes(spec, OUTSZ, {"c1": "optimize", "c2": "fft", "c3": "fft"}, np.float32)

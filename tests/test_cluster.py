@@ -24,9 +24,9 @@ from znn.io.config import parse_job
 from znn.io.netfile import load_network
 from znn.io.volume import read_volume, write_volume
 from znn.network import Network
-from znn.pipeline.inference import infer_volume
-from znn.pipeline.manifest import MANIFEST_DIR
-from znn.pipeline.schedulers import make_runner, resolve_scheduler
+from znn.pipeline.dense.manifest import MANIFEST_DIR
+from znn.pipeline.dense.volume import infer_volume
+from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY3D = ROOT / "workflows" / "inference" / "tiny3d.znn"
@@ -138,7 +138,7 @@ def test_writer_killed_mid_write_never_leaves_a_partial_chunk(tmp_path):
 
 _MARKER_WRITER = textwrap.dedent("""
     import os, sys, time
-    from znn.pipeline.manifest import Manifest
+    from znn.pipeline.dense.manifest import Manifest
     manifest = Manifest(sys.argv[1], "digest", "layout")
     manifest.begin({})
     def stalls(fd):  # the marker's bytes are in the temporary file: hold the writer here until it is killed
@@ -272,9 +272,9 @@ def _forward_job(tmp_path: Path, net: Network, vol: np.ndarray, **keys: str) -> 
 
 def test_forward_scheduler_local_overrides_the_job_and_listens_on_localhost(tmp_path, capsys, monkeypatch):
     from znn.cli import main
-    from znn.pipeline import memplan
     from znn.io.config import load_job
-    from znn.pipeline.forward_cli import forward_job, plan_job
+    from znn.pipeline.dense import memplan
+    from znn.pipeline.jobs.forward import forward_job, plan_job
 
     net = Network.initialise(load_network(TINY3D), seed=12)
     vol = np.random.default_rng(6).integers(0, 200, (8, 16, 16), dtype=np.uint8)
@@ -295,7 +295,12 @@ def test_forward_scheduler_local_overrides_the_job_and_listens_on_localhost(tmp_
 
 
 def test_scaling_bench_rows_and_volume_grid():
-    from znn.bench.scaling import _grid, block_grid_shape, format_table, run_scaling_bench
+    from znn.bench.scaling import (
+        _grid,
+        block_grid_shape,
+        format_table,
+        run_scaling_bench,
+    )
 
     assert [_grid(b) for b in (1, 2, 8, 12, 16)] == [(1, 1, 1), (1, 1, 2), (2, 2, 2), (2, 2, 3), (2, 2, 4)]
     assert block_grid_shape(16, (4, 8, 8)) == (8, 16, 32)
@@ -317,14 +322,18 @@ def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def test_worker_settings_file_for_hand_started_clusters_equals_the_local_clusters():
     import yaml
 
-    from znn.pipeline.schedulers import WORKER_SETTINGS
+    from znn.pipeline.run.schedulers import WORKER_SETTINGS
 
     path = ROOT / "workflows" / "cluster" / "dask-config" / "workers.yaml"
     assert _flat(yaml.safe_load(path.read_text())) == WORKER_SETTINGS
 
 
 def test_local_cluster_workers_get_the_settings_for_long_tasks_unless_the_user_set_them():
-    from znn.pipeline.schedulers import WORKER_SETTINGS, local_runner, worker_settings
+    from znn.pipeline.run.schedulers import (
+        WORKER_SETTINGS,
+        local_runner,
+        worker_settings,
+    )
 
     def seen_by_worker() -> dict[str, Any]:
         return {"env": {k: os.environ.get(k) for k in ("MALLOC_TRIM_THRESHOLD_", "OMP_NUM_THREADS")},
@@ -348,7 +357,7 @@ def test_local_cluster_workers_get_the_settings_for_long_tasks_unless_the_user_s
 
 
 def test_a_variable_the_user_started_with_is_left_to_the_workers(monkeypatch):
-    import znn.pipeline.schedulers as schedulers
+    import znn.pipeline.run.schedulers as schedulers
 
     key = "distributed.nanny.pre-spawn-environ.MALLOC_TRIM_THRESHOLD_"
     assert key in schedulers.worker_settings() or os.environ.get("MALLOC_TRIM_THRESHOLD_")

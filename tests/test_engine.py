@@ -9,11 +9,11 @@ import pytest
 from znn.io.netfile import load_network, parse_network
 from znn.network import Network
 from znn.ops import fft as fftops
-from znn.pipeline.engine import Engine
-from znn.pipeline.graph import Hyper, forward_graph
-from znn.pipeline.plan import make_plan
-from znn.pipeline.schedulers import make_runner
-from znn.pipeline.sequential import sequential_forward
+from znn.pipeline.forward.sequential import sequential_forward
+from znn.pipeline.graph.build import Hyper, forward_graph
+from znn.pipeline.graph.plan import make_plan
+from znn.pipeline.run.schedulers import make_runner
+from znn.pipeline.train.engine import Engine
 
 from .shared import REFERENCE, need
 
@@ -273,8 +273,8 @@ def _step_graph_and_order(runner, priority: bool):
     """A training step of TWO_INPUTS on ``runner``; the keys in the order their tasks started (local schedulers)."""
     from dask.callbacks import Callback
 
-    from znn.pipeline.engine import _get
-    from znn.pipeline.graph import step_graph
+    from znn.pipeline.graph.build import step_graph
+    from znn.pipeline.train.engine import _get
 
     spec = parse_network(TWO_INPUTS)
     net = Network.initialise(spec, seed=0)

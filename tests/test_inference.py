@@ -22,17 +22,14 @@ from znn.io.config import load_job
 from znn.io.netfile import load_network, parse_network
 from znn.io.volume import read_volume, write_volume
 from znn.network import Network
-from znn.pipeline.forward_cli import forward_job
-from znn.pipeline.inference import (
-    BlockForward,
-    InputFile,
-    apply_transform,
-    block_grid,
-    infer_volume,
-    mirror_indices,
-    resolve_transform,
-)
-from znn.pipeline.manifest import MANIFEST_DIR
+from znn.ops.transform import apply_transform
+from znn.pipeline.dense.grid import block_grid
+from znn.pipeline.dense.inputs import InputFile, mirror_indices
+from znn.pipeline.dense.manifest import MANIFEST_DIR
+from znn.pipeline.dense.outputs import resolve_transform
+from znn.pipeline.dense.volume import infer_volume
+from znn.pipeline.forward.blockgraph import BlockForward
+from znn.pipeline.jobs.forward import forward_job
 
 from .shared import DATA, REFERENCE, need
 
@@ -168,7 +165,7 @@ def test_transform_auto():
                                      ((12, 10, 14), (3, 3, 2), (2, 2, 2))])
 def test_phase_conv_equals_dilated_direct_conv(n, k, d):
     from znn.ops.conv import conv_forward_direct
-    from znn.pipeline.inference import phase_conv_fft
+    from znn.ops.phase import phase_conv_fft
 
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, *n))
@@ -227,8 +224,8 @@ size 2
 def test_phase_forward_never_writes_into_an_array_it_did_not_make():
     """Transfer nodes behind edges that pass their input through (a 1x1x1 max filter, a maxout of one edge) get
     the bias and transfer function on a copy: the caller's input and the other nodes' values stay as they were."""
-    from znn.pipeline.inference import PhaseForward
-    from znn.pipeline.sequential import sequential_forward
+    from znn.pipeline.forward.phases import PhaseForward
+    from znn.pipeline.forward.sequential import sequential_forward
 
     net = Network.initialise(parse_network(PASS_THROUGH), seed=4, dtype=np.float64)
     net.biases["t"][:] = 0.25
@@ -243,8 +240,7 @@ def test_phase_forward_never_writes_into_an_array_it_did_not_make():
 
 
 def test_max_filter_values_equal_pooling():
-    from znn.ops.pooling import max_filter
-    from znn.pipeline.inference import max_filter_values
+    from znn.ops.pooling import max_filter, max_filter_values
 
     x = np.random.default_rng(1).standard_normal((2, 9, 10, 11)).astype(np.float32)
     np.testing.assert_array_equal(max_filter_values(x, (2, 3, 2), (2, 1, 3)), max_filter(x, (2, 3, 2), (2, 1, 3))[0])
@@ -254,8 +250,8 @@ def test_max_filter_values_equal_pooling():
                                          ("networks/VD2D.znn", (1, 3, 3))])
 @pytest.mark.parametrize("mode", ["fft", "direct"])
 def test_phase_forward_equals_sequential(name, outsz, mode):
-    from znn.pipeline.inference import PhaseForward
-    from znn.pipeline.sequential import sequential_forward
+    from znn.pipeline.forward.phases import PhaseForward
+    from znn.pipeline.forward.sequential import sequential_forward
 
     spec = load_network(need(REFERENCE / name))
     net = Network.initialise(spec, seed=1, dtype=np.float64)
@@ -309,7 +305,7 @@ def test_3d_network_tiled_equals_untiled(tmp_path, mirror, mode):
 
 
 def test_distributed_cluster_gives_the_same_output(tmp_path, local_client):
-    from znn.pipeline.schedulers import make_runner
+    from znn.pipeline.run.schedulers import make_runner
 
     vol = np.random.default_rng(1).standard_normal((9, 14, 13)).astype(np.float32)
     write_volume(tmp_path / "in.zarr", vol)
@@ -391,7 +387,7 @@ def test_auto_outsz_uses_the_plan(tmp_path):
     vol = np.random.default_rng(4).integers(0, 200, (10, 30, 30), dtype=np.uint8)
     job = load_job(_job(tmp_path, net, vol, forward_outsz="auto"))
     seen = []
-    from znn.pipeline.memplan import process_rss
+    from znn.pipeline.dense.memplan import process_rss
 
     res = forward_job(job, memory=process_rss() + (400 << 20), progress=False, on_setup=seen.append)[0]
     assert seen[0].plan is not None and seen[0].outsz == seen[0].plan.chosen.outsz == res.outsz
@@ -426,7 +422,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     import numpy as np
     from znn.io.netfile import parse_network
     from znn.network import Network
-    from znn.pipeline import inference, memplan
+    from znn.pipeline.dense import memplan, volume as inference
 
     def vm():
         for line in open("/proc/self/status"):

@@ -13,7 +13,7 @@ import pytest
 from znn.errors import ConfigError, ShapeError
 from znn.io.netfile import load_network
 from znn.ops.fft import fast_len
-from znn.pipeline import memplan
+from znn.pipeline.dense import memplan
 
 TINY3D = Path(__file__).resolve().parents[1] / "workflows" / "inference" / "tiny3d.znn"
 
@@ -81,8 +81,8 @@ _ONE_BLOCK = """
 import sys, numpy as np
 from znn.io.netfile import load_network
 from znn.network import Network
-from znn.pipeline import memplan
-from znn.pipeline.inference import PhaseForward
+from znn.pipeline.dense import memplan
+from znn.pipeline.forward.phases import PhaseForward
 from threadpoolctl import threadpool_limits
 spec = load_network(sys.argv[1]); cache = sys.argv[2] == "1"
 net = Network.initialise(spec, seed=0)

@@ -27,7 +27,7 @@ from znn.ops.metrics import (
     variation_of_information,
 )
 from znn.ops.preprocess import affinity, binary_class
-from znn.pipeline.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
 
 
 def loop_rand(seg, gt):

@@ -11,7 +11,12 @@ from hypothesis import strategies as st
 from znn.errors import ShapeError
 from znn.ops import conv_fft as cf
 from znn.ops import fft as F
-from znn.ops.conv import conv_backward, conv_backward_direct, conv_forward, conv_forward_direct
+from znn.ops.conv import (
+    conv_backward,
+    conv_backward_direct,
+    conv_forward,
+    conv_forward_direct,
+)
 
 # (input spatial, kernel, dilation, in maps, out maps): 2D and 3D, odd and even kernels, dilations 1-4 on
 # different axes, kz == 1 over a thick volume, 1/3/5 maps.

@@ -12,7 +12,7 @@ from znn.errors import ConfigError, ShapeError
 from znn.io.samples import make_sample
 from znn.ops.loss import rebalance_weights
 from znn.ops.preprocess import affinity, affinity_mask, binary_class
-from znn.pipeline.sampler import IDENTITY, PatchSampler, Transform
+from znn.pipeline.train.sampler import IDENTITY, PatchSampler, Transform
 
 ALL_FLIPS = list(itertools.product((False, True), repeat=3))
 
@@ -252,7 +252,7 @@ def test_masked_samples_draw_patches_with_valid_voxels():
 
 
 def test_window_any_matches_loop():
-    from znn.pipeline.sampler import _window_any
+    from znn.pipeline.train.sampler import _window_any
 
     mask = np.random.default_rng(12).random((4, 6, 7)) > 0.93
     got = _window_any(mask, (2, 3, 2), (0, 1, 2), (2, 3, 5))

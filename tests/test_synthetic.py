@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from znn.errors import ShapeError
 from znn.ops.metrics import pixel_error
-from znn.pipeline.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
 
 
 @pytest.fixture(scope="module")

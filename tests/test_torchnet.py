@@ -11,9 +11,9 @@ from znn.bench.torchnet import build_torch_net, to_tensors, torch_kernel, znn_ke
 from znn.errors import ShapeError  # noqa: E402
 from znn.io.netfile import load_network, parse_network  # noqa: E402
 from znn.network import Network  # noqa: E402
-from znn.pipeline.engine import Engine  # noqa: E402
-from znn.pipeline.schedulers import make_runner  # noqa: E402
-from znn.pipeline.sequential import sequential_forward  # noqa: E402
+from znn.pipeline.forward.sequential import sequential_forward  # noqa: E402
+from znn.pipeline.run.schedulers import make_runner  # noqa: E402
+from znn.pipeline.train.engine import Engine  # noqa: E402
 
 from .shared import REFERENCE, need  # noqa: E402
 

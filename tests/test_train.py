@@ -20,10 +20,10 @@ from znn.errors import ConfigError, TrainingError
 from znn.io.checkpoint import load_checkpoint, load_statistics
 from znn.io.config import load_job
 from znn.io.volume import write_volume
-from znn.pipeline.curve import LearningCurve
-from znn.pipeline.synthetic import boundary_labels, synthetic_em
-from znn.pipeline.train import Schedule
-from znn.pipeline.train_cli import train_job
+from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.train import train_job
+from znn.pipeline.train.curve import LearningCurve
+from znn.pipeline.train.trainer import Schedule
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,7 +362,7 @@ def test_bundled_workflows_train_on_the_shared_data(tmp_path, workflow, data, tr
     job.values["train_net_prefix"] = tmp_path / "out" / "net"
     trainer = train_job(job, max_iter=1, progress=False, log=lambda _: None)
     assert trainer.iteration == 1 and (tmp_path / "out" / "net_current.h5").is_file()
-    from znn.pipeline.train_cli import load_samples
+    from znn.pipeline.jobs.train import load_samples
 
     train, test = load_samples(job, "train_range", np.float32), load_samples(job, "test_range", np.float32)
     assert train[0].shape == train_shape and test[0].shape == test_shape

@@ -22,11 +22,11 @@ from znn.io.checkpoint import save_checkpoint
 from znn.io.netfile import load_network
 from znn.io.volume import read_volume, write_volume
 from znn.network import Network
-from znn.pipeline import workflow_cli
-from znn.pipeline.synthetic import boundary_labels, synthetic_em
-from znn.pipeline.workflow import load_workflow
-from znn.pipeline.workflow_cli import run_workflow
-from znn.pipeline.workflow_state import RunLock, WorkflowState
+from znn.pipeline.jobs import run_workflow as workflow_cli
+from znn.pipeline.jobs.run_workflow import run_workflow
+from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.workflow import load_workflow
+from znn.pipeline.jobs.workflow_state import RunLock, WorkflowState
 
 ROOT = Path(__file__).resolve().parents[1]
 

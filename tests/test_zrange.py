@@ -7,9 +7,15 @@ import numpy as np
 import pytest
 
 from znn.errors import VolumeError
-from znn.io.specfile import parse_spec
 from znn.io.samples import load_sample
-from znn.io.volume import open_volume, parse_volume_path, read_volume, volume_shape_dtype, write_volume
+from znn.io.specfile import parse_spec
+from znn.io.volume import (
+    open_volume,
+    parse_volume_path,
+    read_volume,
+    volume_shape_dtype,
+    write_volume,
+)
 
 FORMATS = {"tif": "v.tif", "h5": "v.h5:/raw", "zarr": "v.zarr/raw"}
 

@@ -5,7 +5,7 @@ import os
 from znn.errors import ZnnError
 
 # The environment as this process had it when znn was imported, before any dask nanny it starts could write into it
-# (znn.pipeline.schedulers tells a variable the user set from one an earlier cluster's nanny left behind).
+# (znn.pipeline.run.schedulers tells a variable the user set from one an earlier cluster's nanny left behind).
 STARTING_ENVIRONMENT = dict(os.environ)
 
 __version__ = "0.1.0"

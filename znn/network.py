@@ -65,6 +65,14 @@ class Network:
     def copy(self) -> "Network":
         return self.astype(self.dtype)
 
+    def sliding_window(self) -> "Network":
+        """This network with :meth:`NetworkSpec.sliding_window` as its spec (the same parameter arrays): what dense
+        inference runs, so that every output voxel is the network applied to its own window."""
+        twin = self.spec.sliding_window()
+        if twin is self.spec:
+            return self
+        return Network(twin, self.kernels, self.biases, self.kernel_momentum, self.bias_momentum, self.hyper)
+
     def check_shapes(self, where: str = "") -> None:
         """Raise CheckpointError if any parameter's shape disagrees with the spec."""
         for name in self.spec.conv_edges():

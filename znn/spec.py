@@ -14,7 +14,7 @@ that yields one output voxel.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -276,6 +276,22 @@ class NetworkSpec:
         if edge.type == "crop":
             return tuple(o + 2 * c for o, c in zip(out, edge.offset))  # type: ignore[return-value]
         return out
+
+    def sliding_window(self) -> "NetworkSpec":
+        """The dense twin of this network, for sliding-window inference.
+
+        A ``max_pool`` edge subsamples: run over a patch larger than one output voxel, the pooled network gives
+        outputs a pool's width apart, not neighbours. Its twin replaces each ``max_pool`` by a ``max_filter`` of the
+        same window whose stride is the window, so every later window runs dilated by it (ZNN's sparsity; ZNNi's
+        max-pooling fragments give the same values). At any output patch, each output voxel of the twin is this
+        network applied to that voxel's own field of view; the FOV and the parameters are the same. A network
+        without ``max_pool`` edges is its own twin.
+        """
+        if not any(e.type == "max_pool" for e in self.edges.values()):
+            return self
+        edges = [replace(e, type="max_filter", stride=e.size) if e.type == "max_pool" else e
+                 for e in self.edges.values()]
+        return NetworkSpec.from_groups(self.nodes.values(), edges, self.path)
 
     # -- parameters --------------------------------------------------------------------------------
     def conv_edges(self) -> list[str]:

@@ -6,11 +6,11 @@ Networks (``workflows/inference/``): ``n337`` (7 convs of 3x3x3, three 2x2x2 max
 
 For each output patch (a cube, clipped to what the planner says fits ``--memory``):
 
-* ``znn``: what `znn forward` does per block (:class:`~znn.pipeline.inference.PhaseForward`, kernel spectra from
+* ``znn``: what `znn forward` does per block (:class:`~znn.pipeline.forward.phases.PhaseForward`, kernel spectra from
   the cache, made once per volume so not timed; their time is shown), ``--threads / --block-threads`` blocks at
   once, each on ``--block-threads`` threads; throughput = blocks x output voxels / wall time;
 * with ``--scheduler local`` or an address, ``znn`` is instead dense inference (`znn forward`'s
-  :func:`~znn.pipeline.inference.infer_volume`) of a synthetic volume of two blocks per worker on that dask cluster,
+  :func:`~znn.pipeline.dense.volume.infer_volume`) of a synthetic volume of two blocks per worker on that dask cluster,
   one block per single-threaded worker process at a time (``local``: ``--threads`` workers on 127.0.0.1); throughput
   = output voxels / wall time of the run, after a warm-up run (`znn bench scaling` compares worker counts);
 * ``torch``: the same network with the same weights in PyTorch (``conv3d`` dilated by the sparsity, kernels
@@ -34,17 +34,17 @@ from typing import Any
 
 import numpy as np
 
+from znn.bench.networks import bench_network
 from znn.io.netfile import load_network
 from znn.network import Network
-from znn.pipeline import memplan
-from znn.pipeline.autotune import inference_modes
-from znn.pipeline.inference import PhaseForward
-from znn.pipeline.schedulers import single_threaded_kernels
+from znn.pipeline.dense import memplan
+from znn.pipeline.forward.autotune import inference_modes
+from znn.pipeline.forward.phases import PhaseForward
+from znn.pipeline.run.schedulers import single_threaded_kernels
 
 __all__ = ["NETWORKS", "run_forward_bench", "format_table", "add_arguments", "run_from_args"]
 
-NETWORK_DIR = Path(__file__).resolve().parents[2] / "workflows" / "inference"
-NETWORKS = {"n337": NETWORK_DIR / "n337.znn", "n726": NETWORK_DIR / "n726.znn"}
+NETWORKS = ("n337", "n726")  # names in znn.bench.networks
 TARGETS = {"n337": 1.0, "n726": 2.0}  # team target: znn / torch throughput at the largest patch that fits
 DEFAULT_OUTSZ = {"n337": (8, 16, 32), "n726": (8, 16, 32)}
 
@@ -129,10 +129,10 @@ def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, S
                       block_threads: int | None = None, scheduler: str | None = None) -> list[dict[str, Any]]:
     """One row per (network, output cube): znn and torch seconds, voxels/s, ratio, predicted memory.
 
-    ``scheduler`` (resolved by :func:`~znn.pipeline.schedulers.resolve_scheduler`; default threads): ``threads``
+    ``scheduler`` (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`; default threads): ``threads``
     times blocks in this process, ``synchronous`` the same on one thread, ``local`` or an address dense inference
     on a dask cluster."""
-    from znn.pipeline.schedulers import make_runner, resolve_scheduler
+    from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
 
     where = resolve_scheduler(scheduler, None)
     if where == "synchronous":
@@ -155,8 +155,8 @@ def _forward_rows(nets: Sequence[str], sizes: dict[str, Sequence[int]] | None, t
         block_threads = 1  # single-threaded worker processes, one block each
     rows = []
     for name in nets:
-        spec = load_network(NETWORKS[name])
-        net = Network.initialise(spec, seed=seed)
+        spec = load_network(bench_network(name))
+        net = Network.initialise(spec, seed=seed).sliding_window()
         for side in (sizes or DEFAULT_OUTSZ)[name]:
             outsz = (int(side),) * 3
             fits = False

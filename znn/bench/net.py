@@ -43,9 +43,9 @@ import numpy as np
 from dask.core import get_deps
 
 from znn.network import Network
-from znn.pipeline.engine import Engine
-from znn.pipeline.graph import Hyper
-from znn.pipeline.schedulers import Runner, cores
+from znn.pipeline.graph.build import Hyper
+from znn.pipeline.run.schedulers import Runner, cores
+from znn.pipeline.train.engine import Engine
 
 __all__ = ["TimingRunner", "GraphRun", "run_net_bench", "format_report", "add_arguments", "run_from_args", "main"]
 
@@ -183,7 +183,7 @@ def run_net_bench(path: str | Path, outsz: Sequence[int], threads: int = 0, repe
                   torch: bool = True, dtype: str = "float32", seed: int = 0, eta: float = DEFAULT_ETA,
                   sync_repeat: int = 2, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure ``path`` at output patch ``outsz``; returns the report as a dict (see :func:`format_report`)."""
-    from znn.describe import load_any_network
+    from znn.pipeline.jobs.describe import load_any_network
 
     say = progress or (lambda s: None)
     outsz3 = (int(outsz[0]), int(outsz[1]), int(outsz[2]))
@@ -285,7 +285,7 @@ def _peak(fn: Callable[[], Any]) -> int:
 
 
 def _machine() -> dict[str, Any]:
-    from znn.pipeline.autotune import machine_id
+    from znn.pipeline.forward.autotune import machine_id
 
     return {"id": machine_id(), "python": platform.python_version()}
 
@@ -371,7 +371,7 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def _triple(text: str) -> Triple:
-    from znn.cli import parse_triple
+    from znn.cli.args import parse_triple
 
     return parse_triple(text)
 

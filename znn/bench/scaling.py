@@ -3,7 +3,7 @@
 One local dask cluster (`--scheduler local`: worker processes on 127.0.0.1, one thread each, with znn's worker
 settings; ``--settings znn dask`` adds one with dask's defaults) of the most workers asked for runs the same
 `znn forward` work on its first 1, 2, ... workers (the others idle):
-:func:`~znn.pipeline.inference.infer_volume` over a synthetic uint8 zarr volume of ``--blocks`` output blocks of
+:func:`~znn.pipeline.dense.volume.infer_volume` over a synthetic uint8 zarr volume of ``--blocks`` output blocks of
 ``--outsz``, writing a zarr output. One untimed run first (each worker plans its FFTs and makes its kernel spectra
 once per process, as a long run would), then ``--repeat`` rounds of timed runs, every worker count once per round
 (``fresh``: every block recomputed); medians are reported as blocks/s and output voxels/s, and the speedup over
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import shutil
 import statistics
 import tempfile
@@ -31,17 +30,21 @@ from typing import Any
 
 import numpy as np
 
-from znn.bench.forward import NETWORK_DIR, NETWORKS
+from znn.bench.networks import BENCH_NETWORKS, bench_network
 from znn.io.netfile import load_network
 from znn.network import Network
-from znn.pipeline.autotune import inference_modes
-from znn.pipeline.inference import infer_volume
-from znn.pipeline.schedulers import Runner, local_runner, make_runner, resolve_scheduler
+from znn.pipeline.dense.volume import infer_volume
+from znn.pipeline.forward.autotune import inference_modes
+from znn.pipeline.run.schedulers import (
+    Runner,
+    local_runner,
+    make_runner,
+    resolve_scheduler,
+)
 
 __all__ = ["SCALING_NETWORKS", "block_grid_shape", "synthetic_volume", "measure", "run_scaling_bench", "format_table", "add_arguments", "run_from_args"]
 
-SCALING_NETWORKS = {"scaling": Path(__file__).resolve().parents[2] / "workflows" / "cluster" / "scaling.znn",
-                    "tiny3d": NETWORK_DIR / "tiny3d.znn", **NETWORKS}
+SCALING_NETWORKS = tuple(BENCH_NETWORKS)
 
 
 def _grid(blocks: int) -> tuple[int, int, int]:
@@ -168,7 +171,7 @@ def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 1
                       workdir: str | None = None, settings: Sequence[str] = ("znn",)) -> list[dict[str, Any]]:
     """One row per worker count and worker settings (``znn``: the local clusters znn starts; ``dask``: dask's
     defaults), or one for the cluster at ``scheduler``, with the speedup over the first row of its settings."""
-    spec = load_network(SCALING_NETWORKS[net_name])
+    spec = load_network(bench_network(net_name))
     net = Network.initialise(spec, seed=seed)
     outsz = (int(side),) * 3
     shape = block_grid_shape(blocks, outsz)
@@ -253,7 +256,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--scheduler", help="measure this existing cluster (an address) instead of a local cluster "
                                             "of max(--workers) workers")
     parser.add_argument("--settings", nargs="+", choices=["znn", "dask"], default=["znn"],
-                        help="worker settings of the local clusters: znn (znn.pipeline.schedulers.WORKER_SETTINGS, "
+                        help="worker settings of the local clusters: znn (znn.pipeline.run.schedulers.WORKER_SETTINGS, "
                              "the default) and/or dask (dask's defaults), measured side by side")
     parser.add_argument("--workdir", help="where the synthetic volume and outputs go (default: the system temp)")
     parser.add_argument("--json", help="also write the rows to this JSON file")

@@ -2,7 +2,7 @@
 
 :func:`build_torch_net` turns a :class:`~znn.network.Network` planned at one output patch into a
 ``torch.nn.Module`` that evaluates the spec's DAG node group by node group, like
-:func:`znn.pipeline.sequential.sequential_forward`:
+:func:`znn.pipeline.forward.sequential.sequential_forward`:
 
 * ``conv``: ``conv3d`` dilated by the sparsity of its input node, with the kernel flipped and its map axes
   swapped (ZNN's convolution is a true convolution, PyTorch's a cross-correlation, and PyTorch stores

@@ -12,7 +12,14 @@ from typing import Any
 from znn.errors import NetworkSpecError, closest, where
 from znn.io.files import read_text
 from znn.ops.init import INIT_ARG_COUNTS
-from znn.spec import EDGE_TYPES, NODE_TYPES, TRANSFER_FUNCTIONS, EdgeGroup, NetworkSpec, NodeGroup
+from znn.spec import (
+    EDGE_TYPES,
+    NODE_TYPES,
+    TRANSFER_FUNCTIONS,
+    EdgeGroup,
+    NetworkSpec,
+    NodeGroup,
+)
 
 # Keys ZNN accepts but this project has no use for beyond keeping them (per-edge overrides, loader hints).
 _PASSIVE_KEYS = ("repeat", "fft", "eta", "momentum", "weight_decay", "load")

@@ -140,7 +140,7 @@ def make_sample(
     sample_id: int = 0,
     dtype: DTypeLike = np.float32,
 ) -> SampleData:
-    """A :class:`SampleData` from arrays already in memory (e.g. :mod:`znn.pipeline.synthetic` volumes).
+    """A :class:`SampleData` from arrays already in memory (e.g. :mod:`znn.pipeline.jobs.synthetic` volumes).
 
     ``inputs`` are used as given (no preprocessing), each ``(Z, Y, X)`` or ``(C, Z, Y, X)``; ``labels`` are
     raw label volumes ``(Z, Y, X)`` transformed by ``label_pp`` (one for all or one per label; ``auto`` follows

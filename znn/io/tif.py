@@ -22,7 +22,15 @@ import tifffile
 import zarr
 
 from znn.errors import VolumeError, ZnnError
-from znn.io.volume import Chunks, VolumePath, atomic_file, check_volume, default_chunks, iter_blocks, lazy_array
+from znn.io.volume import (
+    Chunks,
+    VolumePath,
+    atomic_file,
+    check_volume,
+    default_chunks,
+    iter_blocks,
+    lazy_array,
+)
 
 __all__ = ["read", "open", "shape_dtype", "write", "TifBlockReader", "TIF_ERRORS"]
 

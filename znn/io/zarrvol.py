@@ -21,7 +21,14 @@ from zarr.errors import BaseZarrError, NodeNotFoundError
 from zarr.storage import LocalStore
 
 from znn.errors import VolumeError, ZnnError
-from znn.io.volume import Chunks, VolumePath, check_volume, exists_error, not_found, storage_chunks
+from znn.io.volume import (
+    Chunks,
+    VolumePath,
+    check_volume,
+    exists_error,
+    not_found,
+    storage_chunks,
+)
 
 __all__ = ["read", "open", "shape_dtype", "write", "create", "ZarrBlockReader", "ZARR_ERRORS"]
 

@@ -17,11 +17,10 @@ thread meanwhile; with ``threads=1`` they run inline and change nothing.
 from __future__ import annotations
 
 import json
-import math
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
 from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path

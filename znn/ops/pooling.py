@@ -137,3 +137,25 @@ def max_pool_backward(grad_y: Array, argmax: Index, in_shape: Sequence[int]) -> 
     grad_x = np.zeros(tuple(in_shape), dtype=grad_y.dtype)
     grad_x.ravel()[argmax.ravel()] = grad_y.ravel()
     return grad_x
+
+
+def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
+    """The values of :func:`znn.ops.pooling.max_filter` (no winner indices: inference needs none), one running
+    maximum over views per axis."""
+    y = x
+    for axis in (1, 2, 3):
+        w, d = int(size[axis - 1]), int(dilation[axis - 1])
+        if w == 1:
+            continue
+        m = y.shape[axis] - (w - 1) * d
+
+        def part(t: int, y: np.ndarray = y, axis: int = axis, d: int = d, m: int = m) -> np.ndarray:
+            index = [slice(None)] * 4
+            index[axis] = slice(t * d, t * d + m)
+            return y[tuple(index)]
+
+        out = np.array(part(0), copy=True)
+        for t in range(1, w):
+            np.maximum(out, part(t), out=out)
+        y = out
+    return np.ascontiguousarray(y)

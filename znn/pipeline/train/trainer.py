@@ -26,9 +26,9 @@ from znn.io.config import Job
 from znn.network import Network
 from znn.ops import loss as losses
 from znn.ops.sgd import anneal
-from znn.pipeline.curve import LearningCurve
-from znn.pipeline.engine import Engine
-from znn.pipeline.graph import Hyper
+from znn.pipeline.graph.build import Hyper
+from znn.pipeline.train.curve import LearningCurve
+from znn.pipeline.train.engine import Engine
 from znn.spec import NetworkSpec
 
 
@@ -113,7 +113,7 @@ def seed_network(net: Network, seed_path: str | Path, log: Callable[[str], None]
 
 def _first_non_finite(net: Network, inputs: Mapping[str, np.ndarray], output_patch: Sequence[int]) -> str | None:
     """The first node group (in evaluation order) whose forward values are not finite, as "layer X (node Y)"."""
-    from znn.pipeline.sequential import sequential_forward
+    from znn.pipeline.forward.sequential import sequential_forward
 
     values: dict[str, np.ndarray] = {}
     with np.errstate(all="ignore"):

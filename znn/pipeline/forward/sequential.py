@@ -12,7 +12,7 @@ import numpy as np
 from znn.network import Network
 from znn.ops import conv as convops
 from znn.ops import pointwise, pooling
-from znn.pipeline.tasks import central
+from znn.pipeline.graph.tasks import central
 
 
 def sequential_forward(net: Network, inputs: Mapping[str, np.ndarray], output_patch: Sequence[int],

@@ -1,6 +1,6 @@
 """`znn quickstart`: the whole workflow on data the project makes itself, in a few minutes.
 
-1. A synthetic EM-like volume (:func:`znn.pipeline.synthetic.synthetic_em`: cells separated by dark membranes,
+1. A synthetic EM-like volume (:func:`znn.pipeline.jobs.synthetic.synthetic_em`: cells separated by dark membranes,
    blur, noise) is written as tif files: a training part and a held-out part made from another seed.
 2. The job of ``workflows/quickstart`` (a small 2D boundary network, its ``.spec`` and ``.cfg``) is copied next to
    the data and trained with ``znn train``'s code under a time limit.
@@ -18,11 +18,11 @@ from pathlib import Path
 
 import numpy as np
 
-from znn.errors import ZnnFileNotFoundError
+from znn.io.bundled import bundled_file
 from znn.io.config import load_job
 from znn.io.volume import read_volume, write_volume
 from znn.ops import metrics
-from znn.pipeline.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
 
 __all__ = ["quickstart", "QuickstartReport", "JOB_FILES", "job_folder"]
 
@@ -56,12 +56,10 @@ class QuickstartReport:
 
 
 def job_folder() -> Path:
-    """``workflows/quickstart`` of the source tree this package runs from."""
-    folder = Path(__file__).resolve().parents[2] / "workflows" / "quickstart"
-    if not all((folder / name).is_file() for name in JOB_FILES):
-        raise ZnnFileNotFoundError(f"{folder}: the quickstart job files ({', '.join(JOB_FILES)}) are missing; run "
-                                   "znn from a checkout of the project installed with `pip install -e .`")
-    return folder
+    """The bundled quickstart job (``workflows/quickstart``, installed with the package)."""
+    for name in JOB_FILES:
+        bundled_file("quickstart", name)
+    return bundled_file("quickstart")
 
 
 def make_data(data: Path) -> None:
@@ -75,8 +73,8 @@ def make_data(data: Path) -> None:
 
 def quickstart(out: Path, minutes: float = 4.0, max_iter: int | None = None, scheduler: str | None = None,
                progress: bool = True, log: Callable[[str], None] = print) -> QuickstartReport:
-    from znn.pipeline.forward_cli import forward_job
-    from znn.pipeline.train_cli import train_job
+    from znn.pipeline.jobs.forward import forward_job
+    from znn.pipeline.jobs.train import train_job
 
     out.mkdir(parents=True, exist_ok=True)
     for name in JOB_FILES:

@@ -2,7 +2,7 @@
 
 For every conv edge group whose mode is ``optimize``, :func:`resolve_modes` times one training pass of the
 layer (forward, kernel gradient, and the input gradient unless the input is a network input) in FFT and in
-direct mode, as the graph runs it: the graph's own task functions (:mod:`znn.pipeline.tasks`) on the plan's
+direct mode, as the graph runs it: the graph's own task functions (:mod:`znn.pipeline.graph.tasks`) on the plan's
 map blocks, single-threaded. One task of each kind is timed (blocks of a node differ by at most one map) and
 multiplied by how many the graph has; the sum is the work the graph does for the layer. Timing the whole
 layer in one call would mislead: a direct convolution split into blocks of a few output maps runs its
@@ -37,9 +37,9 @@ from typing import Any
 import numpy as np
 
 from znn.ops import fft as fftops
-from znn.pipeline import tasks
-from znn.pipeline.plan import CONV_MODES, make_plan
-from znn.pipeline.schedulers import single_threaded_kernels
+from znn.pipeline.graph import tasks
+from znn.pipeline.graph.plan import CONV_MODES, make_plan
+from znn.pipeline.run.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
 
 __all__ = ["LayerProblem", "resolve_modes", "inference_modes", "wants_optimize", "machine_id", "cache_file",
@@ -112,11 +112,11 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     """The conv mode of every conv edge group, with ``optimize`` replaced by the faster of fft and direct.
 
     ``modes`` is one mode for all conv edges or a dict per edge (missing edges are ``fft``, as in
-    :func:`~znn.pipeline.plan.make_plan`). Layers whose choice is in the cache are not measured; the others
+    :func:`~znn.pipeline.graph.plan.make_plan`). Layers whose choice is in the cache are not measured; the others
     are timed ``repeat`` times per mode (median; fewer when one mode is clearly slower) and written back.
     ``timer(problem, mode)`` returns the seconds of one run and replaces the real measurement (tests).
     ``training=False`` times forward passes only, with kernel spectra cached; ``evaluator="phases"`` times the
-    dense-inference evaluator (:class:`~znn.pipeline.inference.PhaseForward`) instead, with its kernel spectra
+    dense-inference evaluator (:class:`~znn.pipeline.forward.phases.PhaseForward`) instead, with its kernel spectra
     cached or (``spectra_cache=False``) made per block, on ``threads`` threads per block.
     """
     wanted = {e: (modes if isinstance(modes, str) else modes.get(e, "fft")) for e in spec.conv_edges()}
@@ -217,7 +217,7 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 
 def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
-    """The FFT-mode tasks of :mod:`znn.pipeline.graph` for this layer (see ``_conv_forward``/``_conv_backward``)."""
+    """The FFT-mode tasks of :mod:`znn.pipeline.graph.build` for this layer (see ``_conv_forward``/``_conv_backward``)."""
     shape = fftops.fft_shape(p.in_extent, p.kernel, p.dilation)
     lo = (0, 0, 0)
     n_i, n_o = len(p.in_blocks), len(p.out_blocks)
@@ -251,9 +251,14 @@ def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: lis
 
 
 def _phase_forward(p: LayerProblem, x: np.ndarray, w: np.ndarray, mode: str) -> float:
-    """What :class:`~znn.pipeline.inference.PhaseForward` runs for this layer on one block."""
+    """What :class:`~znn.pipeline.forward.phases.PhaseForward` runs for this layer on one block."""
     from znn.ops import conv as convops
-    from znn.pipeline.inference import PHASE_GROUP_BYTES, phase_conv_fft, phase_kernel_spectra, phase_shape
+    from znn.ops.phase import (
+        PHASE_GROUP_BYTES,
+        phase_conv_fft,
+        phase_kernel_spectra,
+        phase_shape,
+    )
 
     if mode == "direct":
         return _timed(convops.conv_forward_direct, x, w, p.dilation, p.threads)[1]

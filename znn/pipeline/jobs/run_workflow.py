@@ -1,7 +1,7 @@
 """`znn run WORKFLOW.yaml` (a batch workflow of train, forward and evaluate steps) and `znn status WORKFLOW.yaml`.
 
-The workflow file is described in :mod:`znn.pipeline.workflow`, its state file in
-:mod:`znn.pipeline.workflow_state`. A run checks the whole file first (every job file, every dependency), then
+The workflow file is described in :mod:`znn.pipeline.jobs.workflow`, its state file in
+:mod:`znn.pipeline.jobs.workflow_state`. A run checks the whole file first (every job file, every dependency), then
 runs the steps in dependency order. A step whose record says ``done`` with the same digest (its definition, its
 job files and the digests of the steps it needs) is skipped, provided the steps it needs were skipped too; every
 other step runs, which retries failed ones and finishes interrupted ones (training resumes from its checkpoint,
@@ -11,8 +11,6 @@ on, and the command ends with status 1 naming the failures.
 
 from __future__ import annotations
 
-import argparse
-import sys
 import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
@@ -20,9 +18,9 @@ from pathlib import Path
 from typing import Any
 
 from znn.errors import ZnnError
-from znn.pipeline.schedulers import add_scheduler_argument, resolve_scheduler
-from znn.pipeline.workflow import Step, Workflow, load_workflow
-from znn.pipeline.workflow_state import RunLock, StepState, WorkflowState, now
+from znn.pipeline.jobs.workflow import Step, Workflow, load_workflow
+from znn.pipeline.jobs.workflow_state import RunLock, StepState, WorkflowState, now
+from znn.pipeline.run.schedulers import resolve_scheduler
 
 __all__ = ["register", "run_workflow", "status_table", "RunSummary"]
 
@@ -47,14 +45,14 @@ class RunSummary:
 def run_workflow(path: str | Path, scheduler: str | None = None, parallel: int | None = None,
                  progress: bool = True, log: Log = print) -> RunSummary:
     """Run the workflow at ``path``; ``scheduler`` overrides the file's ``scheduler`` key (neither given: each
-    step's job decides, see :func:`~znn.pipeline.schedulers.resolve_scheduler`), ``parallel`` its ``parallel``."""
+    step's job decides, see :func:`~znn.pipeline.run.schedulers.resolve_scheduler`), ``parallel`` its ``parallel``."""
     wf = load_workflow(path)
     chosen = resolve_scheduler(scheduler, wf.scheduler) if scheduler or wf.scheduler else None
     with RunLock(wf.state_path.with_suffix(".lock"), str(wf.path)):
         state = WorkflowState(wf.state_path, wf.path.name)
         cluster = None
         if chosen == "local":  # one cluster for every step, not one per step
-            from znn.pipeline.schedulers import make_runner
+            from znn.pipeline.run.schedulers import make_runner
 
             cluster = make_runner("local")
             chosen = cluster.client.scheduler.address
@@ -151,7 +149,7 @@ class _Run:
 
 # ------------------------------------------------------------------------------------------------ the steps
 def _train(step: Step, scheduler: str | None, progress: bool, log: Log) -> None:
-    from znn.pipeline.train_cli import train_job
+    from znn.pipeline.jobs.train import train_job
 
     o = step.options
     minutes = o.get("minutes")
@@ -161,7 +159,7 @@ def _train(step: Step, scheduler: str | None, progress: bool, log: Log) -> None:
 
 
 def _forward(step: Step, scheduler: str | None, progress: bool, log: Log) -> None:
-    from znn.pipeline.forward_cli import forward_job
+    from znn.pipeline.jobs.forward import forward_job
 
     o = step.options
     assert step.job is not None
@@ -172,15 +170,14 @@ def _forward(step: Step, scheduler: str | None, progress: bool, log: Log) -> Non
 
 
 def _evaluate(step: Step, scheduler: str | None, progress: bool, log: Log) -> None:
-    from znn.pipeline.evaluate_cli import run_evaluate
+    from znn.pipeline.jobs.evaluate import EvaluateRequest, evaluate_files
 
     o = step.options
     Path(o["out"]).parent.mkdir(parents=True, exist_ok=True)
     # The step is `znn evaluate PRED LABELS ... --json OUT` with the step's keys as its options.
-    run_evaluate(argparse.Namespace(pred=o["pred"], labels=o["labels"], out_type=o.get("type", "boundary"),
-                                    threshold=o.get("threshold", 0.5), dims=o.get("dims"), mask=o.get("mask"),
-                                    nonboundary=o.get("nonboundary", False), crop=o.get("crop", False),
-                                    json_out=o["out"]))
+    evaluate_files(EvaluateRequest(o["pred"], o["labels"], o.get("type", "boundary"), o.get("threshold", 0.5),
+                                   o.get("dims"), o.get("mask"), o.get("nonboundary", False), o.get("crop", False),
+                                   o["out"]))
 
 
 RUNNERS: dict[str, Callable[[Step, str | None, bool, Log], None]] = {
@@ -236,55 +233,3 @@ def _detail(record: StepState, step: Step) -> str:
     if record.status == "done":
         return f"finished {record.finished}"
     return ""
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:  # type: ignore[type-arg]
-    p = sub.add_parser("run", help="run a batch workflow of train/forward/evaluate steps (WORKFLOW.yaml)",
-                       description="Run the steps of a workflow file in dependency order, recording each step's "
-                       "state in <workflow>.state.json beside it. A rerun skips finished steps whose definition "
-                       "and job files are unchanged and reruns failed or interrupted ones. See workflows/batch/.")
-    p.add_argument("workflow", help="a workflow .yaml file")
-    add_scheduler_argument(p)
-    p.add_argument("--parallel", type=_positive_int, help="steps to run at once on a cluster (overrides the "
-                                                          "workflow's parallel key; default 1)")
-    p.add_argument("--quiet", action="store_true", help="no progress bars")
-    q = sub.add_parser("status", help="table of a workflow's steps and their state",
-                       description="Print each step of the workflow with its kind, state (pending, running, done, "
-                       "failed, blocked, interrupted), the steps it needs, its time and a detail (the error).")
-    q.add_argument("workflow", help="a workflow .yaml file")
-    return {"run": _cmd_run, "status": _cmd_status}
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
-    return value
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _cmd_run(args: argparse.Namespace) -> int:
-    summary = run_workflow(args.workflow, args.scheduler, args.parallel, not args.quiet, _log)
-    wf = summary.workflow
-    print(status_table(wf, WorkflowState(wf.state_path, wf.path.name), running=False))
-    if summary.ok:
-        return 0
-    blocked = f"; blocked: {', '.join(summary.blocked)}" if summary.blocked else ""
-    print(f"znn run: {len(summary.failed)} step(s) failed: {', '.join(summary.failed)}{blocked}. Fix the cause "
-          f"(see the detail column) and run `znn run {args.workflow}` again: finished steps are skipped",
-          file=sys.stderr)
-    return 1
-
-
-def _cmd_status(args: argparse.Namespace) -> int:
-    wf = load_workflow(args.workflow)
-    held = RunLock.held(wf.state_path.with_suffix(".lock"))
-    print(status_table(wf, WorkflowState(wf.state_path, wf.path.name), held))
-    return 0

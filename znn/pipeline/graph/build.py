@@ -1,11 +1,11 @@
 """Dask graphs of a network: one forward pass, and one training step (forward, loss, backward, update).
 
 Keys are ``("<op>-<layer>-<token>", block...)``: the same network, inputs and step give the same keys. Feature
-maps are grouped into blocks (:mod:`znn.pipeline.blocks`); a conv edge in FFT mode becomes forward FFTs of each
+maps are grouped into blocks (:mod:`znn.pipeline.graph.blocks`); a conv edge in FFT mode becomes forward FFTs of each
 input block, kernel FFTs of each (input block, output block), and per output block one multiply-accumulate over
 all input blocks followed by one inverse FFT per output map. The input and kernel spectra of the forward pass are
 the ones the backward pass uses; kernel spectra of edges that are not updated can come from a
-:class:`~znn.pipeline.cache.SpectraCache` instead of being recomputed.
+:class:`~znn.pipeline.graph.cache.SpectraCache` instead of being recomputed.
 
 Every task has a priority (:func:`task_priorities`; higher runs first among ready tasks), from the depth of its
 layer, as in ZNN: the longer the chain of layers still to run after a task, the sooner it runs (the forward pass
@@ -25,9 +25,9 @@ from dask.base import tokenize
 
 from znn.errors import ShapeError
 from znn.network import Network
-from znn.pipeline import tasks
-from znn.pipeline.cache import SpectraCache
-from znn.pipeline.plan import NetPlan
+from znn.pipeline.graph import tasks
+from znn.pipeline.graph.cache import SpectraCache
+from znn.pipeline.graph.plan import NetPlan
 
 Key = tuple[Any, ...]
 Loss = Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]

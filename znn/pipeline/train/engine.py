@@ -9,11 +9,10 @@ import numpy as np
 from dask.optimization import cull
 
 from znn.network import Network
-from znn.pipeline import tasks
-from znn.pipeline.cache import SpectraCache
-from znn.pipeline.graph import Hyper, Loss, forward_graph, step_graph
-from znn.pipeline.plan import NetPlan, make_plan
-from znn.pipeline.schedulers import Runner, make_runner
+from znn.pipeline.graph.build import Hyper, Loss, forward_graph, step_graph, tasks
+from znn.pipeline.graph.cache import SpectraCache
+from znn.pipeline.graph.plan import NetPlan, make_plan
+from znn.pipeline.run.schedulers import Runner, make_runner
 
 
 class Engine:
@@ -28,7 +27,10 @@ class Engine:
                  runner: Runner | None = None, seed: int = 0, spectra_cache: bool = True,
                  cache_bytes: int | None = None):
         self.net = net
-        from znn.pipeline.autotune import resolve_modes, wants_optimize  # measures each layer once, remembers
+        from znn.pipeline.forward.autotune import (  # measures each layer once, remembers
+            resolve_modes,
+            wants_optimize,
+        )
 
         if wants_optimize(modes):
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from znn.errors import ConfigError
 from znn.ops import fft as fftops
-from znn.pipeline.blocks import Block, map_blocks, voxels_of
+from znn.pipeline.graph.blocks import Block, map_blocks, voxels_of
 from znn.spec import ONE_TO_ONE, Layout, NetworkSpec, Triple
 
 CONV_MODES = ("fft", "direct")

@@ -41,9 +41,10 @@ import yaml
 from znn.errors import WorkflowError, ZnnError, closest, where
 from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job
 from znn.io.files import existing_file
-from znn.pipeline.inference import TRANSFORMS
-from znn.pipeline.memplan import parse_bytes
-from znn.pipeline.schedulers import check_scheduler
+from znn.pipeline.dense.memplan import parse_bytes
+from znn.pipeline.dense.outputs import TRANSFORMS
+from znn.pipeline.jobs.evaluate import BOUNDARY_TYPES, SEGMENT_DIMS
+from znn.pipeline.run.schedulers import check_scheduler
 
 __all__ = ["Step", "Workflow", "load_workflow", "KINDS"]
 
@@ -127,8 +128,8 @@ KEYS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     "forward": {"job": (_text, True), "set": (_settings, False), "transform": (_choice(*TRANSFORMS), False),
                 "memory": (_memory, False)},
     "evaluate": {"pred": (_text, True), "labels": (_text, True), "out": (_text, True), "mask": (_text, True),
-                 "type": (_choice("boundary", "affinity"), False), "threshold": (_probability, False),
-                 "dims": (_choice("2d", "3d"), False), "nonboundary": (_flag, False), "crop": (_flag, False)},
+                 "type": (_choice(*BOUNDARY_TYPES), False), "threshold": (_probability, False),
+                 "dims": (_choice(*SEGMENT_DIMS), False), "nonboundary": (_flag, False), "crop": (_flag, False)},
 }
 REQUIRED = {"train": ("job",), "forward": ("job",), "evaluate": ("pred", "labels", "out")}
 

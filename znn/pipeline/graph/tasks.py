@@ -1,7 +1,7 @@
 """The functions that dask tasks run: thin, picklable wrappers around :mod:`znn.ops` on blocks of maps.
 
 Every function takes and returns NumPy arrays (or tuples of them); the graph builder in
-:mod:`znn.pipeline.graph` decides which block goes where. Kernels of a conv edge group are one array
+:mod:`znn.pipeline.graph.build` decides which block goes where. Kernels of a conv edge group are one array
 (in, out, z, y, x); a task slices the (input block, output block) part it needs.
 """
 
@@ -13,8 +13,7 @@ from typing import Any
 import numpy as np
 
 from znn.ops import conv as convops
-from znn.ops import conv_fft
-from znn.ops import pointwise, pooling
+from znn.ops import conv_fft, pointwise, pooling
 from znn.ops.sgd import sgd_update
 
 Block = tuple[int, int]

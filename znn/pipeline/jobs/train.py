@@ -3,14 +3,12 @@
 ``train_job`` wires a job file to the training loop: the network (initialised, resumed from
 ``<train_net_prefix>_current.h5`` or seeded from another checkpoint), the samples of ``train_range`` and
 ``test_range`` read from ``fdata_spec``, the patch sampler (mirroring, augmentation, rebalancing), the engine on
-the job's scheduler and the :class:`~znn.pipeline.train.Trainer`. ``znn quickstart`` makes its own data (see
-:mod:`znn.pipeline.quickstart`).
+the job's scheduler and the :class:`~znn.pipeline.train.trainer.Trainer`. ``znn quickstart`` makes its own data (see
+:mod:`znn.pipeline.jobs.quickstart`).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,18 +16,18 @@ from typing import Any
 
 import numpy as np
 
-from znn.errors import ConfigError, ShapeError
-from znn.io.config import Job, load_job
+from znn.errors import ShapeError
+from znn.io.config import Job
 from znn.io.netfile import load_network
 from znn.io.samples import SampleData, load_sample
 from znn.io.specfile import load_spec
 from znn.network import Network
 from znn.ops import metrics
-from znn.pipeline.engine import Engine
-from znn.pipeline.progress import Progress
-from znn.pipeline.sampler import Patch, PatchSampler
-from znn.pipeline.schedulers import make_runner, resolve_scheduler
-from znn.pipeline.train import Schedule, Trainer, resume, seed_network
+from znn.pipeline.run.progress import Progress
+from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
+from znn.pipeline.train.engine import Engine
+from znn.pipeline.train.sampler import Patch, PatchSampler
+from znn.pipeline.train.trainer import Schedule, Trainer, resume, seed_network
 
 __all__ = ["register", "train_job", "PatchEvaluator", "load_samples"]
 
@@ -158,50 +156,3 @@ def _summary(trainer: Trainer, log: Callable[[str], None]) -> None:
                          + (f", Rand error {s['re'][-1]:.4f}" if np.isfinite(s["re"][-1]) else ""))
     log("; ".join(parts))
     log(f"checkpoint {trainer.prefix}_current.h5, learning curve {trainer.prefix}_curve.png")
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:  # type: ignore[type-arg]
-    p = sub.add_parser("train", help="train a network from a ZNN job file (.cfg)",
-                       description="Train the job's fnet_spec on the samples of train_range, validating on "
-                       "test_range; checkpoints <train_net_prefix>_<iter>.h5 and _current.h5 with the learning "
-                       "curve (and its PNG). A rerun resumes from _current.h5.")
-    p.add_argument("job", help="a .cfg job file")
-    p.add_argument("--seed", metavar="NET.h5", help="initialise every group whose name and shape match this "
-                                                    "checkpoint (ignored when the run resumes)")
-    p.add_argument("--scheduler", help="threads (default), synchronous, local, or a dask scheduler address "
-                                       "(overrides the job's scheduler key)")
-    p.add_argument("--max-iter", type=int, help="stop at this iteration instead of the job's Max_iter")
-    p.add_argument("--minutes", type=float, help="stop (and save) after this many minutes of training")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    q = sub.add_parser("quickstart", help="train and evaluate a small network on synthetic EM data (no download)",
-                       description="Make a synthetic EM-like volume, train the workflows/quickstart network on it "
-                       "for a few minutes, predict a held-out part and evaluate it; writes PNG previews.")
-    q.add_argument("--out", default="quickstart", help="output folder (default: ./quickstart)")
-    q.add_argument("--minutes", type=float, default=4.0, help="training time limit (default 4)")
-    q.add_argument("--max-iter", type=int, help="stop at this iteration instead of the job's Max_iter")
-    q.add_argument("--scheduler", help="as for znn train")
-    q.add_argument("--quiet", action="store_true", help="no progress output")
-    return {"train": _cmd_train, "quickstart": _cmd_quickstart}
-
-
-def _log(text: str) -> None:
-    print(text, file=sys.stderr, flush=True)
-
-
-def _cmd_train(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
-    if args.max_iter is not None and args.max_iter < 0:
-        raise ConfigError(f"--max-iter {args.max_iter}: give a number of iterations >= 0")
-    train_job(job, args.seed, args.scheduler, args.max_iter,
-              None if args.minutes is None else 60 * args.minutes, not args.quiet, _log)
-    return 0
-
-
-def _cmd_quickstart(args: argparse.Namespace) -> int:
-    from znn.pipeline.quickstart import quickstart
-
-    report = quickstart(Path(args.out), minutes=args.minutes, max_iter=args.max_iter, scheduler=args.scheduler,
-                        progress=not args.quiet, log=_log)
-    print(report.text())
-    return 0

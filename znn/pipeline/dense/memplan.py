@@ -30,7 +30,7 @@ from typing import Any
 
 from znn.errors import ConfigError, ShapeError
 from znn.ops import fft as fftops
-from znn.pipeline.plan import NetPlan, make_plan
+from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.spec import NetworkSpec, Triple
 
 __all__ = [
@@ -213,8 +213,8 @@ def _phase_geometry(plan: NetPlan, name: str) -> tuple[int, Triple, Triple, int]
 
 
 def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tuple[int, int]:
-    """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.inference.PhaseForward`."""
-    from znn.pipeline.inference import PHASE_GROUP_BYTES
+    """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.forward.phases.PhaseForward`."""
+    from znn.ops.phase import PHASE_GROUP_BYTES
 
     spec, ep = plan.spec, plan.edges[name]
     edge = spec.edges[name]
@@ -245,7 +245,7 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
     """Predict the memory of one block at output patch ``outsz`` (see the module docstring for the model).
 
     ``itemsize`` is the network's float size (4 or 8); ``input_itemsize`` that of the stored input volume;
-    ``evaluator`` the block evaluator of :mod:`znn.pipeline.inference` (``phases`` or ``graph``).
+    ``evaluator`` the block evaluator of :mod:`znn.pipeline.forward.evaluators` (``phases`` or ``graph``).
     """
     working = _edge_working_phases if evaluator == "phases" else _edge_working
     plan = make_plan(spec, tuple(int(v) for v in outsz), modes)  # type: ignore[arg-type]

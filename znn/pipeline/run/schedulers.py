@@ -32,7 +32,7 @@ from znn.errors import ConfigError
 
 SCHEDULERS = ("synchronous", "threads", "local")
 _ALIASES = {"sync": "synchronous", "single-threaded": "synchronous", "threading": "threads"}
-_HELP = "synchronous, threads, local, or a scheduler address like tcp://127.0.0.1:8786"
+SCHEDULER_HELP = "synchronous, threads, local, or a scheduler address like tcp://127.0.0.1:8786"
 # dask settings for the workers of a cluster started here; workflows/cluster/dask-config/workers.yaml holds the
 # same for clusters started by hand (a test keeps the two equal). dask's defaults suit tasks of milliseconds; a znn
 # task is one block or layer on one thread for 0.1 s to minutes, and these defaults only cost it time. Measured on
@@ -187,7 +187,7 @@ def check_scheduler(value: str, where: str = "scheduler") -> str:
     text = _ALIASES.get(text, text)
     if text in SCHEDULERS or "://" in text:
         return text
-    raise ConfigError(f"{where} = {value!r} is not a scheduler; use {_HELP}")
+    raise ConfigError(f"{where} = {value!r} is not a scheduler; use {SCHEDULER_HELP}")
 
 
 def resolve_scheduler(cli_value: str | None = None, job_value: Any = None) -> str:
@@ -224,14 +224,6 @@ def _job_scheduler(job: Any) -> str | None:
             return None
     value = getattr(job, "values", {}).get("scheduler")
     return str(value) if value else None
-
-
-def add_scheduler_argument(parser: Any) -> None:
-    """``--scheduler`` as every command spells it (resolve the value with :func:`resolve_scheduler`)."""
-    parser.add_argument("--scheduler", metavar="SCHEDULER",
-                        help=f"where the work runs: {_HELP} (local: a cluster of num_threads single-threaded worker "
-                             "processes on 127.0.0.1). Overrides the job's scheduler key; default: the job's key, "
-                             "else dask config znn.scheduler, else threads")
 
 
 def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runner:

@@ -3,41 +3,36 @@
 The job keys used: ``fnet_spec`` (optional check of the checkpoint), ``forward_net``, ``fdata_spec``,
 ``forward_range``, ``forward_outsz`` (z,y,x or ``auto``: the planner's pick), ``forward_conv_mode``,
 ``output_prefix``, ``output_format``, ``is_bd_mirror``, ``out_type``/``cost_fn`` (for ``--transform auto``),
-``scheduler`` (``--scheduler`` overrides it; see :func:`~znn.pipeline.schedulers.resolve_scheduler`),
+``scheduler`` (``--scheduler`` overrides it; see :func:`~znn.pipeline.run.schedulers.resolve_scheduler`),
 ``num_threads``, ``dtype``, ``spectra_cache``.
 """
 
 from __future__ import annotations
 
-import argparse
-import logging
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from znn.errors import ConfigError, ShapeError, ZnnFileNotFoundError
-from znn.io.config import Job, load_job
+from znn.errors import ConfigError, ZnnFileNotFoundError
+from znn.io.config import Job
 from znn.network import Network
-from znn.pipeline import memplan
-from znn.pipeline.inference import (
-    TRANSFORMS,
-    InferenceResult,
-    InputFile,
+from znn.pipeline.dense import memplan
+from znn.pipeline.dense.grid import output_shape
+from znn.pipeline.dense.inputs import InputFile
+from znn.pipeline.dense.outputs import (
     export_outputs,
-    infer_volume,
     output_paths,
-    output_shape,
     resolve_transform,
 )
-from znn.pipeline.schedulers import add_scheduler_argument
+from znn.pipeline.dense.volume import InferenceResult, infer_volume
 
 __all__ = ["register", "load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup"]
 
 
 def load_forward_network(job: Job) -> Network:
-    """The network of ``forward_net`` (checked against ``fnet_spec`` when the job names one)."""
+    """The network of ``forward_net`` (checked against ``fnet_spec`` when the job names one), as dense inference runs
+    it: its sliding-window twin (:meth:`~znn.network.Network.sliding_window`; max_pool edges become max filters)."""
     import numpy as np
 
     from znn.io.checkpoint import load_checkpoint
@@ -48,7 +43,7 @@ def load_forward_network(job: Job) -> Network:
         raise ZnnFileNotFoundError(f"{job.path}: forward_net = {path}: no such network checkpoint; give the .h5 "
                                    "file written by training (train_net_prefix ..._current.h5)")
     spec = load_network(job.fnet_spec) if job.fnet_spec else None
-    return load_checkpoint(path, spec, dtype=np.dtype(job.dtype))
+    return load_checkpoint(path, spec, dtype=np.dtype(job.dtype)).sliding_window()
 
 
 def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[InputFile]]:
@@ -72,8 +67,8 @@ def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[Inpu
 
 def _modes(job: Job, net: Network, outsz: Any, cache: bool, block_threads: int) -> Any:
     """``forward_conv_mode``; ``optimize`` is resolved per layer by timing both modes of the phase evaluator that
-    dense inference runs, on this block's shapes and threads (:func:`~znn.pipeline.autotune.inference_modes`)."""
-    from znn.pipeline.autotune import inference_modes
+    dense inference runs, on this block's shapes and threads (:func:`~znn.pipeline.forward.autotune.inference_modes`)."""
+    from znn.pipeline.forward.autotune import inference_modes
 
     return inference_modes(net.spec, outsz, job.forward_conv_mode, net.dtype, cache, block_threads)
 
@@ -94,7 +89,7 @@ def _threaded(scheduler: str) -> bool:
 def _in_flight(job: Job, scheduler: str) -> int:
     """Blocks in memory at once in one process: one per thread in-process; one per (single-threaded) worker
     process on a cluster, whose memory the plan is for."""
-    from znn.pipeline.schedulers import cores
+    from znn.pipeline.run.schedulers import cores
 
     return cores(job.num_threads) if _threaded(scheduler) else 1
 
@@ -120,7 +115,7 @@ def plan_job(job: Job, memory: int | None, net: Network | None = None, sample_id
              baseline: int | None = None, scheduler: str | None = None) -> memplan.MemoryPlan:
     """The memory plan of the job's network for its first forward sample (or ``sample_id``), for the blocks one
     process holds on ``scheduler`` (resolved with the job's key and dask config when not given)."""
-    from znn.pipeline.schedulers import resolve_scheduler
+    from znn.pipeline.run.schedulers import resolve_scheduler
 
     scheduler = resolve_scheduler(scheduler, job)
     net = net or load_forward_network(job)
@@ -155,9 +150,9 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
                 scheduler: str | None = None) -> list[InferenceResult]:
     """Run the job's forward pass over every sample of ``forward_range``; returns one result per sample.
 
-    ``scheduler`` (``--scheduler``) overrides the job's key (:func:`~znn.pipeline.schedulers.resolve_scheduler`);
+    ``scheduler`` (``--scheduler``) overrides the job's key (:func:`~znn.pipeline.run.schedulers.resolve_scheduler`);
     one runner (one cluster for ``local``) serves every sample."""
-    from znn.pipeline.schedulers import make_runner, resolve_scheduler
+    from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
 
     scheduler = resolve_scheduler(scheduler, job)
     net = load_forward_network(job)
@@ -203,78 +198,3 @@ def _forward_sample(job: Job, net: Network, sample: int, prefix: str, transform:
     if job.output_format != "zarr":
         export_outputs(result, output_paths(prefix, sample, job.output_format, net.spec.outputs))
     return result
-
-
-# ------------------------------------------------------------------------------------------------------ CLI
-def _triple_or_auto(text: str) -> Any:
-    if text == "auto":
-        return "auto"
-    from znn.cli import parse_triple
-
-    return parse_triple(text)
-
-
-def _memory(text: str) -> int:
-    try:
-        return memplan.parse_bytes(text)
-    except ConfigError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def register(sub: argparse._SubParsersAction) -> dict[str, Callable[[argparse.Namespace], int]]:  # type: ignore[type-arg]
-    p = sub.add_parser("forward", help="dense inference of a job's forward_range into zarr/h5/tif outputs",
-                       description="Run the job's forward_net densely over every sample of forward_range. Output: "
-                       "<output_prefix>_sample<N>_output.zarr (resumable; a rerun skips finished blocks), plus .h5 "
-                       "or .tif with output_format.")
-    p.add_argument("job", help="a .cfg job file")
-    p.add_argument("--transform", choices=TRANSFORMS, default="auto",
-                   help="output transform over channels (auto: softmax for softmax-trained boundary nets, sigmoid for "
-                        "affinity/binomial nets, none for square loss)")
-    p.add_argument("--memory", type=_memory, help="memory budget, e.g. 8GB (plans forward_outsz = auto and decides "
-                                                   "whether kernel spectra are cached)")
-    p.add_argument("--outsz", type=_triple_or_auto, help="output block z,y,x (or auto); overrides forward_outsz")
-    p.add_argument("--fresh", action="store_true", help="ignore finished blocks and recompute everything")
-    p.add_argument("--quiet", action="store_true", help="no progress output")
-    add_scheduler_argument(p)
-    q = sub.add_parser("plan", help="predict memory per output block and pick the largest patch that fits",
-                       description="Predict the peak memory of dense inference for candidate FFT-friendly output "
-                       "patches and pick the largest that fits --memory.")
-    q.add_argument("job", help="a .cfg job file")
-    q.add_argument("--memory", type=_memory, help="memory budget, e.g. 8GB (default: available memory)")
-    add_scheduler_argument(q)
-    return {"forward": _cmd_forward, "plan": _cmd_plan}
-
-
-def _cmd_forward(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    job = load_job(args.job)
-
-    def show(setup: ForwardSetup) -> None:
-        how = "planned" if setup.plan is not None and setup.plan.chosen and setup.plan.chosen.outsz == setup.outsz \
-            else "given"
-        peak = f", predicted peak {memplan.format_bytes(setup.plan.predicted_peak)}" if setup.plan else ""
-        print(f"sample {setup.sample}: output block {','.join(map(str, setup.outsz))} ({how}, "
-              f"{setup.block_threads} thread(s) per block), kernel spectra "
-              f"{'cached' if setup.spectra_cache else 'recomputed per block'}, transform {setup.transform}{peak}",
-              file=sys.stderr, flush=True)
-
-    results = forward_job(job, args.transform, args.memory, args.outsz, args.fresh, not args.quiet, show,
-                          args.scheduler)
-    for r in results:
-        print(f"{r.store}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run in "
-              f"{r.seconds:.1f} s, {r.voxels_per_second:,.0f} voxels/s", flush=True)
-    return 0
-
-
-def _cmd_plan(args: argparse.Namespace) -> int:
-    job = load_job(args.job)
-    try:
-        plan = plan_job(job, args.memory, scheduler=args.scheduler)
-    except ShapeError as exc:
-        raise ShapeError(f"{args.job}: {exc}") from None
-    print(plan.table())
-    assert plan.chosen is not None
-    print(f"chosen: forward_outsz = {','.join(map(str, plan.chosen.outsz))} (predicted peak "
-          f"{memplan.format_bytes(plan.predicted_peak)}, kernel spectra "
-          f"{'cached' if plan.chosen.spectra_cache else 'recomputed per block'})")
-    return 0

@@ -1,0 +1,48 @@
+"""The `znn` command: one thin module per command (parse arguments, call one job, print). A user's mistake ends
+in one line naming the file, line or key at fault, with exit status 2; no traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from collections.abc import Sequence
+
+from znn.cli.args import Handler
+from znn.errors import ZnnError
+
+# Modules that add commands: each has `register(subparsers) -> {command: handler}`.
+COMMAND_MODULES = (
+    "znn.cli.describe",
+    "znn.cli.train",
+    "znn.cli.forward",
+    "znn.cli.evaluate",
+    "znn.cli.workflow",
+    "znn.cli.bench",
+)
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
+    parser = argparse.ArgumentParser(prog="znn", description="ZNN-compatible convolutional networks for EM, on dask")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    commands: dict[str, Handler] = {}
+    for name in COMMAND_MODULES:
+        commands.update(importlib.import_module(name).register(sub))
+    return parser, commands
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser, commands = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return commands[args.command](args)
+    except ZnnError as exc:
+        print(f"znn {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"znn {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

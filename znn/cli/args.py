@@ -1,0 +1,75 @@
+"""Argument types and options that several commands share: each defined once."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from znn.errors import ZnnError
+from znn.pipeline.dense.memplan import parse_bytes
+from znn.pipeline.run.schedulers import SCHEDULER_HELP
+
+Handler = Callable[[argparse.Namespace], int]
+Subparsers = Any  # argparse's _SubParsersAction, private in typeshed
+
+
+def parse_triple(text: str) -> tuple[int, int, int]:
+    """``z,y,x``: three positive integers."""
+    try:
+        values = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not z,y,x (three integers like 1,100,100)") from None
+    if len(values) != 3 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not z,y,x (three positive integers like 1,100,100)")
+    return values[0], values[1], values[2]
+
+
+def triple_or_auto(text: str) -> tuple[int, int, int] | str:
+    return "auto" if text == "auto" else parse_triple(text)
+
+
+def memory(text: str) -> int:
+    """A memory size such as ``8GB``."""
+    try:
+        return parse_bytes(text)
+    except ZnnError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def probability(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not within [0, 1]")
+    return value
+
+
+def positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
+    return value
+
+
+def add_scheduler_argument(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler`` as every command spells it (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`)."""
+    parser.add_argument("--scheduler", metavar="SCHEDULER",
+                        help=f"where the work runs: {SCHEDULER_HELP} (local: a cluster of num_threads single-threaded "
+                             "worker processes on 127.0.0.1). Overrides the job's scheduler key; default: the job's "
+                             "key, else dask config znn.scheduler, else threads")
+
+
+def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quiet", action="store_true", help="no progress output")
+
+
+def log(text: str) -> None:
+    """Progress and notes go to stderr; results to stdout."""
+    print(text, file=sys.stderr, flush=True)

@@ -1,0 +1,1 @@
+"""Dense inference over volumes far larger than memory: inputs, block grid, memory plan, manifest, outputs."""

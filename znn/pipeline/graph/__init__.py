@@ -1,0 +1,1 @@
+"""Dask graphs of a network: map blocks, the static plan, task functions, graph building, the spectra cache."""

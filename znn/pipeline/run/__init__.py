@@ -1,0 +1,1 @@
+"""Where graphs run: schedulers (synchronous, threads, a dask.distributed cluster) and progress reporting."""

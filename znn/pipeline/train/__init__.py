@@ -1,0 +1,1 @@
+"""Training: the task-graph engine, the patch sampler, the training loop, the learning curve."""
