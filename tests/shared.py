@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-SHARED = (Path(__file__).resolve().parents[1] / ".." / "shared").resolve()
+ROOT = Path(__file__).resolve().parents[1]  # the checkout
+SHARED = (ROOT / ".." / "shared").resolve()
 REFERENCE = SHARED / "znn-reference"
 DATA = SHARED / "data"
 

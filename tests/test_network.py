@@ -10,13 +10,12 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.shared import REFERENCE, need
 from znn.errors import CheckpointError
 from znn.io.checkpoint import load_checkpoint, load_statistics, save_checkpoint
 from znn.io.netfile import load_network, parse_network
 from znn.network import Network
 from znn.ops.init import initialise
-
-from .shared import REFERENCE, need
 
 ZNN_CHECKPOINT = REFERENCE / "testsuit/boundary/gtruth/net_1_single.h5"
 

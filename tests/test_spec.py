@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 
+from tests.shared import REFERENCE, need
 from znn.errors import NetworkSpecError, ShapeError
 from znn.io.netfile import load_network, parse_network
-
-from .shared import REFERENCE, need
 
 # FOV (z, y, x) of every shared network, worked out by hand from the files:
 # a window w at sparsity s adds (w-1)*s; a max_filter with stride 2 doubles the sparsity downstream;

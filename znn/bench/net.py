@@ -46,6 +46,7 @@ from znn.network import Network
 from znn.pipeline.graph.build import Hyper
 from znn.pipeline.run.schedulers import Runner, cores
 from znn.pipeline.train.engine import Engine
+from znn.types import parse_triple
 
 __all__ = ["TimingRunner", "GraphRun", "run_net_bench", "format_report", "add_arguments", "run_from_args", "main"]
 
@@ -371,9 +372,10 @@ def format_report(r: dict[str, Any]) -> str:
 
 
 def _triple(text: str) -> Triple:
-    from znn.cli.args import parse_triple
-
-    return parse_triple(text)
+    try:
+        return parse_triple(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -7,6 +7,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+from znn import types
 from znn.errors import ZnnError
 from znn.pipeline.dense.memplan import parse_bytes
 from znn.pipeline.run.schedulers import SCHEDULER_HELP
@@ -18,12 +19,9 @@ Subparsers = Any  # argparse's _SubParsersAction, private in typeshed
 def parse_triple(text: str) -> tuple[int, int, int]:
     """``z,y,x``: three positive integers."""
     try:
-        values = tuple(int(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not z,y,x (three integers like 1,100,100)") from None
-    if len(values) != 3 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not z,y,x (three positive integers like 1,100,100)")
-    return values[0], values[1], values[2]
+        return types.parse_triple(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def triple_or_auto(text: str) -> tuple[int, int, int] | str:

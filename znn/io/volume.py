@@ -103,6 +103,13 @@ class VolumeBackend(Protocol):
               compression: str | None) -> None: ...
 
 
+class ZarrBackend(VolumeBackend, Protocol):
+    """The zarr backend also creates empty arrays to be filled chunk by chunk."""
+
+    def create(self, vp: VolumePath, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
+               overwrite: bool) -> zarr.Array: ...
+
+
 def parse_volume_path(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
     """Split ``path`` into format, file and dataset key; raise :class:`VolumeError` on an unknown syntax."""
     if isinstance(path, VolumePath):
@@ -224,9 +231,8 @@ def create_volume(
         raise VolumeError(f"{vp}: create_volume writes zarr only; name a store such as out.zarr or "
                           f"out.zarr/group/array")
     check_volume(tuple(shape), np.dtype(dtype), vp)
-    from znn.io import zarrvol
-
-    return zarrvol.create(vp, tuple(shape), np.dtype(dtype), tuple(chunks), overwrite)
+    zarr_backend = cast(ZarrBackend, _backend("zarr"))  # through the registry: zarrvol imports this module
+    return zarr_backend.create(vp, tuple(shape), np.dtype(dtype), tuple(chunks), overwrite)
 
 
 def _writable(vp: VolumePath) -> VolumePath:

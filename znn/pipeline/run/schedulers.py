@@ -27,7 +27,7 @@ from dask.callbacks import Callback, normalize_callback
 from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
-from znn import STARTING_ENVIRONMENT
+from znn.environment import STARTING_ENVIRONMENT
 from znn.errors import ConfigError
 
 SCHEDULERS = ("synchronous", "threads", "local")

@@ -7,6 +7,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
+from tests.shared import REFERENCE, need  # noqa: E402
 from znn.bench.torchnet import build_torch_net, to_tensors, torch_kernel, znn_kernel  # noqa: E402
 from znn.errors import ShapeError  # noqa: E402
 from znn.io.netfile import load_network, parse_network  # noqa: E402
@@ -14,8 +15,6 @@ from znn.network import Network  # noqa: E402
 from znn.pipeline.forward.sequential import sequential_forward  # noqa: E402
 from znn.pipeline.run.schedulers import make_runner  # noqa: E402
 from znn.pipeline.train.engine import Engine  # noqa: E402
-
-from .shared import REFERENCE, need  # noqa: E402
 
 # every edge type: dilated conv and max_filter (strides), max_pool, crop, dropout, maxout, two inputs
 ALL_EDGES = """

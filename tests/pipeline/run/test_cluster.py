@@ -18,6 +18,7 @@ import dask
 import numpy as np
 import pytest
 
+from tests.shared import ROOT
 from znn.errors import ConfigError
 from znn.io.atomic_store import PARTIAL_DIR, AtomicLocalStore, clear_partial
 from znn.io.config import parse_job
@@ -28,7 +29,6 @@ from znn.pipeline.dense.manifest import MANIFEST_DIR
 from znn.pipeline.dense.volume import infer_volume
 from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
 
-ROOT = Path(__file__).resolve().parents[1]
 TINY3D = ROOT / "workflows" / "inference" / "tiny3d.znn"
 WORKER_ENV = {"OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
               "ZNN_FFTW_PLANNER": "FFTW_ESTIMATE"}

@@ -15,6 +15,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.shared import ROOT
 from znn.cli import main
 from znn.errors import ConfigError, TrainingError
 from znn.io.checkpoint import load_checkpoint, load_statistics
@@ -24,8 +25,6 @@ from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
 from znn.pipeline.jobs.train import train_job
 from znn.pipeline.train.curve import LearningCurve
 from znn.pipeline.train.trainer import Schedule
-
-ROOT = Path(__file__).resolve().parents[1]
 
 NET2D = """
 nodes input

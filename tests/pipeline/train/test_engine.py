@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from tests.shared import REFERENCE, need
 from znn.io.netfile import load_network, parse_network
 from znn.network import Network
 from znn.ops import fft as fftops
@@ -14,8 +15,6 @@ from znn.pipeline.graph.build import Hyper, forward_graph
 from znn.pipeline.graph.plan import make_plan
 from znn.pipeline.run.schedulers import make_runner
 from znn.pipeline.train.engine import Engine
-
-from .shared import REFERENCE, need
 
 # (network, output patch, modes tested) — small patches keep the suite fast; benchmark networks (40 maps, up to
 # 118^3 input) run in direct mode only, where their kernel spectra would not fit a test's memory.

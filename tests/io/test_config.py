@@ -6,10 +6,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.shared import REFERENCE, need
 from znn.io.config import ALL_KEYS, load_job, parse_range
 from znn.io.specfile import load_spec
-
-from .shared import REFERENCE, need
 
 
 @pytest.mark.parametrize("text, ids", [("1", [1]), ("1-3,6", [1, 2, 3, 6]), ("2-3,7", [2, 3, 7]),

@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import zarr
 
+from tests.shared import ROOT
 from znn.errors import VolumeError, ZnnFileNotFoundError
 from znn.io.volume import (
     VolumePath,
@@ -29,7 +30,7 @@ from znn.io.volume import (
     write_volume,
 )
 
-SHARED = Path(__file__).parents[1] / ".." / "shared"
+SHARED = ROOT / ".." / "shared"
 SHAPES = [(13, 17), (4, 13, 17), (2, 3, 13, 17)]
 
 

@@ -43,8 +43,8 @@ from hypothesis import strategies as st
 from hypothesis.control import currently_in_test_context
 from zarr.storage import LocalStore
 
-from tests.shared import REFERENCE
-from tests.test_malformed import GOOD_CFG, GOOD_SPEC, GOOD_ZNN
+from tests.io.test_malformed import GOOD_CFG, GOOD_SPEC, GOOD_ZNN
+from tests.shared import REFERENCE, ROOT
 from znn.errors import ZnnError
 from znn.io.checkpoint import load_checkpoint, load_statistics, save_checkpoint
 from znn.io.config import load_job, parse_job
@@ -855,7 +855,7 @@ def test_object_dtypes_are_refused(tmp_path: Path, checkpoint: tuple[Path, Any])
 
 def test_loaders_never_unpickle_or_evaluate() -> None:
     """No parser or loader imports a pickle-like module, evaluates text, loads YAML unsafely or lets NumPy unpickle."""
-    root = Path(__file__).parents[1] / "znn"
+    root = ROOT / "znn"
     sources = [*sorted((root / "io").glob("*.py")), root / "spec.py", root / "network.py"]
     banned_modules = {"pickle", "_pickle", "cPickle", "dill", "cloudpickle", "marshal", "shelve", "joblib"}
     banned_builtins = {"eval", "exec", "compile", "__import__"}

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from tests.shared import DATA, REFERENCE, ROOT, need
 from znn.errors import ConfigError, ShapeError, ZnnFileNotFoundError
 from znn.io.checkpoint import save_checkpoint
 from znn.io.config import load_job
@@ -31,9 +32,6 @@ from znn.pipeline.dense.volume import infer_volume
 from znn.pipeline.forward.blockgraph import BlockForward
 from znn.pipeline.jobs.forward import forward_job
 
-from .shared import DATA, REFERENCE, need
-
-ROOT = Path(__file__).resolve().parents[1]
 TINY3D = ROOT / "workflows" / "inference" / "tiny3d.znn"
 # A 2D network small enough for big volumes: FOV 1,3,3.
 TINY2D = """

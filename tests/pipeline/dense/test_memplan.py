@@ -6,16 +6,16 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
+from tests.shared import ROOT
 from znn.errors import ConfigError, ShapeError
 from znn.io.netfile import load_network
 from znn.ops.fft import fast_len
 from znn.pipeline.dense import memplan
 
-TINY3D = Path(__file__).resolve().parents[1] / "workflows" / "inference" / "tiny3d.znn"
+TINY3D = ROOT / "workflows" / "inference" / "tiny3d.znn"
 
 
 @pytest.mark.parametrize("text, value", [("8GB", 8 * 10**9), ("512MiB", 512 << 20), ("1.5g", int(1.5 * 2**30)),

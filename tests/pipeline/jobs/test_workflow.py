@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tests.test_train import make_job
+from tests.pipeline.train.test_train import make_job
+from tests.shared import ROOT
 from znn.cli import main
 from znn.errors import ConfigError, WorkflowError, ZnnFileNotFoundError
 from znn.io.checkpoint import save_checkpoint
@@ -27,8 +28,6 @@ from znn.pipeline.jobs.run_workflow import run_workflow
 from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
 from znn.pipeline.jobs.workflow import load_workflow
 from znn.pipeline.jobs.workflow_state import RunLock, WorkflowState
-
-ROOT = Path(__file__).resolve().parents[1]
 
 FORWARD_SPEC = """
 [image1]
