@@ -10,7 +10,7 @@ from tests.shared import ROOT
 
 # Lowest first: a module may import its own layer (without a cycle) and the layers below, never one above.
 LAYERS = (
-    ("znn.errors", "znn.types", "znn.environment"),
+    ("znn.errors", "znn.types", "znn.environment", "znn.text"),
     ("znn.ops",),
     ("znn.spec", "znn.network"),
     ("znn.io",),

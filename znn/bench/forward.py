@@ -41,6 +41,7 @@ from znn.pipeline.dense import memplan
 from znn.pipeline.forward.autotune import inference_modes
 from znn.pipeline.forward.phases import PhaseForward
 from znn.pipeline.run.schedulers import single_threaded_kernels
+from znn.text import format_bytes, parse_bytes
 
 __all__ = ["NETWORKS", "run_forward_bench", "format_table", "add_arguments", "run_from_args"]
 
@@ -150,7 +151,7 @@ def _forward_rows(nets: Sequence[str], sizes: dict[str, Sequence[int]] | None, t
                   modes: str, memory: str, torch: bool, seed: int, progress: Any, block_threads: int | None,
                   where: str, runner: Any) -> list[dict[str, Any]]:
     tmods = _torch() if torch else None
-    budget = memplan.parse_bytes(memory)
+    budget = parse_bytes(memory)
     if runner is not None:
         block_threads = 1  # single-threaded worker processes, one block each
     rows = []
@@ -219,7 +220,7 @@ def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
     if value is None:
         return "-" if key != "znn_vox_s" or row.get("fits", True) else "does not fit"
     if key == "predicted_bytes":
-        return memplan.format_bytes(value)
+        return format_bytes(value)
     if key == "spectra_cache":
         return "cached" if value else "per block"
     if isinstance(value, list):

@@ -9,8 +9,8 @@ from typing import Any
 
 from znn import types
 from znn.errors import ZnnError
-from znn.pipeline.dense.memplan import parse_bytes
 from znn.pipeline.run.schedulers import SCHEDULER_HELP
+from znn.text import parse_bytes
 
 Handler = Callable[[argparse.Namespace], int]
 Subparsers = Any  # argparse's _SubParsersAction, private in typeshed

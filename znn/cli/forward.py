@@ -16,9 +16,9 @@ from znn.cli.args import (
 )
 from znn.errors import ShapeError
 from znn.io.config import load_job
-from znn.pipeline.dense import memplan
 from znn.pipeline.dense.outputs import TRANSFORMS
 from znn.pipeline.jobs.forward import ForwardSetup, forward_job, plan_job
+from znn.text import format_bytes
 
 
 def register(sub: Subparsers) -> dict[str, Handler]:
@@ -52,7 +52,7 @@ def _cmd_forward(args: argparse.Namespace) -> int:
     def show(setup: ForwardSetup) -> None:
         how = "planned" if setup.plan is not None and setup.plan.chosen and setup.plan.chosen.outsz == setup.outsz \
             else "given"
-        peak = f", predicted peak {memplan.format_bytes(setup.plan.predicted_peak)}" if setup.plan else ""
+        peak = f", predicted peak {format_bytes(setup.plan.predicted_peak)}" if setup.plan else ""
         print(f"sample {setup.sample}: output block {','.join(map(str, setup.outsz))} ({how}, "
               f"{setup.block_threads} thread(s) per block), kernel spectra "
               f"{'cached' if setup.spectra_cache else 'recomputed per block'}, transform {setup.transform}{peak}",
@@ -75,6 +75,6 @@ def _cmd_plan(args: argparse.Namespace) -> int:
     print(plan.table())
     assert plan.chosen is not None
     print(f"chosen: forward_outsz = {','.join(map(str, plan.chosen.outsz))} (predicted peak "
-          f"{memplan.format_bytes(plan.predicted_peak)}, kernel spectra "
+          f"{format_bytes(plan.predicted_peak)}, kernel spectra "
           f"{'cached' if plan.chosen.spectra_cache else 'recomputed per block'})")
     return 0

@@ -14,6 +14,7 @@ from znn.errors import ConfigError, ShapeError
 from znn.io.netfile import load_network
 from znn.ops.fft import fast_len
 from znn.pipeline.dense import memplan
+from znn.text import parse_bytes
 
 TINY3D = ROOT / "workflows" / "inference" / "tiny3d.znn"
 
@@ -21,12 +22,12 @@ TINY3D = ROOT / "workflows" / "inference" / "tiny3d.znn"
 @pytest.mark.parametrize("text, value", [("8GB", 8 * 10**9), ("512MiB", 512 << 20), ("1.5g", int(1.5 * 2**30)),
                                          ("2000", 2000), (1024, 1024)])
 def test_parse_bytes(text, value):
-    assert memplan.parse_bytes(text) == value
+    assert parse_bytes(text) == value
 
 
 def test_parse_bytes_rejects_nonsense():
     with pytest.raises(ConfigError, match="8GB"):
-        memplan.parse_bytes("lots")
+        parse_bytes("lots")
 
 
 def test_candidates_are_fft_friendly_and_clipped():

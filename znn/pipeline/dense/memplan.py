@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from znn.errors import ConfigError, ShapeError
+from znn.errors import ShapeError
 from znn.ops import fft as fftops
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.spec import NetworkSpec, Triple
+from znn.text import format_bytes, format_table, parse_bytes, zyx
 
 __all__ = [
     "BlockEstimate",
@@ -57,28 +57,6 @@ PER_BLOCK_OVERHEAD = 16 << 20
 RUN_OVERHEAD = 64 << 20
 # Bytes of gathered columns of one direct-convolution tile (znn.ops.conv._TILE_BYTES).
 DIRECT_TILE_BYTES = 48 << 20
-
-_UNITS = {"": 1, "b": 1, "k": 1 << 10, "kb": 10**3, "kib": 1 << 10, "m": 1 << 20, "mb": 10**6, "mib": 1 << 20,
-          "g": 1 << 30, "gb": 10**9, "gib": 1 << 30, "t": 1 << 40, "tb": 10**12, "tib": 1 << 40}
-
-
-def parse_bytes(text: str | int | float) -> int:
-    """``"8GB"`` -> 8e9, ``"512MiB"`` -> 512 * 2**20, ``"1.5g"`` -> 1.5 * 2**30; plain numbers are bytes."""
-    if isinstance(text, (int, float)):
-        return int(text)
-    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", text)
-    if not match or match.group(2).lower() not in _UNITS:
-        raise ConfigError(f"memory {text!r} is not a size; write e.g. 8GB, 512MiB or 2000000000")
-    return int(float(match.group(1)) * _UNITS[match.group(2).lower()])
-
-
-def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
-
 
 def process_rss() -> int:
     """Resident memory of this process now, in bytes (Linux /proc; 0 where unknown)."""
@@ -145,20 +123,15 @@ class MemoryPlan:
         for est in sorted(self.candidates, key=lambda e: -math.prod(e.outsz)):
             peak = est.total(self.in_flight, self.baseline)
             mark = "<- chosen" if est == self.chosen else ("yes" if peak <= self.budget else "no")
-            rows.append((_t(est.outsz), _t(est.input_patch), format_bytes(est.per_block),
+            rows.append((zyx(est.outsz), zyx(est.input_patch), format_bytes(est.per_block),
                          format_bytes(est.cache) if est.spectra_cache else "off (recomputed)", format_bytes(peak),
                          mark))
-        widths = [max(len(r[i]) for r in (head, *rows)) for i in range(len(head))]
-        fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-        lines = [fmt(head), fmt(["-" * w for w in widths]), *map(fmt, rows)]
+        lines = [format_table(head, rows)]
         lines.append(f"budget {format_bytes(self.budget)} = baseline {format_bytes(self.baseline)} + run overhead "
                      f"{format_bytes(RUN_OVERHEAD)} + spectra cache "
                      f"+ {self.in_flight} block(s) in flight x per block")
         return "\n".join(lines)
 
-
-def _t(values: Sequence[int]) -> str:
-    return ",".join(str(v) for v in values)
 
 
 def _vox(shape: Sequence[int]) -> int:
@@ -410,7 +383,7 @@ def plan_memory(spec: NetworkSpec, budget: int, in_flight: int = 1, baseline: in
         smallest = estimates[0] if estimates else None
         need = format_bytes(smallest.total(in_flight, base)) if smallest else "?"
         raise ShapeError(f"no output patch fits {format_bytes(budget)}: the smallest candidate "
-                         f"{_t(smallest.outsz) if smallest else '?'} needs {need} with {in_flight} block(s) in "
+                         f"{zyx(smallest.outsz) if smallest else '?'} needs {need} with {in_flight} block(s) in "
                          "flight (baseline " + format_bytes(base) + "); give more memory or fewer threads")
     return MemoryPlan(budget, base, in_flight, chosen, estimates)
 

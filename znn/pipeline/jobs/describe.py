@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from znn.spec import Layout, NetworkSpec
+from znn.text import format_bytes, format_table, zyx
 
 
 def describe(spec: NetworkSpec, output_patch: Sequence[int] = (1, 1, 1), itemsize: int = 4) -> str:
@@ -23,19 +24,19 @@ def describe(spec: NetworkSpec, output_patch: Sequence[int] = (1, 1, 1), itemsiz
         nbytes = 2 * node.size * int(np.prod(layout.extent[name])) * itemsize
         total_params, total_bytes = total_params + params, total_bytes + nbytes
         rows.append((name, "node", node.type + (f" {node.function}" if node.type == "transfer" else ""),
-                     str(node.size), "", "", _t(layout.sparsity[name]), _t(layout.extent[name]), str(params),
-                     _bytes(nbytes)))
+                     str(node.size), "", "", zyx(layout.sparsity[name]), zyx(layout.extent[name]), str(params),
+                     format_bytes(nbytes)))
         for e in spec.outgoing[name]:
             edge = spec.edges[e]
             params = int(np.prod(spec.kernel_shape(e))) if edge.type == "conv" else 0
             total_params += params
-            rows.append(("  " + e, "edge", f"{edge.type} -> {edge.output}", "", _t(edge.size), _t(edge.stride),
+            rows.append(("  " + e, "edge", f"{edge.type} -> {edge.output}", "", zyx(edge.size), zyx(edge.stride),
                          "", "", str(params), ""))
     total_bytes += 2 * total_params * itemsize  # parameters and their momentum
-    lines = _table(header, rows)
+    lines = format_table(header, rows).split("\n")
     lines.append("")
-    lines.append(f"parameters: {total_params:,}   memory estimate: {_bytes(total_bytes)} "
-                 f"(activations and gradients at output patch {_t(layout.output_patch)}, float{8 * itemsize})")
+    lines.append(f"parameters: {total_params:,}   memory estimate: {format_bytes(total_bytes)} "
+                 f"(activations and gradients at output patch {zyx(layout.output_patch)}, float{8 * itemsize})")
     lines.extend(_fov_lines(layout))
     return "\n".join(lines)
 
@@ -43,27 +44,9 @@ def describe(spec: NetworkSpec, output_patch: Sequence[int] = (1, 1, 1), itemsiz
 def _fov_lines(layout: Layout) -> list[str]:
     lines = []
     for name, fov in layout.input_fov.items():
-        lines.append(f"input {name}: FOV {_t(fov)}   input patch {_t(layout.extent[name])} "
-                     f"for output patch {_t(layout.output_patch)}")
+        lines.append(f"input {name}: FOV {zyx(fov)}   input patch {zyx(layout.extent[name])} "
+                     f"for output patch {zyx(layout.output_patch)}")
     return lines
-
-
-def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    widths = [max(len(r[i]) for r in (header, *rows)) for i in range(len(header))]
-    fmt = lambda r: "  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip()  # noqa: E731
-    return [fmt(header), fmt(["-" * w for w in widths]), *map(fmt, rows)]
-
-
-def _t(values: Sequence[int]) -> str:
-    return ",".join(str(v) for v in values)
-
-
-def _bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    raise AssertionError("unreachable")
 
 
 def load_any_network(path: str | Path) -> NetworkSpec:

@@ -41,10 +41,10 @@ import yaml
 from znn.errors import WorkflowError, ZnnError, closest, where
 from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job
 from znn.io.files import existing_file
-from znn.pipeline.dense.memplan import parse_bytes
 from znn.pipeline.dense.outputs import TRANSFORMS
 from znn.pipeline.jobs.evaluate import BOUNDARY_TYPES, SEGMENT_DIMS
 from znn.pipeline.run.schedulers import check_scheduler
+from znn.text import parse_bytes
 
 __all__ = ["Step", "Workflow", "load_workflow", "KINDS"]
 
