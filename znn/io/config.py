@@ -14,6 +14,7 @@ from typing import Any
 
 from znn.errors import ConfigError, closest
 from znn.io.inifile import IniFile, parse_ini, read_ini
+from znn.types import Triple
 
 SECTION = "parameters"
 CONV_MODES = ("fft", "direct", "optimize")
@@ -68,14 +69,14 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _triple(text: str) -> tuple[int, int, int]:
+def _triple(text: str) -> Triple:
     values = tuple(int(v) for v in text.replace(" ", "").split(","))
     if len(values) != 3 or min(values) < 1:
         raise ValueError("not z,y,x")
-    return values  # type: ignore[return-value]
+    return values
 
 
-def _outsz(text: str) -> tuple[int, int, int] | str:
+def _outsz(text: str) -> Triple | str:
     return "auto" if text.strip() == "auto" else _triple(text)
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from znn.errors import NetworkSpecError, closest, where
 from znn.io.files import read_text
@@ -20,6 +20,10 @@ from znn.spec import (
     NetworkSpec,
     NodeGroup,
 )
+from znn.types import Triple
+
+_Parsed = TypeVar("_Parsed")
+_Default = TypeVar("_Default")
 
 # Keys ZNN accepts but this project has no use for beyond keeping them (per-edge overrides, loader hints).
 _PASSIVE_KEYS = ("repeat", "fft", "eta", "momentum", "weight_decay", "load")
@@ -97,11 +101,11 @@ class _Reader:
             if key not in known:
                 self.fail(key, f"unknown key {key!r}; {closest(key, known)}")
 
-    def fail(self, key: str | None, message: str) -> None:
+    def fail(self, key: str | None, message: str) -> NoReturn:
         line = self.block["lines"].get(key, self.block["line"]) if key else self.block["line"]
         raise NetworkSpecError(f"{where(self.path, line)}: {self.block['kind']} {self.block['name']}: {message}")
 
-    def get(self, key: str, parse: Callable[[str], Any], default: Any = None, what: str = "") -> Any:
+    def get(self, key: str, parse: Callable[[str], _Parsed], default: _Default, what: str) -> _Parsed | _Default:
         if key not in self.pairs:
             return default
         try:
@@ -187,22 +191,22 @@ def _flag(text: str) -> bool:
     return text == "1"
 
 
-def _positive_triple(text: str) -> tuple[int, int, int]:
+def _positive_triple(text: str) -> Triple:
     values = _ints(text)
     if min(values) < 1:
         raise ValueError(text)
     return values
 
 
-def _nonnegative_triple(text: str) -> tuple[int, int, int]:
+def _nonnegative_triple(text: str) -> Triple:
     values = _ints(text)
     if min(values) < 0:
         raise ValueError(text)
     return values
 
 
-def _ints(text: str) -> tuple[int, int, int]:
+def _ints(text: str) -> Triple:
     values = tuple(int(v) for v in text.split(","))
     if len(values) != 3:
         raise ValueError(text)
-    return values  # type: ignore[return-value]
+    return values
