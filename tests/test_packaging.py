@@ -7,6 +7,7 @@ import glob
 import os
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,9 +20,13 @@ WORKFLOWS = ROOT / "workflows"
 JOB_SUFFIXES = (".znn", ".spec", ".cfg", ".yaml")
 
 
-def setuptools_config() -> dict[str, object]:
+def pyproject() -> dict[str, Any]:
     with open(ROOT / "pyproject.toml", "rb") as f:
-        config: dict[str, object] = tomllib.load(f)["tool"]["setuptools"]
+        return tomllib.load(f)
+
+
+def setuptools_config() -> dict[str, Any]:
+    config: dict[str, Any] = pyproject()["tool"]["setuptools"]
     return config
 
 
@@ -46,7 +51,6 @@ def packaged(patterns: list[str]) -> set[str]:
 
 def test_packages_list_names_every_package_under_znn_and_the_workflows():
     listed = setuptools_config()["packages"]
-    assert isinstance(listed, list)
     assert len(listed) == len(set(listed)), "a package is listed twice"
     assert set(listed) == packages_on_disk() | {"znn.workflows"}
 
@@ -57,10 +61,15 @@ def test_workflows_package_is_the_workflows_folder():
 
 def test_every_job_file_is_package_data():
     package_data = setuptools_config()["package-data"]
-    assert isinstance(package_data, dict)
     jobs = job_files()
     assert {"quickstart/net.znn", "inference/n337.znn", "batch/workflow.yaml"} <= jobs  # the walk found them
     assert jobs - packaged(package_data["znn.workflows"]) == set()
+
+
+def test_the_version_is_written_once_as_znn_version():
+    project = pyproject()["project"]
+    assert "version" not in project and "version" in project["dynamic"]
+    assert setuptools_config()["dynamic"]["version"] == {"attr": "znn.__version__"}
 
 
 @pytest.mark.parametrize("name", JOB_FILES)
