@@ -20,7 +20,7 @@ from znn.spec import (
     NetworkSpec,
     NodeGroup,
 )
-from znn.types import Triple
+from znn.types import Triple, parse_triple
 
 _Parsed = TypeVar("_Parsed")
 _Default = TypeVar("_Default")
@@ -156,8 +156,8 @@ def _edge(block: dict[str, Any], path: str | None) -> EdgeGroup:
     kind = r.choice("type", EDGE_TYPES)
     for key in EDGE_REQUIRED[kind]:
         r.require(key, f"a {kind} edge needs it as z,y,x")
-    size = r.get("size", _positive_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,3,3")
-    stride = r.get("stride", _positive_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,2,2")
+    size = r.get("size", parse_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,3,3")
+    stride = r.get("stride", parse_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,2,2")
     if kind == "max_pool" and stride not in ((1, 1, 1), size):
         r.fail("stride", f"max_pool is non-overlapping: stride must equal size {','.join(map(str, size))} (or be omitted)")
     init = r.choice("init", tuple(INIT_ARG_COUNTS), "zero")
@@ -189,13 +189,6 @@ def _flag(text: str) -> bool:
     if text not in ("0", "1"):
         raise ValueError(text)
     return text == "1"
-
-
-def _positive_triple(text: str) -> Triple:
-    values = _ints(text)
-    if min(values) < 1:
-        raise ValueError(text)
-    return values
 
 
 def _nonnegative_triple(text: str) -> Triple:
