@@ -37,7 +37,7 @@ def packages_on_disk() -> set[str]:
 
 def job_files() -> set[str]:
     """Job files under workflows/ (relative, posix), leaving out the data/ folders users link volumes into."""
-    found = set()
+    found: set[str] = set()
     for folder, subfolders, names in os.walk(WORKFLOWS):
         subfolders[:] = [d for d in subfolders if d != "data"]
         found |= {Path(folder, n).relative_to(WORKFLOWS).as_posix() for n in names if n.endswith(JOB_SUFFIXES)}
@@ -49,37 +49,37 @@ def packaged(patterns: list[str]) -> set[str]:
     return {Path(p).as_posix() for pattern in patterns for p in glob.glob(pattern, root_dir=WORKFLOWS)}
 
 
-def test_packages_list_names_every_package_under_znn_and_the_workflows():
+def test_packages_list_names_every_package_under_znn_and_the_workflows() -> None:
     listed = setuptools_config()["packages"]
     assert len(listed) == len(set(listed)), "a package is listed twice"
     assert set(listed) == packages_on_disk() | {"znn.workflows"}
 
 
-def test_workflows_package_is_the_workflows_folder():
+def test_workflows_package_is_the_workflows_folder() -> None:
     assert setuptools_config()["package-dir"] == {"znn.workflows": "workflows"}
 
 
-def test_every_job_file_is_package_data():
+def test_every_job_file_is_package_data() -> None:
     package_data = setuptools_config()["package-data"]
     jobs = job_files()
     assert {"quickstart/net.znn", "inference/n337.znn", "batch/workflow.yaml"} <= jobs  # the walk found them
     assert jobs - packaged(package_data["znn.workflows"]) == set()
 
 
-def test_the_version_is_written_once_as_znn_version():
+def test_the_version_is_written_once_as_znn_version() -> None:
     project = pyproject()["project"]
     assert "version" not in project and "version" in project["dynamic"]
     assert setuptools_config()["dynamic"]["version"] == {"attr": "znn.__version__"}
 
 
 @pytest.mark.parametrize("name", JOB_FILES)
-def test_bundled_file_finds_the_quickstart_job(name):
+def test_bundled_file_finds_the_quickstart_job(name: str) -> None:
     # where it lies depends on the installation (a wheel's site-packages, an editable checkout)
     path = bundled_file("quickstart", name)
     assert path.is_file()
     assert path.parts[-2:] == ("quickstart", name)
 
 
-def test_bundled_file_refuses_a_missing_file():
+def test_bundled_file_refuses_a_missing_file() -> None:
     with pytest.raises(ZnnFileNotFoundError, match=r"workflows/quickstart/missing\.znn is missing"):
         bundled_file("quickstart", "missing.znn")
