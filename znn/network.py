@@ -58,7 +58,9 @@ class Network:
         return arrays[0].dtype if arrays else np.dtype(np.float32)
 
     def astype(self, dtype: np.dtype | type) -> "Network":
-        cast = lambda d: {k: v.astype(dtype) for k, v in d.items()}  # noqa: E731
+        def cast(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+            return {name: array.astype(dtype) for name, array in arrays.items()}
+
         return Network(self.spec, cast(self.kernels), cast(self.biases), cast(self.kernel_momentum),
                        cast(self.bias_momentum), dict(self.hyper))
 

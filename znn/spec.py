@@ -20,8 +20,7 @@ from pathlib import Path
 import numpy as np
 
 from znn.errors import NetworkSpecError, ShapeError, closest, where
-
-Triple = tuple[int, int, int]
+from znn.types import Triple
 
 NODE_TYPES = ("input", "sum", "transfer")
 EDGE_TYPES = ("conv", "max_filter", "max_pool", "dropout", "crop", "maxout")
@@ -263,18 +262,18 @@ class NetworkSpec:
             if not needs:
                 extent[name] = outsz
             else:  # ZNN takes the largest requirement per axis; other branches are cropped centrally
-                extent[name] = tuple(max(axis) for axis in zip(*needs))  # type: ignore[assignment]
+                extent[name] = tuple(max(axis) for axis in zip(*needs))
         return extent
 
     @staticmethod
     def edge_input_extent(edge: EdgeGroup, out: Triple, sparsity: dict[str, Triple]) -> Triple:
         s = sparsity[edge.input]
         if edge.type in WINDOW_EDGES:
-            return tuple(o + (w - 1) * d for o, w, d in zip(out, edge.size, s))  # type: ignore[return-value]
+            return _triple(o + (w - 1) * d for o, w, d in zip(out, edge.size, s))
         if edge.type == "max_pool":
             return _mul(out, edge.size)
         if edge.type == "crop":
-            return tuple(o + 2 * c for o, c in zip(out, edge.offset))  # type: ignore[return-value]
+            return _triple(o + 2 * c for o, c in zip(out, edge.offset))
         return out
 
     def sliding_window(self) -> "NetworkSpec":
@@ -314,8 +313,8 @@ def _mul(a: Sequence[int], b: Sequence[int]) -> Triple:
     return (a[0] * b[0], a[1] * b[1], a[2] * b[2])
 
 
-def _triple(values: Sequence[int]) -> Triple:
-    values = tuple(int(v) for v in values)
-    if len(values) != 3:
-        raise ShapeError(f"expected a z,y,x triple, got {values}")
-    return values  # type: ignore[return-value]
+def _triple(values: Iterable[int]) -> Triple:
+    triple = tuple(int(v) for v in values)
+    if len(triple) != 3:
+        raise ShapeError(f"expected a z,y,x triple, got {triple}")
+    return triple

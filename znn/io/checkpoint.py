@@ -145,7 +145,7 @@ def _numeric(path: Path, dset: h5py.Dataset) -> np.ndarray:
     if dset.size > max(path.stat().st_size, 1 << 20):
         raise CheckpointError(f"{path}: {dset.name} claims {dset.shape} values, more than the file can hold; the "
                               "checkpoint is damaged")
-    data = dset[()]
+    data: np.ndarray | np.generic = dset[()]
     if isinstance(data, np.generic):  # a scalar dataset (the iteration of the learning curve)
         data = np.asarray(data)
     return data

@@ -14,6 +14,7 @@ from typing import Any
 
 from znn.errors import ConfigError, closest
 from znn.io.inifile import IniFile, parse_ini, read_ini
+from znn.types import Triple, parse_triple
 
 SECTION = "parameters"
 CONV_MODES = ("fft", "direct", "optimize")
@@ -68,15 +69,8 @@ def _choice(choices: tuple[str, ...]) -> Callable[[str], str]:
     return parse
 
 
-def _triple(text: str) -> tuple[int, int, int]:
-    values = tuple(int(v) for v in text.replace(" ", "").split(","))
-    if len(values) != 3 or min(values) < 1:
-        raise ValueError("not z,y,x")
-    return values  # type: ignore[return-value]
-
-
-def _outsz(text: str) -> tuple[int, int, int] | str:
-    return "auto" if text.strip() == "auto" else _triple(text)
+def _outsz(text: str) -> Triple | str:
+    return "auto" if text.strip() == "auto" else parse_triple(text)
 
 
 def _number(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
@@ -111,7 +105,7 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "dtype": (_choice(("float32", "float64")), "float32", "float32 or float64"),
     "out_type": (_choice(("boundary", "affinity")), "boundary", "boundary or affinity"),
     "logging": (_bool, False, "yes or no"),
-    "train_outsz": (_triple, (1, 100, 100), "a z,y,x output patch like 1,100,100"),
+    "train_outsz": (parse_triple, (1, 100, 100), "a z,y,x output patch like 1,100,100"),
     "forward_outsz": (_outsz, (1, 100, 100), "a z,y,x output patch like 5,100,100, or auto"),
     "train_range": (parse_range, None, "sample ids like 1-3,6"),
     "test_range": (parse_range, None, "sample ids like 1-3,6"),

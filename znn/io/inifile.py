@@ -36,6 +36,13 @@ class IniFile:
         return self.path.parent / p
 
 
+class _CaseSensitiveParser(configparser.ConfigParser):
+    """A ConfigParser that keeps keys as written (the default lower-cases them)."""
+
+    def optionxform(self, optionstr: str) -> str:
+        return optionstr
+
+
 def read_ini(path: str | Path, error: type[FormatError], what: str) -> IniFile:
     """Read an INI file; syntax errors become ``error`` naming the file and line."""
     return parse_ini(read_text(path, error, what), Path(path), error)
@@ -44,8 +51,7 @@ def read_ini(path: str | Path, error: type[FormatError], what: str) -> IniFile:
 def parse_ini(text: str, path: Path | None, error: type[FormatError]) -> IniFile:
     # Keys are case-sensitive (ZNN spells Num_iter_per_test with a capital); inline comments are not stripped
     # by configparser, so `#` after a value is kept, as in ZNN.
-    parser = configparser.ConfigParser(interpolation=None, strict=True)
-    parser.optionxform = str  # type: ignore[assignment,method-assign]
+    parser = _CaseSensitiveParser(interpolation=None, strict=True)
     try:
         parser.read_string(text, source=str(path))
     except configparser.MissingSectionHeaderError as exc:

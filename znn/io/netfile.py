@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn, TypeVar
 
 from znn.errors import NetworkSpecError, closest, where
 from znn.io.files import read_text
@@ -20,6 +20,10 @@ from znn.spec import (
     NetworkSpec,
     NodeGroup,
 )
+from znn.types import Triple, parse_triple
+
+_Parsed = TypeVar("_Parsed")
+_Default = TypeVar("_Default")
 
 # Keys ZNN accepts but this project has no use for beyond keeping them (per-edge overrides, loader hints).
 _PASSIVE_KEYS = ("repeat", "fft", "eta", "momentum", "weight_decay", "load")
@@ -97,11 +101,11 @@ class _Reader:
             if key not in known:
                 self.fail(key, f"unknown key {key!r}; {closest(key, known)}")
 
-    def fail(self, key: str | None, message: str) -> None:
+    def fail(self, key: str | None, message: str) -> NoReturn:
         line = self.block["lines"].get(key, self.block["line"]) if key else self.block["line"]
         raise NetworkSpecError(f"{where(self.path, line)}: {self.block['kind']} {self.block['name']}: {message}")
 
-    def get(self, key: str, parse: Callable[[str], Any], default: Any = None, what: str = "") -> Any:
+    def get(self, key: str, parse: Callable[[str], _Parsed], default: _Default, what: str) -> _Parsed | _Default:
         if key not in self.pairs:
             return default
         try:
@@ -152,8 +156,8 @@ def _edge(block: dict[str, Any], path: str | None) -> EdgeGroup:
     kind = r.choice("type", EDGE_TYPES)
     for key in EDGE_REQUIRED[kind]:
         r.require(key, f"a {kind} edge needs it as z,y,x")
-    size = r.get("size", _positive_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,3,3")
-    stride = r.get("stride", _positive_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,2,2")
+    size = r.get("size", parse_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,3,3")
+    stride = r.get("stride", parse_triple, (1, 1, 1), "a z,y,x triple of positive integers like 1,2,2")
     if kind == "max_pool" and stride not in ((1, 1, 1), size):
         r.fail("stride", f"max_pool is non-overlapping: stride must equal size {','.join(map(str, size))} (or be omitted)")
     init = r.choice("init", tuple(INIT_ARG_COUNTS), "zero")
@@ -187,22 +191,15 @@ def _flag(text: str) -> bool:
     return text == "1"
 
 
-def _positive_triple(text: str) -> tuple[int, int, int]:
-    values = _ints(text)
-    if min(values) < 1:
-        raise ValueError(text)
-    return values
-
-
-def _nonnegative_triple(text: str) -> tuple[int, int, int]:
+def _nonnegative_triple(text: str) -> Triple:
     values = _ints(text)
     if min(values) < 0:
         raise ValueError(text)
     return values
 
 
-def _ints(text: str) -> tuple[int, int, int]:
+def _ints(text: str) -> Triple:
     values = tuple(int(v) for v in text.split(","))
     if len(values) != 3:
         raise ValueError(text)
-    return values  # type: ignore[return-value]
+    return values

@@ -36,6 +36,7 @@ from znn.ops.preprocess import (
     resolve_label_pp,
     target_mask,
 )
+from znn.types import Triple
 
 __all__ = ["SampleData", "load_sample", "make_sample", "center_crop"]
 
@@ -67,10 +68,10 @@ class SampleData:
     where: str = ""
 
     @property
-    def shape(self) -> tuple[int, int, int]:
+    def shape(self) -> Triple:
         """The common spatial shape ``(Z, Y, X)``."""
         source = self.inputs[0] if self.inputs else self.labels[0]
-        return tuple(source.shape[-3:])  # type: ignore[return-value]
+        return tuple(source.shape[-3:])
 
     @property
     def has_outputs(self) -> bool:
@@ -169,7 +170,7 @@ def _add_output(data: SampleData, label: Array, pp: str, voxel_mask: NDArray[np.
                 dtype: np.dtype[Any]) -> None:
     target = label_targets(label, pp, dtype)
     data.targets.append(target)
-    data.masks.append(target_mask(voxel_mask, pp, target.shape[1:], dtype))  # type: ignore[arg-type]
+    data.masks.append(target_mask(voxel_mask, pp, target.shape[1:], dtype))
     data.labels.append(label)
     data.voxel_masks.append(voxel_mask)
     data.label_pp.append(pp)
@@ -247,10 +248,11 @@ def _label_pp(vs: VolumeSet, out_type: str) -> str:
     return kinds.pop()
 
 
-def _common_shape(raws: list[_Raw], where: str) -> tuple[int, int, int]:
+def _common_shape(raws: list[_Raw], where: str) -> Triple:
     """The shape every volume is cropped to; error if a volume that may not be cropped differs from it."""
     shapes = [r.array.shape[1:] for r in raws]
-    target: tuple[int, int, int] = tuple(int(min(s[a] for s in shapes)) for a in range(3))  # type: ignore[assignment]
+    z, y, x = (int(min(s[axis] for s in shapes)) for axis in range(3))
+    target = (z, y, x)
     fixed = [r for r in raws if not r.auto_crop]
     if fixed:
         # volumes that may not be cropped must all have one shape, and that shape must fit into every other
@@ -261,7 +263,7 @@ def _common_shape(raws: list[_Raw], where: str) -> tuple[int, int, int]:
             listing = "; ".join(f"{r.section} {r.file}: {r.array.shape[1:]}" for r in raws)
             raise SpecFileError(f"{where}: volume sizes differ and is_auto_crop = no forbids cropping ({listing}); "
                                 "set is_auto_crop = yes in those sections or give volumes of one size")
-        return first  # type: ignore[return-value]
+        return first
     if min(target) < 1:
         raise SpecFileError(f"{where}: a volume is empty ({'; '.join(f'{r.file}: {r.array.shape}' for r in raws)})")
     return target

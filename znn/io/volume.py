@@ -26,12 +26,11 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal, Protocol, cast
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard, cast
 
-import dask
 import dask.array as da
 import numpy as np
-from dask.base import tokenize
+from dask.base import compute, tokenize
 
 from znn.errors import VolumeError, ZnnFileNotFoundError
 
@@ -107,7 +106,7 @@ class ZarrBackend(VolumeBackend, Protocol):
     """The zarr backend also creates empty arrays to be filled chunk by chunk."""
 
     def create(self, vp: VolumePath, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
-               overwrite: bool) -> zarr.Array: ...
+               overwrite: bool) -> zarr.Array[Any]: ...
 
 
 def parse_volume_path(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
@@ -135,13 +134,13 @@ def parse_volume_path(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
 
 def _parse_zrange(start: str, stop: str, path: str) -> tuple[int | None, int | None]:
     try:
-        bounds = tuple(int(v) if v.strip() else None for v in (start, stop))
+        low, high = (int(v) if v.strip() else None for v in (start, stop))
     except ValueError:
         raise VolumeError(f"{path}[{start}:{stop}]: the z range must be [start:stop] with integers, e.g. "
                           f"{path}[0:15]") from None
-    if any(b is not None and b < 0 for b in bounds):
+    if any(b is not None and b < 0 for b in (low, high)):
         raise VolumeError(f"{path}[{start}:{stop}]: z range bounds count from 0; give non-negative integers")
-    return bounds  # type: ignore[return-value]
+    return low, high
 
 
 def _backend(fmt: str) -> VolumeBackend:
@@ -166,7 +165,9 @@ def read_volume(path: str | os.PathLike[str] | VolumePath) -> np.ndarray:
         return _backend(vp.format).read(vp)
     shape, _ = _backend(vp.format).shape_dtype(vp)
     z = vp.z_slice(shape)
-    return _backend(vp.format).open(vp, None)[(..., z, slice(None), slice(None))].compute(scheduler="sync")
+    lazy = _backend(vp.format).open(vp, None)[(..., z, slice(None), slice(None))]
+    slices: np.ndarray = lazy.compute(scheduler="sync")
+    return slices
 
 
 def open_volume(path: str | os.PathLike[str] | VolumePath, chunks: Chunks = None) -> da.Array:
@@ -181,8 +182,11 @@ def open_volume(path: str | os.PathLike[str] | VolumePath, chunks: Chunks = None
         return _backend(vp.format).open(vp, chunks)
     shape, _ = _backend(vp.format).shape_dtype(vp)
     z = vp.z_slice(shape)
-    whole = _backend(vp.format).open(vp, None)[(..., z, slice(None), slice(None))]
-    return whole if chunks is None else whole.rechunk(chunks)
+    whole: da.Array = _backend(vp.format).open(vp, None)[(..., z, slice(None), slice(None))]
+    if chunks is None:
+        return whole
+    rechunked: da.Array = whole.rechunk(chunks)
+    return rechunked
 
 
 def volume_shape_dtype(path: str | os.PathLike[str] | VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
@@ -224,7 +228,7 @@ def create_volume(
     dtype: np.typing.DTypeLike,
     chunks: tuple[int, ...],
     overwrite: bool = False,
-) -> zarr.Array:
+) -> zarr.Array[Any]:
     """Create an empty (zero-filled) zarr array of ``shape`` to be filled chunk by chunk; zarr only."""
     vp = _writable(parse_volume_path(path))
     if vp.format != "zarr":
@@ -272,9 +276,12 @@ def not_found(vp: VolumePath, kind: str, names: list[str], example: Callable[[st
 def default_chunks(shape: tuple[int, ...], dtype: np.dtype[Any], stored: tuple[int, ...] | None,
                    chunks: Chunks) -> tuple[tuple[int, ...], ...]:
     """Dask chunks: ``chunks`` if given, else multiples of the ``stored`` chunks near ``array.chunk-size``."""
+    normalized: tuple[tuple[int, ...], ...]
     if chunks is None:
-        return da.core.normalize_chunks("auto", shape, dtype=dtype, previous_chunks=stored)
-    return da.core.normalize_chunks(chunks, shape, dtype=dtype)
+        normalized = da.core.normalize_chunks("auto", shape, dtype=dtype, previous_chunks=stored)
+    else:
+        normalized = da.core.normalize_chunks(chunks, shape, dtype=dtype)
+    return normalized
 
 
 def lazy_array(reader: Any, vp: VolumePath, chunks: tuple[tuple[int, ...], ...]) -> da.Array:
@@ -286,7 +293,8 @@ def lazy_array(reader: Any, vp: VolumePath, chunks: tuple[tuple[int, ...], ...])
     name = f"from-{vp.format}-" + tokenize(str(vp.file.resolve()), vp.key, stat.st_size, stat.st_mtime_ns,
                                            chunks)
     meta = np.empty((0,) * len(reader.shape), dtype=reader.dtype)
-    return da.from_array(reader, chunks=chunks, name=name, meta=meta, asarray=True, fancy=False)
+    lazy: da.Array = da.from_array(reader, chunks=chunks, name=name, meta=meta, asarray=True, fancy=False)
+    return lazy
 
 
 def storage_chunks(chunks: Chunks, shape: tuple[int, ...], vp: VolumePath) -> tuple[int, ...] | None:
@@ -295,11 +303,16 @@ def storage_chunks(chunks: Chunks, shape: tuple[int, ...], vp: VolumePath) -> tu
         return None
     if isinstance(chunks, int):
         chunks = (chunks,) * len(shape)
-    if (not isinstance(chunks, tuple) or len(chunks) != len(shape)
-            or not all(isinstance(c, int) and c > 0 for c in chunks)):
+    if not _is_chunk_shape(chunks, len(shape)):
         raise VolumeError(f"{vp}: chunks={chunks!r} is not a chunk shape for an array of shape {shape}; "
                           f"give one positive int per axis, e.g. {tuple(min(s, 64) for s in shape)}")
     return tuple(max(1, min(c, s)) for c, s in zip(chunks, shape))
+
+
+def _is_chunk_shape(chunks: Chunks, ndim: int) -> TypeGuard[tuple[int, ...]]:
+    """Whether ``chunks`` is one positive int per axis of an ``ndim``-dimensional array."""
+    return (isinstance(chunks, tuple) and len(chunks) == ndim
+            and all(isinstance(c, int) and c > 0 for c in chunks))
 
 
 def iter_blocks(array: da.Array, batch: int | None = None) -> Iterator[tuple[tuple[slice, ...], np.ndarray]]:
@@ -313,7 +326,7 @@ def iter_blocks(array: da.Array, batch: int | None = None) -> Iterator[tuple[tup
     indices = list(np.ndindex(*array.numblocks))
     for first in range(0, len(indices), batch):
         group = indices[first : first + batch]
-        blocks = dask.compute(*[array.blocks[index] for index in group])
+        blocks = compute(*[array.blocks[index] for index in group])
         for index, block in zip(group, blocks):
             sl = tuple(slice(int(s[i]), int(s[i]) + c[i]) for s, c, i in zip(starts, array.chunks, index))
             yield sl, np.asarray(block)

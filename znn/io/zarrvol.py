@@ -11,7 +11,7 @@ import shutil
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import dask.array as da
 import numpy as np
@@ -61,7 +61,7 @@ def _store_arrays(vp: VolumePath) -> list[str]:
         return []
 
 
-def _array(vp: VolumePath) -> zarr.Array:
+def _array(vp: VolumePath) -> zarr.Array[Any]:
     """The array ``vp`` names (read-only), or the only array under the group it names."""
     store = LocalStore(vp.file, read_only=True)
     try:
@@ -79,7 +79,7 @@ def _array(vp: VolumePath) -> zarr.Array:
                       f"{vp.file}/{names[0]}")
 
 
-def _checked(z: zarr.Array, vp: VolumePath) -> zarr.Array:
+def _checked(z: zarr.Array[Any], vp: VolumePath) -> zarr.Array[Any]:
     check_volume(tuple(z.shape), np.dtype(z.dtype), vp)
     return z
 
@@ -100,7 +100,7 @@ def read(vp: VolumePath) -> np.ndarray:
 class ZarrBlockReader:
     """The array for dask, with a damaged chunk reported as a VolumeError naming the store."""
 
-    def __init__(self, z: zarr.Array, vp: VolumePath) -> None:
+    def __init__(self, z: zarr.Array[Any], vp: VolumePath) -> None:
         self.z, self.vp, self.shape, self.dtype, self.ndim = z, vp, tuple(z.shape), np.dtype(z.dtype), z.ndim
 
     def __getitem__(self, key: tuple[slice, ...]) -> np.ndarray:
@@ -115,14 +115,15 @@ def open(vp: VolumePath, chunks: Chunks) -> da.Array:  # noqa: A001 - the backen
         stored = da.core.normalize_chunks(z.chunks, z.shape, dtype=z.dtype)  # damaged metadata fails here
     chunks = stored if chunks is None else chunks
     reader = ZarrBlockReader(z, vp)
-    return da.from_array(reader, chunks, name="from-zarr-" + tokenize(z, chunks), asarray=True, fancy=False,
-                         meta=np.empty((0,) * z.ndim, dtype=z.dtype))
+    lazy: da.Array = da.from_array(reader, chunks, name="from-zarr-" + tokenize(z, chunks), asarray=True,
+                                   fancy=False, meta=np.empty((0,) * z.ndim, dtype=z.dtype))
+    return lazy
 
 
 def create(vp: VolumePath, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
-           overwrite: bool) -> zarr.Array:
+           overwrite: bool) -> zarr.Array[Any]:
     """Create a zero-filled v3 array; ``chunks`` None lets zarr choose."""
-    disk_chunks = storage_chunks(chunks, shape, vp) or "auto"
+    disk_chunks: tuple[int, ...] | Literal["auto"] = storage_chunks(chunks, shape, vp) or "auto"
     if not overwrite and _node_exists(vp):
         raise exists_error(vp, "array")
     try:
@@ -180,6 +181,7 @@ def write(vp: VolumePath, array: np.ndarray | da.Array, chunks: Chunks, overwrit
     with _removed_on_error(vp):
         z = create(vp, tuple(array.shape), np.dtype(array.dtype), disk_chunks, overwrite)
         if isinstance(array, da.Array):
-            da.store(_aligned(array, tuple(z.chunks)), z, lock=False)
+            # dask annotates store targets as NumPy array-likes; a zarr array is a valid target all the same
+            da.store(_aligned(array, tuple(z.chunks)), z, lock=False)  # type: ignore[arg-type]
         else:
             z[...] = array

@@ -28,7 +28,8 @@ import numpy as np
 
 from znn.errors import ShapeError
 from znn.ops.conv_fft import Spectra, conv_backward_fft, conv_forward_fft
-from znn.ops.fft import Shape3, check_conv_shapes, parallel_map
+from znn.ops.fft import check_conv_shapes, parallel_map
+from znn.types import Triple
 
 __all__ = [
     "MODES",
@@ -51,7 +52,7 @@ _TILE_VOXELS = 2048
 Tile = tuple[int, int, int, int]
 
 
-def _dil(dilation: Sequence[int]) -> Shape3:
+def _dil(dilation: Sequence[int]) -> Triple:
     d = tuple(int(v) for v in dilation)
     if len(d) != 3:
         raise ShapeError(f"dilation must be three integers (dz, dy, dx), got {dilation}")
@@ -67,7 +68,7 @@ def _float(x: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 # ----------------------------------------------------------------------------------------------- tiling
 
 
-def _tiles(out_spatial: Shape3, k: Shape3, d: Shape3, n_rows: int, itemsize: int) -> list[Tile]:
+def _tiles(out_spatial: Triple, k: Triple, d: Triple, n_rows: int, itemsize: int) -> list[Tile]:
     """Output tiles ``(z0, z1, y0, y1)`` of about ``_TILE_VOXELS`` voxels whose columns fit ``_TILE_BYTES``.
 
     Tiles span all z planes when they can: the z offsets are then column shifts of one gathered matrix and
@@ -84,7 +85,7 @@ def _tiles(out_spatial: Shape3, k: Shape3, d: Shape3, n_rows: int, itemsize: int
     return [(z0, min(zo, z0 + zt), y0, min(yo, y0 + yt)) for z0 in range(0, zo, zt) for y0 in range(0, yo, yt)]
 
 
-def _gather(x: np.ndarray, tile: Tile, k: Shape3, d: Shape3, xo: int) -> np.ndarray:
+def _gather(x: np.ndarray, tile: Tile, k: Triple, d: Triple, xo: int) -> np.ndarray:
     """Columns of a tile, ``(ky*kx*in, zin*yt*xo)``: row ``(sy, sx, i)``, column ``(z, y, x)`` holds
     ``x[i, z0 + z, y0 + y + sy*dy, x + sx*dx]``, ``z`` over the tile's planes plus the z halo."""
     z0, z1, y0, y1 = tile
@@ -145,7 +146,7 @@ def conv_backward_direct(x: np.ndarray, w: np.ndarray, grad_y: np.ndarray, dilat
     return _grad_input_direct(w, grad_y, d, threads), _grad_kernel_direct(x, grad_y, w.shape, d, threads)
 
 
-def _grad_input_direct(w: np.ndarray, grad_y: np.ndarray, d: Shape3, threads: int) -> np.ndarray:
+def _grad_input_direct(w: np.ndarray, grad_y: np.ndarray, d: Triple, threads: int) -> np.ndarray:
     """``grad_x`` = full correlation of ``grad_y`` with the kernels: a valid convolution of the zero-padded
     gradient with the flipped, transposed kernels (so it reuses the forward GEMMs)."""
     pads = [(0, 0)] + [((k - 1) * dd, (k - 1) * dd) for k, dd in zip(w.shape[2:], d)]
@@ -154,7 +155,7 @@ def _grad_input_direct(w: np.ndarray, grad_y: np.ndarray, d: Shape3, threads: in
     return conv_forward_direct(gyp, wt, d, threads)
 
 
-def _grad_kernel_direct(x: np.ndarray, grad_y: np.ndarray, w_shape: tuple[int, ...], d: Shape3,
+def _grad_kernel_direct(x: np.ndarray, grad_y: np.ndarray, w_shape: tuple[int, ...], d: Triple,
                         threads: int) -> np.ndarray:
     """``grad_w[i, o, t] = sum_p grad_y[o, p] x[i, p + (k - 1 - t) * d]``: per tile and z offset one GEMM
     ``(out x voxels) @ (voxels x ky*kx*in)`` on the same gathered columns as the forward pass."""

@@ -32,7 +32,6 @@ import numpy as np
 
 from znn.errors import ShapeError
 from znn.ops.fft import (
-    Shape3,
     check_conv_shapes,
     complex_dtype,
     count_transforms,
@@ -43,6 +42,7 @@ from znn.ops.fft import (
     rfft3,
     spectrum_shape,
 )
+from znn.types import Triple
 
 __all__ = [
     "Spectra",
@@ -73,10 +73,10 @@ class Spectra:
     valid until the kernels change, and the caller must drop it then.
     """
 
-    shape: Shape3
-    in_spatial: Shape3
-    kernel_size: Shape3
-    dilation: Shape3
+    shape: Triple
+    in_spatial: Triple
+    kernel_size: Triple
+    dilation: Triple
     dtype: np.dtype[Any]
     x_spec: np.ndarray | None = None
     w_spec: np.ndarray | None = None
@@ -110,7 +110,7 @@ def _maps_first(flat: np.ndarray, spatial: Sequence[int], nmaps: int) -> np.ndar
     return np.moveaxis(full, tuple(range(3, 3 + nmaps)), tuple(range(nmaps)))
 
 
-def output_offset(kernel_size: Sequence[int], dilation: Sequence[int]) -> Shape3:
+def output_offset(kernel_size: Sequence[int], dilation: Sequence[int]) -> Triple:
     """Where the valid output starts in the circular result: ``(k - 1) * d`` per axis."""
     o = [(int(k) - 1) * int(d) for k, d in zip(kernel_size, dilation)]
     return (o[0], o[1], o[2])
@@ -160,7 +160,7 @@ def _dft_matrix(size: int, taps: int, dilation: int, half: bool, sign: int, dtyp
     return out
 
 
-def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, threads: int,
+def _pruned_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Triple, threads: int,
                            out: np.ndarray | None) -> np.ndarray:
     """Pruned forward DFT of dilated kernels: three matrix products, result C-contiguous (Z, Y, Xh, in, out).
 
@@ -203,7 +203,7 @@ def _rows(a: np.ndarray) -> np.ndarray:
     return v
 
 
-def _fftw_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Shape3, threads: int) -> np.ndarray:
+def _fftw_kernel_spectra(w: np.ndarray, dilation: Sequence[int], shape: Triple, threads: int) -> np.ndarray:
     """ZNN's way: zero-pad every dilated kernel to ``shape`` and FFT it; result (Z, Y, Xh, in, out)."""
     n_in, n_out, kz, ky, kx = w.shape
     dz, dy, dx = (int(d) for d in dilation)
@@ -239,7 +239,7 @@ def kernel_spectra(w_block: np.ndarray, dilation: Sequence[int], shape: Sequence
     return np.moveaxis(full, (3, 4), (0, 1))
 
 
-def _kernel_storage(out: np.ndarray, w: np.ndarray, shape: Shape3) -> np.ndarray:
+def _kernel_storage(out: np.ndarray, w: np.ndarray, shape: Triple) -> np.ndarray:
     """The frequency-major buffer ``(Z, Y, Xh * in * out)`` behind kernel spectra ``out`` (checked)."""
     n_in, n_out = w.shape[:2]
     expect = (n_in, n_out, *spectrum_shape(shape))
@@ -252,7 +252,7 @@ def _kernel_storage(out: np.ndarray, w: np.ndarray, shape: Shape3) -> np.ndarray
     return base.reshape(shape[0], shape[1], spectrum_shape(shape)[2] * n_in * n_out)
 
 
-def _choose(method: str, kernel_size: Sequence[int], shape: Shape3) -> str:
+def _choose(method: str, kernel_size: Sequence[int], shape: Triple) -> str:
     """Pick pruned matrix-product DFTs or full FFTs for the ``in * out`` kernel transforms.
 
     The pruned way costs about 8 * k_lead complex flops per spectrum value (k_lead: kernel size along the
@@ -352,7 +352,7 @@ def grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Sequence[int], k
     return g
 
 
-def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape3,
+def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Triple,
                         dilation: Sequence[int], threads: int) -> np.ndarray:
     """Pruned inverse DFT of ``GY * conj(X)`` at the kernel taps, as matrix products.
 
@@ -399,7 +399,7 @@ def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape
     return np.ascontiguousarray(g, dtype=np.float32 if xf.dtype == np.complex64 else np.float64)
 
 
-def _fftw_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Shape3, k3: Shape3,
+def _fftw_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Triple,
                       dilation: Sequence[int], threads: int) -> np.ndarray:
     """ZNN's way: one full inverse FFT per (in, out) pair, then pick the dilated taps."""
     n_in, n_out = xf.shape[1], gf.shape[1]
@@ -432,7 +432,7 @@ def _check_spec_pair(x_spec: np.ndarray, w_spec: np.ndarray) -> None:
                          "(expected (in, Z, Y, Xh) and (in, out, Z, Y, Xh))")
 
 
-def _spectra_for(x: np.ndarray, w: np.ndarray, dilation: Shape3, spectra: Spectra | None) -> Spectra:
+def _spectra_for(x: np.ndarray, w: np.ndarray, dilation: Triple, spectra: Spectra | None) -> Spectra:
     """Reuse ``spectra`` if they belong to this problem, else start a fresh empty record."""
     if spectra is not None and spectra.matches(x.shape[1:], w.shape[2:], dilation, x.dtype):
         return spectra
@@ -444,7 +444,7 @@ def _spectra_for(x: np.ndarray, w: np.ndarray, dilation: Shape3, spectra: Spectr
     return Spectra(shape, tuple(x.shape[1:]), tuple(w.shape[2:]), dilation, np.dtype(x.dtype))
 
 
-def _as_dilation(dilation: Sequence[int]) -> Shape3:
+def _as_dilation(dilation: Sequence[int]) -> Triple:
     d = [int(v) for v in dilation]  # length checked by check_conv_shapes
     return (d[0], d[1], d[2])
 

@@ -31,6 +31,7 @@ import pyfftw
 from threadpoolctl import ThreadpoolController
 
 from znn.errors import ShapeError
+from znn.types import Triple
 
 __all__ = [
     "check_conv_shapes",
@@ -51,8 +52,6 @@ __all__ = [
     "empty_aligned",
 ]
 
-Shape3 = tuple[int, int, int]
-
 _PLAN_LOCK = threading.Lock()  # FFTW's planner is not thread-safe
 _LOCAL = threading.local()
 # Bytes of arrays that cached FFTW objects may keep alive, per thread.
@@ -70,7 +69,7 @@ _SMOOTH_PRIMES = (2, 3, 5, 7)
 
 
 def check_conv_shapes(x_shape: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
-                      grad_y_shape: Sequence[int] | None = None) -> Shape3:
+                      grad_y_shape: Sequence[int] | None = None) -> Triple:
     """Validate a valid-convolution problem and return the output's spatial shape ``(z', y', x')``.
 
     ``x_shape`` is ``(in_maps, z, y, x)``, ``w_shape`` ``(in_maps, out_maps, kz, ky, kx)``, ``dilation``
@@ -112,7 +111,7 @@ def fast_len(n: int) -> int:
         m += 1
 
 
-def fft_shape(in_spatial: Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]) -> Shape3:
+def fft_shape(in_spatial: Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]) -> Triple:
     """Padded FFT shape for a valid convolution of a ``in_spatial`` volume with a dilated kernel.
 
     A circular convolution of size ``S >= n`` equals the linear one on the valid part: the wrapped-around terms
@@ -131,7 +130,7 @@ def fft_shape(in_spatial: Sequence[int], kernel_size: Sequence[int], dilation: S
     return (out[0], out[1], out[2])
 
 
-def spectrum_shape(shape: Sequence[int]) -> Shape3:
+def spectrum_shape(shape: Sequence[int]) -> Triple:
     """Shape ``(Z, Y, X // 2 + 1)`` of the half spectrum of a real ``(Z, Y, X)`` volume."""
     return (int(shape[0]), int(shape[1]), int(shape[2]) // 2 + 1)
 
@@ -276,7 +275,7 @@ def _aligned(a: np.ndarray) -> bool:
     return bool(a.ctypes.data % pyfftw.simd_alignment == 0)
 
 
-def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, threads: int) -> pyfftw.FFTW:
+def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Triple, threads: int) -> pyfftw.FFTW:
     """An FFTW object for the batch ``src`` -> ``dst`` (C-contiguous; real ``shape`` volumes), bound to them.
 
     Cached per (direction, batch, shape, dtype, threads, alignment). A new one is planned on scratch arrays
@@ -309,7 +308,7 @@ def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, threa
     return plan
 
 
-def _run(direction: str, src: np.ndarray, dst: np.ndarray, shape: Shape3, threads: int) -> None:
+def _run(direction: str, src: np.ndarray, dst: np.ndarray, shape: Triple, threads: int) -> None:
     """Transform the batch ``src`` into ``dst`` (both C-contiguous), splitting the batch over threads."""
     batch = src.shape[0]
     if batch == 0:

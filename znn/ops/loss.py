@@ -96,12 +96,14 @@ def binomial_cross_entropy(
 def softmax(x: Array, axis: int = 0) -> Array:
     """Softmax over ``axis`` (the map axis by default), shifted by the max for stability; keeps the dtype."""
     e = np.exp(x - x.max(axis=axis, keepdims=True))
-    return e / e.sum(axis=axis, keepdims=True)
+    probabilities: Array = e / e.sum(axis=axis, keepdims=True)
+    return probabilities
 
 
 def _log_softmax(x: Array) -> Array:
     shifted = x - x.max(axis=0, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=0, keepdims=True))
+    log_probabilities: Array = shifted - np.log(np.exp(shifted).sum(axis=0, keepdims=True))
+    return log_probabilities
 
 
 def softmax_loss(
@@ -167,7 +169,7 @@ def rebalance_weights(
     else:
         raise ValueError(f"rebalance norm must be 'half' or 'fraction', got {norm!r}")
     dtype = target.dtype if np.issubdtype(target.dtype, np.floating) else np.float32
-    weights = np.where(positive, w_pos[:, None, None, None], w_neg[:, None, None, None]).astype(dtype)
+    weights: Array = np.where(positive, w_pos[:, None, None, None], w_neg[:, None, None, None]).astype(dtype)
     return np.where(valid, weights, weights.dtype.type(0)) if mask is not None else weights
 
 

@@ -34,6 +34,7 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import minimum_spanning_tree
 
 from znn.errors import ConfigError, ShapeError, closest
+from znn.types import Triple
 
 __all__ = ["malis_weights", "MalisInfo", "affinity_edges", "NORM_TYPES"]
 
@@ -51,7 +52,7 @@ class MalisInfo(NamedTuple):
     n_nonboundary: int  #: N, the number of voxels with a non-zero ground-truth id
 
 
-def affinity_edges(shape: tuple[int, int, int]) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
+def affinity_edges(shape: Triple) -> tuple[NDArray[np.int64], NDArray[np.int64], NDArray[np.int64]]:
     """All edges of the affinity graph of a ``(Z, Y, X)`` volume.
 
     Returns ``(flat_affinity_index, voxel_a, voxel_b)``: the flat index into the ``(3, Z, Y, X)`` affinity array
@@ -67,7 +68,8 @@ def affinity_edges(shape: tuple[int, int, int]) -> tuple[NDArray[np.int64], NDAr
         earlier[c] = slice(None, -1)
         b = voxels[tuple(later)].ravel()
         parts.append((c * n + b, voxels[tuple(earlier)].ravel(), b))
-    return tuple(np.concatenate(p) for p in zip(*parts))  # type: ignore[return-value]
+    flat, voxel_a, voxel_b = (np.concatenate(p) for p in zip(*parts))
+    return flat, voxel_a, voxel_b
 
 
 def malis_weights(
@@ -140,7 +142,7 @@ def _forest_edges(aff: Array, va: NDArray[np.int64], vb: NDArray[np.int64], n_vo
     graph = coo_matrix((rank, (va, vb)), shape=(n_vox, n_vox)).tocsr()
     tree = minimum_spanning_tree(graph).tocoo()
     # map the kept ranks back to edges and replay them from the highest affinity down
-    kept = np.sort(tree.data.astype(np.int64))
+    kept: NDArray[np.int64] = np.sort(tree.data.astype(np.int64))
     return by_affinity[kept - 1]
 
 

@@ -35,6 +35,7 @@ from scipy.sparse.csgraph import connected_components
 from znn.errors import ConfigError, ShapeError, closest
 from znn.ops.malis import affinity_edges
 from znn.ops.preprocess import affinity, affinity_mask, segmentation_ids
+from znn.types import Triple
 
 __all__ = [
     "pixel_error",
@@ -52,8 +53,8 @@ __all__ = [
 Array = NDArray[Any]
 Dims = Literal["2d", "3d"]
 METRICS = ("pixel_error", "rand_error", "rand_precision", "rand_recall", "voi_split", "voi_merge")
-_STRUCT_2D = ndimage.generate_binary_structure(3, 1) * np.array([0, 1, 0])[:, None, None].astype(bool)
-_STRUCT_3D = ndimage.generate_binary_structure(3, 1)
+_STRUCT_2D: Array = ndimage.generate_binary_structure(3, 1) * np.array([0, 1, 0])[:, None, None].astype(bool)
+_STRUCT_3D: Array = ndimage.generate_binary_structure(3, 1)
 
 
 def pixel_error(prob_boundary: Array, label_boundary: Array, mask: Array | None = None,
@@ -83,7 +84,8 @@ def boundary_probability(pred: Array, one_channel: str = "boundary") -> Array:
         choices = ("boundary", "nonboundary")
         raise ConfigError(f"one_channel {one_channel!r} is not valid; {closest(one_channel, choices)}")
     if pred.ndim == 4 and pred.shape[0] == 2:
-        return pred[1]
+        boundary: Array = pred[1]
+        return boundary
     if pred.ndim == 4 and pred.shape[0] == 1:
         pred = pred[0]
     if pred.ndim != 3:
@@ -100,7 +102,8 @@ def segment_boundary_map(prob: Array, threshold: float = 0.5, dims: Dims = "3d")
     """
     inside = _zyx(prob, "boundary probability") < threshold
     seg, _ = ndimage.label(inside, structure=_structure(dims))
-    return seg.astype(np.int64)
+    ids: NDArray[np.int64] = seg.astype(np.int64)
+    return ids
 
 
 def segment_affinity_map(aff: Array, threshold: float = 0.5, dims: Dims = "3d") -> NDArray[np.int64]:
@@ -113,8 +116,8 @@ def segment_affinity_map(aff: Array, threshold: float = 0.5, dims: Dims = "3d") 
     if aff.ndim != 4 or aff.shape[0] != 3:
         raise ShapeError(f"an affinity map is (3, Z, Y, X) (channels z, y, x); got shape {aff.shape}")
     _check_dims(dims)
-    shape = aff.shape[1:]
-    flat, va, vb = affinity_edges(shape)  # type: ignore[arg-type]
+    shape: Triple = (aff.shape[1], aff.shape[2], aff.shape[3])
+    flat, va, vb = affinity_edges(shape)
     keep = aff.ravel()[flat] > threshold
     if dims == "2d":
         keep &= flat >= int(np.prod(shape))  # channel 0 (z) occupies the first Z*Y*X entries
@@ -153,14 +156,16 @@ def gt_segmentation(labels: Array, dims: Dims = "3d") -> NDArray[np.int64]:
     if lab.ndim != 3:
         raise ShapeError(f"labels must be a (Z, Y, X) volume, got shape {lab.shape}")
     if np.unique(lab[lab != 0]).size <= 1:
-        seg, _ = ndimage.label(lab != 0, structure=_structure(dims))
-        return seg.astype(np.int64)
+        components, _ = ndimage.label(lab != 0, structure=_structure(dims))
+        component_ids: NDArray[np.int64] = components.astype(np.int64)
+        return component_ids
     seg = segmentation_ids(lab)
     if dims == "2d":
         key = np.where(seg != 0, np.arange(seg.shape[0])[:, None, None] * (int(seg.max()) + 1) + seg, 0)
         _, inv = np.unique(key, return_inverse=True)
         seg = inv.reshape(seg.shape) + (0 if np.any(key == 0) else 1)
-    return seg.astype(np.int64)
+    ids: NDArray[np.int64] = seg.astype(np.int64)
+    return ids
 
 
 def adapted_rand_error(seg: Array, gt: Array) -> tuple[float, float, float]:

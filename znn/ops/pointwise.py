@@ -14,6 +14,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from znn.errors import NetworkSpecError, ShapeError, closest
+from znn.types import Triple
 
 __all__ = [
     "dropout",
@@ -30,7 +31,6 @@ __all__ = [
 ]
 
 Array = NDArray[Any]
-Triple = tuple[int, int, int]
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -52,7 +52,7 @@ def as_triple(value: Sequence[int] | int, name: str, minimum: int) -> Triple:
     triple = tuple(int(v) for v in value)
     if len(triple) != 3 or any(v < minimum for v in triple):
         raise ShapeError(f"{name} must be three integers >= {minimum} (z, y, x), got {tuple(value)}")
-    return triple  # type: ignore[return-value]
+    return triple
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -90,7 +90,8 @@ def dropout_backward(grad_y: Array, keep_mask: NDArray[np.bool_] | None, ratio: 
 
 def _apply_keep(x: Array, keep: NDArray[np.bool_], ratio: float) -> Array:
     scale = x.dtype.type(1.0 / ratio)
-    return np.where(keep, x * scale, x.dtype.type(0))
+    kept: Array = np.where(keep, x * scale, x.dtype.type(0))
+    return kept
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -157,14 +158,16 @@ def add_bias(x: Array, bias: Array) -> Array:
     check_volume(x)
     if bias.shape != (x.shape[0],):
         raise ShapeError(f"bias shape {bias.shape} does not match {x.shape[0]} maps of input {x.shape}")
-    return x + bias.astype(x.dtype, copy=False)[:, None, None, None]
+    biased: Array = x + bias.astype(x.dtype, copy=False)[:, None, None, None]
+    return biased
 
 
 def bias_gradient(grad: Array) -> Array:
     """Gradient of the per-map bias: the sum of ``grad (m, z, y, x)`` over each map, shape ``(m,)``."""
     check_volume(grad, "gradient")
     # accumulate in float64: a float32 sum over 1e6 voxels would lose several digits
-    return grad.sum(axis=(1, 2, 3), dtype=np.float64).astype(grad.dtype)
+    per_map: Array = grad.sum(axis=(1, 2, 3), dtype=np.float64).astype(grad.dtype)
+    return per_map
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -202,16 +205,19 @@ Backward = Callable[[Array, Array, Sequence[float], bool], Array]
 
 def _fwd_linear(x: Array, args: Sequence[float], training: bool) -> Array:
     a, b = _linear_args(args)
-    return x * x.dtype.type(a) + x.dtype.type(b)
+    y: Array = x * x.dtype.type(a) + x.dtype.type(b)
+    return y
 
 
 def _bwd_linear(y: Array, g: Array, args: Sequence[float], training: bool) -> Array:
     a, _ = _linear_args(args)
-    return g * g.dtype.type(a)
+    grad_x: Array = g * g.dtype.type(a)
+    return grad_x
 
 
 def _fwd_relu(x: Array, args: Sequence[float], training: bool) -> Array:
-    return np.maximum(x, x.dtype.type(0))
+    y: Array = np.maximum(x, x.dtype.type(0))
+    return y
 
 
 def _bwd_relu(y: Array, g: Array, args: Sequence[float], training: bool) -> Array:
@@ -220,21 +226,25 @@ def _bwd_relu(y: Array, g: Array, args: Sequence[float], training: bool) -> Arra
 
 def _fwd_tanh(x: Array, args: Sequence[float], training: bool) -> Array:
     a, b = _tanh_args(args)
-    return x.dtype.type(a) * np.tanh(x * x.dtype.type(b))
+    y: Array = x.dtype.type(a) * np.tanh(x * x.dtype.type(b))
+    return y
 
 
 def _bwd_tanh(y: Array, g: Array, args: Sequence[float], training: bool) -> Array:
     a, b = _tanh_args(args)
     t = g.dtype.type
-    return g * (t(b / a) * (t(a) - y) * (t(a) + y))
+    grad_x: Array = g * (t(b / a) * (t(a) - y) * (t(a) + y))
+    return grad_x
 
 
 def _fwd_soft_sign(x: Array, args: Sequence[float], training: bool) -> Array:
-    return x / (1 + np.abs(x))
+    y: Array = x / (1 + np.abs(x))
+    return y
 
 
 def _bwd_soft_sign(y: Array, g: Array, args: Sequence[float], training: bool) -> Array:
-    return g * np.square(1 - np.abs(y))
+    grad_x: Array = g * np.square(1 - np.abs(y))
+    return grad_x
 
 
 def _fwd_logistics(x: Array, args: Sequence[float], training: bool) -> Array:
@@ -242,7 +252,8 @@ def _fwd_logistics(x: Array, args: Sequence[float], training: bool) -> Array:
 
 
 def _bwd_logistics(y: Array, g: Array, args: Sequence[float], training: bool) -> Array:
-    return g * y * (1 - y)
+    grad_x: Array = g * y * (1 - y)
+    return grad_x
 
 
 def _fwd_forward_logistics(x: Array, args: Sequence[float], training: bool) -> Array:

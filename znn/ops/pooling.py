@@ -18,11 +18,12 @@ from numpy.typing import NDArray
 
 from znn.errors import ShapeError
 from znn.ops.pointwise import as_triple, check_volume
+from znn.types import Triple
 
 __all__ = ["max_filter", "max_filter_backward", "max_pool", "max_pool_backward"]
 
 Array = NDArray[Any]
-Index = NDArray[np.integer]
+IndexArray = NDArray[np.integer]  # flat indices of the winning inputs (argmax)
 
 
 def _index_dtype(n: int) -> type[np.integer]:
@@ -32,7 +33,7 @@ def _index_dtype(n: int) -> type[np.integer]:
 
 def max_filter(
     x: Array, size: Sequence[int] | int, dilation: Sequence[int] | int = (1, 1, 1)
-) -> tuple[Array, Index]:
+) -> tuple[Array, IndexArray]:
     """Sliding-window max at stride 1 over ``size`` taps spaced ``dilation`` apart (valid mode).
 
     ``x`` is ``(m, Z, Y, X)``; ``y`` and ``argmax`` are ``(m, Z-(sz-1)dz, Y-(sy-1)dy, X-(sx-1)dx)``.
@@ -48,14 +49,14 @@ def max_filter(
             f" voxels, more than input shape {x.shape}; use a larger input patch"
         )
     vals: Array = x
-    idx: Index = np.arange(x.size, dtype=_index_dtype(x.size)).reshape(x.shape)
+    idx: IndexArray = np.arange(x.size, dtype=_index_dtype(x.size)).reshape(x.shape)
     # x first: the later (z) pass decides between rows already reduced, which yields (z, y, x) tie order
     for axis in (3, 2, 1):
         vals, idx = _running_max(vals, idx, axis, size_[axis - 1], dil[axis - 1])
     return np.ascontiguousarray(vals), np.ascontiguousarray(idx)
 
 
-def _running_max(vals: Array, idx: Index, axis: int, size: int, dilation: int) -> tuple[Array, Index]:
+def _running_max(vals: Array, idx: IndexArray, axis: int, size: int, dilation: int) -> tuple[Array, IndexArray]:
     """1D valid running max along ``axis`` by doubling: O(log size) whole-array passes instead of O(size).
 
     After the loop each position holds the max over ``p`` taps; the final step merges two windows of ``p`` taps
@@ -72,7 +73,7 @@ def _running_max(vals: Array, idx: Index, axis: int, size: int, dilation: int) -
     return vals, idx
 
 
-def _merge(vals: Array, idx: Index, axis: int, shift: int) -> tuple[Array, Index]:
+def _merge(vals: Array, idx: IndexArray, axis: int, shift: int) -> tuple[Array, IndexArray]:
     """Combine the window at each position with the window ``shift`` voxels later; the earlier wins ties."""
     n = vals.shape[axis] - shift
     left = [slice(None)] * vals.ndim
@@ -85,7 +86,7 @@ def _merge(vals: Array, idx: Index, axis: int, shift: int) -> tuple[Array, Index
     return np.where(better, rv, lv), np.where(better, idx[tuple(right)], idx[tuple(left)])
 
 
-def max_filter_backward(grad_y: Array, argmax: Index, in_shape: Sequence[int]) -> Array:
+def max_filter_backward(grad_y: Array, argmax: IndexArray, in_shape: Sequence[int]) -> Array:
     """Scatter-add ``grad_y`` to the winning input voxels; returns an array of ``in_shape`` and grad's dtype.
 
     Overlapping windows can share a winner, so contributions are summed (``np.bincount``).
@@ -97,7 +98,7 @@ def max_filter_backward(grad_y: Array, argmax: Index, in_shape: Sequence[int]) -
     return summed.astype(grad_y.dtype, copy=False).reshape(tuple(in_shape))
 
 
-def max_pool(x: Array, size: Sequence[int] | int) -> tuple[Array, Index]:
+def max_pool(x: Array, size: Sequence[int] | int) -> tuple[Array, IndexArray]:
     """Non-overlapping max pooling: ``(m, Z, Y, X) -> (m, Z/sz, Y/sy, X/sx)``; each extent must divide evenly."""
     check_volume(x)
     sz, sy, sx = as_triple(size, "max_pool size", 1)
@@ -115,7 +116,7 @@ def max_pool(x: Array, size: Sequence[int] | int) -> tuple[Array, Index]:
     return np.ascontiguousarray(y), _pool_flat_index(tap, x.shape, (sz, sy, sx))
 
 
-def _pool_flat_index(tap: Index, in_shape: tuple[int, ...], size: tuple[int, int, int]) -> Index:
+def _pool_flat_index(tap: IndexArray, in_shape: tuple[int, ...], size: Triple) -> IndexArray:
     """Turn the winning tap number within each window into a flat index into the input."""
     sz, sy, sx = size
     m, oz, oy, ox = tap.shape
@@ -130,7 +131,7 @@ def _pool_flat_index(tap: Index, in_shape: tuple[int, ...], size: tuple[int, int
     return np.ascontiguousarray(((maps * nz + z) * ny + y) * nx + xx)
 
 
-def max_pool_backward(grad_y: Array, argmax: Index, in_shape: Sequence[int]) -> Array:
+def max_pool_backward(grad_y: Array, argmax: IndexArray, in_shape: Sequence[int]) -> Array:
     """Route ``grad_y`` to the winning input voxels (zero elsewhere); windows do not overlap, so no summing."""
     if argmax.shape != grad_y.shape:
         raise ShapeError(f"argmax shape {argmax.shape} does not match gradient shape {grad_y.shape}")
