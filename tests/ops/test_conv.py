@@ -322,11 +322,17 @@ def test_property_fft_equals_direct(data):
 
 
 def test_ops_bench_smoke(tmp_path):
-    from znn.bench.ops import LAYERS, format_table, run_ops_bench, write_json
+    from znn.bench.ops import (
+        LAYERS,
+        OpsRequest,
+        format_table,
+        run_ops_bench,
+        write_json,
+    )
 
     assert {lay.name for lay in LAYERS} == {"2d_10", "2d_20", "2d_30", "2d_40", "3d_3", "3d_5", "3d_7"}
-    rows = run_ops_bench(["2d_10", "3d_3"], outsz_2d=(1, 6, 6), outsz_3d=(3, 3, 3), threads=1, repeat=1,
-                         torch=False)
+    rows = run_ops_bench(OpsRequest(["2d_10", "3d_3"], outsz_2d=(1, 6, 6), outsz_3d=(3, 3, 3), threads=1, repeat=1,
+                                    torch=False))
     assert [r["layer"] for r in rows] == ["2d_10", "3d_3"]
     assert all(r["direct_ms"] > 0 and r["fft_ms"] > 0 and r["best_mode"] in MODES for r in rows)
     assert rows[0]["insz"] == [1, 15, 15] and rows[1]["fft_shape"] == [5, 5, 5]

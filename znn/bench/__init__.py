@@ -1,6 +1,13 @@
-"""Benchmarks that anyone can rerun; the numbers quoted in the docs come from here.
+"""Benchmarks that anyone can rerun; the numbers quoted in the docs come from here. Each module has a request
+(a frozen dataclass), a ``run_*`` function that returns rows and a function that formats them; ``znn bench``
+(:mod:`znn.cli.bench`) parses the options.
 
-* :mod:`znn.bench.ops` -- one conv layer forward + backward, direct vs FFT vs PyTorch (``znn bench ops``).
+* :mod:`znn.bench.ops` -- one conv layer forward + backward, direct vs FFT vs PyTorch (``znn bench ops``);
+* :mod:`znn.bench.net` -- a whole network's forward pass and training step (``znn bench net``);
+* :mod:`znn.bench.forward` -- dense-inference throughput beside PyTorch (``znn bench forward``);
+* :mod:`znn.bench.scaling` -- dense inference on 1, 2, ... dask workers (``znn bench scaling``);
+* :mod:`znn.bench.common`, :mod:`znn.bench.networks`, :mod:`znn.bench.torchnet` -- tables and JSON, the bundled
+  networks by name, the same network in PyTorch.
 """
 
 __all__: list[str] = []

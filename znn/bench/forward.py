@@ -21,42 +21,58 @@ Medians over ``--repeat`` runs after a warm-up. Run ``znn bench forward --help``
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
-import sys
+import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from znn.bench.common import (
+    Column,
+    Row,
+    import_torch,
+    mode_names,
+    plain_cell,
+    rows_table,
+)
 from znn.bench.networks import bench_network
+from znn.bench.scaling import DenseWork, block_grid_shape, measure, synthetic_volume
 from znn.io.netfile import load_network
 from znn.network import Network
 from znn.pipeline.dense import memplan
+from znn.pipeline.dense.memplan import BlockEstimate
 from znn.pipeline.forward.autotune import inference_modes
 from znn.pipeline.forward.phases import PhaseForward
-from znn.pipeline.run.schedulers import single_threaded_kernels
+from znn.pipeline.run.schedulers import (
+    Runner,
+    make_runner,
+    resolve_scheduler,
+    single_threaded_kernels,
+)
+from znn.spec import NetworkSpec
 from znn.text import format_bytes, parse_bytes
+from znn.types import Triple
 
-__all__ = ["NETWORKS", "run_forward_bench", "format_table", "add_arguments", "run_from_args"]
+__all__ = ["NETWORKS", "ForwardBenchRequest", "run_forward_bench", "format_table"]
 
 NETWORKS = ("n337", "n726")  # names in znn.bench.networks
 TARGETS = {"n337": 1.0, "n726": 2.0}  # team target: znn / torch throughput at the largest patch that fits
-DEFAULT_OUTSZ = {"n337": (8, 16, 32), "n726": (8, 16, 32)}
+DEFAULT_SIDES = {"n337": (8, 16, 32), "n726": (8, 16, 32)}  # output cube sides per network
 
 
 def _torch() -> Any | None:
-    try:
-        import torch
-
-        from znn.bench import torchnet
-    except ImportError:
+    """``(torch, znn.bench.torchnet)``, or None without PyTorch."""
+    torch = import_torch()
+    if torch is None:
         return None
+    from znn.bench import torchnet
+
     return torch, torchnet
 
 
@@ -74,7 +90,7 @@ def _time(fn: Any, repeat: int, long: float = 60.0) -> float:
     return statistics.median(times)
 
 
-def _bench_znn(net: Network, outsz: tuple[int, int, int], modes: Any, cache: bool, threads: int,
+def _bench_znn(net: Network, outsz: Triple, modes: Any, cache: bool, threads: int,
                block_threads: int, repeat: int, x: dict[str, np.ndarray]) -> tuple[float, float, np.ndarray]:
     engine = PhaseForward(net, outsz, modes, cache, threads=block_threads)
     blocks_at_once = max(1, threads // block_threads)
@@ -94,7 +110,7 @@ def _bench_znn(net: Network, outsz: tuple[int, int, int], modes: Any, cache: boo
     return seconds, warm, out[0]
 
 
-def _bench_torch(tmods: Any, net: Network, outsz: tuple[int, int, int], threads: int, repeat: int,
+def _bench_torch(tmods: Any, net: Network, outsz: Triple, threads: int, repeat: int,
                  x: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
     torch, torchnet = tmods
     torch.set_num_threads(threads)
@@ -110,129 +126,166 @@ def _bench_torch(tmods: Any, net: Network, outsz: tuple[int, int, int], threads:
     return seconds, out[0][0].numpy()
 
 
-def _bench_znn_cluster(runner: Any, net: Network, outsz: tuple[int, int, int], modes: Any, cache: bool,
-                       repeat: int, seed: int) -> dict[str, Any]:
+def _bench_znn_cluster(runner: Runner, net: Network, outsz: Triple, modes: Any, cache: bool, repeat: int,
+                       seed: int) -> Row:
     """Dense inference of a synthetic volume of two blocks per worker on ``runner``'s cluster (see
     :func:`znn.bench.scaling.measure`)."""
-    import tempfile
-
-    from znn.bench.scaling import block_grid_shape, measure, synthetic_volume
-
     with tempfile.TemporaryDirectory(prefix="znn-bench-") as tmp:
         shape = block_grid_shape(2 * max(1, runner.workers), outsz)
         volume = synthetic_volume(Path(tmp) / "input.zarr", shape, seed)
-        return measure([runner], net, volume, outsz, modes, cache, repeat, Path(tmp))[0]
+        return measure([runner], DenseWork(net, volume, outsz, modes, cache), repeat, Path(tmp))[0]
 
 
-def run_forward_bench(nets: Sequence[str] = ("n337", "n726"), sizes: dict[str, Sequence[int]] | None = None,
-                      threads: int = 2, repeat: int = 2, modes: str = "optimize", memory: str = "16GB",
-                      torch: bool = True, seed: int = 0, progress: Any = None,
-                      block_threads: int | None = None, scheduler: str | None = None) -> list[dict[str, Any]]:
-    """One row per (network, output cube): znn and torch seconds, voxels/s, ratio, predicted memory.
+@dataclass(frozen=True)
+class ForwardBenchRequest:
+    """What to time. ``sides``: output cube sides (None: :data:`DEFAULT_SIDES` of each network). ``modes``:
+    optimize (the planner's cost model per layer), fft or direct. ``memory``: bytes the blocks may use.
+    ``block_threads``: threads per block (None: 1 if one block per thread fits, else ``threads``). ``scheduler``
+    (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`; default threads): ``threads`` times blocks
+    in this process, ``synchronous`` the same on one thread, ``local`` or an address dense inference on a dask
+    cluster."""
 
-    ``scheduler`` (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`; default threads): ``threads``
-    times blocks in this process, ``synchronous`` the same on one thread, ``local`` or an address dense inference
-    on a dask cluster."""
-    from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
+    nets: Sequence[str] = NETWORKS
+    sides: Sequence[int] | None = None
+    threads: int = 2
+    repeat: int = 2
+    modes: str = "optimize"
+    memory: int = parse_bytes("16GB")
+    torch: bool = True
+    seed: int = 0
+    block_threads: int | None = None
+    scheduler: str | None = None
 
-    where = resolve_scheduler(scheduler, None)
+
+@dataclass(frozen=True)
+class _Bench:
+    """A request with where it runs: the resolved scheduler, the cluster's runner (None: in this process) and
+    PyTorch with our torchnet (None: not timed)."""
+
+    request: ForwardBenchRequest
+    where: str
+    runner: Runner | None
+    tmods: Any | None
+
+
+def run_forward_bench(request: ForwardBenchRequest = ForwardBenchRequest(),
+                      progress: Callable[[Row], None] | None = None) -> list[Row]:
+    """One row per (network, output cube): znn and torch seconds, voxels/s, ratio, predicted memory."""
+    where = resolve_scheduler(request.scheduler, None)
     if where == "synchronous":
-        threads, block_threads = 1, 1
-    runner = None if where in ("threads", "synchronous") else make_runner(where, threads)
+        request = replace(request, threads=1, block_threads=1)
+    runner = None if where in ("threads", "synchronous") else make_runner(where, request.threads)
+    if runner is not None:
+        request = replace(request, block_threads=1)  # single-threaded worker processes, one block each
+    bench = _Bench(request, where, runner, _torch() if request.torch else None)
     try:
-        return _forward_rows(nets, sizes, threads, repeat, modes, memory, torch, seed, progress, block_threads,
-                             where, runner)
+        rows = []
+        for name in request.nets:
+            spec = load_network(bench_network(name))
+            net = Network.initialise(spec, seed=request.seed).sliding_window()
+            for side in request.sides or DEFAULT_SIDES[name]:
+                row = _row(bench, name, net, spec, (int(side),) * 3)
+                rows.append(row)
+                if progress is not None and row["fits"]:
+                    progress(row)
+        return rows
     finally:
         if runner is not None:
             runner.close()
 
 
-def _forward_rows(nets: Sequence[str], sizes: dict[str, Sequence[int]] | None, threads: int, repeat: int,
-                  modes: str, memory: str, torch: bool, seed: int, progress: Any, block_threads: int | None,
-                  where: str, runner: Any) -> list[dict[str, Any]]:
-    tmods = _torch() if torch else None
-    budget = parse_bytes(memory)
-    if runner is not None:
-        block_threads = 1  # single-threaded worker processes, one block each
-    rows = []
-    for name in nets:
-        spec = load_network(bench_network(name))
-        net = Network.initialise(spec, seed=seed).sliding_window()
-        for side in (sizes or DEFAULT_OUTSZ)[name]:
-            outsz = (int(side),) * 3
-            fits = False
-            # one block per thread if that fits the memory, else all threads on one block; cached spectra first
-            for bt in [block_threads] if block_threads else [1, threads]:
-                for cache in (True, False):
-                    m = memplan.choose_modes(spec, outsz, cache) if modes == "optimize" else modes
-                    est = memplan.block_estimate(spec, outsz, m, cache)
-                    in_flight = 1 if runner is not None else max(1, threads // bt)  # per process
-                    peak = est.total(in_flight, memplan.process_rss())
-                    fits = peak <= budget
-                    if fits:
-                        break
-                if fits:
-                    break
-            row: dict[str, Any] = {"net": name, "outsz": list(outsz), "threads": threads, "repeat": repeat,
-                                   "block_threads": bt, "modes": ",".join(sorted(set(est.modes.values()))),
-                                   "spectra_cache": cache, "predicted_bytes": peak, "fits": fits,
-                                   "scheduler": where}
-            if not fits:
-                rows.append(row)
-                continue
-            if modes == "optimize":  # the planner's speed model chose for the memory estimate; now time the layers
-                m = inference_modes(spec, outsz, modes, np.float32, cache, bt)
-                row["modes"] = ",".join(sorted(set(m.values())))
-            rng = np.random.default_rng(seed)
-            x = {n: rng.standard_normal((spec.nodes[n].size, *p)).astype(np.float32)
-                 for n, p in spec.layout(outsz).input_patch.items()}
-            vox = math.prod(outsz)
-            ours = None
-            if runner is not None:
-                dense = _bench_znn_cluster(runner, net, outsz, m, cache, repeat, seed)
-                row.update(znn_s=dense["seconds"], znn_vox_s=round(dense["voxels_s"]), workers=runner.workers,
-                           blocks=dense["blocks"])
-            else:
-                secs, warm, ours = _bench_znn(net, outsz, m, cache, threads, bt, repeat, x)
-                row.update(znn_s=round(secs, 3), znn_vox_s=round(max(1, threads // bt) * vox / secs),
-                           spectra_s=round(warm, 2), peak_rss_so_far=memplan.peak_rss())
-            if tmods is not None:
-                tsecs, theirs = _bench_torch(tmods, net, outsz, threads, repeat, x)
-                row.update(torch_s=round(tsecs, 3), torch_vox_s=round(vox / tsecs),
-                           ratio=round(row["znn_vox_s"] / (vox / tsecs), 2))
-                if ours is not None:
-                    row["max_diff"] = float(np.abs(ours - theirs).max() / max(1e-30, np.abs(theirs).max()))
-            rows.append(row)
-            if progress is not None:
-                progress(row)
-    return rows
+@dataclass(frozen=True)
+class _Fit:
+    """How a block of one output patch runs: threads per block, spectra cached or not, conv modes, the memory
+    estimate, the predicted peak of the process and whether it fits the budget."""
+
+    block_threads: int
+    cache: bool
+    modes: str | dict[str, str]
+    estimate: BlockEstimate
+    peak: int
+    fits: bool
 
 
-_COLUMNS = (("net", "net", "{}"), ("outsz", "output", "{}"), ("block_threads", "thr/block", "{}"),
-            ("modes", "conv modes", "{}"),
-            ("spectra_cache", "spectra", "{}"), ("predicted_bytes", "plan mem", "{}"), ("znn_vox_s", "znn vox/s", "{:,}"),
-            ("spectra_s", "spectra s", "{}"), ("torch_vox_s", "torch vox/s", "{:,}"), ("ratio", "znn/torch", "{:.2f}"),
-            ("max_diff", "rel diff", "{:.1e}"))
+def _fit(bench: _Bench, spec: NetworkSpec, outsz: Triple) -> _Fit:
+    """One block per thread if that fits the memory, else all threads on one block; cached spectra first. When
+    nothing fits, the last one tried (marked as not fitting)."""
+    request = bench.request
+    tries = [request.block_threads] if request.block_threads else [1, request.threads]
+    for bt in tries:
+        for cache in (True, False):
+            m = memplan.choose_modes(spec, outsz, cache) if request.modes == "optimize" else request.modes
+            est = memplan.block_estimate(spec, outsz, m, cache)
+            in_flight = 1 if bench.runner is not None else max(1, request.threads // bt)  # per process
+            peak = est.total(in_flight, memplan.process_rss())
+            if peak <= request.memory:
+                return _Fit(bt, cache, m, est, peak, True)
+    return _Fit(bt, cache, m, est, peak, False)
 
 
-def _cell(row: dict[str, Any], key: str, fmt: str) -> str:
-    value = row.get(key)
+def _row(bench: _Bench, name: str, net: Network, spec: NetworkSpec, outsz: Triple) -> Row:
+    request = bench.request
+    fit = _fit(bench, spec, outsz)
+    row: Row = {"net": name, "outsz": list(outsz), "threads": request.threads, "repeat": request.repeat,
+                "block_threads": fit.block_threads, "modes": mode_names(fit.estimate.modes),
+                "spectra_cache": fit.cache, "predicted_bytes": fit.peak, "fits": fit.fits, "scheduler": bench.where}
+    if not fit.fits:
+        return row
+    m = fit.modes
+    if request.modes == "optimize":  # the planner's speed model chose for the memory estimate; now time the layers
+        m = inference_modes(spec, outsz, request.modes, np.float32, fit.cache, fit.block_threads)
+        row["modes"] = mode_names(m)
+    rng = np.random.default_rng(request.seed)
+    x = {n: rng.standard_normal((spec.nodes[n].size, *p)).astype(np.float32)
+         for n, p in spec.layout(outsz).input_patch.items()}
+    ours = _time_znn(bench, net, outsz, replace(fit, modes=m), x, row)
+    if bench.tmods is not None:
+        vox = math.prod(outsz)
+        tsecs, theirs = _bench_torch(bench.tmods, net, outsz, request.threads, request.repeat, x)
+        row.update(torch_s=round(tsecs, 3), torch_vox_s=round(vox / tsecs),
+                   ratio=round(row["znn_vox_s"] / (vox / tsecs), 2))
+        if ours is not None:
+            row["max_diff"] = float(np.abs(ours - theirs).max() / max(1e-30, np.abs(theirs).max()))
+    return row
+
+
+def _time_znn(bench: _Bench, net: Network, outsz: Triple, fit: _Fit, x: dict[str, np.ndarray],
+              row: Row) -> np.ndarray | None:
+    """Time znn's side into ``row``; the output of one block when it ran in this process (None on a cluster)."""
+    request = bench.request
+    if bench.runner is not None:
+        dense = _bench_znn_cluster(bench.runner, net, outsz, fit.modes, fit.cache, request.repeat, request.seed)
+        row.update(znn_s=dense["seconds"], znn_vox_s=round(dense["voxels_s"]), workers=bench.runner.workers,
+                   blocks=dense["blocks"])
+        return None
+    secs, warm, ours = _bench_znn(net, outsz, fit.modes, fit.cache, request.threads, fit.block_threads,
+                                  request.repeat, x)
+    row.update(znn_s=round(secs, 3),
+               znn_vox_s=round(max(1, request.threads // fit.block_threads) * math.prod(outsz) / secs),
+               spectra_s=round(warm, 2), peak_rss_so_far=memplan.peak_rss())
+    return ours
+
+
+_COLUMNS = (Column("net", "net"), Column("outsz", "output"), Column("block_threads", "thr/block"),
+            Column("modes", "conv modes"), Column("spectra_cache", "spectra"), Column("predicted_bytes", "plan mem"),
+            Column("znn_vox_s", "znn vox/s", "{:,}"), Column("spectra_s", "spectra s"),
+            Column("torch_vox_s", "torch vox/s", "{:,}"), Column("ratio", "znn/torch", "{:.2f}"),
+            Column("max_diff", "rel diff", "{:.1e}"))
+
+
+def _cell(row: Row, col: Column) -> str:
+    value = row.get(col.key)
     if value is None:
-        return "-" if key != "znn_vox_s" or row.get("fits", True) else "does not fit"
-    if key == "predicted_bytes":
+        return "-" if col.key != "znn_vox_s" or row.get("fits", True) else "does not fit"
+    if col.key == "predicted_bytes":
         return format_bytes(value)
-    if key == "spectra_cache":
+    if col.key == "spectra_cache":
         return "cached" if value else "per block"
-    if isinstance(value, list):
-        return "x".join(map(str, value))
-    return fmt.format(value)
+    return plain_cell(value, col.fmt)
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = [t for _, t, _ in _COLUMNS]
-    body = [[_cell(r, k, f) for k, _, f in _COLUMNS] for r in rows]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *body]]
+def format_table(rows: Sequence[Row]) -> str:
+    lines = [rows_table(_COLUMNS, rows, _cell)]
     if rows:
         lines.append(f"output voxels/s, {rows[0]['threads']} threads, median of {rows[0]['repeat']}; znn runs "
                      f"{rows[0]['threads']} // thr/block blocks at once, torch one patch with "
@@ -242,45 +295,3 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                          f"({rows[0].get('workers', '?')} worker(s), one block per single-threaded worker at a time, "
                          "two blocks per worker), not --threads // thr/block")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nets", nargs="+", choices=sorted(NETWORKS), default=sorted(NETWORKS))
-    parser.add_argument("--outsz", type=int, nargs="+", help="output cube sides (default: 8 16 32)")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--block-threads", type=int, help="threads per block (default: 1 if one block per thread "
-                                                          "fits --memory, else --threads)")
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--modes", choices=["optimize", "fft", "direct"], default="optimize",
-                        help="conv modes (optimize: the planner's cost model per layer)")
-    parser.add_argument("--memory", default="16GB", help="memory the blocks may use (default 16GB)")
-    parser.add_argument("--no-torch", action="store_true")
-    parser.add_argument("--scheduler", help="threads (default: blocks timed in this process), synchronous, local "
-                                            "(a cluster of --threads single-threaded workers on 127.0.0.1) or a "
-                                            "scheduler address: znn's side is then dense inference on that cluster; "
-                                            "default: dask config znn.scheduler, else threads")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-
-
-def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
-    sizes = {n: args.outsz for n in NETWORKS} if args.outsz else None
-    rows = run_forward_bench(args.nets, sizes, args.threads, args.repeat, args.modes, args.memory,
-                             not args.no_torch, block_threads=args.block_threads, scheduler=args.scheduler,
-                             progress=lambda r: print(f"  {r['net']} {r['outsz']}: znn {r.get('znn_vox_s')} vox/s, "
-                                                      f"torch {r.get('torch_vox_s')} vox/s", file=sys.stderr,
-                                                      flush=True))
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="znn bench forward", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

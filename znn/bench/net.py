@@ -25,12 +25,9 @@ Ours and PyTorch's runs are interleaved repetition by repetition so machine nois
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import platform
 import statistics
-import sys
 import time
 import tracemalloc
 from collections import defaultdict
@@ -42,15 +39,15 @@ from typing import Any
 import numpy as np
 from dask.core import get_deps
 
+from znn.bench.common import import_torch
 from znn.network import Network
 from znn.pipeline.graph.build import Hyper
 from znn.pipeline.run.schedulers import Runner, cores
 from znn.pipeline.train.engine import Engine
-from znn.types import parse_triple
+from znn.types import Triple
 
-__all__ = ["TimingRunner", "GraphRun", "run_net_bench", "format_report", "add_arguments", "run_from_args", "main"]
+__all__ = ["TimingRunner", "GraphRun", "NetRequest", "run_net_bench", "format_report"]
 
-Triple = tuple[int, int, int]
 DEFAULT_ETA = 1e-6
 
 
@@ -169,53 +166,112 @@ def _median(values: Sequence[float]) -> float | None:
     return float(statistics.median(values)) if values else None
 
 
-def _torch() -> Any | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
-
-
 # ---------------------------------------------------------------------------------------------- measurement
 
 
-def run_net_bench(path: str | Path, outsz: Sequence[int], threads: int = 0, repeat: int = 5, mode: str = "fft",
-                  torch: bool = True, dtype: str = "float32", seed: int = 0, eta: float = DEFAULT_ETA,
-                  sync_repeat: int = 2, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """Measure ``path`` at output patch ``outsz``; returns the report as a dict (see :func:`format_report`)."""
+@dataclass(frozen=True)
+class NetRequest:
+    """What to measure: ``network`` (a .znn file, or a .h5 checkpoint: its spec, random weights) at output patch
+    ``outsz`` with ``threads`` workers and PyTorch threads (0: every core), ``repeat`` timed runs, conv ``mode`` of
+    every layer (optimize measures each layer once and remembers), learning rate ``eta`` of the timed steps and
+    ``sync_repeat`` synchronous steps for the overhead."""
+
+    network: str | Path
+    outsz: Triple
+    threads: int = 0
+    repeat: int = 5
+    mode: str = "fft"
+    torch: bool = True
+    dtype: str = "float32"
+    seed: int = 0
+    eta: float = DEFAULT_ETA
+    sync_repeat: int = 2
+
+
+@dataclass
+class _Bench:
+    """The built problem: our network on the timing engine, its inputs and SGD numbers, and PyTorch's side."""
+
+    request: NetRequest
+    net: Network
+    engine: Engine
+    runner: TimingRunner
+    inputs: dict[str, np.ndarray]
+    hyper: Hyper
+    workers: int
+    torch: Any | None
+    tnet: _TorchSide | None
+
+    def step(self, engine: Engine | None = None) -> tuple[float, Any]:
+        """One training step of ``engine`` (default: the threaded one); its cost and outputs."""
+        return (engine or self.engine).train_step(self.inputs, bounded_loss, self.hyper)
+
+
+def _build(request: NetRequest) -> tuple[_Bench, dict[str, Any]]:
+    """The problem, and the report's first entries (what was measured, the engine's setup time)."""
     from znn.pipeline.jobs.describe import load_any_network
 
-    say = progress or (lambda s: None)
-    outsz3 = (int(outsz[0]), int(outsz[1]), int(outsz[2]))
-    workers = cores(threads)
-    spec = load_any_network(path)
-    net = Network.initialise(spec, seed=seed, dtype=np.dtype(dtype))
+    outsz = request.outsz
+    workers = cores(request.threads)
+    spec = load_any_network(request.network)
+    net = Network.initialise(spec, seed=request.seed, dtype=np.dtype(request.dtype))
     t0 = time.perf_counter()
-    engine = Engine(net.copy(), outsz3, mode, TimingRunner("threads", workers), seed=seed)
+    runner = TimingRunner("threads", workers)
+    engine = Engine(net.copy(), outsz, request.mode, runner, seed=request.seed)
     setup_s = time.perf_counter() - t0
-    inputs = _inputs(net, engine.input_patch, seed)
-    hyper = Hyper(eta, 0.9, 0.0, float(math.prod(outsz3)))
+    inputs = _inputs(net, engine.input_patch, request.seed)
     modes = {e: p.mode for e, p in engine.plan.edges.items() if spec.edges[e].type == "conv"}
     report: dict[str, Any] = {
-        "network": str(path), "outsz": list(outsz3), "input_patch": {k: list(v) for k, v in engine.input_patch.items()},
-        "threads": workers, "repeat": repeat, "dtype": dtype, "mode": mode, "modes": modes,
+        "network": str(request.network), "outsz": list(outsz),
+        "input_patch": {k: list(v) for k, v in engine.input_patch.items()}, "threads": workers,
+        "repeat": request.repeat, "dtype": request.dtype, "mode": request.mode, "modes": modes,
         "setup_s": round(setup_s, 3), "machine": _machine(),
     }
-    tmod = _torch() if torch else None
-    tnet = _TorchSide(tmod, net, outsz3, inputs, eta, workers) if tmod is not None else None
-    runner: TimingRunner = engine.runner  # type: ignore[assignment]
+    tmod = import_torch() if request.torch else None
+    tnet = _TorchSide(tmod, net, outsz, inputs, request.eta, workers) if tmod is not None else None
+    hyper = Hyper(request.eta, 0.9, 0.0, float(math.prod(outsz)))
+    return _Bench(request, net, engine, runner, inputs, hyper, workers, tmod, tnet), report
 
+
+def run_net_bench(request: NetRequest, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Measure ``request.network`` at output patch ``request.outsz``; returns the report as a dict (see
+    :func:`format_report`)."""
+    say = progress or (lambda s: None)
+    bench, report = _build(request)
     say("warm-up (plans FFTs)")
-    ours_out = engine.forward(inputs)
-    if tnet is not None:
-        report["torch_max_rel_diff"] = tnet.compare(ours_out)
-    engine.train_step(inputs, bounded_loss, hyper)
-    engine.forward(inputs)
-    if tnet is not None:
-        tnet.step()
-        tnet.forward()
+    _warm_up(bench, report)
+    times, step_runs = _timed_runs(bench, say)
+    for name, values in times.items():
+        report[f"{name}_s"] = _median(values)
+        report[f"{name}_all_s"] = [round(v, 4) for v in values]
+    report.update(_threaded_efficiency(times["step"], step_runs, bench.workers))
+    say(f"synchronous step x{request.sync_repeat} (overhead)")
+    report.update(_sync_overhead(bench, report["modes"]))
+    say("peak memory of one step")
+    report["peak_bytes"] = _peak(bench.step)
+    report["final_cost_finite"] = bool(np.isfinite(bench.step()[0]))
+    if bench.tnet is not None:
+        report["torch"] = getattr(bench.torch, "__version__", None)
+        report["step_vs_torch"] = report["step_s"] / report["torch_step_s"]
+        report["forward_vs_torch"] = report["forward_s"] / report["torch_forward_s"]
+    return report
 
+
+def _warm_up(bench: _Bench, report: dict[str, Any]) -> None:
+    """Plan the FFTs of every pass (ours and PyTorch's); compare the two networks' first outputs."""
+    ours_out = bench.engine.forward(bench.inputs)
+    if bench.tnet is not None:
+        report["torch_max_rel_diff"] = bench.tnet.compare(ours_out)
+    bench.step()
+    bench.engine.forward(bench.inputs)
+    if bench.tnet is not None:
+        bench.tnet.step()
+        bench.tnet.forward()
+
+
+def _timed_runs(bench: _Bench, say: Callable[[str], None]) -> tuple[dict[str, list[float]], list[GraphRun]]:
+    """Seconds of each forward and step run (ours and PyTorch's, interleaved) and the task timings of each of our
+    steps."""
     times: dict[str, list[float]] = defaultdict(list)
 
     def timed(name: str, fn: Callable[[], Any]) -> None:
@@ -223,55 +279,49 @@ def run_net_bench(path: str | Path, outsz: Sequence[int], threads: int = 0, repe
         fn()
         times[name].append(time.perf_counter() - t)
 
+    repeat = bench.request.repeat
     say(f"forward x{repeat}")
     for _ in range(repeat):
-        timed("forward", lambda: engine.forward(inputs))
-        if tnet is not None:
-            timed("torch_forward", tnet.forward)
+        timed("forward", lambda: bench.engine.forward(bench.inputs))
+        if bench.tnet is not None:
+            timed("torch_forward", bench.tnet.forward)
     say(f"step x{repeat}")
     step_runs: list[GraphRun] = []
     for _ in range(repeat):
-        timed("step", lambda: engine.train_step(inputs, bounded_loss, hyper))
-        step_runs.append(runner.runs[-1])
-        if tnet is not None:
-            timed("torch_step", tnet.step)
-    for name, values in times.items():
-        report[f"{name}_s"] = _median(values)
-        report[f"{name}_all_s"] = [round(v, 4) for v in values]
+        timed("step", bench.step)
+        step_runs.append(bench.runner.runs[-1])
+        if bench.tnet is not None:
+            timed("torch_step", bench.tnet.step)
+    return times, step_runs
 
-    # threaded: how close to the best schedule of these tasks (median step by wall)
-    run = sorted(zip(times["step"], step_runs), key=lambda p: p[0])[len(step_runs) // 2]
-    wall, graph = run
+
+def _threaded_efficiency(walls: Sequence[float], step_runs: Sequence[GraphRun], workers: int) -> dict[str, Any]:
+    """How close the median step (by wall time) came to the best schedule of its tasks on ``workers``."""
+    wall, graph = sorted(zip(walls, step_runs), key=lambda p: p[0])[len(step_runs) // 2]
     cp, busy = graph.critical_path(), graph.busy
-    report.update({
+    return {
         "step_tasks": len(graph.tasks), "step_busy_s": busy, "step_critical_path_s": cp,
         "step_efficiency": max(cp, busy / workers) / wall, "step_parallel": busy / (workers * wall),
         "step_get_s": graph.wall, "step_by_op_s": {k: round(v, 4) for k, v in sorted(graph.by_op().items())},
-    })
+    }
 
-    say(f"synchronous step x{sync_repeat} (overhead)")
-    sync = Engine(net.copy(), outsz3, modes if modes else mode, TimingRunner("synchronous", 1), seed=seed)
-    sync.train_step(inputs, bounded_loss, hyper)
+
+def _sync_overhead(bench: _Bench, modes: dict[str, str]) -> dict[str, Any]:
+    """The share of a synchronous step spent outside tasks (and outside dask's get), medians."""
+    runner = TimingRunner("synchronous", 1)
+    sync = Engine(bench.net.copy(), bench.request.outsz, modes if modes else bench.request.mode, runner,
+                  seed=bench.request.seed)
+    bench.step(sync)
     shares, sync_walls = [], []
-    for _ in range(sync_repeat):
+    for _ in range(bench.request.sync_repeat):
         t = time.perf_counter()
-        sync.train_step(inputs, bounded_loss, hyper)
+        bench.step(sync)
         w = time.perf_counter() - t
-        r = sync.runner.runs[-1]  # type: ignore[attr-defined]
+        r = runner.runs[-1]
         sync_walls.append(w)
         shares.append(((w - r.busy) / w, (w - r.wall) / w))
-    report["sync_step_s"] = _median(sync_walls)
-    report["overhead"] = _median([s[0] for s in shares])
-    report["overhead_outside_get"] = _median([s[1] for s in shares])
-
-    say("peak memory of one step")
-    report["peak_bytes"] = _peak(lambda: engine.train_step(inputs, bounded_loss, hyper))
-    report["final_cost_finite"] = bool(np.isfinite(engine.train_step(inputs, bounded_loss, hyper)[0]))
-    if tnet is not None:
-        report["torch"] = tmod.__version__  # type: ignore[union-attr]
-        report["step_vs_torch"] = report["step_s"] / report["torch_step_s"]
-        report["forward_vs_torch"] = report["forward_s"] / report["torch_forward_s"]
-    return report
+    return {"sync_step_s": _median(sync_walls), "overhead": _median([s[0] for s in shares]),
+            "overhead_outside_get": _median([s[1] for s in shares])}
 
 
 def _peak(fn: Callable[[], Any]) -> int:
@@ -369,48 +419,3 @@ def format_report(r: dict[str, Any]) -> str:
                                                          if v >= 0.0005) + " ms",
     ]
     return "\n".join(lines)
-
-
-def _triple(text: str) -> Triple:
-    try:
-        return parse_triple(text)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``znn bench net``."""
-    parser.add_argument("network", help="a .znn network file (or a .h5 checkpoint: its spec, random weights)")
-    parser.add_argument("--outsz", type=_triple, required=True, help="output patch z,y,x")
-    parser.add_argument("--threads", type=int, default=0, help="workers and PyTorch threads (0: every core)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs, median reported (default 5)")
-    parser.add_argument("--mode", choices=["fft", "direct", "optimize"], default="fft",
-                        help="conv mode of every layer; optimize measures each layer once and remembers")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eta", type=float, default=DEFAULT_ETA, help="learning rate of the timed steps")
-    parser.add_argument("--no-torch", action="store_true", help="do not build and time the PyTorch network")
-    parser.add_argument("--json", help="also write the report to this JSON file")
-
-
-def run_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    report = run_net_bench(args.network, args.outsz, args.threads, args.repeat, args.mode, not args.no_torch,
-                           args.dtype, args.seed, args.eta,
-                           progress=lambda s: print(f"  {s}", file=sys.stderr, flush=True))
-    print(format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-    return report
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m znn.bench.net NET.znn --outsz z,y,x [options]``."""
-    parser = argparse.ArgumentParser(prog="znn bench net", description=(__doc__ or "").split("\n")[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
-

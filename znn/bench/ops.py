@@ -12,16 +12,13 @@ layer it times, interleaved repetition by repetition so machine noise hits every
 All sides get the same number of threads (threadpoolctl for BLAS and OpenMP, FFTW ``threads``,
 ``torch.set_num_threads``). Medians over ``repeat`` runs after one warm-up (which builds FFTW plans).
 
-Run ``python -m znn.bench.ops --help`` (or ``znn bench ops``).
+Run ``znn bench ops --help``.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -29,15 +26,15 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
+from znn.bench.common import Column, Row, import_torch, rows_table, write_rows
 from znn.ops.conv import conv_backward_direct, conv_forward_direct
 from znn.ops.conv_fft import Spectra, conv_backward_fft, conv_forward_fft
 from znn.ops.fft import check_conv_shapes, fft_shape, load_wisdom, save_wisdom
+from znn.types import Triple
 
-__all__ = ["Layer", "LAYERS", "run_ops_bench", "format_table", "write_json", "add_arguments", "main"]
-
-Triple = tuple[int, int, int]
+__all__ = ["Layer", "LAYERS", "OpsRequest", "run_ops_bench", "format_table", "write_json"]
 
 
 @dataclass(frozen=True)
@@ -77,14 +74,6 @@ DEFAULT_MAX_DIRECT_GFLOP = 60.0
 def _conv_flops(layer: Layer, outsz: Triple) -> float:
     """Multiply-adds x 2 of forward + both gradients of a direct convolution."""
     return 3 * 2.0 * layer.maps_in * layer.maps_out * math.prod(layer.kernel) * math.prod(outsz)
-
-
-def _torch() -> Any | None:
-    try:
-        import torch
-    except ImportError:
-        return None
-    return torch
 
 
 def _ours_direct(x: np.ndarray, w: np.ndarray, gy: np.ndarray, threads: int) -> Callable[[], tuple[float, float]]:
@@ -131,39 +120,68 @@ def _torch_run(torch: Any, x: np.ndarray, w: np.ndarray, gy: np.ndarray) -> Call
     return run
 
 
-def _bench_layer(layer: Layer, outsz: Triple, threads: int, repeat: int, dtype: np.dtype[Any],
-                 modes: Sequence[str], torch: Any | None, max_direct_gflop: float,
-                 seed: int) -> dict[str, Any]:
-    insz = tuple(o + k - 1 for o, k in zip(outsz, layer.kernel))
-    rng = np.random.default_rng(seed)
+@dataclass(frozen=True)
+class OpsRequest:
+    """What to time. ``layers``: names from :data:`LAYERS` (None: all). ``outsz_2d``/``outsz_3d``: output patch
+    (z, y, x) of the 2D and 3D layers. ``torch``: also time PyTorch when it is importable. ``max_direct_gflop``:
+    skip direct mode above this cost. ``wisdom``: FFTW wisdom file loaded before and saved after (planning then
+    happens once per machine)."""
+
+    layers: Sequence[str] | None = None
+    outsz_2d: Triple = DEFAULT_OUTSZ_2D
+    outsz_3d: Triple = DEFAULT_OUTSZ_3D
+    threads: int = 2
+    repeat: int = 5
+    dtype: str = "float32"
+    modes: Sequence[str] = ("direct", "fft")
+    torch: bool = True
+    max_direct_gflop: float = DEFAULT_MAX_DIRECT_GFLOP
+    wisdom: str | Path | None = None
+    seed: int = 0
+
+    def chosen_layers(self) -> list[Layer]:
+        unknown = set(self.layers or ()) - {lay.name for lay in LAYERS}
+        if unknown:
+            raise ValueError(f"unknown layers {sorted(unknown)}; valid: {[lay.name for lay in LAYERS]}")
+        return [lay for lay in LAYERS if self.layers is None or lay.name in self.layers]
+
+
+Runs = dict[str, Callable[[], tuple[float, float]]]
+
+
+def _runners(layer: Layer, outsz: Triple, request: OpsRequest, torch: Any | None) -> tuple[Runs, Triple, float]:
+    """The timed runs of one layer (direct, fft, torch), its input patch and its direct GFLOP."""
+    insz = (outsz[0] + layer.kernel[0] - 1, outsz[1] + layer.kernel[1] - 1, outsz[2] + layer.kernel[2] - 1)
+    dtype = np.dtype(request.dtype)
+    rng = np.random.default_rng(request.seed)
     x = rng.standard_normal((layer.maps_in, *insz)).astype(dtype)
     w = (rng.standard_normal((layer.maps_in, layer.maps_out, *layer.kernel)) * 0.05).astype(dtype)
     gy = rng.standard_normal((layer.maps_out, *outsz)).astype(dtype)
     check_conv_shapes(x.shape, w.shape, (1, 1, 1), gy.shape)
     gflop = _conv_flops(layer, outsz) / 1e9
-    runners: dict[str, Callable[[], tuple[float, float]]] = {}
-    if "direct" in modes and gflop <= max_direct_gflop:
-        runners["direct"] = _ours_direct(x, w, gy, threads)
-    if "fft" in modes:
-        runners["fft"] = _ours_fft(x, w, gy, threads)
+    runners: Runs = {}
+    if "direct" in request.modes and gflop <= request.max_direct_gflop:
+        runners["direct"] = _ours_direct(x, w, gy, request.threads)
+    if "fft" in request.modes:
+        runners["fft"] = _ours_fft(x, w, gy, request.threads)
     if torch is not None:
         runners["torch"] = _torch_run(torch, x, w, gy)
+    return runners, insz, gflop
+
+
+def _interleaved(runners: Runs, repeat: int) -> dict[str, list[tuple[float, float]]]:
+    """``repeat`` timings of each run, interleaved so machine noise hits every method alike."""
     times: dict[str, list[tuple[float, float]]] = {name: [] for name in runners}
     for rep in range(repeat + 1):  # repetition 0 warms up (plans, allocator) and is dropped
         for name, run in runners.items():
             result = run()
             if rep > 0:
                 times[name].append(result)
-    row: dict[str, Any] = {
-        "layer": layer.name, "source": layer.source, "kernel": list(layer.kernel),
-        "maps": [layer.maps_in, layer.maps_out], "outsz": list(outsz), "insz": list(insz),
-        "fft_shape": list(fft_shape(insz, layer.kernel, (1, 1, 1))), "threads": threads,
-        "dtype": np.dtype(dtype).name, "repeat": repeat, "gflop_direct": round(gflop, 2),
-    }
-    for name in ("direct", "fft", "torch"):
-        runs = times.get(name)
-        row[f"{name}_fwd_ms"] = round(1e3 * statistics.median(r[0] for r in runs), 1) if runs else None
-        row[f"{name}_ms"] = round(1e3 * statistics.median(r[1] for r in runs), 1) if runs else None
+    return times
+
+
+def _best(row: Row, layer: Layer) -> None:
+    """Add the fastest of our modes and how it compares with PyTorch's time to ``row``."""
     ours = {m: row[f"{m}_ms"] for m in ("direct", "fft") if row[f"{m}_ms"] is not None}
     best = min(ours, key=lambda m: ours[m]) if ours else None
     row["best_mode"] = best
@@ -175,63 +193,56 @@ def _bench_layer(layer: Layer, outsz: Triple, threads: int, repeat: int, dtype: 
     else:
         row["best_vs_torch"] = None
         row["meets_target"] = None
+
+
+def _bench_layer(layer: Layer, request: OpsRequest, torch: Any | None) -> Row:
+    outsz = request.outsz_2d if layer.is_2d else request.outsz_3d
+    runners, insz, gflop = _runners(layer, outsz, request, torch)
+    times = _interleaved(runners, request.repeat)
+    row: Row = {
+        "layer": layer.name, "source": layer.source, "kernel": list(layer.kernel),
+        "maps": [layer.maps_in, layer.maps_out], "outsz": list(outsz), "insz": list(insz),
+        "fft_shape": list(fft_shape(insz, layer.kernel, (1, 1, 1))), "threads": request.threads,
+        "dtype": np.dtype(request.dtype).name, "repeat": request.repeat, "gflop_direct": round(gflop, 2),
+    }
+    for name in ("direct", "fft", "torch"):
+        runs = times.get(name)
+        row[f"{name}_fwd_ms"] = round(1e3 * statistics.median(r[0] for r in runs), 1) if runs else None
+        row[f"{name}_ms"] = round(1e3 * statistics.median(r[1] for r in runs), 1) if runs else None
+    _best(row, layer)
     return row
 
 
-def run_ops_bench(layers: Sequence[str] | None = None, outsz_2d: Triple = DEFAULT_OUTSZ_2D,
-                  outsz_3d: Triple = DEFAULT_OUTSZ_3D, threads: int = 2, repeat: int = 5,
-                  dtype: str = "float32", modes: Sequence[str] = ("direct", "fft"), torch: bool = True,
-                  max_direct_gflop: float = DEFAULT_MAX_DIRECT_GFLOP, wisdom: str | Path | None = None,
-                  seed: int = 0, progress: Callable[[dict[str, Any]], None] | None = None) -> list[dict[str, Any]]:
-    """Time every selected layer; one dict per layer (keys as in :func:`format_table` and the JSON).
-
-    ``layers``: names from :data:`LAYERS` (default all). ``outsz_2d``/``outsz_3d``: output patch (z, y, x)
-    of the 2D and 3D layers. ``torch``: also time PyTorch when it is importable. ``wisdom``: FFTW wisdom
-    file loaded before and saved after (planning then happens once per machine).
-    """
-    chosen = [lay for lay in LAYERS if layers is None or lay.name in layers]
-    unknown = set(layers or ()) - {lay.name for lay in LAYERS}
-    if unknown:
-        raise ValueError(f"unknown layers {sorted(unknown)}; valid: {[lay.name for lay in LAYERS]}")
-    tmod = _torch() if torch else None
-    if wisdom is not None:
-        load_wisdom(wisdom)
+def run_ops_bench(request: OpsRequest = OpsRequest(), progress: Callable[[Row], None] | None = None) -> list[Row]:
+    """Time every selected layer; one dict per layer (keys as in :func:`format_table` and the JSON)."""
+    chosen = request.chosen_layers()
+    tmod = import_torch() if request.torch else None
+    if request.wisdom is not None:
+        load_wisdom(request.wisdom)
     rows = []
-    with threadpool_limits(limits=threads):
+    with threadpool_limits(limits=request.threads):
         if tmod is not None:
-            tmod.set_num_threads(threads)
+            tmod.set_num_threads(request.threads)
         for lay in chosen:
-            outsz = outsz_2d if lay.is_2d else outsz_3d
-            row = _bench_layer(lay, outsz, threads, repeat, np.dtype(dtype), modes, tmod, max_direct_gflop, seed)
+            row = _bench_layer(lay, request, tmod)
             rows.append(row)
             if progress is not None:
                 progress(row)
-    if wisdom is not None:
-        save_wisdom(wisdom)
+    if request.wisdom is not None:
+        save_wisdom(request.wisdom)
     return rows
 
 
-_COLUMNS = (("layer", "layer", "{}"), ("kernel", "kernel", "{}"), ("outsz", "output", "{}"),
-            ("fft_shape", "fft shape", "{}"), ("direct_ms", "direct ms", "{:.1f}"),
-            ("fft_ms", "fft ms", "{:.1f}"), ("best_mode", "best", "{}"), ("torch_ms", "torch ms", "{:.1f}"),
-            ("best_vs_torch", "best/torch", "{:.2f}"), ("target", "target", "<={:.1f}"),
-            ("meets_target", "ok", "{}"))
+_COLUMNS = (Column("layer", "layer"), Column("kernel", "kernel"), Column("outsz", "output"),
+            Column("fft_shape", "fft shape"), Column("direct_ms", "direct ms", "{:.1f}"),
+            Column("fft_ms", "fft ms", "{:.1f}"), Column("best_mode", "best"), Column("torch_ms", "torch ms", "{:.1f}"),
+            Column("best_vs_torch", "best/torch", "{:.2f}"), Column("target", "target", "<={:.1f}"),
+            Column("meets_target", "ok"))
 
 
-def _cell(value: Any, fmt: str) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, list):
-        return "x".join(str(v) for v in value)
-    return fmt.format(value)
-
-
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
+def format_table(rows: Sequence[Row]) -> str:
     """A plain-text table of the rows (times are forward + backward medians in milliseconds)."""
-    header = [title for _, title, _ in _COLUMNS]
-    body = [[_cell(row.get(key), fmt) for key, _, fmt in _COLUMNS] for row in rows]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(wd) for c, wd in zip(r, widths)) for r in [header, *body]]
+    lines = [rows_table(_COLUMNS, rows)]
     if rows:
         r0 = rows[0]
         lines.append(f"forward + backward (grad x, grad w), median of {r0['repeat']}, {r0['threads']} threads, "
@@ -239,61 +250,7 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_json(rows: Sequence[dict[str, Any]], path: str | Path) -> None:
+def write_json(rows: Sequence[Row], path: str | Path) -> None:
     """Write the rows (plus the machine's numpy/torch versions) as JSON."""
-    tmod = _torch()
-    meta = {"numpy": np.__version__, "torch": getattr(tmod, "__version__", None)}
-    Path(path).write_text(json.dumps({"meta": meta, "rows": list(rows)}, indent=1))
-
-
-def _triple(text: str) -> Triple:
-    values = tuple(int(v) for v in text.split(","))
-    if len(values) == 1:
-        values = (values[0],) * 3
-    if len(values) != 3 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"{text!r} is not z,y,x (three positive integers, or one for a cube)")
-    return values
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """The options of ``znn bench ops`` (shared by ``python -m znn.bench.ops``)."""
-    parser.add_argument("--layers", nargs="+", choices=[lay.name for lay in LAYERS], help="default: all")
-    parser.add_argument("--outsz", type=_triple, default=DEFAULT_OUTSZ_3D,
-                        help="output patch z,y,x of the 3D layers (or one number for a cube); default 24")
-    parser.add_argument("--outsz2d", type=_triple, default=DEFAULT_OUTSZ_2D,
-                        help="output patch of the 2D layers: z,y,x with z forced to 1, or one number for a "
-                             "square; default 1,128,128")
-    parser.add_argument("--threads", type=int, default=2, help="threads for every side (default 2)")
-    parser.add_argument("--repeat", type=int, default=5, help="timed runs per method, median reported")
-    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--modes", nargs="+", choices=["direct", "fft"], default=["direct", "fft"])
-    parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
-    parser.add_argument("--max-direct-gflop", type=float, default=DEFAULT_MAX_DIRECT_GFLOP,
-                        help="skip direct mode for layers costing more (default %(default)s)")
-    parser.add_argument("--wisdom", help="FFTW wisdom file to load before and save after")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-
-
-def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
-    """Run the benchmark for parsed :func:`add_arguments` options; prints rows as they finish."""
-    outsz2d = args.outsz2d if args.outsz2d[0] == 1 else (1, *args.outsz2d[1:])
-    rows = run_ops_bench(args.layers, outsz2d, args.outsz, args.threads, args.repeat, args.dtype,
-                         args.modes, not args.no_torch, args.max_direct_gflop, args.wisdom,
-                         progress=lambda r: print(f"  {r['layer']}: best {r['best_mode']} {r['best_ms']} ms, "
-                                                  f"torch {r['torch_ms']} ms", file=sys.stderr, flush=True))
-    print(format_table(rows))
-    if args.json:
-        write_json(rows, args.json)
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python -m znn.bench.ops [options]``."""
-    parser = argparse.ArgumentParser(prog="znn bench ops", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+    tmod = import_torch()
+    write_rows(path, rows, meta={"numpy": np.__version__, "torch": getattr(tmod, "__version__", None)})

@@ -19,17 +19,18 @@ Run ``znn bench scaling --help``.
 
 from __future__ import annotations
 
-import argparse
-import json
+import os
 import shutil
 import statistics
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from znn.bench.common import Column, Row, mode_names, plain_cell, rows_table
 from znn.bench.networks import BENCH_NETWORKS, bench_network
 from znn.io.netfile import load_network
 from znn.network import Network
@@ -41,13 +42,15 @@ from znn.pipeline.run.schedulers import (
     make_runner,
     resolve_scheduler,
 )
+from znn.types import Triple
 
-__all__ = ["SCALING_NETWORKS", "block_grid_shape", "synthetic_volume", "measure", "run_scaling_bench", "format_table", "add_arguments", "run_from_args"]
+__all__ = ["SCALING_NETWORKS", "DenseWork", "ScalingRequest", "block_grid_shape", "synthetic_volume", "measure",
+           "run_scaling_bench", "format_table"]
 
 SCALING_NETWORKS = tuple(BENCH_NETWORKS)
 
 
-def _grid(blocks: int) -> tuple[int, int, int]:
+def _grid(blocks: int) -> Triple:
     """``blocks`` as a z,y,x grid, as even as its prime factors allow (x the longest)."""
     grid = [1, 1, 1]
     n, f, factors = max(1, int(blocks)), 2, []
@@ -62,9 +65,10 @@ def _grid(blocks: int) -> tuple[int, int, int]:
     return grid[0], grid[1], grid[2]
 
 
-def block_grid_shape(blocks: int, outsz: Sequence[int]) -> tuple[int, int, int]:
+def block_grid_shape(blocks: int, outsz: Sequence[int]) -> Triple:
     """A volume of ``blocks`` output blocks of ``outsz`` (mirrored borders: the output has the volume's size)."""
-    return tuple(g * int(s) for g, s in zip(_grid(blocks), outsz))  # type: ignore[return-value]
+    grid = _grid(blocks)
+    return grid[0] * int(outsz[0]), grid[1] * int(outsz[1]), grid[2] * int(outsz[2])
 
 
 def synthetic_volume(path: Path, shape: Sequence[int], seed: int = 0) -> str:
@@ -105,15 +109,25 @@ def _machine_idle() -> tuple[float, float] | None:
 _BLOCK_PARTS = ("read_s", "forward_s", "write_s")
 
 
-def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes: Any, spectra_cache: bool,
-         store: Path) -> dict[str, Any]:
+@dataclass(frozen=True)
+class DenseWork:
+    """The dense inference every runner is timed on: ``net`` over the volume file ``volume`` in output blocks of
+    ``outsz``, with ``modes`` and kernel spectra cached or not."""
+
+    net: Network
+    volume: str
+    outsz: Sequence[int]
+    modes: Any
+    spectra_cache: bool
+
+
+def _run(runner: Runner, work: DenseWork, store: Path) -> Row:
     """One run: its result, the cores its workers used and the cores the machine left idle meanwhile, the median
     seconds of one block, and how busy the workers were (their blocks' seconds / (wall seconds x workers))."""
-    import os
-
+    net = work.net
     cpu0, idle0 = _worker_cpu(runner), _machine_idle()
-    result = infer_volume(net, {net.spec.inputs[0]: [volume]}, store, outsz, modes=modes,
-                          spectra_cache=spectra_cache, scheduler=runner, progress=False, fresh=True)
+    result = infer_volume(net, {net.spec.inputs[0]: [work.volume]}, store, work.outsz, modes=work.modes,
+                          spectra_cache=work.spectra_cache, scheduler=runner, progress=False, fresh=True)
     cpu1, idle1 = _worker_cpu(runner), _machine_idle()
     idle = None
     if idle0 is not None and idle1 is not None and idle1[1] > idle0[1]:
@@ -125,104 +139,125 @@ def _run(runner: Runner, net: Network, volume: str, outsz: Sequence[int], modes:
             **{part: statistics.median(st[part] for st in result.stats) for part in _BLOCK_PARTS}}
 
 
-def measure(runners: Sequence[Runner], net: Network, volume: str, outsz: Sequence[int], modes: Any,
-            spectra_cache: bool, repeat: int, workdir: Path,
-            baselines: Sequence[int] | None = None) -> list[dict[str, Any]]:
-    """Seconds, blocks/s and voxels/s of dense inference of ``volume`` on each runner, and the speedup over its
-    baseline runner (``baselines[i]``, by default the first): one untimed run each (it warms every worker), then
-    ``repeat`` rounds that time every runner once, in forward order in even rounds and in reverse order in odd ones
-    (so neither count always runs first after the other). The speedup is the median over rounds of the baseline's
-    seconds over this runner's in the same round: a change in the machine's load between rounds, which moves both
-    alike, cancels out."""
+def measure(runners: Sequence[Runner], work: DenseWork, repeat: int, workdir: Path,
+            baselines: Sequence[int] | None = None) -> list[Row]:
+    """Seconds, blocks/s and voxels/s of ``work`` on each runner, and the speedup over its baseline runner
+    (``baselines[i]``, by default the first): one untimed run each (it warms every worker), then ``repeat`` rounds
+    that time every runner once, in forward order in even rounds and in reverse order in odd ones (so neither count
+    always runs first after the other). The speedup is the median over rounds of the baseline's seconds over this
+    runner's in the same round: a change in the machine's load between rounds, which moves both alike, cancels
+    out."""
     baselines = list(baselines) if baselines is not None else [0] * len(runners)
 
-    def run(i: int) -> dict[str, Any]:
-        return _run(runners[i], net, volume, outsz, modes, spectra_cache, workdir / f"out-{i}.zarr")
+    def run(i: int) -> Row:
+        return _run(runners[i], work, workdir / f"out-{i}.zarr")
 
     firsts = [run(i) for i in range(len(runners))]
-    runs: list[list[dict[str, Any]]] = [[] for _ in runners]
+    runs: list[list[Row]] = [[] for _ in runners]
     for k in range(repeat):
         order = range(len(runners)) if k % 2 == 0 else reversed(range(len(runners)))
         for i in order:
             runs[i].append(run(i))
-    rows = []
-    for first, timed, base in zip(firsts, runs, baselines):
-        seconds = [t["result"].seconds for t in timed]
-        s = statistics.median(seconds)
-        idle = [t["idle_cores"] for t in timed if t["idle_cores"] is not None]
-        blocks, voxels = first["result"].blocks_run, first["result"].voxels_run
-        paired = [a["result"].seconds / b["result"].seconds for a, b in zip(runs[base], timed)]
-        rows.append({"blocks": blocks, "voxels": voxels, "warmup_s": round(first["result"].seconds, 2),
-                     "seconds": round(s, 3), "runs_s": [round(v, 2) for v in seconds],
-                     "blocks_s": blocks / s, "voxels_s": voxels / s, "speedup": statistics.median(paired),
-                     "worker_cores": statistics.median(t["worker_cores"] for t in timed),
-                     "cpu_s_block": statistics.median(t["worker_cores"] * t["result"].seconds / blocks
-                                                      for t in timed),
-                     "block_s": statistics.median(t["block_s"] for t in timed),
-                     "busy": statistics.median(t["busy"] for t in timed),
-                     **{part: statistics.median(t[part] for t in timed) for part in _BLOCK_PARTS},
-                     "idle_cores": statistics.median(idle) if idle else None})
-    return rows
+    return [_summary(first, timed, runs[base]) for first, timed, base in zip(firsts, runs, baselines)]
 
 
-def run_scaling_bench(net_name: str = "scaling", side: int = 48, blocks: int = 16,
-                      workers: Sequence[int] = (1, 2), repeat: int = 3, modes: str = "optimize",
-                      spectra_cache: bool = True, scheduler: str | None = None, seed: int = 0,
-                      workdir: str | None = None, settings: Sequence[str] = ("znn",)) -> list[dict[str, Any]]:
-    """One row per worker count and worker settings (``znn``: the local clusters znn starts; ``dask``: dask's
-    defaults), or one for the cluster at ``scheduler``, with the speedup over the first row of its settings."""
-    spec = load_network(bench_network(net_name))
-    net = Network.initialise(spec, seed=seed)
-    outsz = (int(side),) * 3
-    shape = block_grid_shape(blocks, outsz)
-    m = inference_modes(spec, outsz, modes, net.dtype, spectra_cache)
-    where = resolve_scheduler(scheduler, None) if scheduler else "local"
-    tmp = Path(tempfile.mkdtemp(prefix="znn-scaling-", dir=workdir))
-    runners: list[Runner] = []
+def _summary(first: Row, timed: Sequence[Row], baseline: Sequence[Row]) -> Row:
+    """One runner's row: its warm-up run ``first``, the medians of its ``timed`` runs and the median of the
+    ratios of its ``baseline``'s seconds over its own, round by round."""
+    seconds = [t["result"].seconds for t in timed]
+    s = statistics.median(seconds)
+    idle = [t["idle_cores"] for t in timed if t["idle_cores"] is not None]
+    blocks, voxels = first["result"].blocks_run, first["result"].voxels_run
+    paired = [a["result"].seconds / b["result"].seconds for a, b in zip(baseline, timed)]
+    return {"blocks": blocks, "voxels": voxels, "warmup_s": round(first["result"].seconds, 2),
+            "seconds": round(s, 3), "runs_s": [round(v, 2) for v in seconds],
+            "blocks_s": blocks / s, "voxels_s": voxels / s, "speedup": statistics.median(paired),
+            "worker_cores": statistics.median(t["worker_cores"] for t in timed),
+            "cpu_s_block": statistics.median(t["worker_cores"] * t["result"].seconds / blocks for t in timed),
+            "block_s": statistics.median(t["block_s"] for t in timed),
+            "busy": statistics.median(t["busy"] for t in timed),
+            **{part: statistics.median(t[part] for t in timed) for part in _BLOCK_PARTS},
+            "idle_cores": statistics.median(idle) if idle else None}
+
+
+@dataclass(frozen=True)
+class ScalingRequest:
+    """What to measure: network ``net`` (a name in :data:`SCALING_NETWORKS`) in output blocks of ``side``^3 over a
+    volume of ``blocks`` blocks, on local clusters of each count in ``workers`` per worker ``settings`` (``znn``:
+    the local clusters znn starts; ``dask``: dask's defaults), or on the cluster at ``scheduler``. ``workdir``:
+    where the synthetic volume and outputs go (None: the system temp)."""
+
+    net: str = "scaling"
+    side: int = 48
+    blocks: int = 16
+    workers: Sequence[int] = (1, 2)
+    repeat: int = 3
+    modes: str = "optimize"
+    spectra_cache: bool = True
+    scheduler: str | None = None
+    seed: int = 0
+    workdir: str | None = None
+    settings: Sequence[str] = ("znn",)
+
+
+def _runners(request: ScalingRequest, where: str, clusters: list[Runner]) -> tuple[list[tuple[str, int]],
+                                                                                  list[Runner]]:
+    """(settings, count) of each row and the runner of each row; the clusters it starts go into ``clusters`` as
+    they start (the caller closes them, also when a later one fails)."""
+    if where != "local":
+        clusters.append(make_runner(where))
+        return [("-", 0)], clusters[:]
+    # one cluster of the most workers per settings, each count run on its first workers: a cluster per count
+    # would leave the others' idle processes (and schedulers, in this process) on the cores
+    settings, most = list(request.settings), max(request.workers)
+    kinds = [(s, n) for s in settings for n in request.workers]
+    for kind in settings:
+        clusters.append(local_runner(most, tuned=kind == "znn"))
+    return kinds, [clusters[settings.index(kind)].on_workers(n) for kind, n in kinds]
+
+
+def run_scaling_bench(request: ScalingRequest = ScalingRequest()) -> list[Row]:
+    """One row per worker count and worker settings, or one for the cluster at ``scheduler``, with the speedup
+    over the first row of its settings."""
+    spec = load_network(bench_network(request.net))
+    net = Network.initialise(spec, seed=request.seed)
+    outsz = (int(request.side),) * 3
+    shape = block_grid_shape(request.blocks, outsz)
+    m = inference_modes(spec, outsz, request.modes, net.dtype, request.spectra_cache)
+    where = resolve_scheduler(request.scheduler, None) if request.scheduler else "local"
+    tmp = Path(tempfile.mkdtemp(prefix="znn-scaling-", dir=request.workdir))
     clusters: list[Runner] = []
     try:
-        volume = synthetic_volume(tmp / "input.zarr", shape, seed)
-        if where == "local":
-            # one cluster of the most workers per settings, each count run on its first workers: a cluster per
-            # count would leave the others' idle processes (and schedulers, in this process) on the cores
-            kinds = [(s, n) for s in settings for n in workers]
-            clusters = [local_runner(max(workers), tuned=kind == "znn") for kind in settings]
-            runners = [clusters[settings.index(kind)].on_workers(n) for kind, n in kinds]
-        else:
-            kinds, clusters = [("-", 0)], [make_runner(where)]
-            runners = clusters[:]
+        volume = synthetic_volume(tmp / "input.zarr", shape, request.seed)
+        kinds, runners = _runners(request, where, clusters)
         baselines = [next(j for j, (t, _) in enumerate(kinds) if t == kind) for kind, _ in kinds]
-        measured = measure(runners, net, volume, outsz, m, spectra_cache, repeat, tmp, baselines)
+        measured = measure(runners, DenseWork(net, volume, outsz, m, request.spectra_cache), request.repeat, tmp,
+                           baselines)
     finally:
         for r in reversed(clusters):  # last started, first closed: each LocalCluster restores the log levels it found
             r.close()
         shutil.rmtree(tmp, ignore_errors=True)
-    rows = []
-    for runner, result, (kind, _) in zip(runners, measured, kinds):
-        rows.append({"net": net_name, "outsz": list(outsz), "volume": list(shape), "workers": runner.workers,
-                     "settings": kind,
-                     "scheduler": where, "modes": ",".join(sorted(set(m.values()))) if isinstance(m, dict) else m,
-                     "spectra_cache": spectra_cache, "repeat": repeat, **result})
+    rows = [{"net": request.net, "outsz": list(outsz), "volume": list(shape), "workers": runner.workers,
+             "settings": kind, "scheduler": where, "modes": mode_names(m), "spectra_cache": request.spectra_cache,
+             "repeat": request.repeat, **result}
+            for runner, result, (kind, _) in zip(runners, measured, kinds)]
     for row, base in zip(rows, baselines):
         row["efficiency"] = row["speedup"] * rows[base]["workers"] / row["workers"]
     return rows
 
 
-_COLUMNS = (("settings", "settings", "{}"), ("workers", "workers", "{}"), ("blocks", "blocks", "{}"),
-            ("seconds", "median s", "{:.2f}"),
-            ("runs_s", "runs s", "{}"), ("blocks_s", "blocks/s", "{:.2f}"), ("voxels_s", "voxels/s", "{:,.0f}"),
-            ("speedup", "speedup", "{:.2f}x"), ("efficiency", "per worker", "{:.0%}"),
-            ("worker_cores", "cores used", "{:.2f}"), ("idle_cores", "cores idle", "{:.2f}"),
-            ("cpu_s_block", "CPU s/block", "{:.3f}"), ("block_s", "s/block", "{:.3f}"), ("read_s", "read", "{:.3f}"),
-            ("forward_s", "forward", "{:.3f}"), ("write_s", "write", "{:.3f}"), ("busy", "busy", "{:.1%}"))
+_COLUMNS = (Column("settings", "settings"), Column("workers", "workers"), Column("blocks", "blocks"),
+            Column("seconds", "median s", "{:.2f}"), Column("runs_s", "runs s"),
+            Column("blocks_s", "blocks/s", "{:.2f}"), Column("voxels_s", "voxels/s", "{:,.0f}"),
+            Column("speedup", "speedup", "{:.2f}x"), Column("efficiency", "per worker", "{:.0%}"),
+            Column("worker_cores", "cores used", "{:.2f}"), Column("idle_cores", "cores idle", "{:.2f}"),
+            Column("cpu_s_block", "CPU s/block", "{:.3f}"), Column("block_s", "s/block", "{:.3f}"),
+            Column("read_s", "read", "{:.3f}"), Column("forward_s", "forward", "{:.3f}"),
+            Column("write_s", "write", "{:.3f}"), Column("busy", "busy", "{:.1%}"))
 
 
-def format_table(rows: Sequence[dict[str, Any]]) -> str:
-    header = [t for _, t, _ in _COLUMNS]
-    body = [[" ".join(map(str, r[k])) if isinstance(r[k], list) else "-" if r[k] is None else f.format(r[k])
-             for k, _, f in _COLUMNS] for r in rows]
-    widths = [max(len(r[i]) for r in [header, *body]) for i in range(len(header))]
-    lines = ["  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [header, *body]]
+def format_table(rows: Sequence[Row]) -> str:
+    lines = [rows_table(_COLUMNS, rows, lambda row, col: plain_cell(row[col.key], col.fmt, list_sep=" "))]
     if rows:
         r = rows[0]
         lines.append(f"net {r['net']}, output blocks {'x'.join(map(str, r['outsz']))}, volume "
@@ -241,42 +276,3 @@ def format_table(rows: Sequence[dict[str, Any]]) -> str:
                      f"the worker count with a rising s/block is the workers slowing each other down (shared "
                      f"caches and memory, other processes on the cores); with a falling busy, it is the scheduler")
     return "\n".join(lines)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--net", choices=sorted(SCALING_NETWORKS), default="scaling",
-                        help="network (default: workflows/cluster/scaling.znn)")
-    parser.add_argument("--outsz", type=int, default=48, help="output block side (default 48)")
-    parser.add_argument("--blocks", type=int, default=16, help="blocks in the volume (default 16; a multiple of "
-                                                               "every worker count keeps workers equally busy)")
-    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2], help="worker counts (default 1 2)")
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--modes", choices=["optimize", "fft", "direct"], default="optimize")
-    parser.add_argument("--no-cache", action="store_true", help="recompute kernel spectra per block")
-    parser.add_argument("--scheduler", help="measure this existing cluster (an address) instead of a local cluster "
-                                            "of max(--workers) workers")
-    parser.add_argument("--settings", nargs="+", choices=["znn", "dask"], default=["znn"],
-                        help="worker settings of the local clusters: znn (znn.pipeline.run.schedulers.WORKER_SETTINGS, "
-                             "the default) and/or dask (dask's defaults), measured side by side")
-    parser.add_argument("--workdir", help="where the synthetic volume and outputs go (default: the system temp)")
-    parser.add_argument("--json", help="also write the rows to this JSON file")
-
-
-def run_from_args(args: argparse.Namespace) -> list[dict[str, Any]]:
-    rows = run_scaling_bench(args.net, args.outsz, args.blocks, args.workers, args.repeat, args.modes,
-                             not args.no_cache, args.scheduler, workdir=args.workdir, settings=args.settings)
-    print(format_table(rows))
-    if args.json:
-        Path(args.json).write_text(json.dumps({"rows": rows}, indent=1))
-    return rows
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="znn bench scaling", description=(__doc__ or "").split("\n")[0])
-    add_arguments(parser)
-    run_from_args(parser.parse_args(argv))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

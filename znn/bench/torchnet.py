@@ -28,10 +28,9 @@ import torch.nn.functional as F
 from znn.errors import ShapeError
 from znn.network import Network
 from znn.spec import Layout, NetworkSpec
+from znn.types import Triple
 
 __all__ = ["TorchNet", "build_torch_net", "to_tensors", "torch_kernel", "znn_kernel"]
-
-Triple = tuple[int, int, int]
 
 
 def torch_kernel(kernel: np.ndarray) -> np.ndarray:

@@ -8,7 +8,7 @@ import importlib
 import sys
 from collections.abc import Sequence
 
-from znn.cli.args import Handler
+from znn.cli.args import ArgumentParser, Handler
 from znn.errors import ZnnError
 
 # Modules that add commands: each has `register(subparsers) -> {command: handler}`.
@@ -23,7 +23,7 @@ COMMAND_MODULES = (
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
-    parser = argparse.ArgumentParser(prog="znn", description="ZNN-compatible convolutional networks for EM, on dask")
+    parser = ArgumentParser(prog="znn", description="ZNN-compatible convolutional networks for EM, on dask")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     commands: dict[str, Handler] = {}
     for name in COMMAND_MODULES:

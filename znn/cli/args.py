@@ -5,18 +5,27 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable
-from typing import Any
+from typing import Any, NoReturn
 
 from znn import types
 from znn.errors import ZnnError
 from znn.pipeline.run.schedulers import SCHEDULER_HELP
 from znn.text import parse_bytes
+from znn.types import Triple
 
 Handler = Callable[[argparse.Namespace], int]
 Subparsers = Any  # argparse's _SubParsersAction, private in typeshed
 
 
-def parse_triple(text: str) -> tuple[int, int, int]:
+class ArgumentParser(argparse.ArgumentParser):
+    """An argument parser whose mistakes end like the project's errors: one line on stderr, exit status 2 (argparse
+    itself prints the whole usage first)."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def parse_triple(text: str) -> Triple:
     """``z,y,x``: three positive integers."""
     try:
         return types.parse_triple(text)
@@ -24,7 +33,7 @@ def parse_triple(text: str) -> tuple[int, int, int]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def triple_or_auto(text: str) -> tuple[int, int, int] | str:
+def triple_or_auto(text: str) -> Triple | str:
     return "auto" if text == "auto" else parse_triple(text)
 
 
@@ -56,12 +65,15 @@ def positive_int(text: str) -> int:
     return value
 
 
-def add_scheduler_argument(parser: argparse.ArgumentParser) -> None:
-    """``--scheduler`` as every command spells it (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`)."""
-    parser.add_argument("--scheduler", metavar="SCHEDULER",
-                        help=f"where the work runs: {SCHEDULER_HELP} (local: a cluster of num_threads single-threaded "
-                             "worker processes on 127.0.0.1). Overrides the job's scheduler key; default: the job's "
-                             "key, else dask config znn.scheduler, else threads")
+SCHEDULER_OPTION_HELP = (f"where the work runs: {SCHEDULER_HELP} (local: a cluster of num_threads single-threaded "
+                         "worker processes on 127.0.0.1). Overrides the job's scheduler key; default: the job's key, "
+                         "else dask config znn.scheduler, else threads")
+
+
+def add_scheduler_argument(parser: argparse.ArgumentParser, help_text: str = SCHEDULER_OPTION_HELP) -> None:
+    """``--scheduler`` as every command spells it (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`);
+    ``help_text`` says what it means where a command gives it a meaning of its own (the benchmarks)."""
+    parser.add_argument("--scheduler", metavar="SCHEDULER", help=help_text)
 
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:

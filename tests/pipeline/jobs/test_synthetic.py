@@ -10,7 +10,7 @@ from scipy import ndimage
 
 from znn.errors import ShapeError
 from znn.ops.metrics import pixel_error
-from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.synthetic import EMStyle, boundary_labels, synthetic_em
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +50,7 @@ def test_columns_keep_ids_through_z(volume):
 
 
 def test_3d_cells_have_membranes_across_z():
-    _, seg = synthetic_em((12, 40, 40), seed=1, cells="3d", cell_size=14)
+    _, seg = synthetic_em((12, 40, 40), seed=1, style=EMStyle(cells="3d", cell_size=14))
     a, b = seg[1:], seg[:-1]
     assert not np.any((a != b) & (a > 0) & (b > 0))
     assert np.any((seg[1:] == 0) & (seg[:-1] > 0))

@@ -25,7 +25,7 @@ from znn.io.volume import read_volume, write_volume
 from znn.network import Network
 from znn.pipeline.jobs import run_workflow as workflow_cli
 from znn.pipeline.jobs.run_workflow import run_workflow
-from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.synthetic import EMStyle, boundary_labels, synthetic_em
 from znn.pipeline.jobs.workflow import load_workflow
 from znn.pipeline.jobs.workflow_state import RunLock, WorkflowState
 
@@ -79,7 +79,7 @@ steps:
 def make_workflow(folder: Path, text: str = WORKFLOW) -> Path:
     make_job(folder, Max_iter="4", Num_iter_per_save="2", Num_iter_per_test="2")
     for sample in (1, 2):
-        raw, seg = synthetic_em((2, 48, 48), 10 + sample, cell_size=8.0, cells="columns")
+        raw, seg = synthetic_em((2, 48, 48), 10 + sample, EMStyle(cell_size=8.0, cells="columns"))
         write_volume(folder / f"big{sample}-raw.tif", raw, overwrite=True)
         write_volume(folder / f"big{sample}-labels.tif", boundary_labels(seg), overwrite=True)
     (folder / "forward.spec").write_text(FORWARD_SPEC)

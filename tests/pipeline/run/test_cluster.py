@@ -296,6 +296,7 @@ def test_forward_scheduler_local_overrides_the_job_and_listens_on_localhost(tmp_
 
 def test_scaling_bench_rows_and_volume_grid():
     from znn.bench.scaling import (
+        ScalingRequest,
         _grid,
         block_grid_shape,
         format_table,
@@ -304,7 +305,7 @@ def test_scaling_bench_rows_and_volume_grid():
 
     assert [_grid(b) for b in (1, 2, 8, 12, 16)] == [(1, 1, 1), (1, 1, 2), (2, 2, 2), (2, 2, 3), (2, 2, 4)]
     assert block_grid_shape(16, (4, 8, 8)) == (8, 16, 32)
-    rows = run_scaling_bench("tiny3d", 8, 4, repeat=1, scheduler="synchronous")
+    rows = run_scaling_bench(ScalingRequest("tiny3d", 8, 4, repeat=1, scheduler="synchronous"))
     assert len(rows) == 1 and rows[0]["blocks"] == 4 and rows[0]["speedup"] == 1.0 and rows[0]["voxels_s"] > 0
     assert "voxels/s" in format_table(rows) and "scheduler synchronous" in format_table(rows)
 

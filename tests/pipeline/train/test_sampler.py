@@ -12,7 +12,7 @@ from znn.errors import ConfigError, ShapeError
 from znn.io.samples import make_sample
 from znn.ops.loss import rebalance_weights
 from znn.ops.preprocess import affinity, affinity_mask, binary_class
-from znn.pipeline.train.sampler import IDENTITY, PatchSampler, Transform
+from znn.pipeline.train.sampler import IDENTITY, PatchSampler, SamplerOptions, Transform
 
 ALL_FLIPS = list(itertools.product((False, True), repeat=3))
 
@@ -44,7 +44,7 @@ def test_inputs_and_targets_stay_aligned_under_every_transform(fov, mirror):
     out = (3, 3, 3) if fov[0] > 1 else (1, 4, 4)
     inp = tuple(o + f - 1 for o, f in zip(out, fov))
     data, seg = id_sample((7, 9, 10), seed=1)
-    sampler = PatchSampler([data], {"input": inp}, out, fov, mirror, True, "none", 0)
+    sampler = PatchSampler([data], {"input": inp}, out, fov, SamplerOptions(mirror, True, "none", 0))
     if len(set(inp)) == 1:
         perms = list(itertools.permutations(range(3)))
     else:
@@ -65,13 +65,13 @@ def test_inputs_and_targets_stay_aligned_under_every_transform(fov, mirror):
 
 def test_random_transforms_keep_shapes_and_cover_the_group():
     data, _ = id_sample((6, 12, 12))
-    iso = PatchSampler([data], {"in": (5, 5, 5)}, (3, 3, 3), None, True, True, "none", 3)
+    iso = PatchSampler([data], {"in": (5, 5, 5)}, (3, 3, 3), None, SamplerOptions(True, True, "none", 3))
     seen = {iso.random_transform(iso.rng) for _ in range(2000)}
     assert len(seen) == 48  # 8 flips x 6 axis orders
-    flat = PatchSampler([data], {"in": (1, 7, 7)}, (1, 3, 3), None, True, True, "none", 3)
+    flat = PatchSampler([data], {"in": (1, 7, 7)}, (1, 3, 3), None, SamplerOptions(True, True, "none", 3))
     seen = {flat.random_transform(flat.rng) for _ in range(500)}
     assert {t.perm for t in seen} == {(0, 1, 2), (0, 2, 1)} and len(seen) == 16
-    aniso = PatchSampler([data], {"in": (1, 7, 9)}, (1, 3, 5), None, True, True, "none", 3)
+    aniso = PatchSampler([data], {"in": (1, 7, 9)}, (1, 3, 5), None, SamplerOptions(True, True, "none", 3))
     assert all(aniso.random_transform(aniso.rng).perm == (0, 1, 2) for _ in range(50))
     for patch in iso.sample(20):
         assert patch.inputs["in"].shape == (1, 5, 5, 5) and patch.targets["output"].shape == (2, 3, 3, 3)
@@ -89,7 +89,7 @@ def test_mirroring_matches_loop(fov):
     data, seg = id_sample((4, 5, 6), seed=2)
     out = (2, 3, 3)
     inp = tuple(o + f - 1 for o, f in zip(out, fov))
-    sampler = PatchSampler([data], {"input": inp}, out, fov, True, False, "none", 0)
+    sampler = PatchSampler([data], {"input": inp}, out, fov, SamplerOptions(True, False, "none", 0))
     assert sampler.position_range() == ((0, 0, 0), (2, 2, 3))
     for pos in [(0, 0, 0), (2, 2, 3), (1, 0, 3)]:
         x = sampler.patch_at(0, pos).inputs["input"][0]
@@ -104,11 +104,11 @@ def test_position_ranges_and_draws_stay_inside():
     fov = (3, 4, 5)
     out = (1, 4, 4)
     inp = tuple(o + f - 1 for o, f in zip(out, fov))
-    plain = PatchSampler([data], {"input": inp}, out, fov, False, False, "none", 0)
+    plain = PatchSampler([data], {"input": inp}, out, fov, SamplerOptions(False, False, "none", 0))
     assert plain.position_range() == ((1, 1, 2), (3, 6, 7))
-    aug = PatchSampler([data], {"input": inp}, out, fov, False, True, "none", 0)
+    aug = PatchSampler([data], {"input": inp}, out, fov, SamplerOptions(False, True, "none", 0))
     assert aug.position_range() == ((1, 2, 2), (3, 6, 7))  # either flip must fit: ceil((F-1)/2) on both sides
-    mirrored = PatchSampler([data], {"input": inp}, out, fov, True, True, "none", 0)
+    mirrored = PatchSampler([data], {"input": inp}, out, fov, SamplerOptions(True, True, "none", 0))
     assert mirrored.position_range() == ((0, 0, 0), (4, 8, 9))
     for sampler in (plain, aug, mirrored):
         patches = sampler.sample(300)
@@ -136,7 +136,7 @@ def test_affinity_targets_recomputed_after_augmentation(out):
     valid = np.random.default_rng(5).random(shape) > 0.15
     data = make_sample([seg.astype(np.float64)], [seg], out_type="affinity", masks=[valid], dtype=np.float64)
     inp = tuple(o + 2 for o in out)
-    sampler = PatchSampler([data], {"input": inp}, out, (3, 3, 3), True, True, "none", 0)
+    sampler = PatchSampler([data], {"input": inp}, out, (3, 3, 3), SamplerOptions(True, True, "none", 0))
     perms = list(itertools.permutations(range(3))) if len(set(out)) == 1 else [(0, 1, 2), (0, 2, 1)]
     low, high = sampler.position_range()
     for t in [Transform(f, p) for p in perms for f in ALL_FLIPS]:
@@ -152,7 +152,7 @@ def test_affinity_targets_recomputed_after_augmentation(out):
 def test_flip_turns_predecessor_edges_into_successor_edges():
     seg = segmentation((3, 6, 9), seed=6, n=3)
     data = make_sample([seg.astype(np.float64)], [seg], out_type="affinity", dtype=np.float64)
-    sampler = PatchSampler([data], {"input": (3, 4, 6)}, (3, 4, 6), None, True, False, "none", 0)
+    sampler = PatchSampler([data], {"input": (3, 4, 6)}, (3, 4, 6), None, SamplerOptions(True, False, "none", 0))
     pos = (0, 1, 2)
     plain = sampler.patch_at(0, pos).targets["output"]
     flipped = sampler.patch_at(0, pos, Transform((False, False, True))).targets["output"]
@@ -167,15 +167,18 @@ def test_flip_turns_predecessor_edges_into_successor_edges():
 def test_rebalance_modes_boundary():
     data, seg = id_sample((4, 10, 10), seed=7, mask=np.random.default_rng(8).random((4, 10, 10)) > 0.2)
     target, mask = data.targets[0], data.masks[0]
-    kw = dict(input_patches={"input": (2, 5, 5)}, output_patch=(2, 5, 5), fov=None, is_bd_mirror=True,
-              is_data_aug=False, rng_seed=0)
+    kw = dict(input_patches={"input": (2, 5, 5)}, output_patch=(2, 5, 5), fov=None)
+
+    def options(rebalance):
+        return SamplerOptions(is_bd_mirror=True, is_data_aug=False, rebalance=rebalance, rng_seed=0)
+
     pos = (1, 2, 3)
     region = (slice(None), slice(1, 3), slice(2, 7), slice(3, 8))
-    glob = PatchSampler([data], rebalance="global", **kw).patch_at(0, pos)
+    glob = PatchSampler([data], options=options("global"), **kw).patch_at(0, pos)
     np.testing.assert_allclose(glob.weights["output"], rebalance_weights(target, mask, "half")[region])
-    patch = PatchSampler([data], rebalance="patch", **kw).patch_at(0, pos)
+    patch = PatchSampler([data], options=options("patch"), **kw).patch_at(0, pos)
     np.testing.assert_allclose(patch.weights["output"], rebalance_weights(target[region], mask[region], "fraction"))
-    none = PatchSampler([data], rebalance="none", **kw).patch_at(0, pos)
+    none = PatchSampler([data], options=options("none"), **kw).patch_at(0, pos)
     assert np.all(none.weights["output"] == 1)
     assert not np.allclose(glob.weights["output"], patch.weights["output"])
     np.testing.assert_array_equal(glob.masks["output"], np.broadcast_to(mask[region], (2, 2, 5, 5)))
@@ -186,7 +189,7 @@ def test_global_affinity_weights_follow_the_channel_permutation():
     seg = np.repeat(rng.integers(1, 4, (1, 8, 8)), 8, axis=0)  # columns: z-edges mostly 1, y/x mixed
     seg[:, :, ::3] = 0
     data = make_sample([seg.astype(np.float64)], [seg], out_type="affinity", dtype=np.float64)
-    sampler = PatchSampler([data], {"input": (4, 4, 4)}, (4, 4, 4), None, True, True, "global", 0)
+    sampler = PatchSampler([data], {"input": (4, 4, 4)}, (4, 4, 4), None, SamplerOptions(True, True, "global", 0))
     whole = rebalance_weights(data.targets[0], data.masks[0], "fraction")
     valid = data.masks[0] > 0
     table = [[whole[c][(data.targets[0][c] == cls) & valid[c]][0] for cls in (0, 1)] for c in range(3)]
@@ -202,7 +205,7 @@ def test_global_affinity_weights_follow_the_channel_permutation():
 def test_determinism_and_validation_patches():
     data, _ = id_sample((6, 20, 20))
     make = lambda seed: PatchSampler([data, id_sample((5, 15, 18), 3)[0]], {"input": (1, 9, 9)}, (1, 5, 5),
-                                     (1, 5, 5), True, True, "patch", seed)
+                                     (1, 5, 5), SamplerOptions(True, True, "patch", seed))
     a, b, c = make(11).sample(6), make(11).sample(6), make(12).sample(6)
     for p, q in zip(a, b):
         assert p.position == q.position and p.transform == q.transform and p.sample_id == q.sample_id
@@ -217,7 +220,7 @@ def test_determinism_and_validation_patches():
 
 def test_grid_positions_tile_the_range():
     data, _ = id_sample((3, 11, 12))
-    sampler = PatchSampler([data], {"input": (1, 7, 7)}, (1, 4, 5), None, True, False, "none", 0)
+    sampler = PatchSampler([data], {"input": (1, 7, 7)}, (1, 4, 5), None, SamplerOptions(True, False, "none", 0))
     grid = sampler.grid_positions()
     covered = np.zeros((3, 11, 12), dtype=bool)
     for z, y, x in grid:
@@ -231,12 +234,12 @@ def test_several_inputs_with_different_margins():
     data = make_sample([seg.astype(np.float64), seg.astype(np.float64) * 2], [seg], dtype=np.float64)
     out = (2, 3, 3)
     patches = {"a": (4, 7, 7), "b": (2, 6, 4)}
-    sampler = PatchSampler([data], patches, out, (3, 5, 5), False, True, "none", 0)
+    sampler = PatchSampler([data], patches, out, (3, 5, 5), SamplerOptions(False, True, "none", 0))
     for patch in sampler.sample(30):
         label = patch.labels["output"]
         np.testing.assert_array_equal(centre(patch.inputs["a"][0], (2, 4, 4)), label)
         np.testing.assert_array_equal(centre(patch.inputs["b"][0], (0, 3, 1)), 2 * label)
-    same = PatchSampler([data], {"a": (4, 7, 7), "b": (4, 7, 7)}, out, None, True, True, "none", 0)
+    same = PatchSampler([data], {"a": (4, 7, 7), "b": (4, 7, 7)}, out, None, SamplerOptions(True, True, "none", 0))
     p = same.sample(1)[0]
     np.testing.assert_array_equal(p.inputs["b"], 2 * p.inputs["a"])
 
@@ -245,7 +248,7 @@ def test_masked_samples_draw_patches_with_valid_voxels():
     mask = np.zeros((4, 30, 30), dtype=bool)
     mask[2, 20:23, 5:8] = True
     data, _ = id_sample((4, 30, 30), mask=mask)
-    sampler = PatchSampler([data], {"input": (1, 5, 5)}, (1, 5, 5), None, True, False, "none", 0)
+    sampler = PatchSampler([data], {"input": (1, 5, 5)}, (1, 5, 5), None, SamplerOptions(True, False, "none", 0))
     patches = sampler.sample(500)
     assert all(p.masks["output"].any() for p in patches)
     assert {p.position for p in patches} == {(2, y, x) for y in range(16, 23) for x in range(1, 8)}
@@ -264,19 +267,19 @@ def test_window_any_matches_loop():
 def test_errors():
     data, _ = id_sample((3, 8, 8))
     with pytest.raises(ConfigError, match="did you mean 'global'"):
-        PatchSampler([data], {"input": (1, 5, 5)}, (1, 3, 3), None, True, False, "globl", 0)
+        PatchSampler([data], {"input": (1, 5, 5)}, (1, 3, 3), None, SamplerOptions(True, False, "globl", 0))
     with pytest.raises(ConfigError, match=r"1 input\(s\) but the network has 2 input node\(s\) \(a, b\)"):
-        PatchSampler([data], {"a": (1, 5, 5), "b": (1, 5, 5)}, (1, 3, 3), None, True, False, "none", 0)
+        PatchSampler([data], {"a": (1, 5, 5), "b": (1, 5, 5)}, (1, 3, 3), None, SamplerOptions(True, False, "none", 0))
     with pytest.raises(ShapeError, match="too small .* is_bd_mirror"):
-        PatchSampler([data], {"input": (1, 12, 12)}, (1, 3, 3), None, False, False, "none", 0)
+        PatchSampler([data], {"input": (1, 12, 12)}, (1, 3, 3), None, SamplerOptions(False, False, "none", 0))
     with pytest.raises(ShapeError, match="smaller than the output patch"):
-        PatchSampler([data], {"input": (1, 2, 2)}, (1, 3, 3), None, True, False, "none", 0)
+        PatchSampler([data], {"input": (1, 2, 2)}, (1, 3, 3), None, SamplerOptions(True, False, "none", 0))
     with pytest.raises(ShapeError, match="exceeds output patch"):
-        PatchSampler([data], {"input": (1, 9, 9)}, (1, 3, 3), (1, 5, 5), True, False, "none", 0)
+        PatchSampler([data], {"input": (1, 9, 9)}, (1, 3, 3), (1, 5, 5), SamplerOptions(True, False, "none", 0))
     empty, _ = id_sample((3, 8, 8), mask=np.zeros((3, 8, 8), dtype=bool))
     with pytest.raises(ShapeError, match="mask leaves no output patch"):
-        PatchSampler([empty], {"input": (1, 5, 5)}, (1, 3, 3), None, True, False, "none", 0)
+        PatchSampler([empty], {"input": (1, 5, 5)}, (1, 3, 3), None, SamplerOptions(True, False, "none", 0))
     inference_only = make_sample([np.zeros((3, 8, 8))])
     with pytest.raises(ConfigError, match="no output but training needs one"):
-        PatchSampler([inference_only], {"input": (1, 5, 5)}, (1, 3, 3), None, True, False, "none", 0,
+        PatchSampler([inference_only], {"input": (1, 5, 5)}, (1, 3, 3), None, SamplerOptions(True, False, "none", 0),
                      output_nodes=["output"])

@@ -21,7 +21,7 @@ from znn.errors import ConfigError, TrainingError
 from znn.io.checkpoint import load_checkpoint, load_statistics
 from znn.io.config import load_job
 from znn.io.volume import write_volume
-from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
+from znn.pipeline.jobs.synthetic import EMStyle, boundary_labels, synthetic_em
 from znn.pipeline.jobs.train import train_job
 from znn.pipeline.train.curve import LearningCurve
 from znn.pipeline.train.trainer import Schedule
@@ -102,7 +102,7 @@ def make_job(folder: Path, affinity: bool = False, label_pp: str | None = None, 
     for name, seed in (("train", 1), ("test", 2)):
         if not (folder / f"{name}-raw.tif").exists():
             shape = (6, 20, 20) if affinity else (2, 24, 24)
-            raw, seg = synthetic_em(shape, seed, cell_size=8.0, cells="3d" if affinity else "columns")
+            raw, seg = synthetic_em(shape, seed, EMStyle(cell_size=8.0, cells="3d" if affinity else "columns"))
             write_volume(folder / f"{name}-raw.tif", raw)
             write_volume(folder / f"{name}-labels.tif", seg if affinity else boundary_labels(seg))
     pp = label_pp or ("affinity" if affinity else "binary_class")

@@ -13,7 +13,7 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from znn.errors import ShapeError, VolumeError
 from znn.io.samples import center_crop
 from znn.io.volume import read_volume
 from znn.ops.metrics import METRICS, evaluate
+from znn.text import format_table
 
 __all__ = ["EvaluateRequest", "EvaluateReport", "evaluate_files", "as_prediction"]
 
@@ -37,7 +38,7 @@ class EvaluateRequest:
     labels: str
     out_type: str = "boundary"
     threshold: float = 0.5
-    dims: str | None = None  # 2d (per slice) or 3d; default 2d for boundary, 3d for affinity
+    dims: Literal["2d", "3d"] | None = None  # 2d (per slice) or 3d; default 2d for boundary, 3d for affinity
     mask: str | None = None
     nonboundary: bool = False
     crop: bool = False
@@ -120,14 +121,12 @@ def _zyx(arr: np.ndarray, name: str, what: str) -> np.ndarray:
     if arr.ndim == 2:
         return arr[None]
     if arr.ndim == 4 and arr.shape[0] == 1:
-        return arr[0]
+        return np.asarray(arr[0])
     if arr.ndim != 3:
         raise VolumeError(f"{name}: {what} must be one (Z, Y, X) volume or a (Y, X) image, got shape {arr.shape}")
     return arr
 
 
 def _table(result: dict[str, float]) -> str:
-    width = max(len(k) for k in METRICS)
-    lines = [f"  {'metric':<{width}}  value", f"  {'-' * width}  ------"]
-    lines += [f"  {k:<{width}}  {result[k]:.4f}" for k in METRICS]
-    return "\n".join(lines)
+    table = format_table(["metric", "value"], [[k, f"{result[k]:.4f}"] for k in METRICS])
+    return "\n".join("  " + line for line in table.split("\n"))  # indented under the heading

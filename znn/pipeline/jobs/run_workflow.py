@@ -21,8 +21,9 @@ from znn.errors import ZnnError
 from znn.pipeline.jobs.workflow import Step, Workflow, load_workflow
 from znn.pipeline.jobs.workflow_state import RunLock, StepState, WorkflowState, now
 from znn.pipeline.run.schedulers import resolve_scheduler
+from znn.text import format_table
 
-__all__ = ["register", "run_workflow", "status_table", "RunSummary"]
+__all__ = ["run_workflow", "status_table", "RunSummary"]
 
 Log = Callable[[str], None]
 
@@ -188,13 +189,12 @@ RUNNERS: dict[str, Callable[[Step, str | None, bool, Log], None]] = {
 def status_table(wf: Workflow, state: WorkflowState, running: bool) -> str:
     """One line per step: name, kind, status, needs, time, detail. ``running``: whether a run holds the lock
     (without one, a ``running`` record is a run that was killed)."""
-    rows = [("step", "kind", "status", "needs", "time", "detail")]
+    rows = []
     for step in wf.steps.values():
         record = state.get(step.name)
         rows.append((step.name, step.kind, _status(record, running), _needs(wf, step) or "-", _time(record),
                      _detail(record, step)))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]) - 1)]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths)) + "  " + r[-1] for r in rows).rstrip()
+    return format_table(("step", "kind", "status", "needs", "time", "detail"), rows, rule=False)
 
 
 def _status(record: StepState, running: bool) -> str:

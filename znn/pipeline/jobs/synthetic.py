@@ -16,48 +16,53 @@ cell's id. :func:`boundary_labels` turns it into ISBI-style labels (0 membrane, 
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage
-from scipy.spatial import cKDTree
+from scipy import ndimage  # type: ignore[import-untyped]
+from scipy.spatial import cKDTree  # type: ignore[import-untyped]
 
 from znn.errors import ShapeError
+from znn.types import Triple
 
-__all__ = ["synthetic_em", "boundary_labels"]
+__all__ = ["EMStyle", "synthetic_em", "boundary_labels"]
 
 
-def synthetic_em(
-    shape: tuple[int, int, int] = (8, 256, 256),
-    seed: int = 0,
-    *,
-    cell_size: float = 28.0,
-    membrane_width: tuple[int, int] = (1, 3),
-    cells: Literal["columns", "3d"] = "columns",
-    drift: float = 0.7,
-    blobs: float = 0.6,
-    blur: float = 0.8,
-    noise: float = 10.0,
-) -> tuple[NDArray[np.uint8], NDArray[np.int32]]:
-    """``(raw uint8 (Z, Y, X), segmentation int32 (Z, Y, X))``, deterministic for ``seed``.
+@dataclass(frozen=True)
+class EMStyle:
+    """How the synthetic EM looks. ``cell_size``: the seed spacing in voxels; ``membrane_width``: the (min, max)
+    membrane thickness; ``cells``: ``"columns"`` or ``"3d"``; ``drift``: the standard deviation of the seeds'
+    per-slice motion (``"columns"``); ``blobs``: the mean number of dark blobs per cell area per slice; ``blur``: the
+    Gaussian sigma in-plane; ``noise``: the standard deviation of the added noise in grey levels."""
 
-    ``cell_size`` is the seed spacing in voxels, ``membrane_width`` the (min, max) membrane thickness,
-    ``drift`` the standard deviation of the seeds' per-slice motion (``"columns"``), ``blobs`` the mean number of
-    dark blobs per cell area per slice, ``blur`` the Gaussian sigma in-plane and ``noise`` the standard deviation of
-    the added noise in grey levels.
-    """
-    shape = tuple(int(s) for s in shape)  # type: ignore[assignment]
-    if len(shape) != 3 or min(shape) < 1:
-        raise ShapeError(f"shape {shape} must be three positive extents z,y,x")
-    if cell_size < 2 or not 1 <= membrane_width[0] <= membrane_width[1]:
+    cell_size: float = 28.0
+    membrane_width: tuple[int, int] = (1, 3)
+    cells: Literal["columns", "3d"] = "columns"
+    drift: float = 0.7
+    blobs: float = 0.6
+    blur: float = 0.8
+    noise: float = 10.0
+
+
+def synthetic_em(shape: Triple = (8, 256, 256), seed: int = 0,
+                 style: EMStyle = EMStyle()) -> tuple[NDArray[np.uint8], NDArray[np.int32]]:
+    """``(raw uint8 (Z, Y, X), segmentation int32 (Z, Y, X))`` looking as ``style`` says, deterministic for
+    ``seed``."""
+    extents = tuple(int(s) for s in shape)
+    if len(extents) != 3 or min(extents) < 1:
+        raise ShapeError(f"shape {extents} must be three positive extents z,y,x")
+    if style.cell_size < 2 or not 1 <= style.membrane_width[0] <= style.membrane_width[1]:
         raise ShapeError("cell_size must be >= 2 and membrane_width (min, max) with 1 <= min <= max")
     rng = np.random.default_rng(seed)
-    cell = _columns(shape, cell_size, drift, rng) if cells == "columns" else _voronoi3d(shape, cell_size, rng)
+    columns = style.cells == "columns"
+    cell = _columns(extents, style.cell_size, style.drift, rng) if columns else \
+        _voronoi3d(extents, style.cell_size, rng)
     n_cells = int(cell.max()) + 1
-    membrane = _membranes(cell, membrane_width, n_cells, rng, planar=cells == "columns")
+    membrane = _membranes(cell, style.membrane_width, n_cells, rng, planar=columns)
     seg = np.where(membrane, 0, cell).astype(np.int32)
-    raw = _render(cell, membrane, n_cells, cell_size, blobs, blur, noise, rng)
+    raw = _render(cell, membrane, n_cells, style, rng)
     return raw, seg
 
 
@@ -83,7 +88,8 @@ def _warped_grid(shape: tuple[int, ...], spacing: float, rng: np.random.Generato
     field = np.stack([ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), sigma, mode="wrap")
                       for _ in shape], axis=-1)
     field *= 0.2 * spacing / max(float(field.std()), 1e-12)
-    return grid + field
+    warped: NDArray[np.float64] = grid + field
+    return warped
 
 
 def _nearest_seed(points: NDArray[np.float64], coords: NDArray[np.float64]) -> NDArray[np.int64]:
@@ -130,17 +136,18 @@ def _membranes(cell: NDArray[np.int64], width: tuple[int, int], n_cells: int, rn
     return np.asarray(dist <= half[cell] + 1e-6)
 
 
-def _render(cell: NDArray[np.int64], membrane: NDArray[np.bool_], n_cells: int, spacing: float, blobs: float,
-            blur: float, noise: float, rng: np.random.Generator) -> NDArray[np.uint8]:
-    shape = cell.shape
+def _render(cell: NDArray[np.int64], membrane: NDArray[np.bool_], n_cells: int, style: EMStyle,
+            rng: np.random.Generator) -> NDArray[np.uint8]:
+    shape, blur = cell.shape, style.blur
     tone = rng.uniform(0.58, 0.8, n_cells + 1)
     img = tone[cell]
     img += ndimage.gaussian_filter(rng.normal(0.0, 1.0, shape), sigma=(0.5, 1.5, 1.5)) * 0.12
-    img = _add_blobs(img, membrane, spacing, blobs, rng)
+    img = _add_blobs(img, membrane, style.cell_size, style.blobs, rng)
     img = np.where(membrane, rng.uniform(0.12, 0.22, n_cells + 1)[cell], img)
     img = ndimage.gaussian_filter(img, sigma=(0.0, blur, blur)) if blur > 0 else img
-    img = img * 255 + rng.normal(0.0, noise, shape)
-    return np.clip(np.round(img), 0, 255).astype(np.uint8)
+    img = img * 255 + rng.normal(0.0, style.noise, shape)
+    raw: NDArray[np.uint8] = np.clip(np.round(img), 0, 255).astype(np.uint8)
+    return raw
 
 
 def _add_blobs(img: NDArray[np.float64], membrane: NDArray[np.bool_], spacing: float, density: float,

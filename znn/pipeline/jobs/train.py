@@ -26,10 +26,18 @@ from znn.ops import metrics
 from znn.pipeline.run.progress import Progress
 from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
 from znn.pipeline.train.engine import Engine
-from znn.pipeline.train.sampler import Patch, PatchSampler
-from znn.pipeline.train.trainer import Schedule, Trainer, resume, seed_network
+from znn.pipeline.train.sampler import Patch, PatchSampler, SamplerOptions
+from znn.pipeline.train.trainer import (
+    Objective,
+    PatchSource,
+    Schedule,
+    StartPoint,
+    Trainer,
+    resume,
+    seed_network,
+)
 
-__all__ = ["register", "train_job", "PatchEvaluator", "load_samples"]
+__all__ = ["train_job", "PatchEvaluator", "load_samples"]
 
 
 def load_samples(job: Job, key: str, dtype: Any) -> list[SampleData]:
@@ -117,12 +125,13 @@ def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = 
         train, test = load_samples(job, "train_range", net.dtype), load_samples(job, "test_range", net.dtype)
         _announce(log, job, engine, train, test)
         fov = engine.plan.layout.fov
-        options = {"fov": fov, "is_bd_mirror": job.is_bd_mirror, "output_nodes": net.spec.outputs}
+        outputs = net.spec.outputs
+        drawing = SamplerOptions(job.is_bd_mirror, job.is_data_aug, job.rebalance, job.seed)
+        validating = SamplerOptions(job.is_bd_mirror, rebalance=job.rebalance)
         try:
-            sampler = PatchSampler(train, engine.input_patch, job.train_outsz, is_data_aug=job.is_data_aug,
-                                   rebalance=job.rebalance, rng_seed=job.seed, **options)
-            tester = PatchSampler(test, engine.input_patch, job.train_outsz, rebalance=job.rebalance,
-                                  **options) if test else None
+            sampler = PatchSampler(train, engine.input_patch, job.train_outsz, fov, drawing, output_nodes=outputs)
+            tester = PatchSampler(test, engine.input_patch, job.train_outsz, fov, validating,
+                                  output_nodes=outputs) if test else None
         except ShapeError as exc:
             raise ShapeError(f"{job.path}: {exc}") from None
 
@@ -137,9 +146,9 @@ def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = 
         stop_at = schedule.max_iter if max_iter is None else max_iter
         bar = Progress(stop_at, "iterations", "train", initial=min(iteration, stop_at), rate_fields=(),
                        every_percent=5, enabled=progress)
-        trainer = Trainer(engine, schedule, job.cost, prefix, draw, test_patches, evaluator,
-                          malis_norm=job.malis_norm_type if job.is_malis else None, curve=curve, iteration=iteration,
-                          log=log, progress=bar)
+        objective = Objective(job.cost, evaluator, job.malis_norm_type if job.is_malis else None)
+        trainer = Trainer(engine, schedule, objective, PatchSource(draw, test_patches), prefix,
+                          StartPoint(curve, iteration), log=log, progress=bar)
         with bar:
             trainer.run(stop_at, time_limit)
     _summary(trainer, log)

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+import yaml  # type: ignore[import-untyped]
 
 from znn.errors import WorkflowError, ZnnError, closest, where
 from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job
@@ -141,14 +141,14 @@ class _Map(dict):  # type: ignore[type-arg]
     lines: dict[str, int]
 
 
-class _Loader(yaml.SafeLoader):
+class _Loader(yaml.SafeLoader):  # type: ignore[misc]  # yaml has no stubs here: SafeLoader is Any
     """PyYAML's safe loader (no tags that construct objects), without aliases, with duplicate-key errors."""
 
     path: Path
 
     def compose_node(self, parent: Any, index: Any) -> Any:
         if self.check_event(yaml.AliasEvent):
-            line = self.peek_event().start_mark.line + 1  # type: ignore[no-untyped-call]
+            line = self.peek_event().start_mark.line + 1
             raise WorkflowError(f"{where(self.path, line)}: YAML aliases (*name) are not allowed in a workflow; "
                                 "write the value out")
         return super().compose_node(parent, index)

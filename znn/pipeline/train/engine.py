@@ -9,7 +9,8 @@ import numpy as np
 from dask.optimization import cull
 
 from znn.network import Network
-from znn.pipeline.graph.build import Hyper, Loss, forward_graph, step_graph, tasks
+from znn.pipeline.graph import tasks
+from znn.pipeline.graph.build import Hyper, Loss, forward_graph, step_graph
 from znn.pipeline.graph.cache import SpectraCache
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.pipeline.run.schedulers import Runner, make_runner

@@ -37,7 +37,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
@@ -46,11 +46,11 @@ from znn.errors import ConfigError, ShapeError, closest
 from znn.io.samples import SampleData
 from znn.ops.loss import rebalance_weights
 from znn.ops.preprocess import affinity, affinity_mask
+from znn.types import Triple
 
-__all__ = ["Transform", "Patch", "PatchSampler", "REBALANCE_MODES", "IDENTITY"]
+__all__ = ["Transform", "Patch", "PatchSampler", "SamplerOptions", "REBALANCE_MODES", "IDENTITY"]
 
 Array = NDArray[Any]
-Triple = tuple[int, int, int]
 REBALANCE_MODES = ("none", "global", "patch")
 
 
@@ -101,6 +101,17 @@ class Patch:
         return self.labels
 
 
+@dataclass(frozen=True)
+class SamplerOptions:
+    """How patches are drawn (the job keys of the same names): mirrored borders (``is_bd_mirror``), augmentation
+    (``is_data_aug``), class rebalancing (``rebalance``, one of :data:`REBALANCE_MODES`) and the random seed."""
+
+    is_bd_mirror: bool = True
+    is_data_aug: bool = False
+    rebalance: str = "none"
+    rng_seed: int | None = 0
+
+
 class PatchSampler:
     """Draws matching input/target patches from a list of :class:`SampleData`.
 
@@ -116,13 +127,11 @@ class PatchSampler:
         input_patches: Mapping[str, Sequence[int]],
         output_patch: Sequence[int],
         fov: Sequence[int] | None = None,
-        is_bd_mirror: bool = True,
-        is_data_aug: bool = False,
-        rebalance: str = "none",
-        rng_seed: int | None = 0,
+        options: SamplerOptions = SamplerOptions(),
         *,
         output_nodes: Sequence[str] | None = None,
     ) -> None:
+        rebalance = options.rebalance
         if rebalance not in REBALANCE_MODES:
             raise ConfigError(f"rebalance_mode {rebalance!r} is not valid; {closest(rebalance, REBALANCE_MODES)}")
         if not sample_datas:
@@ -131,10 +140,10 @@ class PatchSampler:
         self.output_patch: Triple = _triple(output_patch, "output patch")
         self.input_patches: dict[str, Triple] = {
             k: _triple(v, f"input patch of {k!r}") for k, v in input_patches.items()}
-        self.is_bd_mirror = bool(is_bd_mirror)
-        self.is_data_aug = bool(is_data_aug)
+        self.is_bd_mirror = bool(options.is_bd_mirror)
+        self.is_data_aug = bool(options.is_data_aug)
         self.rebalance = rebalance
-        self.rng = np.random.default_rng(rng_seed)
+        self.rng = np.random.default_rng(options.rng_seed)
         n_out = len(self.samples[0].targets)
         self.output_nodes = list(output_nodes) if output_nodes is not None else (
             ["output"] if n_out == 1 else [f"output{k + 1}" for k in range(n_out)])
@@ -142,7 +151,7 @@ class PatchSampler:
         for s in self.samples:
             self._check_sample(s)
         self._pad = tuple(max((m + 1) // 2 for m in axis) for axis in zip(*self._margins.values()))
-        self._offset: Triple = self._pad if self.is_bd_mirror else (0, 0, 0)  # type: ignore[assignment]
+        self._offset: Triple = self._pad if self.is_bd_mirror else (0, 0, 0)
         self._inputs = [self._padded_inputs(s) for s in self.samples]
         self._ranges = [self._position_range(s) for s in self.samples]
         self._tables = [self._global_tables(s) for s in self.samples] if rebalance == "global" else None
@@ -261,7 +270,7 @@ class PatchSampler:
         """Per output, (C, 2) class weights [weight of target == 0, weight of target > 0] over the whole sample."""
         tables = []
         for target, mask, pp in zip(s.targets, s.masks, s.label_pp):
-            norm = "fraction" if pp == "affinity" else "half"
+            norm: Literal["half", "fraction"] = "fraction" if pp == "affinity" else "half"
             weights = rebalance_weights(target, mask, norm=norm)
             valid = np.broadcast_to(mask > 0, target.shape)
             table = np.ones((target.shape[0], 2))
@@ -321,9 +330,9 @@ class PatchSampler:
         s = self.samples[i]
         inputs = {}
         offset = self._offset
-        for (node, patch), vol in zip(self.input_patches.items(), self._inputs[i]):
+        for (node, size), vol in zip(self.input_patches.items(), self._inputs[i]):
             start = [pos[a] + offset[a] - _before(self._margins[node][a], transform.flips[a]) for a in range(3)]
-            inputs[node] = transform.apply(vol[(slice(None), *_region(start, patch))])
+            inputs[node] = transform.apply(vol[(slice(None), *_region(start, size))])
         patch = Patch(inputs, {}, {}, {}, sample_id=s.id, position=pos, transform=transform)
         for k, node in enumerate(self.output_nodes):
             if s.label_pp[k] == "affinity":
@@ -410,4 +419,4 @@ def _triple(values: Sequence[int], what: str, low: int = 1) -> Triple:
     t = tuple(int(v) for v in values)
     if len(t) != 3 or min(t) < low:
         raise ShapeError(f"{what} {tuple(values)} must be three integers z,y,x >= {low}")
-    return t  # type: ignore[return-value]
+    return t

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,10 +31,13 @@ from znn.pipeline.train.curve import LearningCurve
 from znn.pipeline.train.engine import Engine
 from znn.spec import NetworkSpec
 
+if TYPE_CHECKING:
+    from znn.ops.malis import NormType
+
 
 def patch_loss(outputs: dict[str, np.ndarray], cost_fn: str, targets: Mapping[str, np.ndarray],
                weights: Mapping[str, np.ndarray | None], masks: Mapping[str, np.ndarray | None],
-               malis: Mapping[str, tuple[str, np.ndarray]] | None = None) -> tuple[float, dict[str, np.ndarray]]:
+               malis: Mapping[str, tuple[NormType, np.ndarray]] | None = None) -> tuple[float, dict[str, np.ndarray]]:
     """Cost and output gradients for one patch (module level so a task can carry it to any worker).
 
     ``malis[node] = (norm_type, segmentation)`` multiplies that output's weights by MALIS weights computed from
@@ -51,9 +54,9 @@ def patch_loss(outputs: dict[str, np.ndarray], cost_fn: str, targets: Mapping[st
     return total, grads
 
 
-def _malis_weight(y: np.ndarray, norm_type: str, segmentation: np.ndarray,
+def _malis_weight(y: np.ndarray, norm_type: NormType, segmentation: np.ndarray,
                   weight: np.ndarray | None) -> np.ndarray:
-    from znn.ops.malis import malis_weights
+    from znn.ops.malis import malis_weights  # scipy.sparse: imported when MALIS is on
 
     w = malis_weights(losses.sigmoid(y), segmentation, norm_type)[0].astype(y.dtype)
     return w if weight is None else w * weight
@@ -145,26 +148,48 @@ def resume(prefix: Path, spec: NetworkSpec, dtype: Any) -> tuple[Network, Learni
     return net, curve, iteration
 
 
+@dataclass(frozen=True)
+class PatchSource:
+    """Where a run's patches come from. ``train(iteration)`` returns the patch of that iteration (drawn from the
+    iteration number, so a run resumed from any checkpoint sees the patches an uninterrupted run would) and
+    ``test(n)`` the validation patches (None: no validation); a patch has ``inputs``, ``targets``, ``masks``,
+    ``weights`` (dicts keyed by node group) and, for MALIS, ``segmentation``."""
+
+    train: Callable[[int], Any]
+    test: Callable[[int], Sequence[Any]] | None = None
+
+
+@dataclass(frozen=True)
+class Objective:
+    """What a step minimises and how its predictions score: the job's cost function, MALIS weighting (its
+    normalisation; None: off) and ``evaluate(predictions, patch, with_rand)`` giving (pixel error, Rand error);
+    training steps ask for the pixel error only (NaN Rand error), validation for both."""
+
+    cost_fn: str
+    evaluate: Callable[[Mapping[str, np.ndarray], Any, bool], tuple[float, float]]
+    malis_norm: NormType | None = None
+
+
+@dataclass(frozen=True)
+class StartPoint:
+    """Where a run starts: the learning curve so far and the iteration (a fresh run: an empty curve, 0)."""
+
+    curve: LearningCurve | None = None
+    iteration: int = 0
+
+
 class Trainer:
-    """Runs the training loop for one job.
+    """Runs the training loop for one job: ``engine`` steps through ``schedule`` on the patches of ``patches``,
+    minimising ``objective``, saving checkpoints ``<prefix>_<iteration>.h5`` from ``start`` on."""
 
-    ``train_patches(iteration)`` returns the patch of that iteration (drawn from the iteration number, so a run
-    resumed from any checkpoint sees the patches an uninterrupted run would) and ``test_patches(n)`` the
-    validation patches; a patch has ``inputs``, ``targets``, ``masks``, ``weights`` (dicts keyed by node group)
-    and, for MALIS, ``segmentation``. ``evaluate(predictions, patch, with_rand)`` gives (pixel error, Rand error);
-    training steps ask for the pixel error only (NaN Rand error), validation for both.
-    """
-
-    def __init__(self, engine: Engine, schedule: Schedule, cost_fn: str, prefix: Path,
-                 train_patches: Callable[[int], Any], test_patches: Callable[[int], Sequence[Any]] | None,
-                 evaluate: Callable[[Mapping[str, np.ndarray], Any, bool], tuple[float, float]],
-                 malis_norm: str | None = None, curve: LearningCurve | None = None, iteration: int = 0,
-                 log: Callable[[str], None] = print, progress: Any = None):
-        self.engine, self.schedule, self.cost_fn, self.prefix = engine, schedule, cost_fn, Path(prefix)
-        self.train_patches, self.test_patches, self.evaluate = train_patches, test_patches, evaluate
-        self.malis_norm = malis_norm
-        self.curve = curve or LearningCurve()
-        self.iteration = iteration
+    def __init__(self, engine: Engine, schedule: Schedule, objective: Objective, patches: PatchSource,
+                 prefix: Path, start: StartPoint = StartPoint(), log: Callable[[str], None] = print,
+                 progress: Any = None):
+        self.engine, self.schedule, self.prefix = engine, schedule, Path(prefix)
+        self.cost_fn, self.malis_norm, self.evaluate = objective.cost_fn, objective.malis_norm, objective.evaluate
+        self.train_patches, self.test_patches = patches.train, patches.test
+        self.curve = start.curve or LearningCurve()
+        self.iteration = start.iteration
         self.log = log
         self.progress = progress
         self.elapsed_before = self.curve.train["elapsed"][-1] if self.curve.train["elapsed"] else 0.0
@@ -226,7 +251,10 @@ class Trainer:
             cost, _ = self._loss(patch)(outputs)
             pixel_error, rand_error = self.evaluate(predictions(outputs, self.cost_fn), patch, True)
             rows.append((cost / self.patch_voxels, pixel_error, rand_error))
-        return tuple(np.mean(rows, axis=0)) if rows else (math.nan, math.nan, math.nan)  # type: ignore[return-value]
+        if not rows:
+            return math.nan, math.nan, math.nan
+        cost, pixel_error, rand_error = np.mean(rows, axis=0)
+        return float(cost), float(pixel_error), float(rand_error)
 
     def _check_finite(self, cost: float, patch: Any, before: tuple[dict[str, np.ndarray], dict[str, np.ndarray]]
                       ) -> None:

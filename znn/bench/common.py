@@ -1,0 +1,60 @@
+"""What every benchmark shares: PyTorch when it is installed, the table of rows, and the rows as JSON."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from znn.text import format_table
+
+Row = dict[str, Any]
+
+
+def import_torch() -> Any | None:
+    """The ``torch`` module, or None when PyTorch (an optional extra) is not installed."""
+    try:
+        import torch
+    except ImportError:
+        return None
+    return torch
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column of a benchmark table: the row's ``key``, its ``title`` and the format of a value."""
+
+    key: str
+    title: str
+    fmt: str = "{}"
+
+
+def plain_cell(value: Any, fmt: str, list_sep: str = "x") -> str:
+    """``-`` for a missing value, a list joined by ``list_sep`` (``8x16x32``), anything else by ``fmt``."""
+    if value is None:
+        return "-"
+    if isinstance(value, list):
+        return list_sep.join(map(str, value))
+    return fmt.format(value)
+
+
+def rows_table(columns: Sequence[Column], rows: Sequence[Row],
+               cell: Callable[[Row, Column], str] | None = None) -> str:
+    """The rows as right-aligned columns (numbers line up), one line per row under the titles."""
+    show = cell or (lambda row, col: plain_cell(row.get(col.key), col.fmt))
+    body = [[show(row, col) for col in columns] for row in rows]
+    return format_table([col.title for col in columns], body, right=True, rule=False)
+
+
+def write_rows(path: str | Path, rows: Sequence[Row], meta: dict[str, Any] | None = None) -> None:
+    """``{"rows": [...]}`` (with ``meta`` first when given) as JSON at ``path``."""
+    payload: dict[str, Any] = {} if meta is None else {"meta": meta}
+    payload["rows"] = list(rows)
+    Path(path).write_text(json.dumps(payload, indent=1))
+
+
+def mode_names(modes: str | Mapping[str, str]) -> str:
+    """Conv modes for a table: one mode as given, a per-layer map as its distinct modes (``direct,fft``)."""
+    return modes if isinstance(modes, str) else ",".join(sorted(set(modes.values())))
