@@ -6,7 +6,13 @@ from __future__ import annotations
 import numpy as np
 
 from znn.io.atomic_store import PARTIAL_DIR
-from znn.io.stores import ArrayLayout, arrays_match, create_arrays, export_volume, write_region
+from znn.io.stores import (
+    ArrayLayout,
+    arrays_match,
+    create_arrays,
+    export_volume,
+    write_region,
+)
 from znn.io.volume import read_volume, write_volume
 
 
