@@ -34,7 +34,8 @@ from znn.bench.common import Column, Row, mode_names, plain_cell, rows_table
 from znn.bench.networks import BENCH_NETWORKS, bench_network
 from znn.io.netfile import load_network
 from znn.network import Network
-from znn.pipeline.dense.volume import infer_volume
+from znn.pipeline.dense.plan import DenseOptions, plan_dense
+from znn.pipeline.dense.volume import DenseRequest, infer_volume
 from znn.pipeline.forward.autotune import inference_modes
 from znn.pipeline.run.schedulers import (
     Runner,
@@ -126,8 +127,9 @@ def _run(runner: Runner, work: DenseWork, store: Path) -> Row:
     seconds of one block, and how busy the workers were (their blocks' seconds / (wall seconds x workers))."""
     net = work.net
     cpu0, idle0 = _worker_cpu(runner), _machine_idle()
-    result = infer_volume(net, {net.spec.inputs[0]: [work.volume]}, store, work.outsz, modes=work.modes,
-                          spectra_cache=work.spectra_cache, scheduler=runner, progress=False, fresh=True)
+    plan = plan_dense(net, {net.spec.inputs[0]: [work.volume]},
+                      DenseOptions(work.outsz, modes=work.modes, spectra_cache=work.spectra_cache))
+    result = infer_volume(DenseRequest(plan, store, scheduler=runner, progress=False, fresh=True))
     cpu1, idle1 = _worker_cpu(runner), _machine_idle()
     idle = None
     if idle0 is not None and idle1 is not None and idle1[1] > idle0[1]:

@@ -80,7 +80,7 @@ def clear_partial(root: str | os.PathLike[str]) -> None:
     shutil.rmtree(Path(root) / PARTIAL_DIR, ignore_errors=True)
 
 
-class AtomicLocalStore(LocalStore):  # type: ignore[misc]
+class AtomicLocalStore(LocalStore):
     """A :class:`zarr.storage.LocalStore` whose ``set`` writes to a temporary file and renames it into place.
 
     ``fsync`` (default on): flush each value to disk before the rename, so that after a power loss a key holds old

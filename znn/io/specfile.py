@@ -13,9 +13,9 @@ from pathlib import Path
 
 from znn.errors import SpecFileError, VolumeError, ZnnFileNotFoundError, closest, where
 from znn.io.inifile import IniFile, parse_ini, read_ini
+from znn.ops.preprocess import IMAGE_PP_TYPES as IMAGE_PP
+from znn.ops.preprocess import LABEL_PP_TYPES as LABEL_PP
 
-IMAGE_PP = ("none", "standard2D", "standard3D", "symetric_rescale")
-LABEL_PP = ("none", "one_class", "binary_class", "affinity", "auto")
 SECTION_KEYS = {
     "image": ("fnames", "pp_types", "is_auto_crop"),
     "label": ("fnames", "pp_types", "fmasks", "is_auto_crop"),

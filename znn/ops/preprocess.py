@@ -35,6 +35,7 @@ whose other end is unlabelled, so the stricter rule is kept).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,10 @@ from znn.errors import ConfigError, ShapeError, closest
 
 __all__ = [
     "IMAGE_PP_TYPES",
+    "ImageStats",
+    "Normalisation",
+    "image_stats",
+    "normalisation",
     "LABEL_PP_TYPES",
     "LABEL_CHANNELS",
     "preprocess_image",
@@ -70,24 +75,90 @@ _AUTO = {"boundary": "binary_class", "affinity": "affinity"}
 # images
 
 
+@dataclass(frozen=True)
+class ImageStats:
+    """What an image preprocessing needs to know of a volume, per z-slice: mean and (population) variance over the
+    slice (``standard2D``) or the whole volume (``standard3D``, the same value on every slice), or the whole
+    volume's ``low``..``high`` range (``symetric_rescale``). Computed in memory by :func:`image_stats` or out of
+    core by dense inference; :func:`normalisation` turns either into the one formula."""
+
+    mean: Array
+    var: Array
+    low: Array
+    high: Array
+
+    @classmethod
+    def of_moments(cls, mean: Array, var: Array) -> "ImageStats":
+        mean = np.asarray(mean, np.float64)
+        return cls(mean, np.asarray(var, np.float64), np.zeros_like(mean), np.zeros_like(mean))
+
+    @classmethod
+    def of_range(cls, low: float, high: float, depth: int) -> "ImageStats":
+        zeros = np.zeros(depth)
+        return cls(zeros, zeros, np.full(depth, float(low)), np.full(depth, float(high)))
+
+
+@dataclass(frozen=True)
+class Normalisation:
+    """Per z-slice: the network sees ``(raw - offset) / divisor + shift``."""
+
+    offset: Array
+    divisor: Array
+    shift: Array
+
+    def apply(self, raw: Array, z_axis: int, dtype: DTypeLike) -> Array:
+        """``raw`` normalised in ``dtype`` arithmetic; its axis ``z_axis`` holds the slices of ``offset`` (etc.)."""
+        where: list[slice | None] = [None] * raw.ndim
+        where[z_axis] = slice(None)
+
+        def per_z(values: Array) -> Array:
+            return np.asarray(values[tuple(where)], dtype=dtype)
+
+        out = (np.asarray(raw, dtype=dtype) - per_z(self.offset)) / per_z(self.divisor)
+        return out + per_z(self.shift) if np.any(self.shift) else out
+
+
+def normalisation(pp_type: str, stats: ImageStats) -> Normalisation:
+    """The one formula from statistics to normalisation: ``standard*`` subtract the mean and divide by the standard
+    deviation (a constant slice is only centred); ``symetric_rescale`` maps low..high onto -1..1 (a constant volume
+    onto 0); ``none`` is the identity. Dividing (not multiplying by a reciprocal) keeps the ends of a rescale at
+    exactly -1 and 1."""
+    if pp_type not in IMAGE_PP_TYPES:
+        raise ConfigError(f"image pp_type {pp_type!r} is not valid; {closest(pp_type, IMAGE_PP_TYPES)}")
+    zeros, ones = np.zeros_like(stats.mean), np.ones_like(stats.mean)
+    if pp_type in ("standard2D", "standard3D"):
+        std = np.sqrt(stats.var)
+        return Normalisation(stats.mean, np.where(std > 0, std, 1.0), zeros)
+    if pp_type == "symetric_rescale":
+        span = stats.high - stats.low
+        spread = span > 0
+        return Normalisation(stats.low, np.where(spread, span / 2, 1.0), np.where(spread, -1.0, 0.0))
+    return Normalisation(zeros, ones, zeros)
+
+
+def image_stats(volume: Array, pp_type: str) -> ImageStats:
+    """The statistics :func:`normalisation` needs for ``pp_type``, of one ``(Z, Y, X)`` channel in memory."""
+    vol = _zyx(volume, "image").astype(np.float64)
+    depth = vol.shape[0]
+    if pp_type == "standard2D":
+        return ImageStats.of_moments(vol.mean(axis=(1, 2)), vol.var(axis=(1, 2)))
+    if pp_type == "standard3D":
+        return ImageStats.of_moments(np.full(depth, vol.mean()), np.full(depth, vol.var()))
+    if pp_type == "symetric_rescale" and vol.size:
+        return ImageStats.of_range(vol.min(), vol.max(), depth)
+    return ImageStats.of_range(0.0, 0.0, depth)
+
+
 def preprocess_image(volume: Array, pp_type: str, dtype: DTypeLike = np.float32) -> Array:
     """One image channel ``(Z, Y, X)`` preprocessed by ``pp_type``; returns a new float array of ``dtype``.
 
-    Statistics are computed in float64 whatever ``dtype`` is.
+    Statistics and arithmetic are in float64 whatever ``dtype`` is.
     """
     if pp_type not in IMAGE_PP_TYPES:
         raise ConfigError(f"image pp_type {pp_type!r} is not valid; {closest(pp_type, IMAGE_PP_TYPES)}")
     vol = _zyx(volume, "image").astype(np.float64)
-    if pp_type == "standard2D":
-        mean = vol.mean(axis=(1, 2), keepdims=True)
-        std = vol.std(axis=(1, 2), keepdims=True)
-        vol = (vol - mean) / np.where(std > 0, std, 1.0)
-    elif pp_type == "standard3D":
-        std = vol.std()
-        vol = (vol - vol.mean()) / (std if std > 0 else 1.0)
-    elif pp_type == "symetric_rescale":
-        low, high = (vol.min(), vol.max()) if vol.size else (0.0, 0.0)
-        vol = (vol - low) / (high - low) * 2 - 1 if high > low else np.zeros_like(vol)
+    if pp_type != "none":
+        vol = normalisation(pp_type, image_stats(vol, pp_type)).apply(vol, 0, np.float64)
     return vol.astype(dtype, copy=False)
 
 

@@ -55,21 +55,23 @@ def test_estimate_grows_with_patch_and_cache_is_shared():
 def test_plan_picks_the_largest_fitting_patch():
     spec = load_network(TINY3D)
     budget = 300 << 20
-    plan = memplan.plan_memory(spec, budget, in_flight=2, baseline=100 << 20, volume_out=(200, 200, 200))
+    plan = memplan.plan_memory(spec, budget, in_flight=2, baseline=100 << 20,
+                               search=memplan.PatchSearch(volume_out=(200, 200, 200)))
     assert plan.chosen is not None and plan.predicted_peak <= budget
     bigger = [c for c in plan.candidates if c.outsz > plan.chosen.outsz and
               c.outsz[0] * c.outsz[1] * c.outsz[2] > plan.chosen.outsz[0] * plan.chosen.outsz[1] * plan.chosen.outsz[2]]
     assert all(c.total(2, 100 << 20) > budget for c in bigger)
     assert "chosen" in plan.table()
-    more = memplan.plan_memory(spec, 4 * budget, in_flight=2, baseline=100 << 20, volume_out=(200, 200, 200))
+    more = memplan.plan_memory(spec, 4 * budget, in_flight=2, baseline=100 << 20,
+                               search=memplan.PatchSearch(volume_out=(200, 200, 200)))
     assert more.chosen.outsz >= plan.chosen.outsz
 
 
 def test_plan_drops_the_spectra_cache_when_short():
     spec = load_network(TINY3D)
-    roomy = memplan.plan_memory(spec, 2 << 30, 1, 0, candidates=[(64, 64, 64)])
+    roomy = memplan.plan_memory(spec, 2 << 30, 1, 0, search=memplan.PatchSearch(candidates=[(64, 64, 64)]))
     tight_need = memplan.block_estimate(spec, (64, 64, 64), spectra_cache=False).total(1, 0)
-    tight = memplan.plan_memory(spec, tight_need + 1, 1, 0, candidates=[(64, 64, 64)])
+    tight = memplan.plan_memory(spec, tight_need + 1, 1, 0, search=memplan.PatchSearch(candidates=[(64, 64, 64)]))
     assert roomy.chosen.spectra_cache and not tight.chosen.spectra_cache
 
 

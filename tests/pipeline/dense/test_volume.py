@@ -28,7 +28,8 @@ from znn.pipeline.dense.grid import block_grid
 from znn.pipeline.dense.inputs import InputFile, mirror_indices
 from znn.pipeline.dense.manifest import MANIFEST_DIR
 from znn.pipeline.dense.outputs import resolve_transform
-from znn.pipeline.dense.volume import infer_volume
+from znn.pipeline.dense.plan import DenseOptions, plan_dense
+from znn.pipeline.dense.volume import DenseRequest, InferenceResult, infer_volume
 from znn.pipeline.forward.blockgraph import BlockForward
 from znn.pipeline.jobs.forward import forward_job
 
@@ -118,6 +119,13 @@ def _reference(net: Network, volumes: dict[str, np.ndarray], mirror: bool, trans
                                             crop[2]:crop[2] + ext[2]])
     y = BlockForward(net, out, mode, spectra_cache=False).forward(feed)
     return {n: apply_transform(v, transform) for n, v in y.items()}
+
+
+def _infer(net: Network, inputs: dict, store: Path, outsz: tuple[int, int, int], *, mirror: bool = True,
+           modes: str = "fft", evaluator: str = "phases", **request) -> InferenceResult:
+    """A dense run of ``net`` planned with these options (the call sites of the tests below)."""
+    plan = plan_dense(net, inputs, DenseOptions(outsz, mirror, modes, evaluator=evaluator))
+    return infer_volume(DenseRequest(plan, store, **request))
 
 
 def _isbi(shape: tuple[int, int, int]) -> np.ndarray:
@@ -266,8 +274,8 @@ def test_n4_isbi_tiled_equals_untiled(tmp_path):
     vol = _isbi((2, 100, 110))
     write_volume(tmp_path / "in.zarr", vol, chunks=(1, 64, 64))
     net = Network.initialise(load_network(need(REFERENCE / "networks" / "N4_relu.znn")), seed=1)
-    res = infer_volume(net, {"input": [InputFile(str(tmp_path / "in.zarr"), "standard2D")]}, tmp_path / "out.zarr",
-                       (1, 60, 64), transform="softmax", num_threads=2, progress=False)
+    res = _infer(net, {"input": [InputFile(str(tmp_path / "in.zarr"), "standard2D")]}, tmp_path / "out.zarr",
+                 (1, 60, 64), transform="softmax", num_threads=2, progress=False)
     assert res.blocks_total == 2 * 2 * 2 and res.out_shape == (2, 100, 110)
     got = read_volume(res.arrays["output"])
     want = _reference(net, {"input": _preprocess(vol, "standard2D")}, True, "softmax")["output"]
@@ -280,7 +288,7 @@ def test_vd2d3d_two_inputs_tiled_equals_untiled(tmp_path):
     net = Network.initialise(load_network(need(REFERENCE / "networks" / "VD2D3D.znn")), seed=2)
     files = {"input": [InputFile(str(tmp_path / "in.h5"), "standard2D")],
              "input-r": [InputFile(str(tmp_path / "in.h5"), "standard2D")]}
-    res = infer_volume(net, files, tmp_path / "out.zarr", (2, 12, 15), num_threads=2, progress=False)
+    res = _infer(net, files, tmp_path / "out.zarr", (2, 12, 15), num_threads=2, progress=False)
     got = read_volume(res.arrays["output"])
     pre = _preprocess(vol, "standard2D")
     want = _reference(net, {"input": pre, "input-r": pre}, True)["output"]
@@ -293,9 +301,9 @@ def test_3d_network_tiled_equals_untiled(tmp_path, mirror, mode):
     vol = rng.integers(0, 255, (20, 27, 25), dtype=np.uint8)
     write_volume(tmp_path / "in.tif", vol)
     net = Network.initialise(load_network(TINY3D), seed=3)
-    res = infer_volume(net, {"input": [str(tmp_path / "in.tif")]}, tmp_path / "out.zarr", (4, 7, 6),
-                       mirror=mirror, modes=mode, num_threads=2, progress=False,
-                       evaluator="phases" if mirror else "graph")
+    res = _infer(net, {"input": [str(tmp_path / "in.tif")]}, tmp_path / "out.zarr", (4, 7, 6),
+                 mirror=mirror, modes=mode, num_threads=2, progress=False,
+                 evaluator="phases" if mirror else "graph")
     got = read_volume(res.arrays["output"])
     want = _reference(net, {"input": vol.astype(np.float32)}, mirror, mode=mode)["output"]
     assert got.shape == want.shape == (2, *((20, 27, 25) if mirror else (9, 16, 14)))
@@ -309,9 +317,9 @@ def test_distributed_cluster_gives_the_same_output(tmp_path, local_client):
     write_volume(tmp_path / "in.zarr", vol)
     net = Network.initialise(load_network(TINY3D), seed=4)
     files = {"input": [str(tmp_path / "in.zarr")]}
-    threads = infer_volume(net, files, tmp_path / "a.zarr", (5, 7, 7), num_threads=2, progress=False)
-    cluster = infer_volume(net, files, tmp_path / "b.zarr", (5, 7, 7), scheduler=make_runner(local_client),
-                           progress=False)
+    threads = _infer(net, files, tmp_path / "a.zarr", (5, 7, 7), num_threads=2, progress=False)
+    cluster = _infer(net, files, tmp_path / "b.zarr", (5, 7, 7), scheduler=make_runner(local_client),
+                     progress=False)
     assert cluster.blocks_run == threads.blocks_run == 8
     np.testing.assert_allclose(read_volume(cluster.arrays["output"]), read_volume(threads.arrays["output"]),
                                rtol=0, atol=1e-5)
@@ -405,10 +413,10 @@ def test_errors_name_the_key_or_file(tmp_path):
     with pytest.raises(ConfigError, match="output_prefix"):
         forward_job(load_job(_job(tmp_path, net, vol, output_prefix=None)), progress=False)
     with pytest.raises(ZnnFileNotFoundError, match="nowhere.tif"):
-        infer_volume(net, {"input": ["nowhere.tif"]}, tmp_path / "x.zarr", (1, 1, 1), progress=False)
+        _infer(net, {"input": ["nowhere.tif"]}, tmp_path / "x.zarr", (1, 1, 1), progress=False)
     two = Network.initialise(parse_network(TINY2D.replace("input hidden\noutput output", "input hidden\noutput second") + TWO_INPUTS))
     with pytest.raises(ConfigError, match="input-r"):
-        infer_volume(two, {"input": [str(tmp_path / "vol.h5")]}, tmp_path / "y.zarr", (1, 1, 1), progress=False)
+        _infer(two, {"input": [str(tmp_path / "vol.h5")]}, tmp_path / "y.zarr", (1, 1, 1), progress=False)
     from znn.cli import main
 
     assert main(["forward", str(_job(tmp_path, net, vol, forward_net=None))]) == 2
@@ -421,6 +429,7 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     from znn.io.netfile import parse_network
     from znn.network import Network
     from znn.pipeline.dense import memplan, volume as inference
+    from znn.pipeline.dense.plan import DenseOptions, plan_dense
 
     def vm():
         for line in open("/proc/self/status"):
@@ -434,10 +443,11 @@ _MEMORY_SCRIPT = textwrap.dedent("""
     resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     base = memplan.process_rss()
     from znn.io.volume import volume_shape_dtype
-    plan = memplan.plan_memory(net.spec, base + extra // 2, in_flight=2, baseline=base,
-                               volume_out=volume_shape_dtype(volume)[0], input_itemsize=1)
-    res = inference.infer_volume(net, {"input": [volume]}, store, plan.chosen.outsz, num_threads=2,
-                                 spectra_cache=plan.chosen.spectra_cache, progress=False)
+    search = memplan.PatchSearch(volume_out=volume_shape_dtype(volume)[0], input_itemsize=1)
+    plan = memplan.plan_memory(net.spec, base + extra // 2, in_flight=2, baseline=base, search=search)
+    dense = plan_dense(net, {"input": [volume]},
+                       DenseOptions(plan.chosen.outsz, spectra_cache=plan.chosen.spectra_cache))
+    res = inference.infer_volume(inference.DenseRequest(dense, store, num_threads=2, progress=False))
     peak = memplan.peak_rss()  # not ru_maxrss: that includes the pytest process this one was forked from
     print(json.dumps({"baseline": base, "predicted": plan.predicted_peak, "peak": peak, "limit_extra": extra,
                       "outsz": plan.chosen.outsz, "blocks": res.blocks_run}))

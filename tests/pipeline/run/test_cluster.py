@@ -26,7 +26,8 @@ from znn.io.netfile import load_network
 from znn.io.volume import read_volume, write_volume
 from znn.network import Network
 from znn.pipeline.dense.manifest import MANIFEST_DIR
-from znn.pipeline.dense.volume import infer_volume
+from znn.pipeline.dense.plan import DenseOptions, plan_dense
+from znn.pipeline.dense.volume import DenseRequest, InferenceResult, infer_volume
 from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
 
 TINY3D = ROOT / "workflows" / "inference" / "tiny3d.znn"
@@ -184,6 +185,11 @@ def _address(scheduler_file: Path, proc: subprocess.Popen[bytes], timeout: float
     raise TimeoutError("dask scheduler did not write its scheduler file")
 
 
+def _infer(net: Network, inputs: dict, store: Path, outsz: tuple[int, int, int], **request: Any) -> InferenceResult:
+    """A dense run of ``net`` in blocks of ``outsz`` (the call sites of the tests below)."""
+    return infer_volume(DenseRequest(plan_dense(net, inputs, DenseOptions(outsz)), store, **request))
+
+
 class _KillAfter:
     """A progress reporter for infer_volume that SIGKILLs a worker process once ``after`` blocks are reported."""
 
@@ -209,7 +215,7 @@ def test_worker_killed_mid_run_gives_the_single_process_output(tmp_path):
     files = {"input": [str(tmp_path / "in.zarr")]}
     outsz = (4, 8, 8)
     total = 6 * 5 * 5
-    want = infer_volume(net, files, tmp_path / "single.zarr", outsz, scheduler="synchronous", progress=False)
+    want = _infer(net, files, tmp_path / "single.zarr", outsz, scheduler="synchronous", progress=False)
 
     procs: list[subprocess.Popen[bytes]] = []
     client = None
@@ -235,8 +241,8 @@ def test_worker_killed_mid_run_gives_the_single_process_output(tmp_path):
             os.kill(pids[addr], signal.SIGKILL)
 
         reporter = _KillAfter(20, kill)
-        got = infer_volume(net, files, tmp_path / "cluster.zarr", outsz, scheduler=make_runner(client),
-                           progress=lambda total, initial: reporter)
+        got = _infer(net, files, tmp_path / "cluster.zarr", outsz, scheduler=make_runner(client),
+                     progress=lambda total, initial: reporter)
         assert reporter.killed_at is not None and reporter.killed_at < total - 20, "killed too late to matter"
         assert victim["busy"], "the killed worker was running no block"
         assert list(client.scheduler_info()["workers"]) != [victim["addr"]]
@@ -244,8 +250,8 @@ def test_worker_killed_mid_run_gives_the_single_process_output(tmp_path):
         assert got.blocks_run == len(got.stats) == total
         np.testing.assert_array_equal(read_volume(got.arrays["output"]), read_volume(want.arrays["output"]))
         assert len(list((tmp_path / "cluster.zarr" / MANIFEST_DIR / "done").iterdir())) == total
-        again = infer_volume(net, files, tmp_path / "cluster.zarr", outsz, scheduler=make_runner(client),
-                             progress=False)
+        again = _infer(net, files, tmp_path / "cluster.zarr", outsz, scheduler=make_runner(client),
+                       progress=False)
         assert (again.blocks_skipped, again.blocks_run) == (total, 0)
     finally:
         if client is not None:
@@ -374,7 +380,7 @@ def test_runner_on_some_workers_runs_every_block_there(tmp_path, local_client):
     one, both = cluster.on_workers(1), cluster.on_workers(2)
     assert one.workers == 1 and len(one.only_workers) == 1 and both.only_workers is None
     pids = local_client.run(os.getpid)
-    got = infer_volume(net, files, tmp_path / "one.zarr", (4, 8, 8), scheduler=one, progress=False)
+    got = _infer(net, files, tmp_path / "one.zarr", (4, 8, 8), scheduler=one, progress=False)
     assert got.blocks_run == 18 and {s["pid"] for s in got.stats} == {pids[one.only_workers[0]]}
     assert all(s["finished"] >= s["started"] for s in got.stats)
     one.close()  # a view: the cluster's client stays open

@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import dask
 import numpy as np
+from dask.base import compute
 
-from znn.errors import ConfigError, ShapeError, VolumeError
+from znn.errors import ConfigError, ShapeError, VolumeError, ZnnFileNotFoundError
+from znn.ops.preprocess import IMAGE_PP_TYPES, ImageStats, Normalisation, normalisation
+from znn.spec import NetworkSpec
 
-PP_TYPES = ("none", "standard2D", "standard3D", "symetric_rescale")
+Shape4 = tuple[int, int, int, int]
 
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -27,55 +29,76 @@ class InputFile:
 
 @dataclass(frozen=True)
 class Source:
-    """A preprocessed input channel group: the file, its (c, z, y, x) shape, and per-z ``offset``/``scale`` such that
-    the network sees ``(raw - offset[z]) * scale[z]``."""
+    """A preprocessed input channel group: the file, its (c, z, y, x) shape, and the per-z normalisation of its
+    preprocessing over the whole volume (what the network sees of it)."""
 
     path: str
-    shape: tuple[int, int, int, int]
-    offset: np.ndarray
-    scale: np.ndarray
+    shape: Shape4
+    norm: Normalisation
 
 
-def _as_4d(shape: Sequence[int], path: str) -> tuple[int, int, int, int]:
-    shape = tuple(int(s) for s in shape)
-    if len(shape) == 2:
-        return (1, 1, *shape)  # type: ignore[return-value]
-    if len(shape) == 3:
-        return (1, *shape)  # type: ignore[return-value]
-    if len(shape) == 4:
-        return shape  # type: ignore[return-value]
-    raise VolumeError(f"{path}: a {len(shape)}D volume; inputs are 2D to 4D (channels, z, y, x)")
+def as_4d(shape: Sequence[int], path: str) -> Shape4:
+    """A volume's shape as (channels, z, y, x)."""
+    dims = tuple(int(s) for s in shape)
+    if len(dims) == 2:
+        return (1, 1, dims[0], dims[1])
+    if len(dims) == 3:
+        return (1, dims[0], dims[1], dims[2])
+    if len(dims) == 4:
+        return (dims[0], dims[1], dims[2], dims[3])
+    raise VolumeError(f"{path}: a {len(dims)}D volume; inputs are 2D to 4D (channels, z, y, x)")
 
 
-def preprocess_stats(path: str, pp: str) -> tuple[np.ndarray, np.ndarray]:
-    """Per-z ``(offset, scale)`` of preprocessing ``pp`` over the whole volume at ``path``, computed out of core.
+def input_files(spec: NetworkSpec, inputs: Mapping[str, Sequence[InputFile | str]]) -> dict[str, list[InputFile]]:
+    """The files of every network input node (a plain path is a file without preprocessing); ConfigError for a
+    node without files, ZnnFileNotFoundError for a file that does not exist."""
+    from znn.io.volume import parse_volume_path
+
+    missing = [n for n in spec.inputs if n not in inputs]
+    if missing:
+        raise ConfigError(f"no input volume for network input(s) {', '.join(missing)}; the network's inputs are "
+                          f"{', '.join(spec.inputs)} (give input1, input2, ... in the sample's [sampleN] section)")
+    files = {n: [f if isinstance(f, InputFile) else InputFile(str(f)) for f in inputs[n]] for n in spec.inputs}
+    for node, found in files.items():
+        for f in found:
+            if not parse_volume_path(f.path).file.exists():
+                raise ZnnFileNotFoundError(f"{f.path}: input volume for network input {node!r} not found")
+    return files
+
+
+def preprocess_stats(path: str, pp: str) -> Normalisation:
+    """Per-z normalisation of preprocessing ``pp`` over the whole volume at ``path``, its statistics computed out
+    of core (one pass over the volume; the formula is :func:`znn.ops.preprocess.normalisation`'s).
 
     ``standard2D``: per slice zero mean, unit (population) std; ``standard3D``: the same over the whole volume;
-    ``symetric_rescale``: min..max to -1..1; ``none``: identity. A constant slice/volume gets scale 1.
+    ``symetric_rescale``: min..max to -1..1; ``none``: identity. A constant slice/volume is only centred.
     """
     from znn.io.volume import open_volume
 
-    if pp not in PP_TYPES:
-        raise ConfigError(f"{path}: preprocessing {pp!r} is not known; use one of {', '.join(PP_TYPES)}")
+    if pp not in IMAGE_PP_TYPES:
+        raise ConfigError(f"{path}: preprocessing {pp!r} is not known; use one of {', '.join(IMAGE_PP_TYPES)}")
     arr = open_volume(path)
-    c, z, _, _ = _as_4d(arr.shape, path)
+    c, z, _, _ = as_4d(arr.shape, path)
     if pp == "none":
-        return np.zeros(z), np.ones(z)
-    vol = arr.reshape((c, z, *arr.shape[-2:])).astype(np.float64)
-    with dask.config.set(scheduler="threads"):
-        if pp == "standard2D":
-            mean, sq = dask.compute(vol.mean(axis=(0, 2, 3)), (vol * vol).mean(axis=(0, 2, 3)))
-        elif pp == "standard3D":
-            m, s = dask.compute(vol.mean(), (vol * vol).mean())
-            mean, sq = np.full(z, m), np.full(z, s)
-        else:
-            lo, hi = dask.compute(vol.min(), vol.max())
-            span = float(hi - lo)
-            scale = 2.0 / span if span > 0 else 1.0
-            # 2 (x - lo) / span - 1 = (x - (lo + span / 2)) * 2 / span
-            return np.full(z, float(lo) + span / 2), np.full(z, scale)
-    std = np.sqrt(np.maximum(np.asarray(sq) - np.asarray(mean) ** 2, 0.0))
-    return np.asarray(mean, np.float64), np.where(std > 0, 1.0 / np.where(std > 0, std, 1.0), 1.0)
+        return normalisation(pp, ImageStats.of_range(0.0, 0.0, z))
+    vol = arr.reshape((c, z, *arr.shape[-2:])).astype(np.float64)  # type: ignore[no-untyped-call]
+    return normalisation(pp, _volume_stats(vol, pp))
+
+
+def _volume_stats(vol: Any, pp: str) -> ImageStats:
+    """The statistics of ``pp`` of a lazy (c, z, y, x) float64 volume: moments E[x], E[x^2] (the variance is
+    their difference: one pass) or the range."""
+    z = vol.shape[1]
+    if pp == "standard2D":
+        mean, sq = compute(vol.mean(axis=(0, 2, 3)), (vol * vol).mean(axis=(0, 2, 3)), scheduler="threads")  # type: ignore[no-untyped-call]
+    elif pp == "standard3D":
+        m, s = compute(vol.mean(), (vol * vol).mean(), scheduler="threads")  # type: ignore[no-untyped-call]
+        mean, sq = np.full(z, m), np.full(z, s)
+    else:
+        low, high = compute(vol.min(), vol.max(), scheduler="threads")  # type: ignore[no-untyped-call]
+        return ImageStats.of_range(float(low), float(high), z)
+    mean = np.asarray(mean, np.float64)
+    return ImageStats.of_moments(mean, np.maximum(np.asarray(sq) - mean**2, 0.0))
 
 
 def open_sources(files: Sequence[InputFile]) -> list[Source]:
@@ -84,8 +107,7 @@ def open_sources(files: Sequence[InputFile]) -> list[Source]:
     out = []
     for f in files:
         shape, _ = volume_shape_dtype(f.path)
-        offset, scale = preprocess_stats(f.path, f.pp)
-        out.append(Source(f.path, _as_4d(shape, f.path), offset, scale))
+        out.append(Source(f.path, as_4d(shape, f.path), preprocess_stats(f.path, f.pp)))
     return out
 
 
@@ -131,9 +153,8 @@ def read_region(src: Source, lo: Sequence[int], size: Sequence[int], mirror: boo
     else:
         raw = np.asarray(arr[(slice(None), *sl)].compute(scheduler="sync"))
     z0, z1 = box[0]
-    offset = src.offset[z0:z1].astype(dtype)[None, :, None, None]
-    scale = src.scale[z0:z1].astype(dtype)[None, :, None, None]
-    data = (raw.astype(dtype) - offset) * scale
+    norm = src.norm
+    data = Normalisation(norm.offset[z0:z1], norm.divisor[z0:z1], norm.shift[z0:z1]).apply(raw, 1, dtype)
     local = [i - a for i, (a, _) in zip(idx, box)]
     if all(len(li) == b - a and (li == np.arange(b - a)).all() for li, (a, b) in zip(local, box)):
         return np.ascontiguousarray(data)

@@ -30,12 +30,14 @@ from typing import Any
 from znn.errors import ShapeError
 from znn.ops import fft as fftops
 from znn.pipeline.graph.plan import NetPlan, make_plan
-from znn.spec import NetworkSpec, Triple
+from znn.spec import NetworkSpec
 from znn.text import format_bytes, format_table, parse_bytes, zyx
+from znn.types import Triple
 
 __all__ = [
     "BlockEstimate",
     "MemoryPlan",
+    "PatchSearch",
     "parse_bytes",
     "format_bytes",
     "process_rss",
@@ -179,7 +181,7 @@ def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tupl
 
 def _phase_geometry(plan: NetPlan, name: str) -> tuple[int, Triple, Triple, int]:
     """(phases, phase length, FFT shape, spectrum size) of a conv edge run by the phase evaluator."""
-    ep, edge = plan.edges[name], plan.spec.edges[name]
+    ep = plan.edges[name]
     lengths = tuple(-(-n // d) for n, d in zip(ep.need, ep.dilation))
     shape = tuple(fftops.fast_len(n) for n in lengths)
     return math.prod(ep.dilation), lengths, shape, _vox(fftops.spectrum_shape(shape))  # type: ignore[return-value]
@@ -221,7 +223,7 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
     ``evaluator`` the block evaluator of :mod:`znn.pipeline.forward.evaluators` (``phases`` or ``graph``).
     """
     working = _edge_working_phases if evaluator == "phases" else _edge_working
-    plan = make_plan(spec, tuple(int(v) for v in outsz), modes)  # type: ignore[arg-type]
+    plan = make_plan(spec, tuple(int(v) for v in outsz), modes)
     extent = plan.layout.extent
     node_bytes = {n: spec.nodes[n].size * _vox(extent[n]) * itemsize for n in spec.nodes}
     consumers = {n: len(spec.outgoing[n]) for n in spec.nodes}
@@ -292,7 +294,7 @@ def _seconds(plan: NetPlan, name: str, spectra_cache: bool) -> tuple[float, floa
 def choose_modes(spec: NetworkSpec, outsz: Sequence[int], spectra_cache: bool = True) -> dict[str, str]:
     """Per conv edge, ``fft`` or ``direct``, whichever the speed model above predicts faster for one block (used
     for ``optimize`` when the autotuner is absent, and by the forward benchmark)."""
-    plan = make_plan(spec, tuple(int(v) for v in outsz), "fft")  # type: ignore[arg-type]
+    plan = make_plan(spec, tuple(int(v) for v in outsz), "fft")
     modes: dict[str, str] = {}
     for name in spec.conv_edges():
         direct, fft = _seconds(plan, name, spectra_cache)
@@ -303,7 +305,7 @@ def choose_modes(spec: NetworkSpec, outsz: Sequence[int], spectra_cache: bool = 
 def predicted_seconds(spec: NetworkSpec, outsz: Sequence[int], modes: Mapping[str, str],
                       spectra_cache: bool = True) -> float:
     """Predicted seconds of the conv layers of one block (one thread) under ``modes``."""
-    plan = make_plan(spec, tuple(int(v) for v in outsz), "fft")  # type: ignore[arg-type]
+    plan = make_plan(spec, tuple(int(v) for v in outsz), "fft")
     return sum(_seconds(plan, e, spectra_cache)[0 if modes.get(e) == "direct" else 1] for e in spec.conv_edges())
 
 
@@ -345,22 +347,44 @@ def candidate_patches(spec: NetworkSpec, volume_out: Sequence[int] | None = None
 
 
 # -------------------------------------------------------------------------------------------------- the plan
+@dataclass(frozen=True)
+class PatchSearch:
+    """Which output patches the planner tries and what one block of them reads and holds.
+
+    ``volume_out``: the output volume (candidates are clipped to it and evened out over it); ``itemsize``: the
+    network's float size; ``input_itemsize``: that of the stored input volume; ``spectra_cache``: None tries
+    caching kernel spectra and recomputing them, True or False forces one; ``candidates``: the patches to try
+    (default :func:`candidate_patches`)."""
+
+    volume_out: Sequence[int] | None = None
+    itemsize: int = 4
+    input_itemsize: int = 1
+    spectra_cache: bool | None = None
+    candidates: Sequence[Sequence[int]] | None = None
+
+    def patches(self, spec: NetworkSpec) -> list[Triple]:
+        found = [tuple(int(v) for v in p) for p in (self.candidates or candidate_patches(spec, self.volume_out))]
+        if self.volume_out is None:
+            return found  # type: ignore[return-value]
+        # same block count, blocks of even size: no block computes mostly overlap
+        volume_out = self.volume_out
+        return sorted({_even(volume_out, p) for p in found}, key=lambda t: (math.prod(t), t))
+
+
 def plan_memory(spec: NetworkSpec, budget: int, in_flight: int = 1, baseline: int | None = None,
-                modes: str | Mapping[str, str] = "fft", volume_out: Sequence[int] | None = None,
-                itemsize: int = 4, input_itemsize: int = 1, spectra_cache: bool | None = None,
-                candidates: Sequence[Sequence[int]] | None = None) -> MemoryPlan:
-    """Pick the largest candidate output patch whose predicted peak fits ``budget`` bytes.
+                modes: str | Mapping[str, str] = "fft", search: PatchSearch | None = None) -> MemoryPlan:
+    """Pick the largest candidate output patch (of ``search``) whose predicted peak fits ``budget`` bytes.
 
     ``in_flight`` blocks run at once (each with its own memory); ``baseline`` is the process's memory before any
     block (default: measured now). Kernel spectra are cached across blocks when that fits, else recomputed per
-    block (``spectra_cache`` forces one or the other). ``modes`` may be ``optimize`` (chosen per patch by
+    block (``search.spectra_cache`` forces one or the other). ``modes`` may be ``optimize`` (chosen per patch by
     :func:`choose_modes`). Raises :class:`ShapeError` if not even the smallest candidate fits.
     """
+    search = search or PatchSearch()
     base = process_rss() if baseline is None else int(baseline)
-    patches = [tuple(int(v) for v in p) for p in (candidates or candidate_patches(spec, volume_out))]
-    if volume_out is not None:  # same block count, blocks of even size: no block computes mostly overlap
-        patches = sorted({_even(volume_out, p) for p in patches}, key=lambda t: (math.prod(t), t))
-    options = (True, False) if spectra_cache is None else (spectra_cache,)
+    patches = search.patches(spec)
+    volume_out, itemsize, input_itemsize = search.volume_out, search.itemsize, search.input_itemsize
+    options = (True, False) if search.spectra_cache is None else (search.spectra_cache,)
     estimates: list[BlockEstimate] = []
     chosen: BlockEstimate | None = None
     busy: BlockEstimate | None = None  # the largest that fits and still gives every block in flight work
@@ -389,7 +413,7 @@ def plan_memory(spec: NetworkSpec, budget: int, in_flight: int = 1, baseline: in
 
 
 def plan_parallel(spec: NetworkSpec, budget: int, cores: int, baseline: int | None = None,
-                  modes: str | Mapping[str, str] = "fft", **options: Any) -> MemoryPlan:
+                  modes: str | Mapping[str, str] = "fft", search: PatchSearch | None = None) -> MemoryPlan:
     """:func:`plan_memory` for one block per core, and for one block using every core; the plan whose chosen patch
     promises more output voxels per second (by the speed model of :func:`predicted_seconds`) wins. Its
     ``in_flight`` says how many blocks run at once (each on ``cores // in_flight`` threads)."""
@@ -398,7 +422,7 @@ def plan_parallel(spec: NetworkSpec, budget: int, cores: int, baseline: int | No
     failure: ShapeError | None = None
     for in_flight in sorted({max(1, cores), 1}, reverse=True):
         try:
-            plan = plan_memory(spec, budget, in_flight, base, modes, **options)
+            plan = plan_memory(spec, budget, in_flight, base, modes, search)
         except ShapeError as exc:
             failure = exc
             continue

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from znn.errors import ConfigError
 from znn.ops.transform import OUTPUT_TRANSFORMS
@@ -50,27 +49,7 @@ def output_paths(prefix: str | Path, sample: int, fmt: str, outputs: Sequence[st
 
 def export_outputs(result: InferenceResult, targets: Mapping[str, str]) -> None:
     """Copy the zarr outputs into h5 or tif files (block by block, never the whole volume at once for h5)."""
-    from znn.io.volume import open_volume, parse_volume_path, write_volume
+    from znn.io.stores import export_volume
 
     for node, target in targets.items():
-        vp = parse_volume_path(target)
-        src = open_volume(result.arrays[node])
-        if vp.format == "h5":
-            _write_h5(vp.file, vp.key or node, src)
-        else:
-            write_volume(target, src, overwrite=True)
-
-
-def _write_h5(path: Path, key: str, src: Any) -> None:
-    import h5py
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with h5py.File(path, "a") as f:
-        if key in f:
-            del f[key]
-        chunks = tuple(min(c, s) for c, s in zip(src.chunksize, src.shape))
-        dset = f.create_dataset(key, shape=src.shape, dtype=src.dtype, chunks=chunks)
-        from znn.io.volume import iter_blocks
-
-        for sl, block in iter_blocks(src, batch=1):
-            dset[sl] = block
+        export_volume(result.arrays[node], target, node)

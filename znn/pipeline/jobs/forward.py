@@ -18,16 +18,25 @@ from znn.errors import ConfigError, ZnnFileNotFoundError
 from znn.io.config import Job
 from znn.network import Network
 from znn.pipeline.dense import memplan
-from znn.pipeline.dense.grid import output_shape
 from znn.pipeline.dense.inputs import InputFile
 from znn.pipeline.dense.outputs import (
     export_outputs,
     output_paths,
     resolve_transform,
 )
-from znn.pipeline.dense.volume import InferenceResult, infer_volume
+from znn.pipeline.dense.plan import (
+    DenseOptions,
+    DensePlan,
+    MemoryBudget,
+    memory_plan,
+    patch_search,
+    plan_dense,
+)
+from znn.pipeline.dense.volume import DenseRequest, InferenceResult, infer_volume
+from znn.pipeline.run.schedulers import Runner, cores, make_runner, resolve_scheduler
+from znn.types import Triple
 
-__all__ = ["register", "load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup"]
+__all__ = ["load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup", "default_memory"]
 
 
 def load_forward_network(job: Job) -> Network:
@@ -65,41 +74,6 @@ def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[Inpu
     return result
 
 
-def _modes(job: Job, net: Network, outsz: Any, cache: bool, block_threads: int) -> Any:
-    """``forward_conv_mode``; ``optimize`` is resolved per layer by timing both modes of the phase evaluator that
-    dense inference runs, on this block's shapes and threads (:func:`~znn.pipeline.forward.autotune.inference_modes`)."""
-    from znn.pipeline.forward.autotune import inference_modes
-
-    return inference_modes(net.spec, outsz, job.forward_conv_mode, net.dtype, cache, block_threads)
-
-
-def _volume_out(job: Job, files: dict[str, list[InputFile]], net: Network) -> tuple[int, int, int]:
-    from znn.io.volume import volume_shape_dtype
-
-    shape, _ = volume_shape_dtype(next(iter(files.values()))[0].path)
-    vol = tuple(int(s) for s in shape[-3:]) if len(shape) >= 3 else (1, *shape)
-    fov = net.spec.layout((1, 1, 1)).fov
-    return output_shape(vol, fov, job.is_bd_mirror)  # type: ignore[arg-type]
-
-
-def _threaded(scheduler: str) -> bool:
-    return scheduler == "threads"
-
-
-def _in_flight(job: Job, scheduler: str) -> int:
-    """Blocks in memory at once in one process: one per thread in-process; one per (single-threaded) worker
-    process on a cluster, whose memory the plan is for."""
-    from znn.pipeline.run.schedulers import cores
-
-    return cores(job.num_threads) if _threaded(scheduler) else 1
-
-
-def _input_itemsize(files: dict[str, list[InputFile]]) -> int:
-    from znn.io.volume import volume_shape_dtype
-
-    return max(volume_shape_dtype(f.path)[1].itemsize for fs in files.values() for f in fs)
-
-
 def default_memory() -> int:
     """Memory the planner may use when none is given: what the OS reports available, less 10%."""
     try:
@@ -111,37 +85,66 @@ def default_memory() -> int:
     return 8 << 30
 
 
+def _memory_budget(job: Job, scheduler: str, memory: int | None, baseline: int | None = None) -> MemoryBudget:
+    """``memory`` (default: what is available) for the blocks one process holds on ``scheduler``: one per thread
+    in-process; one per (single-threaded) worker process on a cluster, whose memory the plan is for."""
+    budget = memory if memory is not None else default_memory()
+    return MemoryBudget(budget, cores(job.num_threads), scheduler == "threads", baseline)
+
+
 def plan_job(job: Job, memory: int | None, net: Network | None = None, sample_id: int | None = None,
              baseline: int | None = None, scheduler: str | None = None) -> memplan.MemoryPlan:
     """The memory plan of the job's network for its first forward sample (or ``sample_id``), for the blocks one
     process holds on ``scheduler`` (resolved with the job's key and dask config when not given)."""
-    from znn.pipeline.run.schedulers import resolve_scheduler
-
     scheduler = resolve_scheduler(scheduler, job)
-    net = net or load_forward_network(job)
+    net = (net or load_forward_network(job)).sliding_window()
     sample_id = sample_id if sample_id is not None else job.require("forward_range")[0]
-    files = sample_inputs(job, net, sample_id)
-    modes = job.forward_conv_mode
-    budget = memory if memory is not None else default_memory()
-    cache = None if job.spectra_cache else False
-    options: dict[str, Any] = {"volume_out": _volume_out(job, files, net), "itemsize": net.dtype.itemsize,
-                               "input_itemsize": _input_itemsize(files), "spectra_cache": cache}
-    if _threaded(scheduler):  # one block per thread, or all threads on bigger blocks
-        return memplan.plan_parallel(net.spec, budget, _in_flight(job, scheduler), baseline, modes, **options)
-    return memplan.plan_memory(net.spec, budget, _in_flight(job, scheduler), baseline, modes, **options)
+    search = patch_search(net, sample_inputs(job, net, sample_id), job.is_bd_mirror, bool(job.spectra_cache))
+    return memory_plan(net.spec, _memory_budget(job, scheduler, memory, baseline), job.forward_conv_mode, search)
 
 
 @dataclass
 class ForwardSetup:
-    """What `znn forward` decided for one sample before running it."""
+    """What `znn forward` decided for one sample before running it: its dense plan and output transform."""
 
     sample: int
-    outsz: tuple[int, int, int]
-    spectra_cache: bool
-    modes: Any
     transform: str
-    plan: memplan.MemoryPlan | None
-    block_threads: int = 1
+    dense: DensePlan
+
+    @property
+    def outsz(self) -> Triple:
+        return self.dense.outsz
+
+    @property
+    def spectra_cache(self) -> bool:
+        return self.dense.block.spectra_cache
+
+    @property
+    def modes(self) -> Any:
+        return self.dense.block.modes
+
+    @property
+    def block_threads(self) -> int:
+        return self.dense.block.block_threads
+
+    @property
+    def plan(self) -> memplan.MemoryPlan | None:
+        """The memory plan behind the block, when one was made (``auto`` block, or a memory budget)."""
+        return self.dense.memory
+
+
+@dataclass(frozen=True)
+class _ForwardRun:
+    """What every sample of one forward job shares."""
+
+    job: Job
+    net: Network
+    transform: str
+    options: DenseOptions
+    runner: Runner
+    progress: Any
+    fresh: bool
+    on_setup: Callable[[ForwardSetup], None] | None
 
 
 def forward_job(job: Job, transform: str = "auto", memory: int | None = None, outsz: Any = None,
@@ -150,51 +153,32 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
                 scheduler: str | None = None) -> list[InferenceResult]:
     """Run the job's forward pass over every sample of ``forward_range``; returns one result per sample.
 
-    ``scheduler`` (``--scheduler``) overrides the job's key (:func:`~znn.pipeline.run.schedulers.resolve_scheduler`);
-    one runner (one cluster for ``local``) serves every sample."""
-    from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
-
+    ``memory`` (a budget in bytes) plans ``forward_outsz = auto`` and whether kernel spectra are cached; ``outsz``
+    overrides ``forward_outsz``. ``scheduler`` (``--scheduler``) overrides the job's key
+    (:func:`~znn.pipeline.run.schedulers.resolve_scheduler`); one runner (one cluster for ``local``) serves every
+    sample."""
     scheduler = resolve_scheduler(scheduler, job)
     net = load_forward_network(job)
     samples = job.require("forward_range")
-    prefix = job.require("output_prefix")
+    job.require("output_prefix")
     transform = resolve_transform(transform, net.spec, job.out_type, job.cost_fn)
-    with make_runner(scheduler, job.num_threads) as runner:
-        return [_forward_sample(job, net, sample, prefix, transform, memory, outsz, fresh, progress, on_setup,
-                                scheduler, runner) for sample in samples]
-
-
-def _forward_sample(job: Job, net: Network, sample: int, prefix: str, transform: str, memory: int | None,
-                    outsz: Any, fresh: bool, progress: Any, on_setup: Callable[[ForwardSetup], None] | None,
-                    scheduler: str, runner: Any) -> InferenceResult:
-    files = sample_inputs(job, net, sample)
     patch = outsz or job.forward_outsz
-    plan = None
-    cache = bool(job.spectra_cache)
-    block_threads = 1
-    if patch == "auto" or memory is not None:
-        plan = plan_job(job, memory, net, sample, scheduler=scheduler)
-        assert plan.chosen is not None
-        if patch == "auto":
-            patch = plan.chosen.outsz
-            cache = cache and plan.chosen.spectra_cache
-            if _threaded(scheduler):
-                block_threads = max(1, _in_flight(job, scheduler) // plan.in_flight)
-        else:
-            est = memplan.block_estimate(net.spec, patch, job.forward_conv_mode if job.forward_conv_mode !=
-                                         "optimize" else "fft", cache, net.dtype.itemsize)
-            if cache and est.total(plan.in_flight, plan.baseline) > plan.budget:
-                cache = False  # kernel spectra do not fit beside the blocks: recompute them per block
-    patch = tuple(int(v) for v in patch)
-    modes = _modes(job, net, patch, cache, block_threads)
-    setup = ForwardSetup(sample, patch, cache, modes, transform, plan, block_threads)  # type: ignore[arg-type]
-    if on_setup is not None:
-        on_setup(setup)
-    store = output_paths(prefix, sample, "zarr", net.spec.outputs)
-    store_dir = Path(next(iter(store.values()))).parent
-    result = infer_volume(net, files, store_dir, patch, mirror=job.is_bd_mirror, modes=modes,
-                          transform=transform, scheduler=runner, num_threads=job.num_threads,
-                          spectra_cache=cache, progress=progress, fresh=fresh, block_threads=block_threads)
+    budget = _memory_budget(job, scheduler, memory) if patch == "auto" or memory is not None else None
+    options = DenseOptions(patch, job.is_bd_mirror, job.forward_conv_mode, bool(job.spectra_cache), memory=budget)
+    with make_runner(scheduler, job.num_threads) as runner:
+        run = _ForwardRun(job, net, transform, options, runner, progress, fresh, on_setup)
+        return [_forward_sample(run, sample) for sample in samples]
+
+
+def _forward_sample(run: _ForwardRun, sample: int) -> InferenceResult:
+    job, outputs = run.job, run.net.spec.outputs
+    plan = plan_dense(run.net, sample_inputs(job, run.net, sample), run.options)
+    if run.on_setup is not None:
+        run.on_setup(ForwardSetup(sample, run.transform, plan))
+    prefix = job.require("output_prefix")
+    store = Path(next(iter(output_paths(prefix, sample, "zarr", outputs).values()))).parent
+    result = infer_volume(DenseRequest(plan, store, run.transform, run.runner, job.num_threads, run.progress,
+                                       run.fresh))
     if job.output_format != "zarr":
-        export_outputs(result, output_paths(prefix, sample, job.output_format, net.spec.outputs))
+        export_outputs(result, output_paths(prefix, sample, job.output_format, outputs))
     return result

@@ -38,20 +38,22 @@ class Progress:
 
     Thread-safe. ``rate_fields`` names keyword fields of :meth:`update` that are summed and shown as a rate per
     second (``voxels`` -> ``1.2M voxels/s``); other fields are shown as their latest value. ``initial`` units may
-    count as already done (skipped work): they are shown but excluded from the rate and ETA.
+    count as already done (skipped work): they are shown but excluded from the rate and ETA. The bar is drawn when
+    ``stream`` is a terminal (``tty``, an attribute to override), at most every ``min_interval`` seconds.
     """
+
+    min_interval = 0.2
 
     def __init__(self, total: int, unit: str = "items", label: str = "", stream: TextIO | None = None, *,
                  initial: int = 0, rate_fields: Iterable[str] = ("voxels",), every_percent: float = 10.0,
-                 min_interval: float = 0.2, enabled: bool = True, tty: bool | None = None):
+                 enabled: bool = True):
         self.total = max(0, int(total))
         self.unit = unit
         self.label = label
         self.stream = stream if stream is not None else sys.stderr
         self.enabled = enabled
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)()) if tty is None else tty
+        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self.every_percent = every_percent
-        self.min_interval = min_interval
         self.rate_fields = tuple(rate_fields)
         self.initial = int(initial)
         self.count = int(initial)

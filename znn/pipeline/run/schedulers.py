@@ -16,16 +16,18 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
 import dask
 from dask.base import annotate
 from dask.callbacks import Callback, normalize_callback
+from dask.local import get_sync
+from dask.threaded import get as threaded_get
 from distributed.diagnostics.plugin import WorkerPlugin
-from threadpoolctl import threadpool_limits
+from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
 
 from znn.environment import STARTING_ENVIRONMENT
 from znn.errors import ConfigError
@@ -77,25 +79,50 @@ class Runner:
     # on a cluster: the worker addresses tasks may run on (None: any worker)
     only_workers: tuple[str, ...] | None = None
 
-    def get(self, dsk: dict[Any, Any], keys: Any, priority: dict[Any, int] | None = None) -> Any:
-        """Compute ``keys`` of ``dsk``; among ready tasks, those of higher ``priority`` (key -> number, every key
-        of ``dsk``) start first: dask's own order breaks ties, and without it dask's order alone decides."""
-        # BLAS stays single-threaded inside tasks on every scheduler: parallelism comes from dask, and the same
-        # kernels then give the same bits everywhere (a multi-threaded GEMM may sum in another order).
+    def get(self, dsk: dict[Any, Any], keys: list[Any], priority: dict[Any, int] | None = None) -> list[Any]:
+        """The values of ``keys`` of ``dsk``, in order; among ready tasks, those of higher ``priority`` (key ->
+        number, every key of ``dsk``) start first: dask's own order breaks ties, and without it dask's order alone
+        decides."""
+        values: dict[Any, Any] = {}
+        self.run(dsk, keys, values.__setitem__, priority)
+        return [values[key] for key in keys]
+
+    def run(self, dsk: dict[Any, Any], keys: list[Any], report: Callable[[Any, Any], None],
+            priority: dict[Any, int] | None = None, threads_per_task: int = 1) -> None:
+        """Compute ``keys`` of ``dsk`` wherever this runner runs, calling ``report(key, value)`` once per key as it
+        finishes; nothing is kept here, so results that ``report`` drops are freed.
+
+        In-process (synchronous, or ``workers // threads_per_task`` threads) BLAS stays single-threaded: parallelism
+        comes from dask, and the same kernels then give the same bits everywhere (a multi-threaded GEMM may sum in
+        another order). On a cluster each result is released once collected: the scheduler then forgets it, so a
+        worker dying later costs only the tasks it was running (recomputed on another worker), not results already
+        reported."""
+        if not self.distributed:
+            with single_threaded_kernels():
+                self._run_here(dsk, keys, report, priority, max(1, self.workers // max(1, threads_per_task)))
+            return
+        from distributed import as_completed
+
+        with annotate(priority=priority.get) if priority else nullcontext():
+            # the scheduler calls a callable annotation with each key; a dict's own get needs no znn there
+            futures = self.client.get(dsk, keys, sync=False, workers=self.only_workers)
+        for future in as_completed(futures):  # type: ignore[no-untyped-call]
+            value = future.result()
+            future.release()
+            report(future.key, value)
+
+    def _run_here(self, dsk: dict[Any, Any], keys: list[Any], report: Callable[[Any, Any], None],
+                  priority: dict[Any, int] | None, num_workers: int) -> None:
         # dask's local schedulers take explicit callbacks instead of the active ones, so those are passed on too
-        ordering = normalize_callback(PriorityOrder(priority)) if priority else None  # type: ignore[no-untyped-call]
-        callbacks = [*Callback.active, ordering] if ordering else None
+        reporter = _Reporter(keys, report)
+        callbacks = [*Callback.active, normalize_callback(reporter)]  # type: ignore[no-untyped-call]
+        if priority:
+            callbacks.append(normalize_callback(PriorityOrder(priority)))  # type: ignore[no-untyped-call]
         if self.kind == "synchronous":
-            with threadpool_limits(limits=1):
-                return dask.get(dsk, keys, callbacks=callbacks)
-        if self.kind == "threads":
-            with threadpool_limits(limits=1):
-                return dask.threaded.get(dsk, keys, num_workers=self.workers, callbacks=callbacks)
-        if not priority:
-            return self.client.get(dsk, keys, workers=self.only_workers)
-        # the scheduler calls a callable annotation with each key; a dict's own get needs no znn on the scheduler
-        with annotate(priority=priority.get):
-            return self.client.get(dsk, keys, workers=self.only_workers)
+            values = get_sync(dsk, keys, callbacks=callbacks)
+        else:
+            values = threaded_get(dsk, keys, num_workers=num_workers, callbacks=callbacks)
+        reporter.finish(values)
 
     def on_workers(self, count: int) -> "Runner":
         """A runner for the first ``count`` workers (by address) of this cluster: the others stay idle. It shares
@@ -121,7 +148,7 @@ class Runner:
         """
         if self.client is None:
             return
-        import pyfftw
+        import pyfftw  # type: ignore[import-untyped]
 
         self.client.register_plugin(_WisdomPlugin(pyfftw.export_wisdom()), name="znn-fftw-wisdom")
 
@@ -149,6 +176,28 @@ class Runner:
         self.close()
 
 
+class _Reporter(Callback):
+    """Reports each wanted key's value as its task finishes (dask's local schedulers call ``posttask`` in the
+    thread that runs the scheduler); :meth:`finish` reports the keys no task computed (values given in the graph)."""
+
+    def __init__(self, keys: list[Any], report: Callable[[Any, Any], None]):
+        super().__init__(posttask=self._posttask)  # type: ignore[no-untyped-call]
+        self.keys = keys
+        self.pending = set(keys)
+        self.report = report
+
+    def _posttask(self, key: Any, result: Any, dsk: Any, state: Any, worker_id: Any) -> None:
+        if key in self.pending:
+            self.pending.discard(key)
+            self.report(key, result)
+
+    def finish(self, values: Any) -> None:
+        for key, value in zip(self.keys, values):
+            if key in self.pending:
+                self.pending.discard(key)
+                self.report(key, value)
+
+
 class PriorityOrder(Callback):
     """Makes dask's local schedulers start the ready task of highest priority first.
 
@@ -168,7 +217,7 @@ class PriorityOrder(Callback):
         self._sort(dsk, state)
 
 
-class _WisdomPlugin(WorkerPlugin):  # type: ignore[misc]
+class _WisdomPlugin(WorkerPlugin):
     """A dask worker plugin importing FFTW wisdom at worker start (and at registration)."""
 
     def __init__(self, wisdom: tuple[bytes, ...]):
@@ -246,7 +295,7 @@ def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runne
     if scheduler == "local":
         return local_runner(n)
     try:
-        client = Client(scheduler, timeout=dask.config.get("znn.connect-timeout", "10s"))
+        client = Client(scheduler, timeout=dask.config.get("znn.connect-timeout", "10s"))  # type: ignore[no-untyped-call]
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one with "
                           "`dask scheduler` (see workflows/cluster/) or use scheduler = local") from None
@@ -280,9 +329,9 @@ def local_runner(n: int, tuned: bool = True) -> Runner:
         if settings.get(_PRE_SPAWN + name, "kept") is None:
             os.environ.pop(name, None)  # left here by the nanny of an earlier cluster, not set by the user
     with dask.config.set(settings):  # read by the scheduler and nannies here, passed on
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1, host=host, dashboard_address=f"{host}:0",
-                               processes=True)
-    client = Client(cluster)
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1,  # type: ignore[no-untyped-call]
+                               host=host, dashboard_address=f"{host}:0", processes=True)
+    client = Client(cluster)  # type: ignore[no-untyped-call]
     print(f"local dask cluster: {n} single-threaded worker process(es), scheduler {cluster.scheduler_address}, "
           f"dashboard {client.dashboard_link}", file=sys.stderr, flush=True)
     return Runner("distributed", n, client, cluster, _owns_client=True)

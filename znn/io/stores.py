@@ -1,0 +1,104 @@
+"""Output stores of dense inference: zarr arrays written block by block, and their export to h5.
+
+The output of a dense run is one zarr directory with one array per network output node group, whose chunks are
+the output blocks (no two block tasks write one chunk). Blocks are written through
+:class:`~znn.io.atomic_store.AtomicLocalStore` (each chunk a temporary file renamed into place), so a writer killed
+mid-write never leaves a half-written chunk. This module is the one place dense inference creates, opens and
+writes those arrays, and the one place it writes h5 exports.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from znn.io.atomic_store import AtomicLocalStore, clear_partial
+
+__all__ = ["ArrayLayout", "arrays_match", "create_arrays", "write_region", "export_volume", "clear_partial"]
+
+
+@dataclass(frozen=True)
+class ArrayLayout:
+    """The shape and chunk shape of one array of a store."""
+
+    shape: tuple[int, ...]
+    chunks: tuple[int, ...]
+
+
+def arrays_match(store: str | Path, layouts: Mapping[str, ArrayLayout]) -> bool:
+    """Whether ``store`` holds every array of ``layouts`` readable, with that shape and those chunks."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    try:
+        for name, layout in layouts.items():
+            array = zarr.open_array(LocalStore(str(store)), path=name, mode="r")
+            if tuple(array.shape) != layout.shape or tuple(array.chunks) != layout.chunks:
+                return False
+    except Exception:  # noqa: BLE001 - any unreadable array means: it does not match
+        return False
+    return True
+
+
+def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: str) -> dict[str, str]:
+    """Create (or replace) the arrays of ``layouts`` in ``store``, filled with 0; returns name -> volume path."""
+    import zarr
+
+    root = zarr.open_group(AtomicLocalStore(str(store)), mode="a")
+    for name, layout in layouts.items():
+        root.create_array(name, shape=layout.shape, chunks=layout.chunks, dtype=dtype, fill_value=0,
+                          overwrite=True)
+    return {name: f"{store}/{name}" for name in layouts}
+
+
+_OPEN: dict[tuple[str, str], Any] = {}
+_OPEN_LOCK = threading.Lock()
+
+
+def _opened_for_writing(store: str, name: str) -> Any:
+    """Array ``name`` of ``store`` opened for atomic chunk writes, once per process (every block task reuses it)."""
+    import zarr
+
+    key = (store, name)
+    with _OPEN_LOCK:
+        if key not in _OPEN:
+            _OPEN[key] = zarr.open_array(AtomicLocalStore(store), path=name, mode="r+")
+        return _OPEN[key]
+
+
+def write_region(store: str | Path, name: str, region: tuple[slice, ...], values: np.ndarray) -> None:
+    """Write ``values`` into ``region`` of array ``name`` of ``store`` (whole chunks are written atomically)."""
+    _opened_for_writing(str(store), name)[region] = np.ascontiguousarray(values)
+
+
+def export_volume(source: str, target: str, default_key: str) -> None:
+    """Copy the volume at ``source`` to ``target`` (any volume path): block by block into h5 (dataset
+    ``default_key`` when ``target`` names none), never the whole volume at once; whole for the other formats."""
+    from znn.io.volume import open_volume, parse_volume_path, write_volume
+
+    vp = parse_volume_path(target)
+    array = open_volume(source)
+    if vp.format == "h5":
+        _export_h5(array, vp.file, vp.key or default_key)
+    else:
+        write_volume(target, array, overwrite=True)
+
+
+def _export_h5(array: Any, path: Path, key: str) -> None:
+    import h5py  # type: ignore[import-untyped]
+
+    from znn.io.volume import iter_blocks
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with h5py.File(path, "a") as f:
+        if key in f:
+            del f[key]
+        chunks = tuple(min(c, s) for c, s in zip(array.chunksize, array.shape))
+        dset = f.create_dataset(key, shape=array.shape, dtype=array.dtype, chunks=chunks)
+        for region, block in iter_blocks(array, batch=1):
+            dset[region] = block
