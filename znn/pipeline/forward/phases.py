@@ -110,5 +110,6 @@ def _bias_and_transfer(y: np.ndarray, bias: np.ndarray, function: str, args: Seq
         return pointwise.transfer_forward(function, pointwise.add_bias(y, bias), args, training=False)
     y += bias.astype(y.dtype, copy=False)[:, None, None, None]
     if function == "rectify_linear":
-        return np.maximum(y, y.dtype.type(0), out=y)
+        np.maximum(y, y.dtype.type(0), out=y)
+        return y
     return pointwise.transfer_forward(function, y, args, training=False)

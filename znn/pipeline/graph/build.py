@@ -49,6 +49,7 @@ class Graph:
     new_kspec: dict[str, list[list[Key]]] = field(default_factory=dict)  # kernel spectra computed in this graph
     params: dict[str, Key] = field(default_factory=dict)
     whole: dict[str, Key] = field(default_factory=dict)  # direct-mode conv edge -> the layer's one forward task
+    gw: dict[str, list[list[Any]]] = field(default_factory=dict)  # conv edge -> kernel gradient [ib][ob] tasks
     threads: int = 1  # cores the graph runs on (workers of a threaded scheduler; 1 for one-thread workers)
     origin: dict[Key, tuple[str, str]] = field(default_factory=dict)  # task key -> (op, layer) it was made for
 
@@ -336,7 +337,7 @@ def _updates(g: Graph, net: Network, hyper: Hyper, pre: Mapping[str, list[Any]])
     for name in spec.conv_edges():
         h = _edge_hyper(spec.edges[name].options, hyper)
         k = g.key("update", name)
-        g.dsk[k] = (tasks.kernel_gradient_update, g.params[name], net.kernel_momentum[name], g.fwd["gw:" + name],
+        g.dsk[k] = (tasks.kernel_gradient_update, g.params[name], net.kernel_momentum[name], g.gw[name],
                     h.eta, h.momentum, h.weight_decay, h.patch_size)
         results["kernels"][name] = k
     for name in spec.bias_nodes():
@@ -378,7 +379,7 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
         grad_input = spec.nodes[edge.input].type != "input"  # a network input needs no gradient
         k = g.key("gconv", name)
         g.dsk[k] = (tasks.conv_direct_layer_backward, xs, kernel, in_blocks, gy, ep, g.threads, grad_input)
-        g.fwd["gw:" + name] = [[(tasks.item, k, 1)]]  # type: ignore[list-item]
+        g.gw[name] = [[(tasks.item, k, 1)]]
         return [(tasks.item, (tasks.item, k, 0), i) for i in range(len(in_blocks))] if grad_input else []
     shape = ep.fft_shape
     gspec = [g.key("gfft", name, j) for j in range(len(out_blocks))]
@@ -394,5 +395,5 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     for i in range(len(in_blocks)):
         for j in range(len(out_blocks)):
             g.dsk[gw[i][j]] = (tasks.conv_fft_grad_kernel, g.xspec[name][i], gspec[j], shape, edge.size, ep.dilation)
-    g.fwd["gw:" + name] = gw  # type: ignore[assignment]
+    g.gw[name] = gw
     return grads
