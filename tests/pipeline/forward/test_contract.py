@@ -49,7 +49,8 @@ def _network_files() -> list[Path | None]:
     bundled = sorted((ROOT / "workflows").glob("*/*.znn"))
     if not REFERENCE.exists():
         return [None, *bundled]
-    return sorted(REFERENCE.glob("networks/*.znn")) + sorted(REFERENCE.glob("benchmark/*.znn")) + bundled
+    files: list[Path | None] = [*sorted(REFERENCE.glob("networks/*.znn")), *sorted(REFERENCE.glob("benchmark/*.znn"))]
+    return files + bundled
 
 
 def _case_id(path: Path | None) -> str:
