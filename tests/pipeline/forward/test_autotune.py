@@ -15,6 +15,7 @@ from znn.network import Network
 from znn.pipeline.forward import autotune
 from znn.pipeline.forward.autotune import (
     LayerProblem,
+    TimedPass,
     cache_file,
     resolve_modes,
     time_layer,
@@ -113,7 +114,7 @@ def test_choices_are_per_dtype_patch_and_pass(spec, tmp_path):
     resolve_modes(spec, (1, 6, 6), "optimize", np.float32, cache_path=path, timer=timer)
     assert len(timer.calls) > 0
     timer = FakeTimer()
-    resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=timer, training=False)
+    resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=timer, timed=TimedPass(training=False))
     assert len(timer.calls) > 0 and not any(p.training for p, _ in timer.calls)
     assert len(json.loads(path.read_text())["entries"]) == 12
 

@@ -38,16 +38,16 @@ import numpy as np
 
 from znn.ops import fft as fftops
 from znn.pipeline.graph import tasks
-from znn.pipeline.graph.plan import CONV_MODES, make_plan
+from znn.pipeline.graph.plan import CONV_MODES, EdgePlan, make_plan
 from znn.pipeline.run.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
+from znn.types import Triple
 
-__all__ = ["LayerProblem", "resolve_modes", "inference_modes", "wants_optimize", "machine_id", "cache_file",
+__all__ = ["LayerProblem", "TimedPass", "resolve_modes", "inference_modes", "wants_optimize", "machine_id", "cache_file",
            "time_layer"]
 
 log = logging.getLogger("znn.autotune")
 
-Triple = tuple[int, int, int]
 Timer = Callable[["LayerProblem", str], float]
 CACHE_VERSION = 1
 # The phase evaluator's revision: raise it when its kernels change, so timings stored for the old code are not
@@ -94,6 +94,12 @@ class LayerProblem:
         o = [n - (k - 1) * d for n, k, d in zip(self.in_extent, self.kernel, self.dilation)]
         return (o[0], o[1], o[2])
 
+    def edge_plan(self, mode: str) -> EdgePlan:
+        """The layer as the graph's tasks see it: reading all of ``in_extent``."""
+        shape = fftops.fft_shape(self.in_extent, self.kernel, self.dilation) if mode == "fft" else None
+        return EdgePlan("autotune", self.in_extent, self.in_extent, (0, 0, 0), self.out_extent, self.dilation, mode,
+                        shape, self.kernel)
+
     def key(self, machine: str) -> str:
         fields = [f"maps={self.maps_in},{self.maps_out}", "in=" + ",".join(map(str, self.in_extent)),
                   "kernel=" + ",".join(map(str, self.kernel)), "dilation=" + ",".join(map(str, self.dilation)),
@@ -105,19 +111,28 @@ class LayerProblem:
         return "|".join(fields)
 
 
+@dataclass(frozen=True)
+class TimedPass:
+    """Which pass :func:`resolve_modes` times: a training step of the graph (``training``), a forward pass of the
+    graph with kernel spectra cached, or (``evaluator="phases"``) dense inference's phase evaluator, with its kernel
+    spectra cached (``spectra_cache``) or made per block, on ``threads`` threads per block."""
+
+    training: bool = True
+    evaluator: str = "graph"
+    spectra_cache: bool = True
+    threads: int = 1
+
+
 def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
                   dtype: Any = np.float32, *, cache_path: str | Path | None = None, repeat: int = 3,
-                  timer: Timer | None = None, training: bool = True, evaluator: str = "graph",
-                  spectra_cache: bool = True, threads: int = 1) -> dict[str, str]:
+                  timer: Timer | None = None, timed: TimedPass = TimedPass()) -> dict[str, str]:
     """The conv mode of every conv edge group, with ``optimize`` replaced by the faster of fft and direct.
 
     ``modes`` is one mode for all conv edges or a dict per edge (missing edges are ``fft``, as in
     :func:`~znn.pipeline.graph.plan.make_plan`). Layers whose choice is in the cache are not measured; the others
     are timed ``repeat`` times per mode (median; fewer when one mode is clearly slower) and written back.
     ``timer(problem, mode)`` returns the seconds of one run and replaces the real measurement (tests).
-    ``training=False`` times forward passes only, with kernel spectra cached; ``evaluator="phases"`` times the
-    dense-inference evaluator (:class:`~znn.pipeline.forward.phases.PhaseForward`) instead, with its kernel spectra
-    cached or (``spectra_cache=False``) made per block, on ``threads`` threads per block.
+    ``timed`` says which pass is timed (:class:`TimedPass`: a training step by default).
     """
     wanted = {e: (modes if isinstance(modes, str) else modes.get(e, "fft")) for e in spec.conv_edges()}
     for edge, mode in wanted.items():
@@ -128,7 +143,7 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     todo = [e for e, m in wanted.items() if m == "optimize"]
     if not todo:
         return wanted
-    problems = _problems(spec, output_patch, todo, np.dtype(dtype), training, evaluator, spectra_cache, threads)
+    problems = _problems(spec, output_patch, todo, np.dtype(dtype), timed)
     path = cache_file(cache_path)
     machine = machine_id()
     stored = _read(path)
@@ -158,17 +173,17 @@ def _fmt(seconds: Any) -> str:
 
 
 def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[str], dtype: np.dtype[Any],
-              training: bool, evaluator: str = "graph", spectra_cache: bool = True,
-              threads: int = 1) -> dict[str, LayerProblem]:
+              timed: TimedPass) -> dict[str, LayerProblem]:
     plan = make_plan(spec, output_patch, "fft")
+    phases = timed.evaluator == "phases"
     out = {}
     for name in edges:
         edge, ep = spec.edges[name], plan.edges[name]
         n_in, n_out = spec.kernel_shape(name)[:2]
         out[name] = LayerProblem(n_in, n_out, ep.need, edge.size, ep.dilation, dtype.name,
                                  spec.nodes[edge.input].type != "input", tuple(plan.blocks[edge.input]),
-                                 tuple(plan.blocks[edge.output]), training and evaluator == "graph", evaluator,
-                                 spectra_cache, max(1, int(threads)) if evaluator == "phases" else 1)
+                                 tuple(plan.blocks[edge.output]), timed.training and not phases, timed.evaluator,
+                                 timed.spectra_cache, max(1, int(timed.threads)) if phases else 1)
     return out
 
 
@@ -218,15 +233,15 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
     """The FFT-mode tasks of :mod:`znn.pipeline.graph.build` for this layer (see ``_conv_forward``/``_conv_backward``)."""
-    shape = fftops.fft_shape(p.in_extent, p.kernel, p.dilation)
-    lo = (0, 0, 0)
+    edge = p.edge_plan("fft")
+    shape, lo = edge.transform_shape, edge.crop_lo
     n_i, n_o = len(p.in_blocks), len(p.out_blocks)
     ib0, ob0 = p.in_blocks[0], p.out_blocks[0]
     xspec, t_x = _timed(tasks.input_spectra, xs[0], lo, p.in_extent, shape)
     xspecs = [xspec] + [tasks.input_spectra(x, lo, p.in_extent, shape) for x in xs[1:]]
     kspec, t_k = _timed(tasks.kernel_spectra, w, ib0, ob0, p.dilation, shape)
     column = [kspec] + [tasks.kernel_spectra(w, ib, ob0, p.dilation, shape) for ib in p.in_blocks[1:]]
-    _, t_conv = _timed(tasks.conv_fft_forward, xspecs, column, shape, p.out_extent, p.kernel, p.dilation)
+    _, t_conv = _timed(tasks.conv_fft_forward, xspecs, column, edge)
     if not p.training:  # inference: kernel spectra come from the cache
         return n_i * t_x + n_o * t_conv
     gspec, t_g = _timed(tasks.grad_output_spectra, gys[0], shape, p.kernel, p.dilation)
@@ -241,12 +256,11 @@ def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[n
 
 def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
     """The direct-mode tasks: one forward and one backward task for the whole layer."""
-    lo = (0, 0, 0)
-    _, t_fwd = _timed(tasks.conv_direct_layer, xs, w, p.out_blocks, lo, p.in_extent, p.dilation)
+    edge = p.edge_plan("direct")
+    _, t_fwd = _timed(tasks.conv_direct_layer, xs, w, p.out_blocks, edge)
     if not p.training:
         return t_fwd
-    _, t_bwd = _timed(tasks.conv_direct_layer_backward, xs, w, p.in_blocks, gys, lo, p.in_extent, p.in_extent,
-                      p.dilation, 1, p.grad_input)
+    _, t_bwd = _timed(tasks.conv_direct_layer_backward, xs, w, p.in_blocks, gys, edge, 1, p.grad_input)
     return t_fwd + t_bwd
 
 
@@ -279,8 +293,9 @@ def inference_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str |
     (remembered in the autotune file)."""
     if not wants_optimize(modes):
         return modes if isinstance(modes, str) else dict(modes)
-    return resolve_modes(spec, output_patch, modes, dtype, training=False, evaluator="phases",
-                         spectra_cache=spectra_cache, threads=threads)
+    return resolve_modes(spec, output_patch, modes, dtype,
+                         timed=TimedPass(training=False, evaluator="phases", spectra_cache=spectra_cache,
+                                         threads=threads))
 
 
 # ---------------------------------------------------------------------------------------------- the cache
@@ -299,9 +314,9 @@ def _cpu_model() -> str:
 
 def machine_id() -> str:
     """What a timing depends on besides the layer: architecture, CPU model, NumPy (its BLAS) and pyfftw."""
-    import pyfftw
+    from importlib.metadata import version
 
-    return f"{platform.machine()};{_cpu_model()};numpy {np.__version__};pyfftw {pyfftw.__version__}"
+    return f"{platform.machine()};{_cpu_model()};numpy {np.__version__};pyfftw {version('pyfftw')}"
 
 
 def cache_file(path: str | Path | None = None) -> Path:

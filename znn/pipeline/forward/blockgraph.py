@@ -5,8 +5,8 @@ from __future__ import annotations
 import threading
 from collections.abc import Mapping, Sequence
 
-import dask
 import numpy as np
+from dask.local import get_sync
 from dask.optimization import cull
 
 from znn.network import Network
@@ -64,9 +64,9 @@ class BlockForward:
                     g.dsk[conv_key] = (task[0], task[1], column, *task[3:])
         outputs = {n: g.act[n] for n in self.plan.spec.outputs}
         flat = [k for ks in outputs.values() for k in ks] + [k for rows in keep.values() for row in rows for k in row]
-        needed, _ = cull(g.dsk, flat)
-        values = dict(zip(flat, dask.get(needed, flat)))
+        needed, _ = cull(g.dsk, flat)  # type: ignore[no-untyped-call]  # dask.optimization is not annotated
+        values = dict(zip(flat, get_sync(needed, flat)))
         for edge, rows in keep.items():
             spectra = [[values[k] for k in row] for row in rows]
-            self.cache.put(edge, self.plan.edges[edge].fft_shape, spectra)  # type: ignore[arg-type]
+            self.cache.put(edge, self.plan.edges[edge].transform_shape, spectra)
         return {n: tasks.concat_maps([values[k] for k in ks]) for n, ks in outputs.items()}

@@ -11,8 +11,11 @@ import numpy as np
 
 from znn.network import Network
 from znn.ops import conv as convops
-from znn.ops import pointwise, pooling
-from znn.pipeline.graph.tasks import central
+from znn.ops import pointwise
+from znn.pipeline.graph.edges import OneToOne, one_to_one_forward
+from znn.pipeline.graph.tasks import central, join
+from znn.spec import Layout
+from znn.types import Triple
 
 
 def sequential_forward(net: Network, inputs: Mapping[str, np.ndarray], output_patch: Sequence[int],
@@ -26,30 +29,8 @@ def sequential_forward(net: Network, inputs: Mapping[str, np.ndarray], output_pa
         group = spec.nodes[node]
         if group.type == "input":
             continue
-        parts = []
-        for name in spec.incoming[node]:
-            edge = spec.edges[name]
-            need = spec.edge_input_extent(edge, layout.extent[node], layout.sparsity)
-            have = layout.extent[edge.input]
-            lo = tuple((a - b) // 2 for a, b in zip(have, need))
-            x = np.ascontiguousarray(central(values[edge.input], lo, need))  # type: ignore[arg-type]
-            dilation = layout.sparsity[edge.input]
-            if edge.type == "conv":
-                parts.append(convops.conv_forward(x, net.kernels[name], dilation, mode=mode))
-            elif edge.type == "max_filter":
-                parts.append(pooling.max_filter(x, edge.size, dilation)[0])
-            elif edge.type == "max_pool":
-                parts.append(pooling.max_pool(x, edge.size)[0])
-            elif edge.type == "dropout":
-                parts.append(pointwise.dropout(x, edge.ratio, np.random.default_rng(0), training=False)[0])
-            elif edge.type == "crop":
-                parts.append(pointwise.crop(x, edge.offset))
-            else:
-                parts.append(x)
-        if any(spec.edges[e].type == "maxout" for e in spec.incoming[node]):
-            y = pointwise.maxout(parts)[0]
-        else:
-            y = sum(parts[1:], parts[0].copy())
+        parts = [_edge_forward(net, name, values, layout, mode) for name in spec.incoming[node]]
+        y = join(parts, any(spec.edges[e].type == "maxout" for e in spec.incoming[node]))[0]
         if group.type == "transfer":
             y = pointwise.transfer_forward(group.function, pointwise.add_bias(y, net.biases[node]),
                                            group.function_args, training=False)
@@ -57,3 +38,17 @@ def sequential_forward(net: Network, inputs: Mapping[str, np.ndarray], output_pa
     if keep is not None:
         keep.update(values)
     return {n: values[n] for n in spec.outputs}
+
+
+def _edge_forward(net: Network, name: str, values: Mapping[str, np.ndarray], layout: Layout,
+                  mode: str) -> np.ndarray:
+    """Edge ``name`` on the central part of its input node's values that it reads."""
+    edge = net.spec.edges[name]
+    need = net.spec.edge_input_extent(edge, layout.extent[edge.output], layout.sparsity)
+    have = layout.extent[edge.input]
+    lo: Triple = ((have[0] - need[0]) // 2, (have[1] - need[1]) // 2, (have[2] - need[2]) // 2)
+    x = np.ascontiguousarray(central(values[edge.input], lo, need))
+    dilation = layout.sparsity[edge.input]
+    if edge.type == "conv":
+        return convops.conv_forward(x, net.kernels[name], dilation, mode=mode)
+    return one_to_one_forward(OneToOne.of(edge, dilation), x)[0]

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import numpy as np
 from dask.base import tokenize
@@ -27,7 +27,9 @@ from znn.errors import ShapeError
 from znn.network import Network
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.cache import SpectraCache
+from znn.pipeline.graph.edges import OneToOne
 from znn.pipeline.graph.plan import NetPlan
+from znn.spec import NodeGroup
 
 Key = tuple[Any, ...]
 Loss = Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]
@@ -47,6 +49,7 @@ class Graph:
     new_kspec: dict[str, list[list[Key]]] = field(default_factory=dict)  # kernel spectra computed in this graph
     params: dict[str, Key] = field(default_factory=dict)
     whole: dict[str, Key] = field(default_factory=dict)  # direct-mode conv edge -> the layer's one forward task
+    gw: dict[str, list[list[Any]]] = field(default_factory=dict)  # conv edge -> kernel gradient [ib][ob] tasks
     threads: int = 1  # cores the graph runs on (workers of a threaded scheduler; 1 for one-thread workers)
     origin: dict[Key, tuple[str, str]] = field(default_factory=dict)  # task key -> (op, layer) it was made for
 
@@ -125,18 +128,11 @@ def _edge_forward(g: Graph, name: str, net: Network, training: bool, seed: int, 
     if edge.type == "conv":
         _conv_forward(g, name, cache)
         return
+    op = OneToOne.of(edge, ep.dilation)
     keys = [g.key(edge.type, name, i) for i in range(len(xs))]
     for i, (k, x) in enumerate(zip(keys, xs)):
-        if edge.type == "max_filter":
-            g.dsk[k] = (tasks.max_filter, x, ep.crop_lo, ep.need, edge.size, ep.dilation)
-        elif edge.type == "max_pool":
-            g.dsk[k] = (tasks.max_pool, x, ep.crop_lo, ep.need, edge.size)
-        elif edge.type == "dropout":
-            g.dsk[k] = (tasks.dropout, x, ep.crop_lo, ep.need, edge.ratio, _seed(seed, step, name, i), training)
-        elif edge.type == "crop":
-            g.dsk[k] = (tasks.crop_forward, x, ep.crop_lo, ep.need, edge.offset)
-        else:  # maxout: the node takes the max
-            g.dsk[k] = (tasks.pass_through, x, ep.crop_lo, ep.need)
+        draw = _seed(seed, step, name, i) if training else None
+        g.dsk[k] = (tasks.one_to_one, x, ep, op, draw)
     g.fwd[name] = keys
 
 
@@ -148,9 +144,9 @@ def _seed(seed: int, step: int, edge: str, block: int) -> tuple[int, ...]:
 
 def edge_output(g: Graph, name: str, block: int) -> Any:
     """The (task computing the) output block of an edge, without its auxiliary backward data."""
-    kind = g.plan.spec.edges[name].type
+    edge = g.plan.spec.edges[name]
     key = g.fwd[name][block]
-    if kind in ("max_filter", "max_pool", "dropout"):
+    if edge.type != "conv" and OneToOne.of(edge, g.plan.edges[name].dilation).keeps_backward_data:
         return (tasks.item, key, 0)
     return key
 
@@ -162,8 +158,7 @@ def _conv_forward(g: Graph, name: str, cache: SpectraCache | None) -> None:
     xs, kernel = g.act[edge.input], g.params[name]
     if ep.mode == "direct":  # one task for the layer, on every core of the graph (tasks.conv_direct_layer)
         whole = g.key("conv", name)
-        g.dsk[whole] = (tasks.conv_direct_layer, xs, kernel, out_blocks, ep.crop_lo, ep.need, ep.dilation,
-                        g.threads)
+        g.dsk[whole] = (tasks.conv_direct_layer, xs, kernel, out_blocks, ep, g.threads)
         g.fwd[name] = [g.key("conv", name, j) for j in range(len(out_blocks))]
         for j, k in enumerate(g.fwd[name]):
             g.dsk[k] = (tasks.item, whole, j)
@@ -185,8 +180,7 @@ def _conv_forward(g: Graph, name: str, cache: SpectraCache | None) -> None:
     keys = [g.key("conv", name, j) for j in range(len(out_blocks))]
     for j, k in enumerate(keys):
         column = [g.kspec[name][i][j] for i in range(len(in_blocks))]
-        g.dsk[k] = (tasks.conv_fft_forward, g.xspec[name], column, shape, ep.out_extent, edge.size, ep.dilation,
-                    g.task_threads(len(out_blocks)))
+        g.dsk[k] = (tasks.conv_fft_forward, g.xspec[name], column, ep, g.task_threads(len(out_blocks)))
     g.fwd[name] = keys
 
 
@@ -203,8 +197,7 @@ def _node_forward(g: Graph, node: str, training: bool) -> None:
         parts = [edge_output(g, e, b) for e in spec.incoming[node]]
         bias = (tasks.take_maps, g.params[node], block) if group.type == "transfer" else None
         k = g.key("maxout" if maxout else "node", node, b)
-        g.dsk[k] = (tasks.node_forward, group.type, group.function, group.function_args, bias, parts, maxout,
-                    training)
+        g.dsk[k] = (tasks.node_forward, _transfer(group, training), bias, parts, maxout)
         if maxout:
             g.fwd["maxout:" + node] = g.fwd.get("maxout:" + node, []) + [k]
             k = g.key("act", node, b)
@@ -220,14 +213,17 @@ def _fuse_into_conv(g: Graph, node: str, edge: str, training: bool) -> None:
     keys = g.fwd[edge]
     if edge in g.whole:  # direct mode: the layer's one task, with the whole bias
         bias = g.params[node] if group.type == "transfer" else None
-        g.dsk[g.whole[edge]] = (*g.dsk[g.whole[edge]], group.type, group.function, group.function_args, bias,
-                                training)
+        g.dsk[g.whole[edge]] = (*g.dsk[g.whole[edge]], _transfer(group, training), bias)
         g.act[node] = list(keys)
         return
     for b, block in enumerate(g.plan.blocks[node]):
         bias = (tasks.take_maps, g.params[node], block) if group.type == "transfer" else None
-        g.dsk[keys[b]] = (*g.dsk[keys[b]], group.type, group.function, group.function_args, bias, training)
+        g.dsk[keys[b]] = (*g.dsk[keys[b]], _transfer(group, training), bias)
     g.act[node] = list(keys)
+
+
+def _transfer(group: NodeGroup, training: bool) -> tasks.NodeTransfer:
+    return tasks.NodeTransfer(group.type, group.function, tuple(group.function_args), training)
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -284,17 +280,35 @@ class Hyper:
     patch_size: float = 1.0  # ZNN divides data gradients by the number of output voxels
 
 
-def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper, *,
-               seed: int = 0, step: int = 0, cache: SpectraCache | None = None,
-               threads: int = 1) -> tuple[Graph, dict[str, Any]]:
+class GraphOptions(TypedDict, total=False):
+    """The keyword options of :func:`forward_graph` that a training step passes on (same meaning and defaults)."""
+
+    seed: int
+    step: int
+    cache: SpectraCache | None
+    threads: int
+
+
+def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper,
+               **options: Unpack[GraphOptions]) -> tuple[Graph, dict[str, Any]]:
     """Forward, loss, backward and update. Returns the graph and the keys of its results:
     ``cost``, ``outputs`` (node -> block keys), ``kernels``/``biases`` (group -> key of (param, momentum, grad)),
     ``kspec`` (edge -> kernel spectra keys computed here, for edges that are not updated)."""
-    g = forward_graph(plan, net, inputs, training=True, seed=seed, step=step, cache=cache, threads=threads)
-    spec = plan.spec
-    outputs = {n: g.act[n] for n in spec.outputs}
+    g = forward_graph(plan, net, inputs, training=True, **options)
+    outputs = {n: g.act[n] for n in plan.spec.outputs}
     loss_key = g.key("loss", "net")
     g.dsk[loss_key] = (tasks.loss_task, loss, list(outputs), list(outputs.values()))
+    pre = _backward(g, loss_key)
+    cost_key = g.key("cost", "net")
+    g.dsk[cost_key] = (tasks.item, loss_key, 0)
+    results: dict[str, Any] = {"cost": cost_key, "outputs": outputs, **_updates(g, net, hyper, pre)}
+    results["kspec"] = dict(g.new_kspec)
+    return g, results
+
+
+def _backward(g: Graph, loss_key: Key) -> dict[str, list[Any]]:
+    """The backward pass from the loss: per node group, the keys of its blocks' pre-transfer gradients."""
+    plan, spec = g.plan, g.plan.spec
     grad_in: dict[str, list[list[Any]]] = {n: [[] for _ in plan.blocks[n]] for n in spec.nodes}
     for n in spec.outputs:
         for b, block in enumerate(plan.blocks[n]):
@@ -307,19 +321,23 @@ def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], lo
         pre[node] = []
         for b in range(len(plan.blocks[node])):
             k = g.key("gpre", node, b)
-            g.dsk[k] = (tasks.node_backward, group.type, group.function, group.function_args, g.act[node][b],
-                        grad_in[node][b], True)
+            g.dsk[k] = (tasks.node_backward, _transfer(group, True), g.act[node][b], grad_in[node][b])
             pre[node].append(k)
         for edge in spec.incoming[node]:
             for b, contribution in enumerate(_edge_backward(g, edge, pre[node])):
                 grad_in[spec.edges[edge].input][b].append(contribution)
-    cost_key = g.key("cost", "net")
-    g.dsk[cost_key] = (tasks.item, loss_key, 0)
-    results: dict[str, Any] = {"cost": cost_key, "outputs": outputs, "kernels": {}, "biases": {}}
+    return pre
+
+
+def _updates(g: Graph, net: Network, hyper: Hyper, pre: Mapping[str, list[Any]]) -> dict[str, dict[str, Key]]:
+    """The SGD update of every kernel (per-edge hyperparameters) and bias: ``kernels`` and ``biases``, group ->
+    key of (param, momentum, grad)."""
+    spec = g.plan.spec
+    results: dict[str, dict[str, Key]] = {"kernels": {}, "biases": {}}
     for name in spec.conv_edges():
         h = _edge_hyper(spec.edges[name].options, hyper)
         k = g.key("update", name)
-        g.dsk[k] = (tasks.kernel_gradient_update, g.params[name], net.kernel_momentum[name], g.fwd["gw:" + name],
+        g.dsk[k] = (tasks.kernel_gradient_update, g.params[name], net.kernel_momentum[name], g.gw[name],
                     h.eta, h.momentum, h.weight_decay, h.patch_size)
         results["kernels"][name] = k
     for name in spec.bias_nodes():
@@ -328,8 +346,7 @@ def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], lo
         g.dsk[k] = (tasks.bias_gradient_update, g.params[name], net.bias_momentum[name], grads, hyper.eta,
                     hyper.momentum, hyper.weight_decay, hyper.patch_size)
         results["biases"][name] = k
-    results["kspec"] = dict(g.new_kspec)
-    return g, results
+    return results
 
 
 def _edge_hyper(options: Mapping[str, str], hyper: Hyper) -> Hyper:
@@ -342,26 +359,15 @@ def _edge_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     """Tasks giving this edge's gradient contribution to each block of its input node (padded to its extent)."""
     spec, ep = g.plan.spec, g.plan.edges[name]
     edge = spec.edges[name]
-    full, lo = ep.in_extent, ep.crop_lo
     if edge.type == "conv":
         return _conv_backward(g, name, gy)
-    fwd = g.fwd[name]
-    if spec.edges[name].type == "maxout":
+    op = OneToOne.of(edge, ep.dilation)
+    if edge.type == "maxout":  # the node routes each voxel's gradient to the edge that won it
         which = g.fwd["maxout:" + edge.output]
         index = spec.incoming[edge.output].index(name)
-        return [(tasks.pass_back, (tasks.maxout_route, gy[b], (tasks.item, which[b], 1), index), lo, full)
-                for b in range(len(gy))]
-    out: list[Any] = []
-    for b in range(len(gy)):
-        if edge.type == "max_filter":
-            out.append((tasks.max_filter_backward, gy[b], fwd[b], lo, ep.need, full))
-        elif edge.type == "max_pool":
-            out.append((tasks.max_pool_backward, gy[b], fwd[b], lo, ep.need, full))
-        elif edge.type == "dropout":
-            out.append((tasks.dropout_backward, gy[b], fwd[b], edge.ratio, lo, full))
-        else:  # crop
-            out.append((tasks.crop_backward, gy[b], edge.offset, lo, full))
-    return out
+        gy = [(tasks.maxout_route, gy[b], (tasks.item, which[b], 1), index) for b in range(len(gy))]
+    fwd = g.fwd[name] if op.keeps_backward_data else [None] * len(gy)
+    return [(tasks.one_to_one_backward, gy[b], fwd[b], ep, op) for b in range(len(gy))]
 
 
 def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
@@ -372,9 +378,8 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     if ep.mode == "direct":
         grad_input = spec.nodes[edge.input].type != "input"  # a network input needs no gradient
         k = g.key("gconv", name)
-        g.dsk[k] = (tasks.conv_direct_layer_backward, xs, kernel, in_blocks, gy, ep.crop_lo, ep.need, ep.in_extent,
-                    ep.dilation, g.threads, grad_input)
-        g.fwd["gw:" + name] = [[(tasks.item, k, 1)]]  # type: ignore[list-item]
+        g.dsk[k] = (tasks.conv_direct_layer_backward, xs, kernel, in_blocks, gy, ep, g.threads, grad_input)
+        g.gw[name] = [[(tasks.item, k, 1)]]
         return [(tasks.item, (tasks.item, k, 0), i) for i in range(len(in_blocks))] if grad_input else []
     shape = ep.fft_shape
     gspec = [g.key("gfft", name, j) for j in range(len(out_blocks))]
@@ -390,5 +395,5 @@ def _conv_backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     for i in range(len(in_blocks)):
         for j in range(len(out_blocks)):
             g.dsk[gw[i][j]] = (tasks.conv_fft_grad_kernel, g.xspec[name][i], gspec[j], shape, edge.size, ep.dilation)
-    g.fwd["gw:" + name] = gw  # type: ignore[assignment]
+    g.gw[name] = gw
     return grads

@@ -11,7 +11,7 @@ from typing import Any
 
 import numpy as np
 
-Triple = tuple[int, int, int]
+from znn.types import Triple
 
 
 class SpectraCache:
@@ -29,7 +29,7 @@ class SpectraCache:
         if not self.enabled or shape is None:
             return None
         with self._lock:
-            found = self._store.get((edge, tuple(shape)))  # type: ignore[arg-type]
+            found = self._store.get((edge, (shape[0], shape[1], shape[2])))
             if found is None:
                 self.misses += 1
             else:
@@ -44,7 +44,7 @@ class SpectraCache:
         with self._lock:
             if self.max_bytes is not None and self.nbytes + size > self.max_bytes:
                 return False
-            self._store[(edge, tuple(shape))] = spectra  # type: ignore[index]
+            self._store[(edge, (shape[0], shape[1], shape[2]))] = spectra
         return True
 
     def invalidate(self, edge: str) -> None:

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from znn.errors import ConfigError
 from znn.ops import fft as fftops
 from znn.pipeline.graph.blocks import Block, map_blocks, voxels_of
-from znn.spec import ONE_TO_ONE, Layout, NetworkSpec, Triple
+from znn.spec import ONE_TO_ONE, Layout, NetworkSpec
+from znn.types import Triple
 
 CONV_MODES = ("fft", "direct")
 
@@ -29,6 +30,14 @@ class EdgePlan:
     dilation: Triple  # sparsity of the input node: taps of conv/max_filter are this far apart
     mode: str  # conv edges: fft or direct
     fft_shape: Triple | None  # conv edges in fft mode
+    size: Triple = (1, 1, 1)  # the edge's window: a conv edge's kernel, a max filter's or max pool's window
+
+    @property
+    def transform_shape(self) -> Triple:
+        """The FFT shape of a conv edge in fft mode."""
+        if self.fft_shape is None:
+            raise ValueError(f"edge {self.name!r} is not planned as an FFT convolution (mode {self.mode!r})")
+        return self.fft_shape
 
 
 @dataclass(frozen=True)
@@ -82,9 +91,10 @@ def _edge_plan(spec: NetworkSpec, layout: Layout, name: str, mode: str) -> EdgeP
     edge = spec.edges[name]
     in_extent, out_extent = layout.extent[edge.input], layout.extent[edge.output]
     need = spec.edge_input_extent(edge, out_extent, layout.sparsity)
-    crop_lo = tuple((a - b) // 2 for a, b in zip(in_extent, need))
+    crop_lo: Triple = (
+        (in_extent[0] - need[0]) // 2, (in_extent[1] - need[1]) // 2, (in_extent[2] - need[2]) // 2)
     dilation = layout.sparsity[edge.input]
     fft_shape = None
     if edge.type == "conv" and mode == "fft":
         fft_shape = fftops.fft_shape(need, edge.size, dilation)
-    return EdgePlan(name, in_extent, need, crop_lo, out_extent, dilation, mode, fft_shape)  # type: ignore[arg-type]
+    return EdgePlan(name, in_extent, need, crop_lo, out_extent, dilation, mode, fft_shape, edge.size)

@@ -8,16 +8,19 @@ Every function takes and returns NumPy arrays (or tuples of them); the graph bui
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 from znn.ops import conv as convops
-from znn.ops import conv_fft, pointwise, pooling
+from znn.ops import conv_fft, pointwise
 from znn.ops.sgd import sgd_update
-
-Block = tuple[int, int]
-Triple = tuple[int, int, int]
+from znn.pipeline.graph import edges
+from znn.pipeline.graph.blocks import Block
+from znn.pipeline.graph.edges import Draw, OneToOne
+from znn.pipeline.graph.plan import EdgePlan
+from znn.types import Triple
 
 
 # -- slicing and cropping ------------------------------------------------------------------------------------
@@ -52,6 +55,14 @@ def add_all(parts: Sequence[np.ndarray]) -> np.ndarray:
     return total
 
 
+def join(parts: Sequence[np.ndarray], maxout: bool) -> tuple[np.ndarray, Any]:
+    """What a node makes of its incoming edges' outputs: their sum (:func:`add_all`), or for a maxout node their
+    element-wise maximum and the index of the winner (else None)."""
+    if maxout:
+        return pointwise.maxout(list(parts))
+    return add_all(parts), None
+
+
 def concat_maps(parts: Sequence[np.ndarray]) -> np.ndarray:
     return np.concatenate(parts, axis=0) if len(parts) > 1 else parts[0]
 
@@ -60,41 +71,47 @@ def item(value: Any, index: int) -> Any:
     return value[index]
 
 
+@dataclass(frozen=True)
+class NodeTransfer:
+    """A node group as its tasks apply it: its type (only ``transfer`` nodes add a bias and apply a function),
+    transfer function and arguments, and whether the pass trains. Frozen and small: tasks carry it; the bias
+    is a task argument of its own (a graph key)."""
+
+    kind: str
+    function: str = ""
+    args: tuple[float, ...] = ()
+    training: bool = False
+
+
 # -- nodes ---------------------------------------------------------------------------------------------------
-def node_forward(kind: str, function: str, args: Sequence[float], bias: np.ndarray | None,
-                 parts: Sequence[np.ndarray], maxout: bool, training: bool) -> Any:
+def node_forward(node: NodeTransfer, bias: np.ndarray | None, parts: Sequence[np.ndarray], maxout: bool) -> Any:
     """Combine incoming edge outputs (sum, or element-wise max for maxout nodes), add bias, apply the transfer.
 
     Returns the activation, or (activation, which) for maxout nodes so the backward can route gradients.
     """
-    if maxout:
-        y, which = pointwise.maxout(list(parts))
-    else:
-        y, which = add_all(parts), None
-    if kind == "transfer":
+    y, which = join(parts, maxout)
+    if node.kind == "transfer":
         if bias is not None:
             y = pointwise.add_bias(y, bias)
-        y = pointwise.transfer_forward(function, y, args, training=training)
+        y = pointwise.transfer_forward(node.function, y, node.args, training=node.training)
     return (y, which) if maxout else y
 
 
-def node_backward(kind: str, function: str, args: Sequence[float], y: np.ndarray,
-                  parts: Sequence[np.ndarray], training: bool) -> np.ndarray:
+def node_backward(node: NodeTransfer, y: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray:
     """Gradient wrt the node's pre-transfer sum from the gradients of its outgoing edges (already padded)."""
     g = add_all(parts)
-    if kind == "transfer":
-        g = pointwise.transfer_backward(function, y, g, args, training=training)
+    if node.kind == "transfer":
+        g = pointwise.transfer_backward(node.function, y, g, node.args, training=node.training)
     return g
 
 
-def finish_node(y: np.ndarray, kind: str | None, function: str, args: Sequence[float], bias: np.ndarray | None,
-                training: bool) -> np.ndarray:
+def finish_node(y: np.ndarray, node: NodeTransfer | None, bias: np.ndarray | None) -> np.ndarray:
     """Bias and transfer of a node fed by one conv edge, applied by that edge's task to its own fresh output
     (the same numbers as :func:`node_forward`, without a task and two copies of the maps)."""
-    if kind == "transfer":
+    if node is not None and node.kind == "transfer":
         if bias is not None:
             y += bias.astype(y.dtype, copy=False)[:, None, None, None]
-        y = pointwise.transfer_forward(function, y, args, training=training)
+        y = pointwise.transfer_forward(node.function, y, node.args, training=node.training)
     return y
 
 
@@ -106,51 +123,19 @@ def bias_gradient(g: np.ndarray) -> np.ndarray:
     return pointwise.bias_gradient(g)
 
 
-# -- one-to-one edges ----------------------------------------------------------------------------------------
-def max_filter(x: np.ndarray, lo: Triple, need: Triple, size: Triple, dilation: Triple) -> tuple[np.ndarray, Any]:
-    return pooling.max_filter(np.ascontiguousarray(central(x, lo, need)), size, dilation)
+# -- one-to-one edges (the dispatch on their type is znn.pipeline.graph.edges) --------------------------------
+def one_to_one(x: np.ndarray, edge: EdgePlan, op: OneToOne, draw: Draw | None) -> Any:
+    """The edge on its part of the input block: ``(values, backward data)`` for edges that keep backward data
+    (:attr:`OneToOne.keeps_backward_data`), else the values."""
+    y, kept = edges.one_to_one_forward(op, central(x, edge.crop_lo, edge.need), draw)
+    return (y, kept) if op.keeps_backward_data else y
 
 
-def max_filter_backward(g: np.ndarray, fwd: tuple[np.ndarray, Any], lo: Triple, need: Triple,
-                        full: Triple) -> np.ndarray:
-    shape = (g.shape[0], *need)
-    return pad_back(pooling.max_filter_backward(g, fwd[1], shape), lo, full)
-
-
-def max_pool(x: np.ndarray, lo: Triple, need: Triple, size: Triple) -> tuple[np.ndarray, Any]:
-    return pooling.max_pool(np.ascontiguousarray(central(x, lo, need)), size)
-
-
-def max_pool_backward(g: np.ndarray, fwd: tuple[np.ndarray, Any], lo: Triple, need: Triple,
-                      full: Triple) -> np.ndarray:
-    return pad_back(pooling.max_pool_backward(g, fwd[1], (g.shape[0], *need)), lo, full)
-
-
-def dropout(x: np.ndarray, lo: Triple, need: Triple, ratio: float, seed: Sequence[int],
-            training: bool) -> tuple[np.ndarray, Any]:
-    rng = np.random.default_rng(list(seed))
-    return pointwise.dropout(np.ascontiguousarray(central(x, lo, need)), ratio, rng, training=training)
-
-
-def dropout_backward(g: np.ndarray, fwd: tuple[np.ndarray, Any], ratio: float, lo: Triple,
-                     full: Triple) -> np.ndarray:
-    return pad_back(pointwise.dropout_backward(g, fwd[1], ratio), lo, full)
-
-
-def crop_forward(x: np.ndarray, lo: Triple, need: Triple, offset: Triple) -> np.ndarray:
-    return np.ascontiguousarray(pointwise.crop(central(x, lo, need), offset))
-
-
-def crop_backward(g: np.ndarray, offset: Triple, lo: Triple, full: Triple) -> np.ndarray:
-    return pad_back(pointwise.crop_backward(g, offset), lo, full)
-
-
-def pass_through(x: np.ndarray, lo: Triple, need: Triple) -> np.ndarray:
-    return np.ascontiguousarray(central(x, lo, need))
-
-
-def pass_back(g: np.ndarray, lo: Triple, full: Triple) -> np.ndarray:
-    return pad_back(g, lo, full)
+def one_to_one_backward(g: np.ndarray, fwd: Any, edge: EdgePlan, op: OneToOne) -> np.ndarray:
+    """The input gradient of one block, padded to the input node's extent; ``fwd`` is the forward's result (only
+    read for edges that keep backward data)."""
+    kept = fwd[1] if op.keeps_backward_data else None
+    return pad_back(edges.one_to_one_backward(op, g, kept, edge.need), edge.crop_lo, edge.in_extent)
 
 
 # -- conv edges ----------------------------------------------------------------------------------------------
@@ -166,12 +151,11 @@ def kernel_spectra(kernel: np.ndarray, ib: Block, ob: Block, dilation: Triple, s
     return conv_fft.kernel_spectra(kernel_block(kernel, ib, ob), dilation, shape)
 
 
-def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], shape: Triple,
-                     out_extent: Triple, kernel_size: Triple, dilation: Triple, threads: int = 1,
-                     kind: str | None = None, function: str = "", args: Sequence[float] = (),
-                     bias: np.ndarray | None = None, training: bool = False) -> np.ndarray:
+def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], edge: EdgePlan,
+                     threads: int = 1, node: NodeTransfer | None = None,
+                     bias: np.ndarray | None = None) -> np.ndarray:
     """One output block: accumulate over input blocks in the frequency domain, one inverse per output map;
-    with ``kind``, then the output node's bias and transfer (:func:`finish_node`).
+    with ``node``, then the output node's bias and transfer (:func:`finish_node`).
 
     ``threads`` split the products over frequencies (each frequency's product is the same whatever the split);
     the inverse FFTs stay on one thread, so the numbers do not depend on ``threads``.
@@ -179,8 +163,9 @@ def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray
     acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads)
     for xs, ks in zip(x_specs[1:], k_specs[1:]):
         acc += conv_fft.multiply_accumulate(xs, ks, threads)
-    y = conv_fft.inverse_valid(acc, shape, out_extent, conv_fft.output_offset(kernel_size, dilation))
-    return finish_node(y, kind, function, args, bias, training)
+    y = conv_fft.inverse_valid(acc, edge.transform_shape, edge.out_extent,
+                               conv_fft.output_offset(edge.size, edge.dilation))
+    return finish_node(y, node, bias)
 
 
 def grad_output_spectra(g: np.ndarray, shape: Triple, kernel_size: Triple, dilation: Triple) -> np.ndarray:
@@ -209,36 +194,34 @@ def joined_maps(blocks: Sequence[np.ndarray], lo: Triple, need: Triple) -> np.nd
     return np.concatenate([central(b, lo, need) for b in blocks])
 
 
-def conv_direct_layer(xs: Sequence[np.ndarray], kernel: np.ndarray, out_blocks: Sequence[Block], lo: Triple,
-                      need: Triple, dilation: Triple, threads: int = 1, kind: str | None = None,
-                      function: str = "", args: Sequence[float] = (), bias: np.ndarray | None = None,
-                      training: bool = False) -> list[np.ndarray]:
+def conv_direct_layer(xs: Sequence[np.ndarray], kernel: np.ndarray, out_blocks: Sequence[Block], edge: EdgePlan,
+                      threads: int = 1, node: NodeTransfer | None = None,
+                      bias: np.ndarray | None = None) -> list[np.ndarray]:
     """A whole direct-mode conv layer in one task, returned as the output node's blocks (views of one array);
-    with ``kind``, then the node's bias (all maps) and transfer (:func:`finish_node`).
+    with ``node``, then the node's bias (all maps) and transfer (:func:`finish_node`).
 
     One task rather than one per block: each call gathers its input columns once, so splitting the output
     maps would repeat the gather and shrink the products (blocks of a few maps run several times slower).
     ``threads`` split the output tiles instead; each tile is computed the same way whatever the split, so the
     numbers do not depend on it.
     """
-    y = convops.conv_forward_direct(joined_maps(xs, lo, need), kernel, dilation, threads)
-    y = finish_node(y, kind, function, args, bias, training)
+    y = convops.conv_forward_direct(joined_maps(xs, edge.crop_lo, edge.need), kernel, edge.dilation, threads)
+    y = finish_node(y, node, bias)
     return [y[a:b] for a, b in out_blocks]
 
 
 def conv_direct_layer_backward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks: Sequence[Block],
-                               gys: Sequence[np.ndarray], lo: Triple, need: Triple, full: Triple,
-                               dilation: Triple, threads: int = 1,
+                               gys: Sequence[np.ndarray], edge: EdgePlan, threads: int = 1,
                                grad_input: bool = True) -> tuple[list[np.ndarray] | None, np.ndarray]:
     """(input gradient per input block, padded to the node's extent; kernel gradient) of a direct-mode layer;
     without ``grad_input`` (the input is a network input) only the kernel gradient, and None."""
-    x = joined_maps(xs, lo, need)
+    x = joined_maps(xs, edge.crop_lo, edge.need)
     gy = concat_maps(gys).astype(x.dtype, copy=False)
     if not grad_input:
         # ops' kernel-gradient half of conv_backward_direct
-        return None, convops._grad_kernel_direct(x, gy, kernel.shape, dilation, threads)
-    gx, gw = convops.conv_backward_direct(x, kernel, gy, dilation, threads)
-    return [pad_back(gx[a:b], lo, full) for a, b in in_blocks], gw
+        return None, convops._grad_kernel_direct(x, gy, kernel.shape, edge.dilation, threads)
+    gx, gw = convops.conv_backward_direct(x, kernel, gy, edge.dilation, threads)
+    return [pad_back(gx[a:b], edge.crop_lo, edge.in_extent) for a, b in in_blocks], gw
 
 
 # -- updates -------------------------------------------------------------------------------------------------
