@@ -26,7 +26,8 @@ from znn.io.volume import read_volume, write_volume
 from znn.network import Network
 from znn.pipeline.dense.grid import input_offsets
 from znn.pipeline.dense.inputs import InputFile
-from znn.pipeline.dense.volume import infer_volume
+from znn.pipeline.dense.plan import DenseOptions, plan_dense
+from znn.pipeline.dense.volume import DenseRequest, infer_volume
 from znn.pipeline.forward.blockgraph import BlockForward
 from znn.pipeline.forward.phases import PhaseForward
 from znn.pipeline.forward.sequential import sequential_forward
@@ -189,7 +190,7 @@ class TestDenseInference(ForwardContract):
             write_volume(path, volume)
             inputs[node] = [InputFile(str(path))]
         block = (1, 2, 3) if case.outsz[0] == 1 else (1, 2, 2)
-        res = infer_volume(case.net, inputs, tmp_path / "out.zarr", block, mirror=False, scheduler="synchronous",
-                           progress=False)
+        plan = plan_dense(case.net, inputs, DenseOptions(block, mirror=False))
+        res = infer_volume(DenseRequest(plan, tmp_path / "out.zarr", scheduler="synchronous", progress=False))
         assert res.out_shape == case.outsz
         return {node: read_volume(path) for node, path in res.arrays.items()}
