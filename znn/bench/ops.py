@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+from threadpoolctl import threadpool_limits
 
 from znn.bench.common import Column, Row, import_torch, rows_table, write_rows
 from znn.ops.conv import conv_backward_direct, conv_forward_direct

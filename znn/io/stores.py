@@ -90,7 +90,7 @@ def export_volume(source: str, target: str, default_key: str) -> None:
 
 
 def _export_h5(array: Any, path: Path, key: str) -> None:
-    import h5py  # type: ignore[import-untyped]
+    import h5py
 
     from znn.io.volume import iter_blocks
 

@@ -81,7 +81,7 @@ def preprocess_stats(path: str, pp: str) -> Normalisation:
     c, z, _, _ = as_4d(arr.shape, path)
     if pp == "none":
         return normalisation(pp, ImageStats.of_range(0.0, 0.0, z))
-    vol = arr.reshape((c, z, *arr.shape[-2:])).astype(np.float64)  # type: ignore[no-untyped-call]
+    vol = arr.reshape((c, z, *arr.shape[-2:])).astype(np.float64)
     return normalisation(pp, _volume_stats(vol, pp))
 
 
@@ -90,12 +90,12 @@ def _volume_stats(vol: Any, pp: str) -> ImageStats:
     their difference: one pass) or the range."""
     z = vol.shape[1]
     if pp == "standard2D":
-        mean, sq = compute(vol.mean(axis=(0, 2, 3)), (vol * vol).mean(axis=(0, 2, 3)), scheduler="threads")  # type: ignore[no-untyped-call]
+        mean, sq = compute(vol.mean(axis=(0, 2, 3)), (vol * vol).mean(axis=(0, 2, 3)), scheduler="threads")
     elif pp == "standard3D":
-        m, s = compute(vol.mean(), (vol * vol).mean(), scheduler="threads")  # type: ignore[no-untyped-call]
+        m, s = compute(vol.mean(), (vol * vol).mean(), scheduler="threads")
         mean, sq = np.full(z, m), np.full(z, s)
     else:
-        low, high = compute(vol.min(), vol.max(), scheduler="threads")  # type: ignore[no-untyped-call]
+        low, high = compute(vol.min(), vol.max(), scheduler="threads")
         return ImageStats.of_range(float(low), float(high), z)
     mean = np.asarray(mean, np.float64)
     return ImageStats.of_moments(mean, np.maximum(np.asarray(sq) - mean**2, 0.0))

@@ -64,7 +64,7 @@ class BlockForward:
                     g.dsk[conv_key] = (task[0], task[1], column, *task[3:])
         outputs = {n: g.act[n] for n in self.plan.spec.outputs}
         flat = [k for ks in outputs.values() for k in ks] + [k for rows in keep.values() for row in rows for k in row]
-        needed, _ = cull(g.dsk, flat)  # type: ignore[no-untyped-call]  # dask.optimization is not annotated
+        needed, _ = cull(g.dsk, flat)
         values = dict(zip(flat, get_sync(needed, flat)))
         for edge, rows in keep.items():
             spectra = [[values[k] for k in row] for row in rows]

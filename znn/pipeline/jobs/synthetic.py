@@ -21,8 +21,8 @@ from typing import Any, Literal
 
 import numpy as np
 from numpy.typing import NDArray
-from scipy import ndimage  # type: ignore[import-untyped]
-from scipy.spatial import cKDTree  # type: ignore[import-untyped]
+from scipy import ndimage
+from scipy.spatial import cKDTree
 
 from znn.errors import ShapeError
 from znn.types import Triple

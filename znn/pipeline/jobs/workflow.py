@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml  # type: ignore[import-untyped]
+import yaml
 
 from znn.errors import WorkflowError, ZnnError, closest, where
 from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job

@@ -27,7 +27,7 @@ from dask.callbacks import Callback, normalize_callback
 from dask.local import get_sync
 from dask.threaded import get as threaded_get
 from distributed.diagnostics.plugin import WorkerPlugin
-from threadpoolctl import threadpool_limits  # type: ignore[import-untyped]
+from threadpoolctl import threadpool_limits
 
 from znn.environment import STARTING_ENVIRONMENT
 from znn.errors import ConfigError
@@ -106,7 +106,7 @@ class Runner:
         with annotate(priority=priority.get) if priority else nullcontext():
             # the scheduler calls a callable annotation with each key; a dict's own get needs no znn there
             futures = self.client.get(dsk, keys, sync=False, workers=self.only_workers)
-        for future in as_completed(futures):  # type: ignore[no-untyped-call]
+        for future in as_completed(futures):
             value = future.result()
             future.release()
             report(future.key, value)
@@ -115,9 +115,9 @@ class Runner:
                   priority: dict[Any, int] | None, num_workers: int) -> None:
         # dask's local schedulers take explicit callbacks instead of the active ones, so those are passed on too
         reporter = _Reporter(keys, report)
-        callbacks = [*Callback.active, normalize_callback(reporter)]  # type: ignore[no-untyped-call]
+        callbacks = [*Callback.active, normalize_callback(reporter)]
         if priority:
-            callbacks.append(normalize_callback(PriorityOrder(priority)))  # type: ignore[no-untyped-call]
+            callbacks.append(normalize_callback(PriorityOrder(priority)))
         if self.kind == "synchronous":
             values = get_sync(dsk, keys, callbacks=callbacks)
         else:
@@ -148,7 +148,7 @@ class Runner:
         """
         if self.client is None:
             return
-        import pyfftw  # type: ignore[import-untyped]
+        import pyfftw
 
         self.client.register_plugin(_WisdomPlugin(pyfftw.export_wisdom()), name="znn-fftw-wisdom")
 
@@ -295,7 +295,7 @@ def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runne
     if scheduler == "local":
         return local_runner(n)
     try:
-        client = Client(scheduler, timeout=dask.config.get("znn.connect-timeout", "10s"))  # type: ignore[no-untyped-call]
+        client = Client(scheduler, timeout=dask.config.get("znn.connect-timeout", "10s"))
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one with "
                           "`dask scheduler` (see workflows/cluster/) or use scheduler = local") from None
@@ -329,9 +329,9 @@ def local_runner(n: int, tuned: bool = True) -> Runner:
         if settings.get(_PRE_SPAWN + name, "kept") is None:
             os.environ.pop(name, None)  # left here by the nanny of an earlier cluster, not set by the user
     with dask.config.set(settings):  # read by the scheduler and nannies here, passed on
-        cluster = LocalCluster(n_workers=n, threads_per_worker=1,  # type: ignore[no-untyped-call]
+        cluster = LocalCluster(n_workers=n, threads_per_worker=1,
                                host=host, dashboard_address=f"{host}:0", processes=True)
-    client = Client(cluster)  # type: ignore[no-untyped-call]
+    client = Client(cluster)
     print(f"local dask cluster: {n} single-threaded worker process(es), scheduler {cluster.scheduler_address}, "
           f"dashboard {client.dashboard_link}", file=sys.stderr, flush=True)
     return Runner("distributed", n, client, cluster, _owns_client=True)

@@ -131,7 +131,7 @@ def _get(runner: Runner, dsk: dict[Any, Any], wanted: Any, priority: dict[Any, i
     higher ``priority`` first."""
     flat: list[Any] = []
     _flatten(wanted, flat)
-    needed, _ = cull(dsk, flat)  # type: ignore[no-untyped-call]
+    needed, _ = cull(dsk, flat)
     values = runner.get(needed, flat, priority)
     return _rebuild(wanted, iter(values))
 
