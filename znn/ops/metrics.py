@@ -34,7 +34,7 @@ from scipy.sparse.csgraph import connected_components
 
 from znn.errors import ConfigError, ShapeError, closest
 from znn.ops.malis import affinity_edges
-from znn.ops.preprocess import affinity, affinity_mask, segmentation_ids
+from znn.ops.preprocess import affinity, affinity_mask, as_zyx, segmentation_ids
 from znn.types import Triple
 
 __all__ = [
@@ -100,7 +100,7 @@ def segment_boundary_map(prob: Array, threshold: float = 0.5, dims: Dims = "3d")
     ``dims="2d"`` labels each z-slice on its own (4-connectivity), ids unique over the stack; ``"3d"`` uses
     6-connectivity. Ids are consecutive from 1.
     """
-    inside = _zyx(prob, "boundary probability") < threshold
+    inside = as_zyx(prob, "boundary probability") < threshold
     seg, _ = ndimage.label(inside, structure=_structure(dims))
     ids: NDArray[np.int64] = seg.astype(np.int64)
     return ids
@@ -231,7 +231,7 @@ def evaluate(
     lab = np.asarray(labels)
     lab = lab[0] if lab.ndim == 4 and lab.shape[0] == 1 else lab
     gt = gt_segmentation(lab, dims)
-    valid = None if mask is None else _zyx(mask, "mask") > 0
+    valid = None if mask is None else as_zyx(mask, "mask") > 0
     if valid is not None and valid.shape != gt.shape:
         raise ShapeError(f"mask shape {valid.shape} does not match label shape {gt.shape}")
     if out_type == "boundary":
@@ -293,12 +293,3 @@ def _structure(dims: str) -> Array:
 def _check_dims(dims: str) -> None:
     if dims not in ("2d", "3d"):
         raise ConfigError(f"dims {dims!r} is not valid; write 2d or 3d")
-
-
-def _zyx(arr: Array, what: str) -> Array:
-    arr = np.asarray(arr)
-    if arr.ndim == 4 and arr.shape[0] == 1:
-        arr = arr[0]
-    if arr.ndim != 3:
-        raise ShapeError(f"a {what} must be a (Z, Y, X) volume, got shape {arr.shape}")
-    return arr

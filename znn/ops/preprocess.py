@@ -138,7 +138,7 @@ def normalisation(pp_type: str, stats: ImageStats) -> Normalisation:
 
 def image_stats(volume: Array, pp_type: str) -> ImageStats:
     """The statistics :func:`normalisation` needs for ``pp_type``, of one ``(Z, Y, X)`` channel in memory."""
-    vol = _zyx(volume, "image").astype(np.float64)
+    vol = as_zyx(volume, "image").astype(np.float64)
     depth = vol.shape[0]
     if pp_type == "standard2D":
         return ImageStats.of_moments(vol.mean(axis=(1, 2)), vol.var(axis=(1, 2)))
@@ -156,7 +156,7 @@ def preprocess_image(volume: Array, pp_type: str, dtype: DTypeLike = np.float32)
     """
     if pp_type not in IMAGE_PP_TYPES:
         raise ConfigError(f"image pp_type {pp_type!r} is not valid; {closest(pp_type, IMAGE_PP_TYPES)}")
-    vol = _zyx(volume, "image").astype(np.float64)
+    vol = as_zyx(volume, "image").astype(np.float64)
     if pp_type != "none":
         vol = normalisation(pp_type, image_stats(vol, pp_type)).apply(vol, 0, np.float64)
     return vol.astype(dtype, copy=False)
@@ -179,13 +179,13 @@ def resolve_label_pp(pp_type: str, out_type: str) -> str:
 
 def binary_class(label: Array, dtype: DTypeLike = np.float32) -> Array:
     """``(2, Z, Y, X)``: channel 0 = ``label > 0`` (non-boundary), channel 1 = ``label == 0`` (boundary)."""
-    inside = _zyx(label, "label") > 0
+    inside = as_zyx(label, "label") > 0
     return np.stack([inside, ~inside]).astype(dtype)
 
 
 def one_class(label: Array, dtype: DTypeLike = np.float32) -> Array:
     """``(1, Z, Y, X)``: ``label > 0`` (ZNN's one_class, the non-boundary map)."""
-    return (_zyx(label, "label") > 0)[None].astype(dtype)
+    return (as_zyx(label, "label") > 0)[None].astype(dtype)
 
 
 def affinity(segmentation: Array, dtype: DTypeLike = np.float32) -> Array:
@@ -206,7 +206,7 @@ def affinity_mask(mask: Array, dtype: DTypeLike = np.float32) -> Array:
 
     The first plane along each axis (no predecessor) is invalid.
     """
-    valid = _zyx(mask, "mask") > 0
+    valid = as_zyx(mask, "mask") > 0
     out = np.zeros((3, *valid.shape), dtype=dtype)
     for c in range(3):
         later, earlier = _later_earlier(c)
@@ -239,16 +239,16 @@ def target_mask(voxel_mask: Array | None, pp_type: str, shape: tuple[int, int, i
     """
     if voxel_mask is None:
         voxel_mask = np.ones(shape, dtype=bool)
-    elif _zyx(voxel_mask, "mask").shape != tuple(shape):
+    elif as_zyx(voxel_mask, "mask").shape != tuple(shape):
         raise ShapeError(f"mask shape {np.shape(voxel_mask)} does not match the label shape {tuple(shape)}")
     if pp_type == "affinity":
         return affinity_mask(voxel_mask, dtype)
-    return (_zyx(voxel_mask, "mask") > 0)[None].astype(dtype)
+    return (as_zyx(voxel_mask, "mask") > 0)[None].astype(dtype)
 
 
 def segmentation_ids(segmentation: Array) -> NDArray[np.int64]:
     """A ``(Z, Y, X)`` (or ``(1, Z, Y, X)``) id volume as int64; float volumes must hold whole numbers."""
-    seg = _zyx(segmentation, "segmentation")
+    seg = as_zyx(segmentation, "segmentation")
     if not np.issubdtype(seg.dtype, np.integer):
         if np.issubdtype(seg.dtype, np.bool_):
             return seg.astype(np.int64)
@@ -265,7 +265,7 @@ def _later_earlier(axis: int) -> tuple[tuple[slice, ...], tuple[slice, ...]]:
     return tuple(later), tuple(earlier)
 
 
-def _zyx(arr: Array, what: str) -> Array:
+def as_zyx(arr: Array, what: str) -> Array:
     """``arr`` as a 3D ``(Z, Y, X)`` array; a single leading channel is dropped."""
     arr = np.asarray(arr)
     if arr.ndim == 4 and arr.shape[0] == 1:

@@ -29,6 +29,7 @@ from typing import Any
 
 from znn.errors import ShapeError
 from znn.ops import fft as fftops
+from znn.ops.phase import phase_shape
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.spec import NetworkSpec
 from znn.text import format_bytes, format_table, parse_bytes, zyx
@@ -141,13 +142,17 @@ def _vox(shape: Sequence[int]) -> int:
 
 
 # -------------------------------------------------------------------------------------------------- the model
+def _edge_sizes(plan: NetPlan, name: str, itemsize: int) -> tuple[int, int, int, int]:
+    """(input maps, output maps, bytes of the input crop it reads, bytes of its output) of edge ``name``."""
+    ep, edge = plan.edges[name], plan.spec.edges[name]
+    n_in, n_out = plan.spec.nodes[edge.input].size, plan.spec.nodes[edge.output].size
+    return n_in, n_out, n_in * _vox(ep.need) * itemsize, n_out * _vox(ep.out_extent) * itemsize
+
+
 def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tuple[int, int]:
     """(transient bytes while edge ``name`` runs, bytes of its kernel spectra) for one block."""
-    spec, ep = plan.spec, plan.edges[name]
-    edge = spec.edges[name]
-    n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
-    in_bytes = n_in * _vox(ep.need) * itemsize
-    out_bytes = n_out * _vox(ep.out_extent) * itemsize
+    ep, edge = plan.edges[name], plan.spec.edges[name]
+    n_in, n_out, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
     if edge.type == "conv" and ep.mode == "fft":
         shape = ep.fft_shape
         assert shape is not None
@@ -182,20 +187,17 @@ def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tupl
 def _phase_geometry(plan: NetPlan, name: str) -> tuple[int, Triple, Triple, int]:
     """(phases, phase length, FFT shape, spectrum size) of a conv edge run by the phase evaluator."""
     ep = plan.edges[name]
-    lengths = tuple(-(-n // d) for n, d in zip(ep.need, ep.dilation))
-    shape = tuple(fftops.fast_len(n) for n in lengths)
-    return math.prod(ep.dilation), lengths, shape, _vox(fftops.spectrum_shape(shape))  # type: ignore[return-value]
+    lengths = (-(-ep.need[0] // ep.dilation[0]), -(-ep.need[1] // ep.dilation[1]), -(-ep.need[2] // ep.dilation[2]))
+    shape = phase_shape(ep.need, plan.spec.edges[name].size, ep.dilation)  # what phase_conv_fft transforms
+    return math.prod(ep.dilation), lengths, shape, _vox(fftops.spectrum_shape(shape))
 
 
 def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tuple[int, int]:
     """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.forward.phases.PhaseForward`."""
     from znn.ops.phase import PHASE_GROUP_BYTES
 
-    spec, ep = plan.spec, plan.edges[name]
-    edge = spec.edges[name]
-    n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
-    in_bytes = n_in * _vox(ep.need) * itemsize
-    out_bytes = n_out * _vox(ep.out_extent) * itemsize
+    ep, edge = plan.edges[name], plan.spec.edges[name]
+    n_in, n_out, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
     if edge.type == "conv" and ep.mode == "fft":
         count, lengths, shape, freq = _phase_geometry(plan, name)
         csize = 2 * itemsize
