@@ -163,6 +163,8 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
     patch = outsz or job.forward_outsz
     budget = _memory_budget(job, scheduler, memory) if patch == "auto" or memory is not None else None
     options = DenseOptions(patch, job.is_bd_mirror, job.forward_conv_mode, bool(job.spectra_cache), memory=budget)
+    for sample in samples:  # a missing section or file of the last sample must not wait for the others to run
+        sample_inputs(job, net, sample)
     with make_runner(scheduler, job.num_threads) as runner:
         run = _ForwardRun(job, net, transform, options, runner, progress, fresh, on_setup)
         return [_forward_sample(run, sample) for sample in samples]
