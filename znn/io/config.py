@@ -130,10 +130,12 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "test_num": (_count(1), 10, "an integer >= 1"),
     "Num_iter_per_save": (_count(1), 1000, "an integer >= 1"),
     "Max_iter": (_count(0), 200000, "an integer >= 0"),
-    "train_net_prefix": (_text, None, "a path prefix for checkpoints, like experiments/net"),
+    "train_net_prefix": (_text, None, "a path prefix for checkpoints, like experiments/net (experiments/: the "
+                                      "folder, files net_*.h5 in it)"),
     "train_net": (_text, None, "a path prefix for checkpoints (older spelling of train_net_prefix)"),
     "forward_net": (_text, None, "a path to a network .h5 checkpoint"),
-    "output_prefix": (_text, None, "a path prefix for forward outputs"),
+    "output_prefix": (_text, None, "a path prefix for forward outputs (outdir/: the folder, files sample*_output.* "
+                                   "in it)"),
     "is_stdio": (_bool, True, "yes or no"),
     "is_debug": (_bool, False, "yes or no"),
     "is_check": (_bool, False, "yes or no"),
@@ -147,6 +149,21 @@ EXTRA_KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
 }
 ALL_KEYS = {**KEYS, **EXTRA_KEYS}
 PATH_KEYS = ("fnet_spec", "fdata_spec", "train_net_prefix", "train_net", "forward_net", "output_prefix")
+# Prefixes of files the project writes; written with a trailing slash, one names the folder the files go in.
+PREFIX_KEYS = ("train_net_prefix", "train_net", "output_prefix")
+FOLDER_CHECKPOINT_STEM = "net"  # checkpoints in a train_net_prefix folder: net_current.h5, net_1000.h5, ...
+
+
+def is_folder_prefix(prefix: str | os.PathLike[str]) -> bool:
+    """Whether a prefix names a folder: written with a trailing slash (kept through path resolution)."""
+    return os.fspath(prefix).endswith(("/", os.sep))
+
+
+def prefixed(prefix: str | os.PathLike[str], name: str) -> str:
+    """The file ``name`` under ``prefix``: ``<prefix>_<name>``, or ``<prefix>/<name>`` when it names a folder."""
+    if is_folder_prefix(prefix):
+        return str(Path(prefix) / name)
+    return f"{os.fspath(prefix)}_{name}"
 
 
 @dataclass
@@ -188,7 +205,11 @@ class Job:
 
     @property
     def net_prefix(self) -> Path | None:
-        return self.values.get("train_net_prefix") or self.values.get("train_net")
+        """The checkpoint prefix; for a folder (``train_net_prefix = nets/``) the files ``net_*.h5`` inside it."""
+        prefix = self.values.get("train_net_prefix") or self.values.get("train_net")
+        if prefix is None:
+            return None
+        return Path(prefix) / FOLDER_CHECKPOINT_STEM if is_folder_prefix(prefix) else Path(prefix)
 
     @property
     def threads(self) -> int:
@@ -227,8 +248,14 @@ def _job(ini: IniFile) -> Job:
         values[key] = _value(ini, key, text)
     for key in PATH_KEYS:
         if values[key]:
-            values[key] = ini.resolve(values[key])
+            values[key] = _resolve_path(ini, key, values[key])
     return Job(ini.path, values, ini)
+
+
+def _resolve_path(ini: IniFile, key: str, text: str) -> Path | str:
+    """``text`` against the job file's folder; a prefix keeps its trailing slash (a folder, see ``prefixed``)."""
+    path = ini.resolve(text)
+    return f"{path}{os.sep}" if key in PREFIX_KEYS and is_folder_prefix(text) else path
 
 
 def _value(ini: IniFile, key: str, text: str) -> Any:

@@ -4,11 +4,12 @@ Conventions (ZNN's ``python/front_end/zdataset.py`` / ``zsample.py``, seung-lab/
 
 - The files of one ``[imageN]`` are the **channels** of that network input, in ``fnames`` order, each
   preprocessed with its own ``pp_types`` entry. A 4D file ``(C, Z, Y, X)`` gives C channels, all preprocessed
-  with that file's type. ``[sampleN] input1, input2, ...`` follow the network's input nodes in order.
+  with that file's type. ``[sampleN]`` names the network's nodes (``input = 1``, ``input-r = 2``; or
+  ``input1, input2, ...`` in the network's order): see :mod:`znn.io.sample_nodes`.
 - A ``[labelN]`` holds one label volume (a segmentation with 0 = boundary, or ISBI-style 0 = membrane /
   255 = interior); several files are stacked as channels only for ``pp_types = none``.
 - Masks (> 0 valid) come from the label's ``fmasks`` (one per label file) and from ``[maskN]`` sections named
-  by the sample's ``mask``/``mask1``... keys; where both exist a voxel must be valid in both.
+  by the sample's ``mask``/``mask1``.../``NODE_mask`` keys; where both exist a voxel must be valid in both.
 - 2D images ``(Y, X)`` are volumes with Z = 1; a tif stack ``(Z, Y, X)`` is one channel.
 - ``is_auto_crop``: volumes of a sample whose sections say yes (ZNN's default) are cropped centrally to the
   smallest extent per axis among all the sample's volumes; an odd excess loses its extra voxel at the start, as
@@ -27,6 +28,7 @@ import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
 from znn.errors import ShapeError, SpecFileError, VolumeError
+from znn.io.sample_nodes import bind_sample
 from znn.io.specfile import SampleSpec, VolumeSet
 from znn.io.volume import read_volume
 from znn.ops.preprocess import (
@@ -36,6 +38,7 @@ from znn.ops.preprocess import (
     resolve_label_pp,
     target_mask,
 )
+from znn.spec import NetworkSpec
 from znn.types import Triple
 
 __all__ = ["SampleData", "load_sample", "make_sample", "center_crop"]
@@ -89,14 +92,15 @@ class _Raw:
 
 
 def load_sample(spec: SampleSpec, sample_id: int, out_type: str = "boundary",
-                dtype: DTypeLike = np.float32) -> SampleData:
+                dtype: DTypeLike = np.float32, network: NetworkSpec | None = None) -> SampleData:
     """Read, crop and preprocess ``[sample<sample_id>]`` of ``spec``.
 
     ``out_type`` (``boundary``/``affinity``) resolves label ``pp_types = auto``; ``dtype`` is the float type of
-    inputs, targets and masks. Raises ZnnFileNotFoundError naming the section for a missing file and
-    SpecFileError for volumes that do not fit together.
+    inputs, targets and masks; ``network`` orders inputs and outputs by its nodes (keys named after nodes need
+    it). Raises ZnnFileNotFoundError naming the section for a missing file and SpecFileError for volumes that do
+    not fit together or keys that do not fit the network.
     """
-    sample = spec.sample(sample_id)
+    sample = bind_sample(spec, sample_id, network)
     dtype = np.dtype(dtype)
     image_raws = [_read_section(spec.images[i]) for i in sample.inputs]
     label_sets = [spec.labels[i] for i in sample.outputs]
@@ -212,19 +216,20 @@ def _read(vs: VolumeSet, path: Path, key: str = "fnames") -> _Raw:
     return _Raw(arr, vs.where, str(path), vs.is_auto_crop)
 
 
-def _sample_masks(spec: SampleSpec, mask_ids: list[int], where: str, n_outputs: int) -> list[_Raw | None]:
+def _sample_masks(spec: SampleSpec, mask_ids: list[int | None], where: str, n_outputs: int) -> list[_Raw | None]:
     """The ``[maskN]`` volume for each output (None where the sample names none)."""
     if len(mask_ids) > n_outputs:
         raise SpecFileError(f"{where}: {len(mask_ids)} masks for {n_outputs} outputs; give at most one mask per "
                             "output (mask1 for output1, ...)")
     out: list[_Raw | None] = []
     for k in range(n_outputs):
-        if k >= len(mask_ids):
+        mask_id = mask_ids[k] if k < len(mask_ids) else None
+        if mask_id is None:
             out.append(None)
             continue
-        raws = _read_section(spec.masks[mask_ids[k]])
+        raws = _read_section(spec.masks[mask_id])
         if len(raws) != 1 or raws[0].array.shape[0] != 1:
-            raise SpecFileError(f"{spec.masks[mask_ids[k]].where} fnames: a mask section holds one "
+            raise SpecFileError(f"{spec.masks[mask_id].where} fnames: a mask section holds one "
                                 "single-channel volume")
         out.append(raws[0])
     return out

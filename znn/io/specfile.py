@@ -53,13 +53,21 @@ class VolumeSet:
 
 @dataclass
 class Sample:
-    """One ``[sampleN]``: the image ids of the network inputs and label ids of the outputs, in order."""
+    """One ``[sampleN]``: the image ids of the network inputs and label ids of the outputs, in order.
+
+    As read from the file, ``inputs``/``outputs``/``masks`` hold what the numbered keys (``input``, ``input1``,
+    ...) say; keys named after network nodes (``input-r = 2``, ZNN's own spelling) wait in ``refs`` until the
+    network is known: :func:`znn.io.sample_nodes.bind_sample` orders all of them by the network's nodes.
+    ``masks[k]`` is the ``[maskN]`` of output k, None where that output has none.
+    """
 
     id: int
     inputs: list[int]
     outputs: list[int]
-    masks: list[int]
+    masks: list[int | None]
     where: str = ""
+    refs: dict[str, int] = field(default_factory=dict)  # every key of the section -> its section number
+    key_where: dict[str, str] = field(default_factory=dict)  # key -> ``file:line: [sampleN] key``
 
 
 @dataclass
@@ -139,30 +147,35 @@ def _volume_set(ini: IniFile, section: str, kind: str, number: int, pairs: dict[
 
 def _sample(ini: IniFile, section: str, number: int, pairs: dict[str, str]) -> Sample:
     slots: dict[str, dict[int, int]] = {"input": {}, "output": {}, "mask": {}}
+    refs: dict[str, int] = {}
     for key, value in pairs.items():
         match = _SAMPLE_KEY.match(key)
-        if not match:
-            raise SpecFileError(f"{ini.at(section, key)}: unknown key {key!r}; a sample has input/input1.., "
-                                f"output/output1.. and mask/mask1.. ({closest(key, ('input', 'output', 'mask'))})")
         try:
-            ref = int(value)
+            refs[key] = int(value)
         except ValueError:
+            kind = "label" if match and match.group(1) == "output" else "image"
             raise SpecFileError(f"{ini.at(section, key)}: {value!r} is not a section number; write e.g. "
-                                f"`{key} = 1` for [{'image' if match.group(1) == 'input' else 'label'}1]") from None
-        slots[match.group(1)][int(match.group(2) or 1)] = ref
-    if not slots["input"]:
-        raise SpecFileError(f"{ini.at(section)}: a sample needs `input = N` naming an [imageN] section")
+                                f"`{key} = 1` for [{kind}1]") from None
+        if match:
+            slots[match.group(1)][int(match.group(2) or 1)] = refs[key]
+    # any other key names a network node (ZNN's `input-r = 2`); which one is known only with the network
+    if not refs or (not slots["input"] and all(_SAMPLE_KEY.match(k) for k in refs)):
+        raise SpecFileError(f"{ini.at(section)}: a sample needs `input = N` naming an [imageN] section (one key "
+                            "per network input node, named after the node)")
     ordered = {k: [v[i] for i in sorted(v)] for k, v in slots.items()}
-    return Sample(number, ordered["input"], ordered["output"], ordered["mask"], ini.at(section))
+    masks: list[int | None] = list(ordered["mask"])
+    return Sample(number, ordered["input"], ordered["output"], masks, ini.at(section), refs,
+                  {key: ini.at(section, key) for key in refs})
 
 
 def _check_references(ini: IniFile, spec: SampleSpec, sample: Sample) -> None:
     section = f"sample{sample.id}"
+    ids: list[int] | list[int | None]
     for key, ids, table, kind in (("input", sample.inputs, spec.images, "image"),
                                   ("output", sample.outputs, spec.labels, "label"),
                                   ("mask", sample.masks, spec.masks, "mask")):
         for ref in ids:
-            if ref not in table:
+            if ref is not None and ref not in table:
                 have = ", ".join(f"[{kind}{i}]" for i in sorted(table)) or "none"
                 raise SpecFileError(f"{ini.at(section, key)}: refers to [{kind}{ref}], which does not exist "
                                     f"(defined: {have})")

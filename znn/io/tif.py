@@ -47,7 +47,18 @@ MAX_SEGMENT = 1 << 24  # pixels in a strip or tile: real ones are far smaller (a
 def _series(tif: tifffile.TiffFile, vp: VolumePath) -> tifffile.TiffPageSeries:
     if not tif.series:
         raise VolumeError(f"{vp}: the TIFF file holds no images")
+    if len(tif.series) > 1:  # tifffile puts pages of another size in another series: the first would be read alone
+        _check_page_sizes(tif, vp)
     return tif.series[0]
+
+
+def _check_page_sizes(tif: tifffile.TiffFile, vp: VolumePath) -> None:
+    """VolumeError naming the first page whose size differs from the first page's."""
+    first = tif.pages.first.shape
+    for index, page in enumerate(tif.pages):
+        if page.shape != first:
+            raise VolumeError(f"{vp}: page {index} is {tuple(page.shape)} but page 0 is {tuple(first)}; a volume's "
+                              "pages must all have one size (crop or pad the odd pages, or split the file)")
 
 
 @contextmanager

@@ -85,9 +85,14 @@ class VolumePath:
             raise VolumeError(f"{self}: a z range needs a volume with a z axis, this one is 2D {shape}; drop "
                               f"[{self.zrange[0] or ''}:{self.zrange[1] or ''}]")
         z = shape[-3]
+        low, high = self.zrange
+        # slicing would clip a range past the end to the slices there are: the user asked for others
+        if (low is not None and low >= z) or (high is not None and high > z):
+            raise VolumeError(f"{self}: the z range goes past the end of the volume's {z} z slices (shape "
+                              f"{shape}); give [start:stop] with 0 <= start < stop <= {z}")
         start, stop, _ = slice(*self.zrange).indices(z)
         if stop <= start:
-            raise VolumeError(f"{self}: the z range selects no slice of the {z} in the volume; give "
+            raise VolumeError(f"{self}: the z range selects no slice of the {z} z slices in the volume; give "
                               f"[start:stop] with 0 <= start < stop <= {z}")
         return slice(start, stop)
 

@@ -6,6 +6,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from znn.errors import ConfigError
+from znn.io.config import prefixed
 from znn.ops.transform import OUTPUT_TRANSFORMS
 from znn.pipeline.dense.volume import InferenceResult
 from znn.spec import NetworkSpec
@@ -35,7 +36,7 @@ def resolve_transform(transform: str, spec: NetworkSpec, out_type: str = "bounda
 # ---------------------------------------------------------------------------------------------------- outputs
 def output_paths(prefix: str | Path, sample: int, fmt: str, outputs: Sequence[str]) -> dict[str, str]:
     """Where sample ``sample``'s outputs go for ``fmt`` (zarr, h5, tif): output node -> volume path."""
-    base = f"{prefix}_sample{sample}_output"
+    base = prefixed(prefix, f"sample{sample}_output")  # output_prefix = outdir/ puts them in that folder
     if fmt == "zarr":
         return {n: f"{base}.zarr/{n}" for n in outputs}
     if fmt == "h5":

@@ -147,10 +147,17 @@ def _geometry(spec: NetworkSpec, files: Mapping[str, list[InputFile]], mirror: b
     offsets, fov = input_offsets(spec, mirror)
     out_shape = output_shape(volume, fov, mirror)
     if min(out_shape) < 1:
-        first = next(iter(files.values()))[0].path
-        raise ShapeError(f"{first}: volume {volume} is smaller than the network's field of view {fov}; with "
-                         "is_bd_mirror = no the output would be empty. Set is_bd_mirror = yes, or use a larger volume")
+        raise _empty_output(next(iter(files.values()))[0].path, volume, fov, mirror)
     return _Geometry(volume, out_shape, fov, offsets, input_itemsize)
+
+
+def _empty_output(path: str, volume: Triple, fov: Triple, mirror: bool) -> ShapeError:
+    """Why the output would have no voxel, and the change that helps (mirroring helps only a volume that has some)."""
+    if min(volume) < 1:
+        return ShapeError(f"{path}: volume {volume} has no voxels along an axis, so there is nothing to predict; "
+                          "give a volume (or z range) with at least one voxel per axis")
+    return ShapeError(f"{path}: volume {volume} is smaller than the network's field of view {fov}; with "
+                      "is_bd_mirror = no the output would be empty. Set is_bd_mirror = yes, or use a larger volume")
 
 
 def _search(net: Network, geometry: _Geometry, spectra_cache: bool) -> memplan.PatchSearch:

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from znn.errors import ConfigError, ZnnFileNotFoundError
+from znn.errors import ZnnFileNotFoundError
 from znn.io.config import Job
 from znn.network import Network
 from znn.pipeline.dense import memplan
@@ -56,18 +56,16 @@ def load_forward_network(job: Job) -> Network:
 
 
 def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[InputFile]]:
-    """Input files of sample ``sample_id`` per network input node (the sample's input1, input2, ... in the order of
-    the network's input nodes)."""
+    """Input files of sample ``sample_id`` per network input node (the sample's keys name the nodes, ``input = 1``,
+    ``input-r = 2``, or number them ``input1, input2, ...`` in the network's order; see
+    :mod:`znn.io.sample_nodes`); errors name the spec file, section and key, and list the network's nodes."""
+    from znn.io.sample_nodes import bind_sample
     from znn.io.specfile import load_spec
 
     samples = load_spec(job.require("fdata_spec"))
-    sample = samples.sample(sample_id)
-    nodes = net.spec.inputs
-    if len(sample.inputs) != len(nodes):
-        raise ConfigError(f"{sample.where}: {len(sample.inputs)} input(s) for a network with {len(nodes)} input "
-                          f"node(s) ({', '.join(nodes)}); give input1 .. input{len(nodes)}")
+    sample = bind_sample(samples, sample_id, net.spec)
     result: dict[str, list[InputFile]] = {}
-    for node, image_id in zip(nodes, sample.inputs):
+    for node, image_id in zip(net.spec.inputs, sample.inputs):
         images = samples.images[image_id]
         images.check_files()
         result[node] = [InputFile(str(f), pp) for f, pp in zip(images.fnames, images.pp_types)]
@@ -165,6 +163,8 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
     patch = outsz or job.forward_outsz
     budget = _memory_budget(job, scheduler, memory) if patch == "auto" or memory is not None else None
     options = DenseOptions(patch, job.is_bd_mirror, job.forward_conv_mode, bool(job.spectra_cache), memory=budget)
+    for sample in samples:  # a missing section or file of the last sample must not wait for the others to run
+        sample_inputs(job, net, sample)
     with make_runner(scheduler, job.num_threads) as runner:
         run = _ForwardRun(job, net, transform, options, runner, progress, fresh, on_setup)
         return [_forward_sample(run, sample) for sample in samples]

@@ -36,20 +36,23 @@ from znn.pipeline.train.trainer import (
     resume,
     seed_network,
 )
+from znn.spec import NetworkSpec
 
 __all__ = ["train_job", "PatchEvaluator", "load_samples"]
 
 
-def load_samples(job: Job, key: str, dtype: Any) -> list[SampleData]:
-    """The samples of ``train_range`` or ``test_range`` (``key``), read and preprocessed; [] when the key is unset
-    (allowed for test_range only)."""
+def load_samples(job: Job, key: str, dtype: Any, network: NetworkSpec | None = None) -> list[SampleData]:
+    """The samples of ``train_range`` or ``test_range`` (``key``), read and preprocessed, their volumes in the order
+    of the nodes of ``network`` (default: the job's ``fnet_spec``); [] when the key is unset (allowed for
+    test_range only)."""
     ids = job.values.get(key)
     if not ids:
         if key == "train_range":
             job.require(key)
         return []
     spec = load_spec(job.require("fdata_spec"))
-    return [load_sample(spec, i, job.out_type, dtype) for i in ids]
+    network = network or load_network(job.require("fnet_spec"))
+    return [load_sample(spec, i, job.out_type, dtype, network) for i in ids]
 
 
 @dataclass
@@ -122,7 +125,8 @@ def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = 
         engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
                         spectra_cache=job.spectra_cache)
         engine.steps = iteration  # dropout masks follow the step number, also after a resume
-        train, test = load_samples(job, "train_range", net.dtype), load_samples(job, "test_range", net.dtype)
+        train = load_samples(job, "train_range", net.dtype, net.spec)
+        test = load_samples(job, "test_range", net.dtype, net.spec)
         _announce(log, job, engine, train, test)
         fov = engine.plan.layout.fov
         outputs = net.spec.outputs
