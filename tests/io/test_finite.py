@@ -6,7 +6,13 @@ import dask.array as da
 import numpy as np
 import pytest
 
-from znn.io.finite import NonFinite, find_non_finite, first_of_records, in_file, non_finite_records
+from znn.io.finite import (
+    NonFinite,
+    find_non_finite,
+    first_of_records,
+    in_file,
+    non_finite_records,
+)
 
 
 def test_in_memory_first_position_value_and_count():

@@ -100,10 +100,9 @@ def test_a_nan_learning_rate_in_a_checkpoint_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("key, value, says", [
-    ("eta", "nan", r"eta: 'nan' is not valid; expected a finite learning rate > 0 \(not a finite number\)"),
+    ("eta", "nan", r"eta: 'nan' is not valid; expected a finite learning rate >= 0 .*\(not a finite number\)"),
     ("eta", "inf", r"eta: 'inf' is not valid.*not a finite number"),
-    ("eta", "0", r"eta: '0' is not valid.*0 is outside \(0, inf\]"),
-    ("eta", "-0.1", r"eta: '-0.1' is not valid"),
+    ("eta", "-0.1", r"eta: '-0.1' is not valid.*-0.1 is not >= 0\)"),
     ("momentum", "1", r"momentum: '1' is not valid; expected a number in \[0, 1\).*1 is outside \[0, 1\)"),
     ("momentum", "nan", r"momentum: 'nan' is not valid.*not a finite number"),
     ("anneal_factor", "0", r"anneal_factor: '0' is not valid; expected a factor in \(0, 1\]"),
@@ -120,5 +119,6 @@ def test_job_numbers_are_finite_and_in_range(key, value, says):
 
 
 def test_job_numbers_in_range_load():
+    assert parse_job("[parameters]\neta = 0\nweight_decay = 5\n", "job.cfg").eta == 0  # eta 0: weights kept
     job = parse_job("[parameters]\neta = 1e-4\nmomentum = 0\nanneal_factor = 1\nweight_decay = 0.5\n", "job.cfg")
     assert (job.eta, job.momentum, job.anneal_factor, job.weight_decay) == (1e-4, 0.0, 1.0, 0.5)

@@ -84,6 +84,8 @@ def _number(low: float, high: float = math.inf, *, above: bool = False, below: b
             raise _Explained("not a finite number")
         too_low = value <= low if above else value < low
         too_high = value >= high if below else value > high
+        if too_low and high == math.inf:
+            raise _Explained(f"{value:g} is not {'>' if above else '>='} {low:g}")
         if too_low or too_high:
             raise _Explained(f"{value:g} is outside {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}")
         return value
@@ -123,7 +125,7 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "cost_fn": (_choice(COST_FUNCTIONS), "auto", " / ".join(COST_FUNCTIONS)),
     "is_malis": (_bool, False, "yes or no"),
     "malis_norm_type": (_choice(MALIS_NORMS), "none", " / ".join(MALIS_NORMS)),
-    "eta": (_number(0.0, above=True), 0.01, "a finite learning rate > 0"),
+    "eta": (_number(0.0), 0.01, "a finite learning rate >= 0 (0: the weights stay as they are)"),
     "anneal_factor": (_number(0.0, 1.0, above=True), 1.0, "a factor in (0, 1] (eta is multiplied by it)"),
     "Num_iter_per_annealing": (_count(1), 100, "an integer >= 1"),
     "momentum": (_number(0.0, 1.0, below=True), 0.9, "a number in [0, 1) (at 1 the velocity never decays)"),
