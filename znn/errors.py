@@ -20,6 +20,7 @@ __all__ = [
     "WorkflowError",
     "CheckpointError",
     "VolumeError",
+    "NonFiniteError",
     "ShapeError",
     "TrainingError",
     "where",
@@ -64,6 +65,10 @@ class CheckpointError(FormatError):
 
 class VolumeError(ZnnError, ValueError):
     """A volume cannot be read or written as asked (bad path, dataset, dimensionality, dtype)."""
+
+
+class NonFiniteError(VolumeError):
+    """A volume holds NaN or infinite values; the message names the file, the first bad position and the count."""
 
 
 class ShapeError(ZnnError, ValueError):

@@ -152,7 +152,7 @@ CASES = [
     ("cfg", GOOD_CFG.replace("train_conv_mode = fft", "train_conv_mode = ftt"), ConfigError,
      r":10: .*train_conv_mode.*did you mean 'fft'"),
     ("cfg", GOOD_CFG.replace("cost_fn = auto", "cost_fn = cross_entropy"), ConfigError, r":11: .*cost_fn"),
-    ("cfg", GOOD_CFG.replace("momentum = 0.9", "momentum = 1.5"), ConfigError, r":13: .*momentum.*\[0, 1\]"),
+    ("cfg", GOOD_CFG.replace("momentum = 0.9", "momentum = 1.5"), ConfigError, r":13: .*momentum.*\[0, 1\)"),
     ("cfg", GOOD_CFG.replace("dtype = float32", "dtype = float16"), ConfigError, r":5: .*dtype.*float32 or float64"),
     ("cfg", GOOD_CFG.replace("[parameters]", "[params]"), ConfigError, r"no \[parameters\] section"),
     ("cfg", GOOD_CFG.replace("Max_iter = 10", "Max_iter = ten"), ConfigError, r":15: .*Max_iter.*'ten'"),

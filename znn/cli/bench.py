@@ -16,8 +16,10 @@ from znn.cli.args import (
     Subparsers,
     add_scheduler_argument,
     memory,
+    non_negative_number,
     parse_triple,
     positive_int,
+    positive_number,
 )
 from znn.types import Triple
 
@@ -66,7 +68,7 @@ def _ops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--modes", nargs="+", choices=["direct", "fft"], default=["direct", "fft"])
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
-    parser.add_argument("--max-direct-gflop", type=float, default=ops.DEFAULT_MAX_DIRECT_GFLOP,
+    parser.add_argument("--max-direct-gflop", type=non_negative_number, default=ops.DEFAULT_MAX_DIRECT_GFLOP,
                         help="skip direct mode for layers costing more (default %(default)s)")
     parser.add_argument("--wisdom", help="FFTW wisdom file to load before and save after")
     parser.add_argument("--json", help="also write the rows to this JSON file")
@@ -97,7 +99,7 @@ def _net_arguments(parser: argparse.ArgumentParser) -> None:
                         help="conv mode of every layer; optimize measures each layer once and remembers")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--eta", type=float, default=net.DEFAULT_ETA, help="learning rate of the timed steps")
+    parser.add_argument("--eta", type=positive_number, default=net.DEFAULT_ETA, help="learning rate of the timed steps")
     parser.add_argument("--no-torch", action="store_true", help="do not build and time the PyTorch network")
     parser.add_argument("--json", help="also write the report to this JSON file")
 

@@ -11,9 +11,10 @@ from znn.cli.args import (
     Subparsers,
     add_quiet_argument,
     add_scheduler_argument,
+    count,
     log,
+    positive_number,
 )
-from znn.errors import ConfigError
 from znn.io.config import load_job
 from znn.pipeline.jobs.quickstart import quickstart
 from znn.pipeline.jobs.train import train_job
@@ -28,15 +29,15 @@ def register(sub: Subparsers) -> dict[str, Handler]:
     p.add_argument("--seed", metavar="NET.h5", help="initialise every group whose name and shape match this "
                                                     "checkpoint (ignored when the run resumes)")
     add_scheduler_argument(p)
-    p.add_argument("--max-iter", type=int, help="stop at this iteration instead of the job's Max_iter")
-    p.add_argument("--minutes", type=float, help="stop (and save) after this many minutes of training")
+    p.add_argument("--max-iter", type=count, help="stop at this iteration instead of the job's Max_iter")
+    p.add_argument("--minutes", type=positive_number, help="stop (and save) after this many minutes of training")
     add_quiet_argument(p)
     q = sub.add_parser("quickstart", help="train and evaluate a small network on synthetic EM data (no download)",
                        description="Make a synthetic EM-like volume, train the workflows/quickstart network on it "
                        "for a few minutes, predict a held-out part and evaluate it; writes PNG previews.")
     q.add_argument("--out", default="quickstart", help="output folder (default: ./quickstart)")
-    q.add_argument("--minutes", type=float, default=4.0, help="training time limit (default 4)")
-    q.add_argument("--max-iter", type=int, help="stop at this iteration instead of the job's Max_iter")
+    q.add_argument("--minutes", type=positive_number, default=4.0, help="training time limit (default 4)")
+    q.add_argument("--max-iter", type=count, help="stop at this iteration instead of the job's Max_iter")
     add_scheduler_argument(q)
     add_quiet_argument(q)
     return {"train": _cmd_train, "quickstart": _cmd_quickstart}
@@ -44,8 +45,6 @@ def register(sub: Subparsers) -> dict[str, Handler]:
 
 def _cmd_train(args: argparse.Namespace) -> int:
     job = load_job(args.job)
-    if args.max_iter is not None and args.max_iter < 0:
-        raise ConfigError(f"--max-iter {args.max_iter}: give a number of iterations >= 0")
     train_job(job, args.seed, args.scheduler, args.max_iter,
               None if args.minutes is None else 60 * args.minutes, not args.quiet, log)
     return 0

@@ -8,6 +8,7 @@ renamed, so a crash never leaves a half-written checkpoint.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -18,6 +19,7 @@ import numpy as np
 
 from znn.errors import CheckpointError, NetworkSpecError, ZnnError
 from znn.io.files import existing_file
+from znn.io.finite import find_non_finite
 from znn.io.hdf5 import H5_ERRORS
 from znn.network import Network
 from znn.spec import EdgeGroup, NetworkSpec, NodeGroup
@@ -224,6 +226,9 @@ def _parameters(path: Path, root: h5py.Group, spec: NetworkSpec, dtype: np.dtype
         group = _group(path, root, name, "transfer node group")
         biases[name] = _array(path, group, "biases", dtype)
         bias_m[name] = _array(path, group, "momentum_vol", dtype) if "momentum_vol" in group else np.zeros_like(biases[name])
+    for arrays, kind, key in ((kernels, "edge", "filters"), (kernel_m, "edge", "momentum_vol"),
+                              (biases, "node", "biases"), (bias_m, "node", "momentum_vol")):
+        _refuse_non_finite(path, arrays, kind, key)
     net = Network(spec, kernels, biases, kernel_m, bias_m)
     groups = [g for g in (root.get(name) for name in root) if isinstance(g, h5py.Group)]
     for key in ("eta", "momentum", "weight_decay"):
@@ -233,7 +238,21 @@ def _parameters(path: Path, root: h5py.Group, spec: NetworkSpec, dtype: np.dtype
                 net.hyper[key] = float(_text(group, key))
             except ValueError:
                 raise CheckpointError(f"{path}: /{group.name.lstrip('/')}/{key} is not a number") from None
+            if not math.isfinite(net.hyper[key]):
+                raise CheckpointError(f"{path}: /{group.name.lstrip('/')}/{key} is {net.hyper[key]}; the checkpoint "
+                                      "is damaged, use an earlier one")
     return net
+
+
+def _refuse_non_finite(path: Path, arrays: Mapping[str, np.ndarray], kind: str, key: str) -> None:
+    """CheckpointError naming the group and the first NaN or infinite value of its ``key`` (as loaded, in the
+    network's dtype): one NaN weight makes every prediction NaN."""
+    for name, array in arrays.items():
+        found = find_non_finite(array)
+        if found is not None:
+            raise CheckpointError(f"{path}: {kind} group {name!r} (/{NETWORK}/{name}/{key}) holds "
+                                  f"{found.describe(axes=None)}; the run that saved it diverged or the file is "
+                                  "damaged: use an earlier checkpoint")
 
 
 def _group(path: Path, root: h5py.Group, name: str, what: str) -> h5py.Group:

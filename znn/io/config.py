@@ -6,6 +6,7 @@ is checked on reading; an unknown key is reported with the closest known key.
 
 from __future__ import annotations
 
+import math
 import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -73,11 +74,20 @@ def _outsz(text: str) -> Triple | str:
     return "auto" if text.strip() == "auto" else parse_triple(text)
 
 
-def _number(low: float | None = None, high: float | None = None) -> Callable[[str], float]:
+def _number(low: float, high: float = math.inf, *, above: bool = False, below: bool = False
+            ) -> Callable[[str], float]:
+    """A finite number from ``low`` to ``high``, each bound included unless ``above`` (> low) or ``below`` (< high)
+    says otherwise: NaN and infinity are never a learning rate or a factor."""
     def parse(text: str) -> float:
         value = float(text)
-        if (low is not None and value < low) or (high is not None and value > high):
-            raise ValueError(f"outside [{low}, {high}]")
+        if not math.isfinite(value):
+            raise _Explained("not a finite number")
+        too_low = value <= low if above else value < low
+        too_high = value >= high if below else value > high
+        if too_low and high == math.inf:
+            raise _Explained(f"{value:g} is not {'>' if above else '>='} {low:g}")
+        if too_low or too_high:
+            raise _Explained(f"{value:g} is outside {'(' if above else '['}{low:g}, {high:g}{')' if below else ']'}")
         return value
 
     return parse
@@ -115,11 +125,11 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "cost_fn": (_choice(COST_FUNCTIONS), "auto", " / ".join(COST_FUNCTIONS)),
     "is_malis": (_bool, False, "yes or no"),
     "malis_norm_type": (_choice(MALIS_NORMS), "none", " / ".join(MALIS_NORMS)),
-    "eta": (_number(0.0), 0.01, "a learning rate >= 0"),
-    "anneal_factor": (_number(0.0, 1.0), 1.0, "a factor in [0, 1]"),
+    "eta": (_number(0.0), 0.01, "a finite learning rate >= 0 (0: the weights stay as they are)"),
+    "anneal_factor": (_number(0.0, 1.0, above=True), 1.0, "a factor in (0, 1] (eta is multiplied by it)"),
     "Num_iter_per_annealing": (_count(1), 100, "an integer >= 1"),
-    "momentum": (_number(0.0, 1.0), 0.9, "a number in [0, 1]"),
-    "weight_decay": (_number(0.0), 0.0, "a number >= 0"),
+    "momentum": (_number(0.0, 1.0, below=True), 0.9, "a number in [0, 1) (at 1 the velocity never decays)"),
+    "weight_decay": (_number(0.0), 0.0, "a finite number >= 0"),
     "is_data_aug": (_bool, True, "yes or no"),
     "is_bd_mirror": (_bool, True, "yes or no"),
     "rebalance_mode": (_choice(REBALANCE_MODES), "none", " / ".join(REBALANCE_MODES)),
@@ -246,6 +256,7 @@ def _job(ini: IniFile) -> Job:
         if key not in ALL_KEYS:
             raise ConfigError(f"{ini.at(SECTION, key)}: unknown key {key!r}; {closest(key, ALL_KEYS)}")
         values[key] = _value(ini, key, text)
+    _check_decay(ini, values)
     for key in PATH_KEYS:
         if values[key]:
             values[key] = _resolve_path(ini, key, values[key])
@@ -256,6 +267,15 @@ def _resolve_path(ini: IniFile, key: str, text: str) -> Path | str:
     """``text`` against the job file's folder; a prefix keeps its trailing slash (a folder, see ``prefixed``)."""
     path = ini.resolve(text)
     return f"{path}{os.sep}" if key in PREFIX_KEYS and is_folder_prefix(text) else path
+
+
+def _check_decay(ini: IniFile, values: Mapping[str, Any]) -> None:
+    """Each step multiplies the weights by 1 - eta * weight_decay (ZNN's update): from 1 on it zeroes or flips them."""
+    eta, decay = float(values["eta"]), float(values["weight_decay"])
+    if eta * decay >= 1:
+        key = "weight_decay" if "weight_decay" in ini.sections[SECTION] else "eta"
+        raise ConfigError(f"{ini.at(SECTION, key)}: eta * weight_decay = {eta * decay:g}; each step multiplies the "
+                          f"weights by 1 - eta * weight_decay, so keep weight_decay below 1 / eta = {1 / eta:g}")
 
 
 def _value(ini: IniFile, key: str, text: str) -> Any:

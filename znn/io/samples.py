@@ -27,7 +27,8 @@ from typing import Any
 import numpy as np
 from numpy.typing import DTypeLike, NDArray
 
-from znn.errors import ShapeError, SpecFileError, VolumeError
+from znn.errors import NonFiniteError, ShapeError, SpecFileError, VolumeError
+from znn.io.finite import find_non_finite, in_file
 from znn.io.sample_nodes import bind_sample
 from znn.io.specfile import SampleSpec, VolumeSet
 from znn.io.volume import read_volume
@@ -209,11 +210,21 @@ def _read(vs: VolumeSet, path: Path, key: str = "fnames") -> _Raw:
         arr = read_volume(path)
     except VolumeError as exc:
         raise SpecFileError(f"{vs.where} {key}: {exc}") from None
+    _refuse_non_finite(arr, vs, path, key)
     if arr.ndim == 2:
         arr = arr[None, None]
     elif arr.ndim == 3:
         arr = arr[None]
     return _Raw(arr, vs.where, str(path), vs.is_auto_crop)
+
+
+def _refuse_non_finite(arr: Array, vs: VolumeSet, path: Path, key: str) -> None:
+    """NonFiniteError naming the section, the file and its first NaN or infinite voxel: an image's would spread
+    over the prediction, a label's or mask's would train on NaN targets or test costs."""
+    found = find_non_finite(arr)
+    if found is not None:
+        raise NonFiniteError(f"{vs.where} {key}: {path} holds {in_file(found, path).describe()}; replace them in "
+                             "the file (e.g. with numpy.nan_to_num) or give another volume")
 
 
 def _sample_masks(spec: SampleSpec, mask_ids: list[int | None], where: str, n_outputs: int) -> list[_Raw | None]:

@@ -10,7 +10,14 @@ from typing import Any
 import numpy as np
 from dask.base import compute
 
-from znn.errors import ConfigError, ShapeError, VolumeError, ZnnFileNotFoundError
+from znn.errors import (
+    ConfigError,
+    NonFiniteError,
+    ShapeError,
+    VolumeError,
+    ZnnFileNotFoundError,
+)
+from znn.io.finite import first_of_records, in_file, non_finite_records
 from znn.ops.preprocess import IMAGE_PP_TYPES, ImageStats, Normalisation, normalisation
 from znn.spec import NetworkSpec
 
@@ -72,6 +79,7 @@ def preprocess_stats(path: str, pp: str) -> Normalisation:
 
     ``standard2D``: per slice zero mean, unit (population) std; ``standard3D``: the same over the whole volume;
     ``symetric_rescale``: min..max to -1..1; ``none``: identity. A constant slice/volume is only centred.
+    The same pass looks for NaN and infinite voxels (a float volume is read even for ``none``): NonFiniteError.
     """
     from znn.io.volume import open_volume
 
@@ -79,26 +87,44 @@ def preprocess_stats(path: str, pp: str) -> Normalisation:
         raise ConfigError(f"{path}: preprocessing {pp!r} is not known; use one of {', '.join(IMAGE_PP_TYPES)}")
     arr = open_volume(path)
     c, z, _, _ = as_4d(arr.shape, path)
+    vol = arr.reshape((c, z, *arr.shape[-2:]))
+    records = non_finite_records(vol)
+    terms = () if pp == "none" else _stat_terms(vol.astype(np.float64), pp)
+    if records is None and not terms:
+        return normalisation(pp, ImageStats.of_range(0.0, 0.0, z))  # an integer volume, nothing to read
+    *values, found = compute(*terms, records, scheduler="threads")
+    _refuse_non_finite(path, found)
     if pp == "none":
         return normalisation(pp, ImageStats.of_range(0.0, 0.0, z))
-    vol = arr.reshape((c, z, *arr.shape[-2:])).astype(np.float64)
-    return normalisation(pp, _volume_stats(vol, pp))
+    return normalisation(pp, _stats_of(values, pp, z))
 
 
-def _volume_stats(vol: Any, pp: str) -> ImageStats:
-    """The statistics of ``pp`` of a lazy (c, z, y, x) float64 volume: moments E[x], E[x^2] (the variance is
-    their difference: one pass) or the range."""
-    z = vol.shape[1]
+def _refuse_non_finite(path: str, records: np.ndarray | None) -> None:
+    """NonFiniteError naming the first NaN or infinite voxel of the volume at ``path`` and how many there are."""
+    found = None if records is None else first_of_records(records)
+    if found is not None:
+        raise NonFiniteError(f"{path}: input volume holds {in_file(found, path).describe()}; the network would "
+                             "spread them over the output. Replace them in the file (e.g. with numpy.nan_to_num) or "
+                             "give another volume")
+
+
+def _stat_terms(vol: Any, pp: str) -> tuple[Any, ...]:
+    """The lazy statistics of ``pp`` of a (c, z, y, x) float64 volume: moments E[x], E[x^2] per slice
+    (standard2D) or over the volume (standard3D) (the variance is their difference: one pass), or the range."""
     if pp == "standard2D":
-        mean, sq = compute(vol.mean(axis=(0, 2, 3)), (vol * vol).mean(axis=(0, 2, 3)), scheduler="threads")
-    elif pp == "standard3D":
-        m, s = compute(vol.mean(), (vol * vol).mean(), scheduler="threads")
-        mean, sq = np.full(z, m), np.full(z, s)
-    else:
-        low, high = compute(vol.min(), vol.max(), scheduler="threads")
-        return ImageStats.of_range(float(low), float(high), z)
-    mean = np.asarray(mean, np.float64)
-    return ImageStats.of_moments(mean, np.maximum(np.asarray(sq) - mean**2, 0.0))
+        return vol.mean(axis=(0, 2, 3)), (vol * vol).mean(axis=(0, 2, 3))
+    if pp == "standard3D":
+        return vol.mean(), (vol * vol).mean()
+    return vol.min(), vol.max()
+
+
+def _stats_of(values: list[Any], pp: str, z: int) -> ImageStats:
+    """The :class:`ImageStats` of the computed :func:`_stat_terms` of a volume of ``z`` slices."""
+    if pp in ("standard2D", "standard3D"):
+        mean, sq = (np.broadcast_to(np.asarray(v, np.float64), (z,)).copy() for v in values)
+        return ImageStats.of_moments(mean, np.maximum(sq - mean**2, 0.0))
+    low, high = values
+    return ImageStats.of_range(float(low), float(high), z)
 
 
 def open_sources(files: Sequence[InputFile]) -> list[Source]:

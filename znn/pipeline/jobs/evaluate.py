@@ -17,7 +17,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from znn.errors import ShapeError, VolumeError
+from znn.errors import NonFiniteError, ShapeError, VolumeError
+from znn.io.finite import find_non_finite, in_file
 from znn.io.samples import center_crop
 from znn.io.volume import read_volume
 from znn.ops.metrics import METRICS, evaluate
@@ -58,9 +59,9 @@ class EvaluateReport:
 
 def evaluate_files(req: EvaluateRequest) -> EvaluateReport:
     """Read prediction, labels (and mask), check their shapes, score them, write ``json_out`` when given."""
-    labels = _zyx(read_volume(req.labels), req.labels, "labels")
-    pred = as_prediction(read_volume(req.pred), labels.shape, req.pred)
-    mask = _zyx(read_volume(req.mask), req.mask, "mask") if req.mask else None
+    labels = _zyx(_finite_volume(req.labels, "labels"), req.labels, "labels")
+    pred = as_prediction(_finite_volume(req.pred, "prediction"), labels.shape, req.pred)
+    mask = _zyx(_finite_volume(req.mask, "mask"), req.mask, "mask") if req.mask else None
     if req.crop:
         shape = tuple(min(s) for s in zip(pred.shape[1:], labels.shape, *([mask.shape] if mask is not None else [])))
         pred, labels = center_crop(pred, shape), center_crop(labels, shape)
@@ -74,6 +75,17 @@ def evaluate_files(req: EvaluateRequest) -> EvaluateReport:
     if req.json_out:
         _write_json(req, dims, result)
     return EvaluateReport(heading, result)
+
+
+def _finite_volume(path: str, what: str) -> np.ndarray:
+    """The volume at ``path``; NonFiniteError naming its first NaN or infinite voxel (a score of a NaN prediction
+    would look like a score)."""
+    volume = read_volume(path)
+    found = find_non_finite(volume)
+    if found is not None:
+        raise NonFiniteError(f"{path}: the {what} holds {in_file(found, path).describe()}; nothing to score. "
+                             "Check the run that wrote it (or replace them, e.g. with numpy.nan_to_num)")
+    return volume
 
 
 def _check_shapes(req: EvaluateRequest, pred: np.ndarray, labels: np.ndarray, mask: np.ndarray | None) -> None:

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from znn.errors import CheckpointError, TrainingError
+from znn.errors import CheckpointError, TrainingError, ZnnError
 from znn.io.checkpoint import load_checkpoint, load_statistics, save_checkpoint
 from znn.io.config import Job
 from znn.network import Network
@@ -130,6 +130,20 @@ def _first_non_finite(net: Network, inputs: Mapping[str, np.ndarray], output_pat
 
 def checkpoint_paths(prefix: Path, iteration: int) -> tuple[Path, Path]:
     return Path(f"{prefix}_{iteration}.h5"), Path(f"{prefix}_current.h5")
+
+
+def last_checkpoint(prefix: Path) -> str:
+    """Where a rerun would resume, said for a person: ``<prefix>_current.h5`` with its iteration, or that there is
+    no checkpoint yet (so the rerun starts afresh)."""
+    current = checkpoint_paths(prefix, 0)[1]
+    if not current.exists():
+        return f"no checkpoint was saved yet ({current} does not exist; a rerun starts afresh)"
+    try:
+        iteration = load_statistics(current).get("iteration")
+    except ZnnError:
+        iteration = None
+    at = "" if iteration is None else f" (iteration {int(iteration)})"
+    return f"the last checkpoint is {current}{at}"
 
 
 def resume(prefix: Path, spec: NetworkSpec, dtype: Any) -> tuple[Network, LearningCurve, int] | None:
@@ -269,8 +283,8 @@ class Trainer:
         if where is None:
             where = (f"the cost ({cost})" if not math.isfinite(cost) else "the update") + (
                 f", then the parameters of {', '.join(bad)}" if bad else "")
-        raise TrainingError(f"step {self.iteration + 1}: non-finite values in {where}; training stopped, the last "
-                            f"good checkpoint is {checkpoint_paths(self.prefix, 0)[1]}. Lower eta or check the data")
+        raise TrainingError(f"step {self.iteration + 1}: non-finite values in {where}; training stopped, "
+                            f"{last_checkpoint(self.prefix)}. Lower eta or check the data")
 
     def save(self, elapsed: float) -> Path:
         stats = self.curve.to_statistics()
