@@ -18,7 +18,7 @@ import pytest
 from tests.pipeline.train.test_train import make_job
 from tests.shared import ROOT
 from znn.cli import main
-from znn.errors import ConfigError, WorkflowError, ZnnFileNotFoundError
+from znn.errors import ConfigError, OutputBusyError, WorkflowError, ZnnFileNotFoundError
 from znn.io.checkpoint import save_checkpoint
 from znn.io.netfile import load_network
 from znn.io.volume import read_volume, write_volume
@@ -214,7 +214,7 @@ def test_a_second_run_of_the_same_workflow_is_refused(tmp_path):
     path.write_text("steps:\n  a: {run: evaluate, pred: p, labels: l, out: a.json}\n")
     with RunLock(tmp_path / "wf.state.lock", str(path)):
         assert RunLock.held(tmp_path / "wf.state.lock")
-        with pytest.raises(WorkflowError, match="another `znn run` of this workflow is running"):
+        with pytest.raises(OutputBusyError, match=r"workflow .*wf.yaml is in use by another run \(pid \d+ on host"):
             run_workflow(path, log=lambda _: None)
     assert not RunLock.held(tmp_path / "wf.state.lock")
 

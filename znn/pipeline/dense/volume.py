@@ -49,9 +49,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from znn.errors import ConfigError
+from znn.io.locks import RunLock, lock_beside
 from znn.io.stores import (
     ArrayLayout,
     arrays_match,
+    check_output_store,
     clear_partial,
     create_arrays,
     write_region,
@@ -269,6 +271,14 @@ def infer_volume(request: DenseRequest) -> InferenceResult:
     if request.transform not in OUTPUT_TRANSFORMS:
         raise ConfigError(f"transform {request.transform!r} must be none, softmax or sigmoid here (resolve auto "
                           "first)")
+    store = check_output_store(request.store)
+    # one run per store: a second run (e.g. with --fresh) would reset the manifest and arrays under the first
+    with RunLock(lock_beside(store), f"output store {store}"):
+        return _infer_locked(request)
+
+
+def _infer_locked(request: DenseRequest) -> InferenceResult:
+    """:func:`infer_volume` once the store is checked and locked."""
     plan = request.plan
     prepared = _prepare(request)
     todo, skipped = prepared.todo, len(plan.grid) - len(prepared.todo)
