@@ -4,12 +4,15 @@ anything is written (the bytes of every input unchanged)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +27,24 @@ from znn.io.netfile import load_network
 from znn.io.volume import read_volume, write_volume
 from znn.network import Network
 
-AS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
-NEEDS_PERMISSIONS = pytest.mark.skipif(AS_ROOT, reason="root writes into read-only folders: nothing to refuse")
+
+
+@contextlib.contextmanager
+def read_only(folder: Path) -> Iterator[None]:
+    """``folder`` made read-only (mode 555) for the block; skips the test where this user still writes there
+    (root with CAP_DAC_OVERRIDE: nothing would be refused)."""
+    folder.chmod(0o555)
+    try:
+        try:
+            fd, probe = tempfile.mkstemp(dir=folder)
+        except OSError:
+            yield
+            return
+        os.close(fd)
+        os.unlink(probe)
+        pytest.skip("this user writes into read-only folders (root): nothing to refuse")
+    finally:
+        folder.chmod(0o755)
 
 FORWARD_SPEC = """
 [image1]
@@ -191,7 +210,6 @@ def test_forward_output_place_mistakes_are_one_line(tmp_path, capsys, case):
     assert hashes(tmp_path) == before
 
 
-@NEEDS_PERMISSIONS
 @pytest.mark.parametrize("fresh", [False, True])
 def test_forward_into_a_read_only_folder_is_one_line(tmp_path, capsys, fresh):
     job = forward_job(tmp_path)
@@ -202,11 +220,10 @@ def test_forward_into_a_read_only_folder_is_one_line(tmp_path, capsys, fresh):
     else:
         target = tmp_path / "out"
         target.mkdir()
-    target.chmod(0o555)
-    try:
+    with read_only(target):
+        before = hashes(tmp_path)
         refused(["forward", str(job), "--quiet", *(["--fresh"] if fresh else [])], capsys, "cannot write in")
-    finally:
-        target.chmod(0o755)
+        assert hashes(tmp_path) == before
 
 
 def test_training_prefix_whose_parent_is_a_file_is_refused_before_training(tmp_path, capsys):
@@ -215,15 +232,11 @@ def test_training_prefix_whose_parent_is_a_file_is_refused_before_training(tmp_p
     refused(["train", str(job), "--quiet"], capsys, "train_net_prefix", "afile: is a file")
 
 
-@NEEDS_PERMISSIONS
 def test_training_prefix_in_a_read_only_folder_is_refused_before_training(tmp_path, capsys):
     job = make_job(tmp_path)
     (tmp_path / "out").mkdir()
-    (tmp_path / "out").chmod(0o555)
-    try:
+    with read_only(tmp_path / "out"):
         refused(["train", str(job), "--quiet"], capsys, "train_net_prefix", "cannot write in")
-    finally:
-        (tmp_path / "out").chmod(0o755)
 
 
 def test_workflow_state_file_that_is_a_folder_is_one_line(tmp_path, capsys):
@@ -235,17 +248,13 @@ def test_workflow_state_file_that_is_a_folder_is_one_line(tmp_path, capsys):
     refused(["run", str(path), "--quiet"], capsys, "workflow state file", "is a folder")
 
 
-@NEEDS_PERMISSIONS
 def test_workflow_in_a_read_only_folder_is_one_line(tmp_path, capsys):
     folder = tmp_path / "ro"
     folder.mkdir()
     path = folder / "wf.yaml"
     path.write_text("steps:\n  score: {run: evaluate, pred: p.tif, labels: l.tif, out: s.json}\n")
-    folder.chmod(0o555)
-    try:
-        refused(["run", str(path), "--quiet"], capsys, "cannot write in")
-    finally:
-        folder.chmod(0o755)
+    with read_only(folder):
+        refused(["run", str(path), "--quiet"], capsys, "workflow state file", "cannot write in")
 
 
 def test_quickstart_out_naming_a_file_is_one_line(tmp_path, capsys):
