@@ -28,7 +28,6 @@ from znn.io.volume import read_volume, write_volume
 from znn.network import Network
 
 
-
 @contextlib.contextmanager
 def read_only(folder: Path) -> Iterator[None]:
     """``folder`` made read-only (mode 555) for the block; skips the test where this user still writes there
