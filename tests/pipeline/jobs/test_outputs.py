@@ -142,7 +142,7 @@ def test_forward_refuses_an_output_over_another_sample_of_the_range_before_compu
     spec.write_text(spec.read_text() + "\n[image2]\nfnames = out/pred_sample1_output.tif\npp_types = standard2D\n"
                     "\n[sample2]\ninput = 2\n")
     before = hashes(tmp_path)
-    refused(["forward", str(job), "--quiet"], capsys, "sample 1 tif export", "sample 2 input")
+    refused(["forward", str(job), "--quiet"], capsys, "sample 1 tif export", "sample 2's input volume")
     assert hashes(tmp_path) == before
 
 

@@ -30,6 +30,8 @@ Output layout (``<prefix>`` is the job's ``output_prefix``)::
 
     <prefix>_sample<id>_output.zarr/<node>     float32 (maps, z, y, x), one array per network output node group
     <prefix>_sample<id>_output.zarr/znn-manifest/{run.json, done/<i>_<j>_<k>}
+    <prefix>_sample<id>_output.zarr.lock       the run lock (:mod:`znn.io.locks`: one run per store; the holder's
+                                               pid, host and start time in ``.lock.json`` while it runs)
     <prefix>_sample<id>_output.h5:/<node>      with output_format = h5 (copied from the zarr at the end)
     <prefix>_sample<id>_output.tif             with output_format = tif (``..._output_<node>.tif`` for several)
 """

@@ -221,5 +221,5 @@ def _forward_inputs(job: Job, net: Network, samples: Sequence[int]) -> list[tupl
         files.append(("the job file", job.path))
     for sample in samples:
         for node, inputs in sample_inputs(job, net, sample).items():
-            files += [(f"sample {sample} input {node}", f.path) for f in inputs]
+            files += [(f"sample {sample}'s {node} volume", f.path) for f in inputs]
     return files
