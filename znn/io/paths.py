@@ -30,18 +30,17 @@ def check_writable(path: str | os.PathLike[str], what: str, folder: bool, fix: s
     """``path`` as a Path when an output ``what`` (a file, or with ``folder`` a folder) can be created or replaced
     there; otherwise :class:`OutputError` naming ``what``, the path, the cause and ``fix``."""
     path = Path(path)
-    advice = f"; {fix}" if fix else ""
     if path.exists():
         if folder and not path.is_dir():
-            raise OutputError(f"{what} {path}: is a file, but a folder goes there; name a folder{advice}")
+            raise OutputError(f"{what} {path}: is a file, but a folder goes there; {fix or 'name a folder'}")
         if not folder and path.is_dir():
-            raise OutputError(f"{what} {path}: is a folder; name a file{advice}")
-        _probe(path if folder else path.parent, path, what, advice)
+            raise OutputError(f"{what} {path}: is a folder; {fix or 'name a file'}")
+        _probe(path if folder else path.parent, path, what, fix)
         return path
     parent = _nearest_existing(path)
     if not parent.is_dir():
-        raise OutputError(f"{what} {path}: {parent} is a file, not a folder; name a path in a folder{advice}")
-    _probe(parent, path, what, advice)
+        raise OutputError(f"{what} {path}: {parent} is a file, not a folder; {fix or 'name a path in a folder'}")
+    _probe(parent, path, what, fix)
     return path
 
 
@@ -52,13 +51,13 @@ def _nearest_existing(path: Path) -> Path:
     return Path("/")
 
 
-def _probe(folder: Path, path: Path, what: str, advice: str) -> None:
+def _probe(folder: Path, path: Path, what: str, fix: str) -> None:
     """Create and remove a file in ``folder``: the one test of writability every platform and user agrees with."""
     try:
         fd, probe = tempfile.mkstemp(prefix=".znn-write-probe-", dir=folder)
     except OSError as exc:
-        raise OutputError(f"{what} {path}: cannot write in {folder} ({exc.strerror}); make it writable or name "
-                          f"another place{advice}") from None
+        raise OutputError(f"{what} {path}: cannot write in {folder} ({exc.strerror}); "
+                          f"{fix or 'make it writable or name another place'}") from None
     os.close(fd)
     os.unlink(probe)
 
@@ -76,7 +75,7 @@ def volume_file(path: str | os.PathLike[str]) -> Path:
 def _overlap(output: Path, source: Path) -> str | None:
     """How ``output`` and ``source`` (resolved) share bytes: None when they do not."""
     if output == source or (output.exists() and source.exists() and os.path.samefile(output, source)):
-        return "the same file"
+        return "the same file or store"
     if source in output.parents:
         return f"inside {source}"
     if output in source.parents:
