@@ -23,6 +23,8 @@ __all__ = [
     "NonFiniteError",
     "ShapeError",
     "TrainingError",
+    "OutputError",
+    "OutputBusyError",
     "where",
     "closest",
 ]
@@ -96,3 +98,12 @@ def closest(word: str, choices: Iterable[str]) -> str:
 
 class TrainingError(ZnnError, ArithmeticError):
     """Training cannot go on (a NaN or infinity in a step); the message names the step and the layer."""
+
+
+class OutputError(ZnnError, ValueError):
+    """An output cannot go where it is asked for: it would write over an input of the same job, or its place is a
+    file where a folder is needed (or the reverse), or read-only; the message names the path(s) and the fix."""
+
+
+class OutputBusyError(OutputError):
+    """Another run (named by pid, host and start time) is writing this output now."""

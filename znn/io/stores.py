@@ -9,6 +9,7 @@ writes those arrays, and the one place it writes h5 exports.
 
 from __future__ import annotations
 
+import json
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -17,9 +18,12 @@ from typing import Any
 
 import numpy as np
 
+from znn.errors import OutputError
 from znn.io.atomic_store import AtomicLocalStore, clear_partial
+from znn.io.paths import check_writable
 
-__all__ = ["ArrayLayout", "arrays_match", "create_arrays", "write_region", "export_volume", "clear_partial"]
+__all__ = ["ArrayLayout", "arrays_match", "check_output_store", "create_arrays", "write_region", "export_volume",
+           "clear_partial"]
 
 
 @dataclass(frozen=True)
@@ -43,6 +47,26 @@ def arrays_match(store: str | Path, layouts: Mapping[str, ArrayLayout]) -> bool:
     except Exception:  # noqa: BLE001 - any unreadable array means: it does not match
         return False
     return True
+
+
+def check_output_store(store: str | Path, what: str = "output store", fix: str = "") -> Path:
+    """``store`` as a Path when dense inference can write its arrays there: a writable folder (or a place one can be
+    made) that is not itself a zarr array (the outputs are arrays inside a group); :class:`OutputError` otherwise."""
+    store = check_writable(store, what, folder=True, fix=fix)
+    advice = f"; {fix}" if fix else "; name another store or remove it"
+    if (store / ".zarray").is_file() or _node_type(store / "zarr.json") == "array":
+        raise OutputError(f"{what} {store}: is a zarr array; the outputs are arrays inside a zarr group (one per "
+                          f"output node), so the store cannot be an array itself{advice}")
+    return store
+
+
+def _node_type(meta: Path) -> str | None:
+    """The ``node_type`` of a zarr v3 ``zarr.json`` (None when there is none or it is unreadable)."""
+    try:
+        node_type = json.loads(meta.read_text()).get("node_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return str(node_type) if node_type is not None else None
 
 
 def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: str) -> dict[str, str]:

@@ -3,6 +3,7 @@ killed and rerun giving the results of an uninterrupted one."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -18,7 +19,7 @@ import pytest
 from tests.pipeline.train.test_train import make_job
 from tests.shared import ROOT
 from znn.cli import main
-from znn.errors import ConfigError, WorkflowError, ZnnFileNotFoundError
+from znn.errors import ConfigError, OutputBusyError, WorkflowError, ZnnFileNotFoundError
 from znn.io.checkpoint import save_checkpoint
 from znn.io.netfile import load_network
 from znn.io.volume import read_volume, write_volume
@@ -209,12 +210,32 @@ def test_independent_steps_run_in_parallel_and_failures_block_only_dependants(tm
     assert state.get("a").error == "ValueError: boom" and state.get("c").error == "a did not finish"
 
 
+@contextlib.contextmanager
+def lock_held_elsewhere(path):
+    """Hold the run lock at ``path`` in another thread (as another run would) until the block ends."""
+    taken, done = threading.Event(), threading.Event()
+
+    def hold():
+        with RunLock(path, "another run"):
+            taken.set()
+            done.wait(30)
+
+    thread = threading.Thread(target=hold)
+    thread.start()
+    assert taken.wait(30)
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def test_a_second_run_of_the_same_workflow_is_refused(tmp_path):
     path = tmp_path / "wf.yaml"
     path.write_text("steps:\n  a: {run: evaluate, pred: p, labels: l, out: a.json}\n")
-    with RunLock(tmp_path / "wf.state.lock", str(path)):
+    with lock_held_elsewhere(tmp_path / "wf.state.lock"):  # the lock is re-entrant within one thread
         assert RunLock.held(tmp_path / "wf.state.lock")
-        with pytest.raises(WorkflowError, match="another `znn run` of this workflow is running"):
+        with pytest.raises(OutputBusyError, match=r"workflow .*wf.yaml is in use by another run \(pid \d+ on host"):
             run_workflow(path, log=lambda _: None)
     assert not RunLock.held(tmp_path / "wf.state.lock")
 

@@ -135,7 +135,8 @@ def assert_same(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> None:
 def test_checkpoints_curve_and_files(tmp_path):
     trainer = run(make_job(tmp_path))
     out = tmp_path / "out"
-    assert {p.name for p in out.iterdir()} == {"net_3.h5", "net_6.h5", "net_current.h5", "net_curve.png"}
+    # net.lock: the run lock of the prefix (one training run per prefix), kept so later runs lock the same file
+    assert {p.name for p in out.iterdir()} == {"net_3.h5", "net_6.h5", "net_current.h5", "net_curve.png", "net.lock"}
     stats = load_statistics(out / "net_current.h5")
     assert int(stats["iteration"]) == 6
     curve = LearningCurve.from_statistics(stats)

@@ -30,6 +30,8 @@ Output layout (``<prefix>`` is the job's ``output_prefix``)::
 
     <prefix>_sample<id>_output.zarr/<node>     float32 (maps, z, y, x), one array per network output node group
     <prefix>_sample<id>_output.zarr/znn-manifest/{run.json, done/<i>_<j>_<k>}
+    <prefix>_sample<id>_output.zarr.lock       the run lock (:mod:`znn.io.locks`: one run per store; the holder's
+                                               pid, host and start time in ``.lock.json`` while it runs)
     <prefix>_sample<id>_output.h5:/<node>      with output_format = h5 (copied from the zarr at the end)
     <prefix>_sample<id>_output.tif             with output_format = tif (``..._output_<node>.tif`` for several)
 """
@@ -49,9 +51,11 @@ from typing import Any, Protocol
 import numpy as np
 
 from znn.errors import ConfigError
+from znn.io.locks import RunLock, lock_beside
 from znn.io.stores import (
     ArrayLayout,
     arrays_match,
+    check_output_store,
     clear_partial,
     create_arrays,
     write_region,
@@ -269,6 +273,14 @@ def infer_volume(request: DenseRequest) -> InferenceResult:
     if request.transform not in OUTPUT_TRANSFORMS:
         raise ConfigError(f"transform {request.transform!r} must be none, softmax or sigmoid here (resolve auto "
                           "first)")
+    store = check_output_store(request.store)
+    # one run per store: a second run (e.g. with --fresh) would reset the manifest and arrays under the first
+    with RunLock(lock_beside(store), f"output store {store}"):
+        return _infer_locked(request)
+
+
+def _infer_locked(request: DenseRequest) -> InferenceResult:
+    """:func:`infer_volume` once the store is checked and locked."""
     plan = request.plan
     prepared = _prepare(request)
     todo, skipped = prepared.todo, len(plan.grid) - len(prepared.todo)

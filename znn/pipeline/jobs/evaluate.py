@@ -59,6 +59,8 @@ class EvaluateReport:
 
 def evaluate_files(req: EvaluateRequest) -> EvaluateReport:
     """Read prediction, labels (and mask), check their shapes, score them, write ``json_out`` when given."""
+    if req.json_out:
+        _check_json_place(req)
     labels = _zyx(_finite_volume(req.labels, "labels"), req.labels, "labels")
     pred = as_prediction(_finite_volume(req.pred, "prediction"), labels.shape, req.pred)
     mask = _zyx(_finite_volume(req.mask, "mask"), req.mask, "mask") if req.mask else None
@@ -102,12 +104,25 @@ def _check_shapes(req: EvaluateRequest, pred: np.ndarray, labels: np.ndarray, ma
                          "probability) or 2 (ZNN binary_class: channel 1 = boundary); use --type affinity for 3")
 
 
+def _check_json_place(req: EvaluateRequest) -> None:
+    """``json_out`` can be written and is none of the volumes read (checked before reading them)."""
+    from znn.io.paths import check_apart, check_writable
+
+    out = str(req.json_out)
+    check_writable(out, "--json", folder=False)
+    inputs = [(what, path) for what, path in (("prediction", req.pred), ("labels", req.labels), ("mask", req.mask))
+              if path]
+    check_apart([("--json", out)], inputs, "name another file for the JSON results")
+
+
 def _write_json(req: EvaluateRequest, dims: str, result: dict[str, float]) -> None:
     record: dict[str, Any] = {"pred": str(req.pred), "labels": str(req.labels), "type": req.out_type,
                               "threshold": req.threshold, "dims": dims,
                               **{k: (None if math.isnan(v) else v) for k, v in result.items()}}
     try:
-        Path(str(req.json_out)).write_text(json.dumps(record, indent=2) + "\n")
+        out = Path(str(req.json_out))
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(record, indent=2) + "\n")
     except OSError as exc:
         raise VolumeError(f"{req.json_out}: cannot write the JSON results ({exc.strerror})") from None
 

@@ -9,13 +9,17 @@ The job keys used: ``fnet_spec`` (optional check of the checkpoint), ``forward_n
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from znn.errors import ZnnFileNotFoundError
 from znn.io.config import Job
+from znn.io.locks import RunLock, lock_beside
+from znn.io.paths import check_apart, check_writable
+from znn.io.stores import check_output_store
+from znn.io.volume import parse_volume_path
 from znn.network import Network
 from znn.pipeline.dense import memplan
 from znn.pipeline.dense.inputs import InputFile
@@ -36,7 +40,8 @@ from znn.pipeline.dense.volume import DenseRequest, InferenceResult, infer_volum
 from znn.pipeline.run.schedulers import Runner, cores, make_runner, resolve_scheduler
 from znn.types import Triple
 
-__all__ = ["load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup", "default_memory"]
+__all__ = ["load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup", "default_memory",
+           "check_forward_places"]
 
 
 def load_forward_network(job: Job) -> Network:
@@ -159,6 +164,7 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
     net = load_forward_network(job)
     samples = job.require("forward_range")
     job.require("output_prefix")
+    check_forward_places(job, net, samples)
     transform = resolve_transform(transform, net.spec, job.out_type, job.cost_fn)
     patch = outsz or job.forward_outsz
     budget = _memory_budget(job, scheduler, memory) if patch == "auto" or memory is not None else None
@@ -172,13 +178,48 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
 
 def _forward_sample(run: _ForwardRun, sample: int) -> InferenceResult:
     job, outputs = run.job, run.net.spec.outputs
-    plan = plan_dense(run.net, sample_inputs(job, run.net, sample), run.options)
-    if run.on_setup is not None:
-        run.on_setup(ForwardSetup(sample, run.transform, plan))
     prefix = job.require("output_prefix")
-    store = Path(next(iter(output_paths(prefix, sample, "zarr", outputs).values()))).parent
-    result = infer_volume(DenseRequest(plan, store, run.transform, run.runner, job.num_threads, run.progress,
-                                       run.fresh))
-    if job.output_format != "zarr":
-        export_outputs(result, output_paths(prefix, sample, job.output_format, outputs))
+    store = _output_store(prefix, sample, outputs)
+    # the store's lock covers its exports too (infer_volume takes it again, re-entrantly)
+    with RunLock(lock_beside(store), f"output store {store}"):
+        plan = plan_dense(run.net, sample_inputs(job, run.net, sample), run.options)
+        if run.on_setup is not None:
+            run.on_setup(ForwardSetup(sample, run.transform, plan))
+        result = infer_volume(DenseRequest(plan, store, run.transform, run.runner, job.num_threads, run.progress,
+                                           run.fresh))
+        if job.output_format != "zarr":
+            export_outputs(result, output_paths(prefix, sample, job.output_format, outputs))
     return result
+
+
+def _output_store(prefix: str | Path, sample: int, outputs: Sequence[str]) -> Path:
+    """The zarr store of sample ``sample``'s outputs (its arrays are ``<store>/<node>``)."""
+    return Path(next(iter(output_paths(prefix, sample, "zarr", outputs).values()))).parent
+
+
+def check_forward_places(job: Job, net: Network, samples: Sequence[int]) -> None:
+    """Before any work: every sample's output store (and h5/tif export) can be written where ``output_prefix``
+    puts it, and none of them is, holds or lies inside a file the job reads (its volumes, network, job files)."""
+    prefix, fmt, nodes = job.require("output_prefix"), job.output_format, net.spec.outputs
+    fix = f"{job.path}: change output_prefix"
+    outputs: list[tuple[str, str | Path]] = []
+    for sample in samples:
+        store = check_output_store(_output_store(prefix, sample, nodes), f"sample {sample} output store", fix)
+        outputs.append((f"sample {sample} output store", store))
+        if fmt != "zarr":
+            for target in output_paths(prefix, sample, fmt, nodes).values():
+                check_writable(parse_volume_path(target).file, f"sample {sample} {fmt} export", False, fix)
+                outputs.append((f"sample {sample} {fmt} export", target))
+    check_apart(outputs, _forward_inputs(job, net, samples), fix)
+
+
+def _forward_inputs(job: Job, net: Network, samples: Sequence[int]) -> list[tuple[str, str | Path]]:
+    """Every file a forward job reads: its volumes (of every sample), its network and its job files."""
+    files: list[tuple[str, str | Path]] = [(key, job.values[key]) for key in ("forward_net", "fnet_spec",
+                                                                             "fdata_spec") if job.values.get(key)]
+    if job.path is not None:
+        files.append(("the job file", job.path))
+    for sample in samples:
+        for node, inputs in sample_inputs(job, net, sample).items():
+            files += [(f"sample {sample}'s {node} volume", f.path) for f in inputs]
+    return files

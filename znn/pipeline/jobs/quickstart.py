@@ -20,6 +20,7 @@ import numpy as np
 
 from znn.io.bundled import bundled_file
 from znn.io.config import load_job
+from znn.io.paths import check_writable
 from znn.io.volume import read_volume, write_volume
 from znn.ops import metrics
 from znn.pipeline.jobs.synthetic import boundary_labels, synthetic_em
@@ -76,6 +77,7 @@ def quickstart(out: Path, minutes: float = 4.0, max_iter: int | None = None, sch
     from znn.pipeline.jobs.forward import forward_job
     from znn.pipeline.jobs.train import train_job
 
+    check_writable(out, "quickstart --out", folder=True, fix="name a folder (it is made when missing)")
     out.mkdir(parents=True, exist_ok=True)
     for name in JOB_FILES:
         shutil.copyfile(job_folder() / name, out / name)

@@ -49,7 +49,8 @@ def run_workflow(path: str | Path, scheduler: str | None = None, parallel: int |
     step's job decides, see :func:`~znn.pipeline.run.schedulers.resolve_scheduler`), ``parallel`` its ``parallel``."""
     wf = load_workflow(path)
     chosen = resolve_scheduler(scheduler, wf.scheduler) if scheduler or wf.scheduler else None
-    with RunLock(wf.state_path.with_suffix(".lock"), str(wf.path)):
+    _check_state_place(wf)
+    with RunLock(wf.state_path.with_suffix(".lock"), f"workflow {wf.path}"):
         state = WorkflowState(wf.state_path, wf.path.name)
         cluster = None
         if chosen == "local":  # one cluster for every step, not one per step
@@ -67,6 +68,15 @@ def run_workflow(path: str | Path, scheduler: str | None = None, parallel: int |
         finally:
             if cluster is not None:
                 cluster.close()
+
+
+def _check_state_place(wf: Workflow) -> None:
+    """The state file and its lock can be written beside the workflow (checked before any step runs)."""
+    from znn.io.paths import check_writable
+
+    fix = f"the state of {wf.path.name} is kept beside it: run it from a writable folder (copy it there)"
+    check_writable(wf.state_path, "workflow state file", folder=False, fix=fix)
+    check_writable(wf.state_path.with_suffix(".lock"), "workflow lock file", folder=False, fix=fix)
 
 
 class _Inline:
@@ -173,8 +183,7 @@ def _forward(step: Step, scheduler: str | None, progress: bool, log: Log) -> Non
 def _evaluate(step: Step, scheduler: str | None, progress: bool, log: Log) -> None:
     from znn.pipeline.jobs.evaluate import EvaluateRequest, evaluate_files
 
-    o = step.options
-    Path(o["out"]).parent.mkdir(parents=True, exist_ok=True)
+    o = step.options  # evaluate_files checks `out` and creates its folder
     # The step is `znn evaluate PRED LABELS ... --json OUT` with the step's keys as its options.
     evaluate_files(EvaluateRequest(o["pred"], o["labels"], o.get("type", "boundary"), o.get("threshold", 0.5),
                                    o.get("dims"), o.get("mask"), o.get("nonboundary", False), o.get("crop", False),

@@ -18,7 +18,9 @@ import numpy as np
 
 from znn.errors import ShapeError
 from znn.io.config import Job
+from znn.io.locks import RunLock, lock_beside
 from znn.io.netfile import load_network
+from znn.io.paths import check_writable
 from znn.io.samples import SampleData, load_sample
 from znn.io.specfile import load_spec
 from znn.network import Network
@@ -117,6 +119,18 @@ def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = 
               log: Callable[[str], None] = print) -> Trainer:
     """Train ``job`` until Max_iter (or ``max_iter``, or ``time_limit`` seconds); returns the finished trainer."""
     prefix = Path(job.net_prefix or job.require("train_net_prefix"))
+    # checkpoints go to prefix's folder: found unwritable now, not at the first save; one run per prefix
+    check_writable(prefix.parent, "train_net_prefix folder", folder=True, fix=f"{job.path}: change train_net_prefix")
+    with RunLock(lock_beside(prefix), f"train_net_prefix {prefix}"):
+        trainer = _train(job, prefix, seed, scheduler, (max_iter, time_limit), progress, log)
+    _summary(trainer, log)
+    return trainer
+
+
+def _train(job: Job, prefix: Path, seed: str | Path | None, scheduler: str | None,
+           limits: tuple[int | None, float | None], progress: bool, log: Callable[[str], None]) -> Trainer:
+    """:func:`train_job` once its prefix is checked and locked; ``limits``: (max_iter, time_limit)."""
+    max_iter, time_limit = limits
     net, curve, iteration = _network(job, prefix, seed, log)
     # a cluster started for the job (scheduler = local) stops with it, also when the job turns out to be wrong
     with make_runner(resolve_scheduler(scheduler, job), job.num_threads) as runner:
@@ -155,7 +169,6 @@ def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = 
                           StartPoint(curve, iteration), log=log, progress=bar)
         with bar:
             trainer.run(stop_at, time_limit)
-    _summary(trainer, log)
     return trainer
 
 

@@ -42,6 +42,7 @@ import yaml
 from znn.errors import WorkflowError, ZnnError, closest, where
 from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job
 from znn.io.files import existing_file
+from znn.io.paths import check_apart
 from znn.pipeline.dense.outputs import TRANSFORMS
 from znn.pipeline.jobs.evaluate import BOUNDARY_TYPES, SEGMENT_DIMS
 from znn.pipeline.run.schedulers import check_scheduler
@@ -368,6 +369,8 @@ def _checked(path: Path, group: str, name: str, kind: str, definition: dict[str,
             raise WorkflowError(f"{where(path, lines[key])}: step {name!r}: {key} {definition[key]!r}: {exc}") \
                 from None
         options[key] = str(path.parent / value) if is_path else value
+    if kind == "evaluate":
+        _check_evaluate_apart(f"{where(path, lines['out'])}: step {name!r}", options)
     job = None
     if "job" in options:
         settings = {k: str(path.parent / v) if k in PATH_KEYS else v for k, v in options.get("set", {}).items()}
@@ -377,6 +380,12 @@ def _checked(path: Path, group: str, name: str, kind: str, definition: dict[str,
             via = " (with the step's `set:` keys)" if settings else ""
             raise type(exc)(f"{where(path, lines['job'])}: step {name!r}: job{via}: {exc}") from None
     return Step(name, group, kind, (), definition, options, job)
+
+
+def _check_evaluate_apart(at: str, options: Mapping[str, Any]) -> None:
+    """An evaluate step's ``out`` is none of the volumes it reads (found on loading, before any step runs)."""
+    inputs = [(key, options[key]) for key in ("pred", "labels", "mask") if key in options]
+    check_apart([(f"{at}: out", options["out"])], inputs, "name another `out:` file for the scores")
 
 
 def _resolve_needs(path: Path, step: Step, groups: Mapping[str, list[Step]], concrete: Mapping[str, Step],

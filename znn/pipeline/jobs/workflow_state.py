@@ -3,13 +3,13 @@
 One JSON object: ``{"workflow": name, "steps": {step: {status, digest, started, finished, seconds, error}}}`` with
 status ``pending``, ``running``, ``done``, ``failed`` or ``blocked`` (a step it needs failed). Every change is
 written to a temporary file and renamed over the state file, so a killed run leaves the last complete state. A
-run holds an exclusive lock on ``<workflow>.state.lock`` (released by the OS when the process dies), so two runs
-of one workflow cannot interleave and ``znn status`` can tell a running step from one whose run was killed.
+run holds the lock ``<workflow>.state.lock`` (:class:`~znn.io.locks.RunLock`, the one lock of every output; released
+by the OS when the process dies), so two runs of one workflow cannot interleave and ``znn status`` can tell a
+running step from one whose run was killed.
 """
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import threading
@@ -17,9 +17,10 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 from znn.errors import WorkflowError
+from znn.io.locks import RunLock
 
 __all__ = ["StepState", "WorkflowState", "RunLock", "STATUSES", "now"]
 
@@ -95,47 +96,3 @@ def _read(path: Path) -> dict[str, StepState]:
                                 f"{', '.join(STATUSES)}; {fix}")
         result[name] = state
     return result
-
-
-class RunLock:
-    """An exclusive lock on ``path`` for the duration of a run; WorkflowError if another process holds it."""
-
-    def __init__(self, path: Path, what: str):
-        self.path = path
-        self.what = what
-        self._file: IO[str] | None = None
-
-    def __enter__(self) -> "RunLock":
-        f = open(self.path, "a+")
-        try:
-            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            f.seek(0)
-            holder = f.read().strip() or "?"
-            f.close()
-            raise WorkflowError(f"{self.what}: another `znn run` of this workflow is running (pid {holder}); "
-                                "wait for it to finish or stop it") from None
-        f.seek(0)
-        f.truncate()
-        f.write(f"{os.getpid()}\n")
-        f.flush()
-        self._file = f
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        if self._file is not None:
-            self._file.close()  # closing releases the lock
-            self._file = None
-
-    @staticmethod
-    def held(path: Path) -> bool:
-        """Whether a run holds the lock at ``path`` now."""
-        if not path.exists():
-            return False
-        with open(path) as f:
-            try:
-                fcntl.flock(f, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except BlockingIOError:
-                return True
-            fcntl.flock(f, fcntl.LOCK_UN)
-        return False
