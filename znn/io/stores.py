@@ -22,8 +22,8 @@ from znn.errors import OutputError
 from znn.io.atomic_store import AtomicLocalStore, clear_partial
 from znn.io.paths import check_writable
 
-__all__ = ["ArrayLayout", "arrays_match", "check_output_store", "create_arrays", "write_region", "export_volume",
-           "clear_partial"]
+__all__ = ["ArrayLayout", "arrays_match", "check_output_store", "check_h5_export", "create_arrays", "write_region",
+           "export_volume", "clear_partial"]
 
 
 @dataclass(frozen=True)
@@ -111,6 +111,15 @@ def export_volume(source: str, target: str, default_key: str) -> None:
         _export_h5(array, vp.file, vp.key or default_key)
     else:
         write_volume(target, array, overwrite=True)
+
+
+def check_h5_export(path: str | Path, what: str, fix: str) -> None:
+    """Before any work: an h5 export adds its dataset to an existing ``path``, which must then be an HDF5 file (h5py
+    cannot open another file, and replacing it would lose whatever it is)."""
+    import h5py
+
+    if Path(path).is_file() and not h5py.is_hdf5(path):
+        raise OutputError(f"{what} {path}: exists and is not an HDF5 file; {fix or 'remove it or name another'}")
 
 
 def _export_h5(array: Any, path: Path, key: str) -> None:

@@ -18,7 +18,7 @@ from znn.errors import ZnnFileNotFoundError
 from znn.io.config import Job
 from znn.io.locks import RunLock, lock_beside
 from znn.io.paths import check_apart, check_writable
-from znn.io.stores import check_output_store
+from znn.io.stores import check_h5_export, check_output_store
 from znn.io.volume import parse_volume_path
 from znn.network import Network
 from znn.pipeline.dense import memplan
@@ -208,7 +208,9 @@ def check_forward_places(job: Job, net: Network, samples: Sequence[int]) -> None
         outputs.append((f"sample {sample} output store", store))
         if fmt != "zarr":
             for target in output_paths(prefix, sample, fmt, nodes).values():
-                check_writable(parse_volume_path(target).file, f"sample {sample} {fmt} export", False, fix)
+                export = check_writable(parse_volume_path(target).file, f"sample {sample} {fmt} export", False, fix)
+                if fmt == "h5":
+                    check_h5_export(export, f"sample {sample} h5 export", fix)
                 outputs.append((f"sample {sample} {fmt} export", target))
     check_apart(outputs, _forward_inputs(job, net, samples), fix)
 
