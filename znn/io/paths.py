@@ -29,6 +29,8 @@ Labelled = tuple[str, "str | os.PathLike[str]"]
 def check_writable(path: str | os.PathLike[str], what: str, folder: bool, fix: str = "") -> Path:
     """``path`` as a Path when an output ``what`` (a file, or with ``folder`` a folder) can be created or replaced
     there; otherwise :class:`OutputError` naming ``what``, the path, the cause and ``fix``."""
+    if not folder and str(path).endswith(("/", os.sep)):  # Path() would drop the slash and take the file there
+        raise OutputError(f"{what} {path}: ends in a slash, so it names a folder; {fix or 'name a file'}")
     path = Path(path)
     if path.exists():
         if folder and not path.is_dir():
