@@ -46,61 +46,49 @@ def memory(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def probability(text: str) -> float:
+def _number(text: str, convert: Callable[[str], float], kind: str) -> float:
+    """``text`` as ``kind`` (``convert``: int or float), finite."""
     try:
-        value = float(text)
+        value = convert(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"{text} is not within [0, 1]")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+        raise argparse.ArgumentTypeError(f"{text!r} is not {kind}") from None
     if not math.isfinite(value):
         raise argparse.ArgumentTypeError(f"{text} is not a finite number")
     return value
 
 
+def _at_least(text: str, convert: Callable[[str], float], kind: str, low: float, strictly: bool = False) -> float:
+    """``text`` as a finite ``kind`` >= ``low`` (> ``low`` when ``strictly``)."""
+    value = _number(text, convert, kind)
+    if value < low or (strictly and value == low):
+        raise argparse.ArgumentTypeError(f"{text} is not {'>' if strictly else '>='} {low:g}")
+    return value
+
+
+def probability(text: str) -> float:
+    value = _number(text, float, "a number")
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not within [0, 1]")
+    return value
+
+
 def positive_number(text: str) -> float:
     """A finite number > 0 (minutes, a learning rate)."""
-    value = _finite(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not > 0")
-    return value
+    return _at_least(text, float, "a number", 0, strictly=True)
 
 
 def non_negative_number(text: str) -> float:
     """A finite number >= 0 (a limit)."""
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
-    return value
+    return _at_least(text, float, "a number", 0)
 
 
 def count(text: str) -> int:
     """An integer >= 0 (an iteration)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 0")
-    return value
+    return int(_at_least(text, int, "an integer", 0))
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{text} is not >= 1")
-    return value
+    return int(_at_least(text, int, "an integer", 1))
 
 
 SCHEDULER_OPTION_HELP = (f"where the work runs: {SCHEDULER_HELP} (local: a cluster of num_threads single-threaded "
