@@ -45,8 +45,9 @@ __all__ = ["load_forward_network", "sample_inputs", "forward_job", "plan_job", "
 
 
 def load_forward_network(job: Job) -> Network:
-    """The network of ``forward_net`` (checked against ``fnet_spec`` when the job names one), as dense inference runs
-    it: its sliding-window twin (:meth:`~znn.network.Network.sliding_window`; max_pool edges become max filters)."""
+    """The network of ``forward_net`` (checked against ``fnet_spec`` when the job names one). Dense planning
+    (:func:`~znn.pipeline.dense.plan.plan_dense`, :func:`~znn.pipeline.dense.plan.patch_search`) runs its
+    sliding-window twin."""
     import numpy as np
 
     from znn.io.checkpoint import load_checkpoint
@@ -57,7 +58,7 @@ def load_forward_network(job: Job) -> Network:
         raise ZnnFileNotFoundError(f"{job.path}: forward_net = {path}: no such network checkpoint; give the .h5 "
                                    "file written by training (train_net_prefix ..._current.h5)")
     spec = load_network(job.fnet_spec) if job.fnet_spec else None
-    return load_checkpoint(path, spec, dtype=np.dtype(job.dtype)).sliding_window()
+    return load_checkpoint(path, spec, dtype=np.dtype(job.dtype))
 
 
 def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[InputFile]]:
