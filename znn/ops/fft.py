@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -300,13 +301,14 @@ def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Triple, threa
             plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir,
                                flags=(*flags, "FFTW_WISDOM_ONLY"), threads=threads)
         except RuntimeError:  # no wisdom yet: measure on scratch arrays, then plan from the new wisdom
+            t0 = time.perf_counter()
             pyfftw.FFTW(empty_aligned(src.shape, src.dtype), empty_aligned(dst.shape, dst.dtype),
                         axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags), threads=threads)
             saved = src.copy()  # in case the wisdom does not apply and the planner runs trials on src
             plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags),
                                threads=threads)
             np.copyto(src, saved)
-            wisdom.note_planned()
+            wisdom.note_planned(time.perf_counter() - t0)
     cache.put(key, plan, src.nbytes + dst.nbytes)
     return plan
 

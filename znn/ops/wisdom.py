@@ -45,6 +45,7 @@ __all__ = [
     "cache_file",
     "ensure_cache_loaded",
     "note_planned",
+    "planning",
     "save_cache",
 ]
 
@@ -143,6 +144,7 @@ class _State:
     path: Path | None = None
     key: dict[str, Any] = field(default_factory=dict)
     planned: int = 0
+    planning_s: float = 0.0
     saved: int = 0
 
 
@@ -175,10 +177,16 @@ def ensure_cache_loaded(effort: str) -> Path | None:
         return path
 
 
-def note_planned() -> None:
-    """Record that FFTW measured a new plan (so :func:`save_cache` has something to save). Called by
-    :mod:`znn.ops.fft` with :data:`PLANNER_LOCK` held."""
+def note_planned(seconds: float) -> None:
+    """Record that FFTW measured a new plan in ``seconds`` (so :func:`save_cache` has something to save). Called
+    by :mod:`znn.ops.fft` with :data:`PLANNER_LOCK` held."""
     _STATE.planned += 1
+    _STATE.planning_s += seconds
+
+
+def planning() -> tuple[int, float]:
+    """(plans FFTW measured, seconds it took) in this process so far: what the cache saves the next process."""
+    return _STATE.planned, _STATE.planning_s
 
 
 def save_cache() -> Path | None:
