@@ -124,3 +124,17 @@ def test_the_largest_patch_whose_measured_peak_fits_a_fake_budget():
     assert largest_fit(rows, 9 << 30)["outsz"] == [48] * 3
     assert largest_fit(rows, 64 << 30)["outsz"] == [48] * 3  # a run without a measurement never counts
     assert largest_fit(rows, 1 << 29) is None
+
+
+def test_the_command_prints_the_tables_and_writes_the_rows(tmp_path, capsys):
+    from znn.cli import main
+
+    path = tmp_path / "rows.json"
+    assert main(["bench", "forward", "--nets", "tiny3d", "--outsz", "4", "--repeat", "1", "--modes", "fft",
+                 "--memory", "250MB", "--no-torch", "--no-ort", "--no-alternatives", "--time-cap", "60",
+                 "--json", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "each engine at each output patch" in out and "each engine at the largest patch" in out
+    assert "the plan's choice beside" in out  # the plan's own row, without alternatives
+    kinds = [r["kind"] for r in json.loads(path.read_text())["rows"]]
+    assert kinds.count("patch") == 1 and kinds.count("largest") == 1 and kinds.count("config") == 1

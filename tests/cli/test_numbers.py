@@ -20,6 +20,8 @@ MISTAKES = [
     (["quickstart", "--out", "JOB", "--max-iter", "-5"], "argument --max-iter: -5 is not >= 0"),
     (["bench", "net", "JOB", "--outsz", "1,1,1", "--eta", "nan"], "argument --eta: nan is not a finite number"),
     (["bench", "ops", "--max-direct-gflop", "nan"], "argument --max-direct-gflop: nan is not a finite number"),
+    (["bench", "forward", "--time-cap", "nan"], "argument --time-cap: nan is not a finite number"),
+    (["bench", "forward", "--time-cap", "0"], "argument --time-cap: 0 is not > 0"),
 ]
 
 
