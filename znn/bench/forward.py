@@ -345,16 +345,18 @@ def _configs(bench: _Bench, name: str, net: Network, plan: Row) -> list[Row]:
                         modes=modes, spectra_cache=plan["spectra_cache"])
         if peak > bench.machine:
             results.append({"outsz": list(outsz), "block_threads": bt, "blocks": blocks, "modes": modes,
+                            "all_fft": modes == "fft" and request.modes != "fft",
                             "note": f"skipped (predicted {format_bytes(peak)} > the machine's memory)"})
         else:
             results.append(dict(run_engine(job, bench.limits(), bench.workdir), block_threads=bt, blocks=blocks,
-                                predicted_bytes=peak))
+                                predicted_bytes=peak, all_fft=modes == "fft" and request.modes != "fft"))
     timed = [r for r in results if r.get("vox_s") is not None]
     within = [r for r in timed if r.get("peak_rss", 0) <= request.memory] or timed
     fastest = max(within, key=lambda r: r["vox_s"]) if within else None
     rows = []
     for r in results:
-        row: Row = {"kind": "config", "net": name, "outsz": list(outsz), "config": _config_label(r),
+        label = _config_label(r) + (", all fft" if r.get("all_fft") else "")
+        row: Row = {"kind": "config", "net": name, "outsz": list(outsz), "config": label,
                     "modes": mode_names(r["modes"]) if r.get("modes") is not None else "-",
                     "spectra_cache": plan["spectra_cache"], "vox_s": r.get("vox_s"), "peak_rss": r.get("peak_rss"),
                     "predicted_bytes": r.get("predicted_bytes"), "fits": r.get("peak_rss", 0) <= request.memory,
