@@ -295,7 +295,7 @@ def _largest_and_configs(bench: _Bench, name: str, net: Network, measured: dict[
     rows: list[Row] = []
     plan: Row | None = None
     if bench.runner is not None:
-        bench.notes.append(f"{name}: the plan's choice and its alternatives are timed in-process only "
+        bench.notes.append(f"{name}: the plan's choice and its alternatives are timed only without a cluster "
                            "(--scheduler threads)")
     else:
         job = EngineJob("znn", name, (1, 1, 1), request.threads, request.repeat, request.seed, modes=request.modes,
