@@ -46,6 +46,16 @@ def memory(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def pyramid(text: str) -> int | str:
+    """``--pyramid``: ``auto`` or a number of downsampled levels (the job key's values)."""
+    from znn.io.config import parse_pyramid
+
+    try:
+        return parse_pyramid(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _number(text: str, convert: Callable[[str], float], kind: str) -> float:
     """``text`` as ``kind`` (``convert``: int or float), finite."""
     try:

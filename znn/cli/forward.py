@@ -12,6 +12,7 @@ from znn.cli.args import (
     add_quiet_argument,
     add_scheduler_argument,
     memory,
+    pyramid,
     triple_or_auto,
 )
 from znn.errors import ShapeError
@@ -34,6 +35,10 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                                                    "whether kernel spectra are cached)")
     p.add_argument("--outsz", type=triple_or_auto, help="output block z,y,x (or auto); overrides forward_outsz")
     p.add_argument("--fresh", action="store_true", help="ignore finished blocks and recompute everything")
+    p.add_argument("--pyramid", nargs="?", const="auto", type=pyramid, metavar="LEVELS",
+                   help="also write downsampled levels of each OME-Zarr output for viewers (mean of 2x windows, made "
+                        "after the blocks): LEVELS of them, or without a number until a level is at most 256 voxels "
+                        "per axis; overrides the job's pyramid key")
     add_quiet_argument(p)
     add_scheduler_argument(p)
     q = sub.add_parser("plan", help="predict memory per output block and pick the largest patch that fits",
@@ -47,7 +52,7 @@ def register(sub: Subparsers) -> dict[str, Handler]:
 
 def _cmd_forward(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    job = load_job(args.job)
+    job = load_job(args.job, None if args.pyramid is None else {"pyramid": str(args.pyramid)})
 
     def show(setup: ForwardSetup) -> None:
         how = "planned" if setup.plan is not None and setup.plan.chosen and setup.plan.chosen.outsz == setup.outsz \
@@ -61,8 +66,9 @@ def _cmd_forward(args: argparse.Namespace) -> int:
     results = forward_job(job, args.transform, args.memory, args.outsz, args.fresh, not args.quiet, show,
                           args.scheduler)
     for r in results:
+        levels = f", pyramid of {len(next(iter(r.pyramid.values())))} level(s)" if r.pyramid else ""
         print(f"{r.store}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run in "
-              f"{r.seconds:.1f} s, {r.voxels_per_second:,.0f} voxels/s", flush=True)
+              f"{r.seconds:.1f} s, {r.voxels_per_second:,.0f} voxels/s{levels}", flush=True)
     return 0
 
 

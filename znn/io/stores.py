@@ -1,17 +1,19 @@
-"""Output stores of dense inference: zarr arrays written block by block, and their export to h5.
+"""Output stores of dense inference: OME-Zarr images written block by block, and their export to h5.
 
-The output of a dense run is one zarr directory with one array per network output node group, whose chunks are
-the output blocks (no two block tasks write one chunk). Blocks are written through
-:class:`~znn.io.atomic_store.AtomicLocalStore` (each chunk a temporary file renamed into place), so a writer killed
-mid-write never leaves a half-written chunk. This module is the one place dense inference creates, opens and
-writes those arrays, and the one place it writes h5 exports.
+The output of a dense run is one zarr directory with one OME-Zarr image (:mod:`znn.io.ngff`) per network output node
+group: ``<store>/<node>`` holds the full-resolution array ``0``, whose chunks are the output blocks (no two block
+tasks write one chunk), NGFF 0.5 metadata (axes c, z, y, x, voxel size) and the run's provenance, and, on request,
+downsampled levels ``1``, ``2``, ... Blocks are written through :class:`~znn.io.atomic_store.AtomicLocalStore` (each
+chunk a temporary file renamed into place), so a writer killed mid-write never leaves a half-written chunk. This
+module is the one place dense inference creates, opens and writes those images, and the one place it writes h5
+exports.
 """
 
 from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,10 +22,13 @@ import numpy as np
 
 from znn.errors import OutputError
 from znn.io.atomic_store import AtomicLocalStore, clear_partial
+from znn.io.ngff import ImageMeta, create_image, drop_pyramid, level_zero, write_pyramid
 from znn.io.paths import check_writable
 
 __all__ = ["ArrayLayout", "arrays_match", "check_output_store", "check_h5_export", "create_arrays", "write_region",
-           "export_volume", "clear_partial"]
+           "export_volume", "clear_partial", "ImageMeta", "update_metadata", "drop_pyramid", "write_pyramid"]
+
+LEVEL0 = "0"  # the full-resolution array inside each output image
 
 
 @dataclass(frozen=True)
@@ -35,16 +40,20 @@ class ArrayLayout:
 
 
 def arrays_match(store: str | Path, layouts: Mapping[str, ArrayLayout]) -> bool:
-    """Whether ``store`` holds every array of ``layouts`` readable, with that shape and those chunks."""
+    """Whether ``store`` holds an OME-Zarr image per name of ``layouts`` whose level 0 is readable, with that shape
+    and those chunks (a store of an older layout, with plain arrays, does not match: it is recreated)."""
     import zarr
     from zarr.storage import LocalStore
 
     try:
         for name, layout in layouts.items():
-            array = zarr.open_array(LocalStore(str(store)), path=name, mode="r")
+            group = zarr.open_group(LocalStore(str(store), read_only=True), path=name, mode="r")
+            if level_zero(group.attrs.asdict()) != LEVEL0:
+                return False
+            array = zarr.open_array(LocalStore(str(store), read_only=True), path=f"{name}/{LEVEL0}", mode="r")
             if tuple(array.shape) != layout.shape or tuple(array.chunks) != layout.chunks:
                 return False
-    except Exception:  # noqa: BLE001 - any unreadable array means: it does not match
+    except Exception:  # noqa: BLE001 - any unreadable group or array means: it does not match
         return False
     return True
 
@@ -69,34 +78,50 @@ def _node_type(meta: Path) -> str | None:
     return str(node_type) if node_type is not None else None
 
 
-def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: str) -> dict[str, str]:
-    """Create (or replace) the arrays of ``layouts`` in ``store``, filled with 0; returns name -> volume path."""
-    import zarr
-
-    root = zarr.open_group(AtomicLocalStore(str(store)), mode="a")
-    for name, layout in layouts.items():
-        root.create_array(name, shape=layout.shape, chunks=layout.chunks, dtype=dtype, fill_value=0,
-                          overwrite=True)
-    return {name: f"{store}/{name}" for name in layouts}
-
-
 _OPEN: dict[tuple[str, str], Any] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-def _opened_for_writing(store: str, name: str) -> Any:
-    """Array ``name`` of ``store`` opened for atomic chunk writes, once per process (every block task reuses it)."""
+def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: str,
+                  meta: ImageMeta | None = None) -> dict[str, str]:
+    """Create (or replace) one OME-Zarr image per name of ``layouts`` in ``store``, level 0 filled with 0, with the
+    metadata of ``meta`` (voxel size, origin, provenance); returns name -> volume path (``store/name``)."""
+    with _OPEN_LOCK:  # arrays opened before were replaced: their shape and chunks may differ now
+        for name in layouts:
+            _OPEN.pop((str(Path(store).absolute()), name), None)
+    return {name: create_image(store, name, layout.shape, layout.chunks, dtype, meta or ImageMeta())
+            for name, layout in layouts.items()}
+
+
+def update_metadata(store: str | Path, names: Sequence[str], meta: ImageMeta) -> None:
+    """Rewrite the metadata of the images ``names`` of ``store`` (a resumed run: same arrays, this run's voxel size
+    and provenance); their downsampled levels are dropped, since level 0 is about to change under them."""
     import zarr
 
-    key = (store, name)
+    from znn.io.ngff import write_image_metadata
+
+    for name in names:
+        drop_pyramid(store, name)
+        group = zarr.open_group(AtomicLocalStore(str(store)), path=name, mode="r+")
+        level0 = group[LEVEL0]
+        assert isinstance(level0, zarr.Array)  # arrays_match said so before this run kept the store
+        write_image_metadata(group, meta, level0.ndim)
+
+
+def _opened_for_writing(store: str, name: str) -> Any:
+    """Level 0 of image ``name`` of ``store`` opened for atomic chunk writes, once per process (every block task
+    reuses it)."""
+    import zarr
+
+    key = (str(Path(store).absolute()), name)
     with _OPEN_LOCK:
         if key not in _OPEN:
-            _OPEN[key] = zarr.open_array(AtomicLocalStore(store), path=name, mode="r+")
+            _OPEN[key] = zarr.open_array(AtomicLocalStore(store), path=f"{name}/{LEVEL0}", mode="r+")
         return _OPEN[key]
 
 
 def write_region(store: str | Path, name: str, region: tuple[slice, ...], values: np.ndarray) -> None:
-    """Write ``values`` into ``region`` of array ``name`` of ``store`` (whole chunks are written atomically)."""
+    """Write ``values`` into ``region`` of image ``name``'s level 0 in ``store`` (whole chunks written atomically)."""
     _opened_for_writing(str(store), name)[region] = np.ascontiguousarray(values)
 
 
