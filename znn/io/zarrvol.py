@@ -11,6 +11,7 @@ removes what it created.
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,7 +21,7 @@ import dask.array as da
 import numpy as np
 import zarr
 from dask.base import tokenize
-from zarr.errors import BaseZarrError, NodeNotFoundError
+from zarr.errors import BaseZarrError, NodeNotFoundError, ZarrUserWarning
 from zarr.storage import LocalStore
 
 from znn.errors import VolumeError, ZnnError
@@ -57,7 +58,10 @@ def _volumes(group: zarr.Group) -> list[str]:
     """Paths (from the store root) of the volumes under ``group``: its OME-Zarr images (read at level 0) and the
     arrays outside them."""
     images, arrays = [], []
-    for _, member in group.members(max_depth=None):
+    with warnings.catch_warnings():  # a store also holds folders of ours (run manifest, partial writes): not nodes
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        members = list(group.members(max_depth=None))
+    for _, member in members:
         if isinstance(member, zarr.Array):
             arrays.append(member.path)
         elif level_zero(member.attrs.asdict()) is not None:
@@ -101,8 +105,8 @@ def _level(store: LocalStore, image: zarr.Group, level: str, vp: VolumePath) -> 
     try:
         return zarr.open_array(store, path=path, mode="r")
     except (NodeNotFoundError, *ZARR_ERRORS) as err:
-        raise VolumeError(f"{vp}: an OME-Zarr image whose level {level!r} is not a readable array ({err}); rewrite "
-                          "the image") from err
+        raise VolumeError(f"{vp}: not a readable zarr array (level {level!r} of an OME-Zarr image: "
+                          f"{type(err).__name__}: {err})") from err
 
 
 def resolution(vp: VolumePath) -> Resolution | None:
