@@ -41,7 +41,6 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,8 +87,8 @@ def parse_resolution(text: str) -> Resolution:
     """``z,y,x`` voxel size with an optional unit: ``40,4,4 nm``, ``0.05,0.004,0.004 um``, ``4,4,4`` (nanometers).
     ValueError, saying what is expected, otherwise."""
     example = "write z,y,x and a unit, like 40,4,4 nm"
-    match = re.fullmatch(r"\s*([^a-zA-Zµå]*?)\s*([a-zA-Zµå]+)?\s*", text)
-    numbers, unit = (match.group(1), match.group(2)) if match else (text, None)
+    last = max((i for i, c in enumerate(text) if c.isdigit() or c == "."), default=-1)  # the unit follows
+    numbers, unit = text[: last + 1], text[last + 1 :].strip() or None
     try:
         values = tuple(float(v) for v in numbers.replace(" ", "").split(","))
     except ValueError:
