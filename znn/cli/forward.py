@@ -66,7 +66,8 @@ def _cmd_forward(args: argparse.Namespace) -> int:
     results = forward_job(job, args.transform, args.memory, args.outsz, args.fresh, not args.quiet, show,
                           args.scheduler)
     for r in results:
-        levels = f", pyramid of {len(next(iter(r.pyramid.values())))} level(s)" if r.pyramid else ""
+        made = len(next(iter(r.pyramid.values()), []))
+        levels = f", pyramid of {made} level(s)" if made else ""
         print(f"{r.store}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run in "
               f"{r.seconds:.1f} s, {r.voxels_per_second:,.0f} voxels/s{levels}", flush=True)
     return 0

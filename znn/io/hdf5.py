@@ -30,7 +30,8 @@ from znn.io.volume import (
     storage_chunks,
 )
 
-__all__ = ["read", "open", "shape_dtype", "write", "resolution", "H5BlockReader", "DEFAULT_KEY", "COMPRESSIONS", "H5_ERRORS"]
+__all__ = ["read", "open", "shape_dtype", "write", "resolution", "H5BlockReader", "DEFAULT_KEY", "COMPRESSIONS",
+           "H5_ERRORS"]
 
 DEFAULT_KEY = "main"  # dataset written for a path without ":/dataset"
 COMPRESSIONS = ("gzip", "lzf", "szip")
