@@ -317,11 +317,14 @@ def test_distributed_cluster_gives_the_same_output(tmp_path, local_client):
     write_volume(tmp_path / "in.zarr", vol)
     net = Network.initialise(load_network(TINY3D), seed=4)
     files = {"input": [str(tmp_path / "in.zarr")]}
-    threads = _infer(net, files, tmp_path / "a.zarr", (5, 7, 7), num_threads=2, progress=False)
+    threads = _infer(net, files, tmp_path / "a.zarr", (5, 7, 7), num_threads=2, progress=False, pyramid=1)
     cluster = _infer(net, files, tmp_path / "b.zarr", (5, 7, 7), scheduler=make_runner(local_client),
-                     progress=False)
+                     progress=False, pyramid=1)
     assert cluster.blocks_run == threads.blocks_run == 8
     np.testing.assert_allclose(read_volume(cluster.arrays["output"]), read_volume(threads.arrays["output"]),
+                               rtol=0, atol=1e-5)
+    # the pyramid's tasks ran on the cluster's workers too, each level from the one below
+    np.testing.assert_allclose(read_volume(cluster.pyramid["output"][0]), read_volume(threads.pyramid["output"][0]),
                                rtol=0, atol=1e-5)
 
 

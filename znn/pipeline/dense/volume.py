@@ -18,7 +18,8 @@ at the border, and writes only its own part). Each block is one dask task that
 
 Each output is an OME-Zarr image (:mod:`znn.io.ngff`: axes, voxel size, where it lies in the input, provenance);
 with ``pyramid`` its downsampled levels are made after every block is written, block by block on the same runner
-(mean of each window). A run that computes any block drops the levels made by an earlier run.
+(mean of each window). Every run rewrites the outputs' metadata and drops the levels of an earlier run (level 0 may
+have changed under them), then makes its own.
 
 The run is planned beforehand, once (:func:`~znn.pipeline.dense.plan.plan_dense`: output block, conv modes,
 spectra cache, memory, block grid); :func:`infer_volume` takes that plan in a :class:`DenseRequest` and runs it on
