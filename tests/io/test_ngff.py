@@ -163,6 +163,18 @@ def test_pyramid_runs_on_any_scheduler_and_is_replaced_by_a_smaller_one(tmp_path
     np.testing.assert_array_equal(read_volume(store / "output"), data)
 
 
+def test_a_label_pyramid_is_never_averaged(tmp_path):
+    store = tmp_path / "seg.zarr"
+    _image(store, labels=True)
+    with pytest.raises(VolumeError, match="label image is downsampled with mode or stride, not 'mean'"):
+        write_pyramid(store, "output", 1, method="mean")
+    with pytest.raises(VolumeError, match="'median' is not known"):
+        write_pyramid(store, "output", 1, method="median")
+    write_pyramid(store, "output", 1, method="stride")
+    assert group_attrs(store / "output")["ome"]["multiscales"][0]["type"] == "stride"
+    np.testing.assert_array_equal(read_volume(store / "output" / "1"), read_volume(store / "output")[:, :, ::2, ::2])
+
+
 def test_pyramid_of_something_that_is_no_image_says_how_to_make_one(tmp_path):
     zarr.create_array(str(tmp_path / "plain.zarr"), shape=(4, 4), dtype="f4", chunks=(2, 2))
     zarr.open_group(str(tmp_path / "g.zarr"), mode="w").create_group("output")

@@ -116,7 +116,10 @@ class ImageMeta:
 
     @property
     def downsampling(self) -> str:
+        """The pyramid's method; VolumeError for an unknown one, or one that averages the ids of a label image."""
         method = self.method or ("mode" if self.labels else "mean")
+        if method not in ("mean", *LABEL_METHODS):
+            raise VolumeError(f"downsampling method {method!r} is not known; use mean, {' or '.join(LABEL_METHODS)}")
         if self.labels and method not in LABEL_METHODS:
             raise VolumeError(f"a label image is downsampled with {' or '.join(LABEL_METHODS)}, not {method!r}: "
                               "averaging ids makes ids that are in no segment")
