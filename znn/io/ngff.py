@@ -24,8 +24,8 @@ The API (every function takes plain paths, so it also serves writers outside den
   :func:`drop_pyramid` removes them (level 0 changed under them);
 - :func:`level_zero` (the level-0 path of an image group's attributes: readers open ``store/name`` there),
   :func:`resolution_of` (the voxel size in an image group's attributes), :func:`resolution_of_h5` (an h5
-  dataset's ``resolution`` (nm, as CREMI writes it) or ``element_size_um`` (micrometer, ilastik/Fiji) attribute);
-  :func:`znn.io.volume.volume_resolution` reads them for any volume path;
+  dataset's ``resolution`` (nm, as CREMI writes it) or ``element_size_um`` (micrometer, ilastik/Fiji) attribute;
+  :func:`h5_attributes` writes both); :func:`znn.io.volume.volume_resolution` reads them for any volume path;
 - :func:`provenance`: the ``"znn"`` attribute (znn version, sha256 of the network file and checkpoint, job file,
   output transform and any other fields).
 
@@ -53,8 +53,8 @@ from znn.ops.downsample import downsample
 
 __all__ = ["NGFF_VERSION", "Resolution", "parse_resolution", "ImageMeta", "axes", "image_attributes",
            "write_image_metadata", "create_image", "level_zero", "multiscale", "resolution_of", "resolution_of_h5",
-           "pyramid_factors", "write_pyramid", "drop_pyramid", "provenance", "file_sha256", "znn_version",
-           "AXIS_NAMES", "UNITS"]
+           "h5_attributes", "pyramid_factors", "write_pyramid", "drop_pyramid", "provenance", "file_sha256",
+           "znn_version", "AXIS_NAMES", "UNITS"]
 
 NGFF_VERSION = "0.5"
 AXIS_NAMES = ("c", "z", "y", "x")  # a volume's axes, leading ones optional (znn.io.volume)
@@ -281,6 +281,19 @@ def resolution_of_h5(attrs: Mapping[str, Any]) -> Resolution | None:
         if len(values) == 3 and all(math.isfinite(v) and v > 0 for v in values):
             return Resolution((values[0], values[1], values[2]), unit)
     return None
+
+
+#: nanometers per unit, for the h5 attributes (which have fixed units)
+_NANOMETERS = {"nanometer": 1.0, "micrometer": 1e3, "millimeter": 1e6, "angstrom": 0.1, "picometer": 1e-3}
+
+
+def h5_attributes(resolution: Resolution | None) -> dict[str, list[float]]:
+    """The h5 dataset attributes that :func:`resolution_of_h5` reads back: ``resolution`` in nanometers and
+    ``element_size_um`` in micrometers (none for an unknown size or unit)."""
+    if resolution is None or resolution.unit not in _NANOMETERS:
+        return {}
+    nanometers = [v * _NANOMETERS[resolution.unit] for v in resolution.zyx]
+    return {"resolution": nanometers, "element_size_um": [v / 1e3 for v in nanometers]}
 
 
 def _meta_of(attrs: Mapping[str, Any]) -> ImageMeta:

@@ -22,7 +22,7 @@ import numpy as np
 
 from znn.errors import OutputError
 from znn.io.atomic_store import AtomicLocalStore, clear_partial
-from znn.io.ngff import ImageMeta, create_image, drop_pyramid, level_zero, write_pyramid
+from znn.io.ngff import ImageMeta, create_image, drop_pyramid, h5_attributes, level_zero, write_pyramid
 from znn.io.paths import check_writable
 
 __all__ = ["ArrayLayout", "arrays_match", "check_output_store", "check_h5_export", "create_arrays", "write_region",
@@ -128,12 +128,12 @@ def write_region(store: str | Path, name: str, region: tuple[slice, ...], values
 def export_volume(source: str, target: str, default_key: str) -> None:
     """Copy the volume at ``source`` to ``target`` (any volume path): block by block into h5 (dataset
     ``default_key`` when ``target`` names none), never the whole volume at once; whole for the other formats."""
-    from znn.io.volume import open_volume, parse_volume_path, write_volume
+    from znn.io.volume import open_volume, parse_volume_path, volume_resolution, write_volume
 
     vp = parse_volume_path(target)
     array = open_volume(source)
-    if vp.format == "h5":
-        _export_h5(array, vp.file, vp.key or default_key)
+    if vp.format == "h5":  # with the voxel size as h5 readers spell it (CREMI's resolution, Fiji's element_size_um)
+        _export_h5(array, vp.file, vp.key or default_key, h5_attributes(volume_resolution(source)))
     else:
         write_volume(target, array, overwrite=True)
 
@@ -147,7 +147,7 @@ def check_h5_export(path: str | Path, what: str, fix: str) -> None:
         raise OutputError(f"{what} {path}: exists and is not an HDF5 file; {fix or 'remove it or name another'}")
 
 
-def _export_h5(array: Any, path: Path, key: str) -> None:
+def _export_h5(array: Any, path: Path, key: str, attrs: Mapping[str, Any]) -> None:
     import h5py
 
     from znn.io.volume import iter_blocks
@@ -158,5 +158,6 @@ def _export_h5(array: Any, path: Path, key: str) -> None:
             del f[key]
         chunks = tuple(min(c, s) for c, s in zip(array.chunksize, array.shape))
         dset = f.create_dataset(key, shape=array.shape, dtype=array.dtype, chunks=chunks)
+        dset.attrs.update(attrs)
         for region, block in iter_blocks(array, batch=1):
             dset[region] = block

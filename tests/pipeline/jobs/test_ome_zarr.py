@@ -19,7 +19,7 @@ from tests.io.test_ngff import group_attrs, validate
 from tests.pipeline.jobs.test_outputs import FORWARD_SPEC, forward_job, refused
 from znn.cli import main
 from znn.io.ngff import ImageMeta, Resolution, create_image
-from znn.io.volume import read_volume, volume_shape_dtype
+from znn.io.volume import read_volume, volume_resolution, volume_shape_dtype
 from znn.ops.downsample import downsample_mean
 
 STORE = Path("out") / "pred_sample1_output.zarr"
@@ -179,3 +179,14 @@ def test_a_bad_resolution_in_the_sample_file_is_one_line(tmp_path, capsys):
     spec.write_text(spec.read_text().replace("[sample1]", "resolution = 4,4,4 parsecs\n\n[sample1]"))
     refused(["forward", str(job)], capsys, "forward.spec", "[image1]", "resolution", "unknown unit 'parsecs'")
     assert not (tmp_path / STORE).exists()
+
+
+def test_an_h5_export_carries_the_voxel_size_as_h5_readers_spell_it(tmp_path):
+    _forward(tmp_path, resolution="0.05,0.004,0.004 um", output_format="h5")
+    with h5py.File(tmp_path / "out" / "pred_sample1_output.h5", "r") as f:
+        attrs = dict(f["output"].attrs)
+    np.testing.assert_allclose(attrs["resolution"], [50, 4, 4], rtol=1e-12)  # nanometers, as CREMI writes them
+    np.testing.assert_allclose(attrs["element_size_um"], [0.05, 0.004, 0.004], rtol=1e-12)
+    back = volume_resolution(f"{tmp_path / 'out' / 'pred_sample1_output.h5'}:/output")  # read back by znn itself
+    assert back is not None and back.unit == "nanometer"
+    np.testing.assert_allclose(back.zyx, (50, 4, 4), rtol=1e-12)
