@@ -190,3 +190,18 @@ def test_an_h5_export_carries_the_voxel_size_as_h5_readers_spell_it(tmp_path):
     back = volume_resolution(f"{tmp_path / 'out' / 'pred_sample1_output.h5'}:/output")  # read back by znn itself
     assert back is not None and back.unit == "nanometer"
     np.testing.assert_allclose(back.zyx, (50, 4, 4), rtol=1e-12)
+
+
+def test_a_store_of_the_older_layout_is_recreated_as_ome_zarr(tmp_path, capsys):
+    """Stores written before outputs were OME-Zarr hold a plain array per node: a rerun recomputes it as an image."""
+    image = _forward(tmp_path)
+    level0 = read_volume(image)
+    zarr.open_group(str(image.parent), mode="a").create_array("output", data=level0, chunks=(2, 1, 8, 8),
+                                                              overwrite=True)
+    assert json.loads((image / "zarr.json").read_text())["node_type"] == "array"
+    np.testing.assert_array_equal(read_volume(image), level0)  # the plain array reads as before
+    capsys.readouterr()
+    assert main(["forward", str(tmp_path / "forward.cfg"), "--quiet"]) == 0
+    assert "0 skipped (already done), 18 run" in capsys.readouterr().out
+    validate(group_attrs(image))
+    np.testing.assert_array_equal(read_volume(image), level0)
