@@ -198,13 +198,13 @@ def create_image(store: str | os.PathLike[str], name: str, shape: Sequence[int],
 
     from znn.io.atomic_store import AtomicLocalStore
 
+    meta.downsampling  # noqa: B018 - a label image with an averaging method is refused before anything is written
     if name:
         group = zarr.open_group(AtomicLocalStore(str(store)), mode="a").create_group(name, overwrite=True)
     else:
         group = zarr.open_group(AtomicLocalStore(str(store)), mode="w")
     group.create_array("0", shape=tuple(shape), chunks=tuple(chunks) if chunks else "auto", dtype=dtype,
                        fill_value=0, dimension_names=AXIS_NAMES[-len(shape):], overwrite=True)
-    meta.downsampling  # noqa: B018 - a label image with an averaging method is refused before anything is written
     write_image_metadata(group, meta, len(shape))
     return f"{store}/{name}" if name else str(store)
 
@@ -422,11 +422,14 @@ def write_pyramid(store: str | os.PathLike[str], name: str, levels: int | None, 
     (``mean``, ``mode``, ``stride``; default: the image's own). ``run(graph, keys)`` computes a level's graph
     (default: dask's threaded scheduler; dense inference passes its runner). Returns the levels' volume paths."""
     group, attrs = _image_group(store, name, "r+")
+    if level_zero(attrs) != "0":  # levels are named 0, 1, ... here; another tool's names are its own business
+        raise VolumeError(f"{store}/{name}: its full-resolution level is {level_zero(attrs)!r}, not '0'; pyramids "
+                          "are made for images written by znn (create_image)")
     meta = _meta_of(attrs)
     meta = ImageMeta(meta.resolution, meta.origin, meta.provenance, meta.labels, method or meta.method)
     method = meta.downsampling
     drop_pyramid(store, name)
-    base = group[level_zero(attrs) or "0"]
+    base = group["0"]
     ndim = base.ndim
     factors = pyramid_factors(base.shape, (meta.resolution.zyx if meta.resolution else (1.0,) * 3), levels)
     source, shape = base.path, tuple(base.shape)

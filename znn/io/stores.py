@@ -95,7 +95,7 @@ def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: 
 
 def update_metadata(store: str | Path, names: Sequence[str], meta: ImageMeta) -> None:
     """Rewrite the metadata of the images ``names`` of ``store`` (a resumed run: same arrays, this run's voxel size
-    and provenance); their downsampled levels are dropped, since level 0 is about to change under them."""
+    and provenance); their downsampled levels are dropped, since level 0 may change under them."""
     import zarr
 
     from znn.io.ngff import write_image_metadata
