@@ -25,8 +25,9 @@ from znn.text import format_bytes
 def register(sub: Subparsers) -> dict[str, Handler]:
     p = sub.add_parser("forward", help="dense inference of a job's forward_range into zarr/h5/tif outputs",
                        description="Run the job's forward_net densely over every sample of forward_range. Output: "
-                       "<output_prefix>_sample<N>_output.zarr (resumable; a rerun skips finished blocks), plus .h5 "
-                       "or .tif with output_format.")
+                       "<output_prefix>_sample<N>_output.zarr with an OME-Zarr (NGFF 0.5) image per output node, "
+                       "carrying the voxel size (resolution key) and provenance (resumable; a rerun skips finished "
+                       "blocks), plus .h5 or .tif with output_format.")
     p.add_argument("job", help="a .cfg job file")
     p.add_argument("--transform", choices=TRANSFORMS, default="auto",
                    help="output transform over channels (auto: softmax for softmax-trained boundary nets, sigmoid for "
