@@ -1,14 +1,17 @@
-"""Output stores of dense inference: zarr arrays written block by block, and their export to h5.
+"""Output stores of dense inference and segmentation: zarr arrays written block by block, and their export to h5.
 
 The output of a dense run is one zarr directory with one array per network output node group, whose chunks are
 the output blocks (no two block tasks write one chunk). Blocks are written through
 :class:`~znn.io.atomic_store.AtomicLocalStore` (each chunk a temporary file renamed into place), so a writer killed
 mid-write never leaves a half-written chunk. This module is the one place dense inference creates, opens and
-writes those arrays, and the one place it writes h5 exports.
+writes those arrays, and the one place it writes h5 exports. The label volume of `znn segment` is created here too
+(:func:`create_label_array`), with the small side files a blockwise segmentation keeps beside it
+(:func:`write_side_arrays`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from collections.abc import Mapping
@@ -19,11 +22,15 @@ from typing import Any
 import numpy as np
 
 from znn.errors import OutputError
-from znn.io.atomic_store import AtomicLocalStore, clear_partial
+from znn.io.atomic_store import AtomicLocalStore, atomic_write_bytes, clear_partial
 from znn.io.paths import check_writable
 
 __all__ = ["ArrayLayout", "arrays_match", "check_output_store", "check_h5_export", "create_arrays", "write_region",
-           "export_volume", "clear_partial"]
+           "read_region", "create_label_array", "write_side_arrays", "read_side_arrays", "export_volume",
+           "clear_partial", "LABEL_DTYPE"]
+
+#: the dtype of every label volume written (segment ids; 0 = no segment)
+LABEL_DTYPE = "uint64"
 
 
 @dataclass(frozen=True)
@@ -73,6 +80,7 @@ def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: 
     """Create (or replace) the arrays of ``layouts`` in ``store``, filled with 0; returns name -> volume path."""
     import zarr
 
+    _forget(store)
     root = zarr.open_group(AtomicLocalStore(str(store)), mode="a")
     for name, layout in layouts.items():
         root.create_array(name, shape=layout.shape, chunks=layout.chunks, dtype=dtype, fill_value=0,
@@ -95,9 +103,44 @@ def _opened_for_writing(store: str, name: str) -> Any:
         return _OPEN[key]
 
 
+def _forget(store: str | Path) -> None:
+    """Drop the arrays of ``store`` opened in this process (they are being replaced: their shape may change)."""
+    with _OPEN_LOCK:
+        for key in [k for k in _OPEN if k[0] == str(store)]:
+            del _OPEN[key]
+
+
 def write_region(store: str | Path, name: str, region: tuple[slice, ...], values: np.ndarray) -> None:
     """Write ``values`` into ``region`` of array ``name`` of ``store`` (whole chunks are written atomically)."""
     _opened_for_writing(str(store), name)[region] = np.ascontiguousarray(values)
+
+
+def read_region(store: str | Path, name: str, region: tuple[slice, ...]) -> np.ndarray:
+    """The values of ``region`` of array ``name`` of ``store`` (an array this process writes too)."""
+    return np.asarray(_opened_for_writing(str(store), name)[region])
+
+
+def create_label_array(store: str | Path, name: str, shape: tuple[int, int, int],
+                       chunks: tuple[int, int, int]) -> str:
+    """Create (or replace) the ``(z, y, x)`` uint64 label volume ``name`` of ``store``, filled with 0 (no segment),
+    whose chunks are the blocks that write it; returns its volume path. Every label volume is made here."""
+    create_arrays(store, {name: ArrayLayout(tuple(shape), tuple(chunks))}, LABEL_DTYPE)
+    return f"{store}/{name}"
+
+
+def write_side_arrays(store: str | Path, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Keep ``arrays`` in the file ``name`` (a path inside ``store``, e.g. ``znn-manifest/slabs/0_1_2.npz``), written
+    atomically (all of it or nothing)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **dict(arrays))
+    root = Path(store)
+    atomic_write_bytes(root, root / name, buffer.getvalue())
+
+
+def read_side_arrays(store: str | Path, name: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_side_arrays` kept in ``name`` of ``store``."""
+    with np.load(Path(store) / name, allow_pickle=False) as found:
+        return {key: np.asarray(found[key]) for key in found.files}
 
 
 def export_volume(source: str, target: str, default_key: str) -> None:
