@@ -132,7 +132,7 @@ def write_side_arrays(store: str | Path, name: str, arrays: Mapping[str, np.ndar
     """Keep ``arrays`` in the file ``name`` (a path inside ``store``, e.g. ``znn-manifest/slabs/0_1_2.npz``), written
     atomically (all of it or nothing)."""
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, **dict(arrays))
+    np.savez_compressed(buffer, allow_pickle=False, **dict(arrays))
     root = Path(store)
     atomic_write_bytes(root, root / name, buffer.getvalue())
 

@@ -43,6 +43,8 @@ from znn.ops.metrics import boundary_probability, segment_affinity_map
 
 __all__ = [
     "Method",
+    "DEFAULTS",
+    "method_defaults",
     "OUT_TYPES",
     "DIMS",
     "height_map",
@@ -66,22 +68,51 @@ Faces = tuple[tuple[bool, bool], tuple[bool, bool], tuple[bool, bool]]
 NO_FACES: Faces = ((False, False), (False, False), (False, False))
 
 
+#: the defaults of :class:`Method` per map type, chosen on the quickstart's held-out volume and ISBI 2012 (boundary)
+#: and the FIB-SEM volume (affinity): see the README, section "Segment and evaluate"
+DEFAULTS: dict[str, dict[str, float]] = {
+    "boundary": {"seed_threshold": 0.02, "min_size": 30, "sigma": 1.0, "merge_threshold": 0.5},
+    "affinity": {"seed_threshold": 0.1, "min_size": 30, "sigma": 0.0, "merge_threshold": 0.5},
+}
+
+
+def method_defaults(out_type: str) -> dict[str, float]:
+    """The default settings of the method for ``out_type`` maps."""
+    if out_type not in DEFAULTS:
+        raise ConfigError(f"type {out_type!r} is not valid; {closest(out_type, OUT_TYPES)}")
+    return dict(DEFAULTS[out_type])
+
+
 @dataclass(frozen=True)
 class Method:
-    """What :func:`segment` does to a prediction (see the module notes).
+    """What :func:`segment` does to a prediction (see the module notes); :meth:`of` fills in the defaults of the
+    map's type.
 
     ``dims`` None means ``2d`` for boundary maps and ``3d`` for affinities (as ``znn evaluate``); ``nonboundary``
-    reads a one-channel boundary map as P(non-boundary) (ZNN's ``one_class`` output). The defaults were chosen on
-    the quickstart's held-out volume and ISBI 2012 (docs: README, section segment).
+    reads a one-channel boundary map as P(non-boundary) (ZNN's ``one_class`` output).
     """
 
     out_type: str = "boundary"
     dims: str | None = None
-    seed_threshold: float = 0.3
-    min_size: int = 30
-    sigma: float = 1.0
-    merge_threshold: float = 0.5
+    seed_threshold: float = DEFAULTS["boundary"]["seed_threshold"]
+    min_size: int = int(DEFAULTS["boundary"]["min_size"])
+    sigma: float = DEFAULTS["boundary"]["sigma"]
+    merge_threshold: float = DEFAULTS["boundary"]["merge_threshold"]
     nonboundary: bool = False
+
+    @classmethod
+    def of(cls, out_type: str = "boundary", dims: str | None = None, nonboundary: bool = False,
+           **settings: float) -> "Method":
+        """The method for ``out_type`` maps: ``settings`` (seed_threshold, min_size, sigma, merge_threshold) over
+        the type's defaults."""
+        values = method_defaults(out_type)
+        unknown = set(settings) - set(values)
+        if unknown:
+            raise ConfigError(f"{', '.join(sorted(unknown))}: not a setting of the segmentation method; "
+                              f"{closest(sorted(unknown)[0], values)}")
+        values.update(settings)
+        return cls(out_type, dims, float(values["seed_threshold"]), int(values["min_size"]), float(values["sigma"]),
+                   float(values["merge_threshold"]), nonboundary)
 
     def __post_init__(self) -> None:
         if self.out_type not in OUT_TYPES:
@@ -234,9 +265,11 @@ def _edge_means(fragments: Labels, aff: Array, flat: bool) -> tuple[Labels, Labe
         values.append(np.asarray(aff[axis], np.float64)[later].ravel()[cross])
     key = np.concatenate(keys)
     unique, inverse = np.unique(key, return_inverse=True)
-    sums = np.bincount(inverse, weights=np.concatenate(values), minlength=unique.size)
+    sums = np.bincount(inverse, weights=np.concatenate(values), minlength=unique.size).astype(np.float64)
     counts = np.bincount(inverse, minlength=unique.size).astype(np.float64)
-    return unique // n, unique % n, sums, counts
+    first: Labels = (unique // n).astype(np.int64)
+    second: Labels = (unique % n).astype(np.int64)
+    return first, second, sums, counts
 
 
 def _pooled_edge(graph: Any, src: int, dst: int, neighbour: int) -> dict[str, float]:

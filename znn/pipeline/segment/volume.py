@@ -296,7 +296,8 @@ def _segment_locked(request: SegmentRequest, store: Path, runner: Runner) -> Seg
     pairs = _run_tasks(runner, ctx, "segment-face", [(match_face, f) for f in faces], False, len(faces))
     ids, roots = join_pairs(np.concatenate([np.zeros((0, 2), np.uint64), *pairs]))
     left = [b for b in blocks if (RELABELLED, *b.index) not in done]
-    _run_tasks(runner, ctx, "segment-relabel", [(relabel_block, b, _Table(ids, roots)) for b in left], False, len(blocks))
+    table = _Table(ids, roots)
+    _run_tasks(runner, ctx, "segment-relabel", [(relabel_block, b, table) for b in left], False, len(blocks))
     return SegmentResult(store, f"{store}/{request.name}", ctx.grid.shape, len(blocks), len(blocks) - len(todo),
                          len(todo), len(faces), int(np.count_nonzero(ids != roots)), time.perf_counter() - t0, stats)
 
