@@ -71,7 +71,7 @@ NO_FACES: Faces = ((False, False), (False, False), (False, False))
 #: the defaults of :class:`Method` per map type, chosen on the quickstart's held-out volume and ISBI 2012 (boundary)
 #: and the FIB-SEM volume (affinity): see the README, section "Segment and evaluate"
 DEFAULTS: dict[str, dict[str, float]] = {
-    "boundary": {"seed_threshold": 0.02, "min_size": 30, "sigma": 1.0, "merge_threshold": 0.5},
+    "boundary": {"seed_threshold": 0.03, "min_size": 30, "sigma": 1.0, "merge_threshold": 0.5},
     "affinity": {"seed_threshold": 0.1, "min_size": 30, "sigma": 0.0, "merge_threshold": 0.5},
 }
 

@@ -58,8 +58,8 @@ def segment_job(job: SegmentJob) -> SegmentResult:
     """Check the places and the prediction before any work, then segment blockwise."""
     store, name = output_place(job.out)
     fix = "name another OUT"
-    check_output_store(store, "OUT", fix)
     check_apart([("OUT", store)], [("PRED", job.pred)], fix)
+    check_output_store(store, "OUT", fix)
     prediction_shape(job.pred, job.method)  # the prediction's dtype and channels, before the store is touched
     scheduler = job.scheduler if isinstance(job.scheduler, Runner) else resolve_scheduler(job.scheduler)
     return segment_volume(SegmentRequest(job.pred, store, job.method, job.block, job.halo, name, scheduler,

@@ -129,7 +129,8 @@ def prediction_shape(pred: str, method: Method) -> tuple[int, Triple]:
         hint = ("use --type affinity for 3 channels" if channels == 3 else "a boundary map has 1 channel (boundary "
                 "probability) or 2 (ZNN binary_class: channel 1 = boundary)") if method.out_type == "boundary" \
             else "an affinity map has 3 channels (z, y, x); use --type boundary for a boundary map"
-        raise ShapeError(f"{pred}: shape {shape} has {channels} channel(s) for a {method.out_type} map; {hint}")
+        raise ShapeError(f"{pred}: shape {shape} has {channels} channel(s), which a {method.out_type} map (--type "
+                         f"{method.out_type}) has not; {hint}")
     return channels, spatial
 
 
