@@ -7,8 +7,9 @@ dask.distributed cluster, as dense inference):
    with :func:`znn.ops.segment.segment` (segments touching a face cut from the volume are never dropped as small),
    offsets its ids by the block's position so that they are unique over the volume, writes its core (one chunk of
    the label volume), keeps its ids in the slab of each matched face beside the store, and marks itself done;
-2. *faces* (:func:`match_face`): for each face, the two blocks' ids in its slab are paired where they overlap by a
-   majority (:func:`znn.ops.segment.face_pairs`); the pairs of every face are joined into objects on the driver
+2. *faces* (:func:`match_face`): for each face, the two blocks' ids in its slab are paired where each holds the
+   majority of the other's voxels (:func:`znn.ops.segment.face_pairs`); the pairs of every face are joined into
+   objects on the driver
    (:func:`znn.ops.segment.join_pairs`: each id's object is named by its smallest id);
 3. *relabel* (:func:`relabel_block`): each chunk's ids are replaced by their object's, and the block marked done.
 
@@ -23,9 +24,12 @@ chunk twice changes nothing, so a run killed between writing a chunk and its mar
 When the result equals the segmentation of the whole volume in one piece (up to a renaming of ids): when for every
 block, each segment that reaches its core or the slabs of its faces is decided inside its extent as it is in the
 whole volume: its seeds, its basin and its competitors' basins, the small segments given to it and, for
-affinities, every region it merges with, lie within the core plus the halo less the smoothing reach (4 sigma).
-Objects larger than the halo are still joined across faces where the two blocks agree on a majority of their
-voxels in the slab, but their boundaries with other objects may then differ near the face from a whole-volume run.
+affinities, every region it merges with, lie within the core plus the halo less the slab (at most 4 voxels) and the
+smoothing reach (4 sigma), and no two voxels that compete in the flood have equal heights (ties are broken by the
+order of the flood, which differs between a block and the whole). Objects larger than the halo are still joined
+across faces where the two blocks agree on them (a mutual majority in the slab); where one block saw an object
+merged with a neighbour, the two stay apart there, and boundaries between objects may differ near a face from a
+whole-volume run.
 """
 
 from __future__ import annotations
