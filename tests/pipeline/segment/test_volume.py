@@ -144,7 +144,7 @@ def test_a_new_prediction_redoes_every_block(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ mistakes
 def _refused(argv: list[str], capsys: pytest.CaptureFixture[str], *words: str) -> None:
-    assert main(argv) == 2
+    assert main(["segment", "--quiet", *argv]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("znn segment: error: "), err
     for word in words:
@@ -155,16 +155,16 @@ def test_mistakes_are_one_line_and_status_2(tmp_path, capsys):
     path, pred, _ = prediction(tmp_path, "boundary-2d")
     out = str(tmp_path / "seg.zarr")
     write_volume(tmp_path / "ids.tif", (pred > 0.5).astype(np.uint16))
-    _refused(["segment", "--quiet", str(tmp_path / "ids.tif"), out], capsys, "holds uint16 values", "--type segmentation")
-    _refused(["segment", "--quiet", path, out, "--type", "affinity"], capsys, "has 1 channel(s)", "--type affinity")
-    _refused(["segment", "--quiet", path, str(tmp_path / "seg.h5")], capsys, "zarr label volume", "seg.zarr")
-    _refused(["segment", "--quiet", path, path + "/labels"], capsys, "would write over PRED")
-    _refused(["segment", "--quiet", path, out, "--halo", "0,0,0", "--block", "2,48,48"], capsys, "halo 0,0,0",
+    _refused([str(tmp_path / "ids.tif"), out], capsys, "holds uint16 values", "--type segmentation")
+    _refused([path, out, "--type", "affinity"], capsys, "has 1 channel(s)", "--type affinity")
+    _refused([path, str(tmp_path / "seg.h5")], capsys, "zarr label volume", "seg.zarr")
+    _refused([path, path + "/labels"], capsys, "would write over PRED")
+    _refused([path, out, "--halo", "0,0,0", "--block", "2,48,48"], capsys, "halo 0,0,0",
              "at least 1 voxel")
     (tmp_path / "file.zarr").write_text("not a store")
-    _refused(["segment", "--quiet", path, str(tmp_path / "file.zarr")], capsys, "is a file")
+    _refused([path, str(tmp_path / "file.zarr")], capsys, "is a file")
     nan = pred.copy()
     nan[1, 50, 60] = np.nan
     write_volume(tmp_path / "nan.zarr", nan)
-    _refused(["segment", "--quiet", str(tmp_path / "nan.zarr"), out], capsys, "NaN or infinite", "(c, z, y, x) = (0, 1, 50, 60)")
-    _refused(["segment", "--quiet", str(tmp_path / "missing.tif"), out], capsys, "missing.tif")
+    _refused([str(tmp_path / "nan.zarr"), out], capsys, "NaN or infinite", "(c, z, y, x) = (0, 1, 50, 60)")
+    _refused([str(tmp_path / "missing.tif"), out], capsys, "missing.tif")

@@ -9,17 +9,16 @@ dask.distributed cluster, as dense inference):
    the label volume), keeps its ids in the slab of each matched face beside the store, and marks itself done;
 2. *faces* (:func:`match_face`): for each face, the two blocks' ids in its slab are paired where each holds the
    majority of the other's voxels (:func:`znn.ops.segment.face_pairs`); the pairs of every face are joined into
-   objects on the driver
-   (:func:`znn.ops.segment.join_pairs`: each id's object is named by its smallest id);
+   objects on the driver (:func:`znn.ops.segment.join_pairs`: each id's object is named by its smallest id);
 3. *relabel* (:func:`relabel_block`): each chunk's ids are replaced by their object's, and the block marked done.
 
 Resume: the resume manifest of dense inference (:class:`~znn.pipeline.dense.manifest.Manifest`) records finished
 blocks of pass 1 as ``0_<z>_<y>_<x>`` and of pass 3 as ``1_<z>_<y>_<x>``, under a digest of the prediction (its
-path, shape and modification stamps, and the run record of the forward run that wrote it) and of the method; a
-marker is written after the chunk and slab it records. A rerun redoes the unfinished blocks of pass 1, recomputes
-pass 2 from the kept slabs (cheap, and the same), and relabels the unfinished chunks of pass 3; relabelling a
-chunk twice changes nothing, so a run killed between writing a chunk and its marker is safe. One run per store
-(:class:`~znn.io.locks.RunLock`).
+path, shape and modification stamps, and the run record of the forward run that wrote it), of the method and of the
+segmentation code; a marker is written after the chunk and slab it records. A rerun redoes the unfinished blocks of
+pass 1, recomputes pass 2 from the kept slabs (cheap, and the same), and relabels the unfinished chunks of pass 3
+(and those of blocks it segmented again); relabelling a chunk twice changes nothing, so a run killed between
+writing a chunk and its marker is safe. One run per store (:class:`~znn.io.locks.RunLock`).
 
 When the result equals the segmentation of the whole volume in one piece (up to a renaming of ids): when for every
 block, each segment that reaches its core or the slabs of its faces is decided inside its extent as it is in the
@@ -245,12 +244,26 @@ def _stamp(pred: str) -> dict[str, Any]:
     return found
 
 
+def _code_digest() -> str:
+    """A digest of the segmentation code (kernels and this engine): a rerun after an upgrade that changed it redoes
+    every block (chunks relabelled by an older face matching cannot be matched again)."""
+    import hashlib
+
+    import znn.ops.segment as kernels
+
+    h = hashlib.sha256()
+    for path in [Path(kernels.__file__), *sorted(Path(__file__).parent.glob("*.py"))]:
+        h.update(path.read_bytes())
+    return h.hexdigest()[:20]
+
+
 def _prepare(request: SegmentRequest, store: Path) -> tuple[_Context, Manifest]:
     """The run's context, its manifest (reset when asked or when the layout changed) and the label array."""
     channels, spatial = prediction_shape(request.pred, request.method)
     grid = SegmentGrid(spatial, request.block, request.halo, request.method.flat)
     pred = _absolute(request.pred)
-    settings = {"pred": pred, "stamp": _stamp(pred), "method": asdict(request.method), "halo": grid.halo_used}
+    settings = {"pred": pred, "stamp": _stamp(pred), "method": asdict(request.method), "halo": grid.halo_used,
+                "code": _code_digest()}
     layout = digest_of({"shape": spatial, "block": request.block, "name": request.name, "dtype": "uint64"})
     manifest = Manifest(store, digest_of(settings), layout)
     if request.fresh:
@@ -300,7 +313,9 @@ def _segment_locked(request: SegmentRequest, store: Path, runner: Runner) -> Seg
                        len(blocks))
     pairs = _run_tasks(runner, ctx, "segment-face", [(match_face, f) for f in faces], False, len(faces))
     ids, roots = join_pairs(np.concatenate([np.zeros((0, 2), np.uint64), *pairs]))
-    left = [b for b in blocks if (RELABELLED, *b.index) not in done]
+    # a block segmented again holds fragment ids, whatever its relabelling marker says
+    redone = {b.index for b in todo}
+    left = [b for b in blocks if (RELABELLED, *b.index) not in done or b.index in redone]
     table = _Table(ids, roots)
     _run_tasks(runner, ctx, "segment-relabel", [(relabel_block, b, table) for b in left], False, len(blocks))
     return SegmentResult(store, f"{store}/{request.name}", ctx.grid.shape, len(blocks), len(blocks) - len(todo),
