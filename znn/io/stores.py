@@ -1,4 +1,4 @@
-"""Output stores of dense inference: OME-Zarr images written block by block, and their export to h5.
+"""Output stores of dense inference and segmentation: OME-Zarr images written block by block, and their export to h5.
 
 The output of a dense run is one zarr directory with one OME-Zarr image (:mod:`znn.io.ngff`) per network output node
 group: ``<store>/<node>`` holds the full-resolution array ``0``, whose chunks are the output blocks (no two block
@@ -6,11 +6,13 @@ tasks write one chunk), NGFF 0.5 metadata (axes c, z, y, x, voxel size) and the 
 downsampled levels ``1``, ``2``, ... Blocks are written through :class:`~znn.io.atomic_store.AtomicLocalStore` (each
 chunk a temporary file renamed into place), so a writer killed mid-write never leaves a half-written chunk. This
 module is the one place dense inference creates, opens and writes those images, and the one place it writes h5
-exports.
+exports. The label volume of `znn segment` is created here too (:func:`create_label_array`: an OME-Zarr label
+image), with the small side files a blockwise segmentation keeps beside it (:func:`write_side_arrays`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import threading
 from collections.abc import Mapping, Sequence
@@ -21,14 +23,17 @@ from typing import Any
 import numpy as np
 
 from znn.errors import OutputError
-from znn.io.atomic_store import AtomicLocalStore, clear_partial
+from znn.io.atomic_store import AtomicLocalStore, atomic_write_bytes, clear_partial
 from znn.io.ngff import ImageMeta, create_image, drop_pyramid, h5_attributes, level_zero, write_pyramid
 from znn.io.paths import check_writable
 
 __all__ = ["ArrayLayout", "arrays_match", "check_output_store", "check_h5_export", "create_arrays", "write_region",
-           "export_volume", "clear_partial", "ImageMeta", "update_metadata", "drop_pyramid", "write_pyramid"]
+           "read_region", "create_label_array", "write_side_arrays", "read_side_arrays", "export_volume",
+           "clear_partial", "ImageMeta", "update_metadata", "drop_pyramid", "write_pyramid", "LABEL_DTYPE"]
 
 LEVEL0 = "0"  # the full-resolution array inside each output image
+#: the dtype of every label volume written (segment ids; 0 = no segment)
+LABEL_DTYPE = "uint64"
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,36 @@ def _opened_for_writing(store: str, name: str) -> Any:
 def write_region(store: str | Path, name: str, region: tuple[slice, ...], values: np.ndarray) -> None:
     """Write ``values`` into ``region`` of image ``name``'s level 0 in ``store`` (whole chunks written atomically)."""
     _opened_for_writing(str(store), name)[region] = np.ascontiguousarray(values)
+
+
+def read_region(store: str | Path, name: str, region: tuple[slice, ...]) -> np.ndarray:
+    """The values of ``region`` of array ``name`` of ``store`` (an array this process writes too)."""
+    return np.asarray(_opened_for_writing(str(store), name)[region])
+
+
+def create_label_array(store: str | Path, name: str, shape: tuple[int, int, int],
+                       chunks: tuple[int, int, int], meta: ImageMeta | None = None) -> str:
+    """Create (or replace) the ``(z, y, x)`` uint64 label volume ``name`` of ``store``, filled with 0 (no segment),
+    whose chunks are the blocks that write it: an OME-Zarr label image with the voxel size and provenance of
+    ``meta``; returns its volume path. Every label volume is made here."""
+    labels = ImageMeta(meta.resolution, meta.origin, meta.provenance, labels=True) if meta else ImageMeta(labels=True)
+    create_arrays(store, {name: ArrayLayout(tuple(shape), tuple(chunks))}, LABEL_DTYPE, labels)
+    return f"{store}/{name}"
+
+
+def write_side_arrays(store: str | Path, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Keep ``arrays`` in the file ``name`` (a path inside ``store``, e.g. ``znn-manifest/slabs/0_1_2.npz``), written
+    atomically (all of it or nothing)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, allow_pickle=False, **dict(arrays))
+    root = Path(store)
+    atomic_write_bytes(root, root / name, buffer.getvalue())
+
+
+def read_side_arrays(store: str | Path, name: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_side_arrays` kept in ``name`` of ``store``."""
+    with np.load(Path(store) / name, allow_pickle=False) as found:
+        return {key: np.asarray(found[key]) for key in found.files}
 
 
 def export_volume(source: str, target: str, default_key: str) -> None:
