@@ -83,3 +83,11 @@ def test_choose_tile_keeps_kernel_spectra_under_the_cap():
     assert choose_tile(extent, w_shape, d, spectra_cap=1) == (8, 8, 8)
     # a small layer whose whole phases are cheap keeps them
     assert choose_tile((20, 20, 20), (2, 2, 3, 3, 3), (4, 4, 4)) == TileGeometry.of((20, 20, 20), w_shape, (4, 4, 4)).shape
+
+
+def test_tile_count_equals_the_listed_tiles():
+    for n, k, d in CASES:
+        for tile in _tiles(k):
+            geometry = TileGeometry.of(n, (1, 1, *k), d, tile)
+            assert geometry.count() == len(geometry.axes()[0].tiles) * len(geometry.axes()[1].tiles) * len(
+                geometry.axes()[2].tiles)

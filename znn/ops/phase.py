@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
 from itertools import product
 
 import numpy as np
@@ -23,14 +24,20 @@ from znn.types import Triple
 PHASE_GROUP_BYTES = 512 << 20
 # Frequencies per product chunk: its spectra (tiles x maps x chunk, complex) stay in the core's cache.
 _FREQ_CHUNK = 64
-# FFT lengths a tile may take: 7-smooth, from the smallest useful to where kernel spectra grow too large.
-_TILE_LENGTHS = (8, 10, 12, 14, 15, 16, 18, 20, 21, 24, 25, 27, 28, 30, 32, 35, 36, 40, 42, 45, 48, 50, 54, 56,
-                 60, 63, 64)
-# Costs that choose a tile and the conv mode (seconds, one core, float32, measured on the development machine with
-# 80 x 80 maps, tiles of 8..48: FFTW runs 15-30 GFLOP/s counted as 2.5 N log2 N, the per-frequency products of
-# 32 tiles 40-60 GFLOP/s counted as 8 flops per complex multiply-add).
-_FFT_SECONDS_PER_FLOP = 1.0 / 20e9
-_MAC_SECONDS = 8.0 / 50e9
+# FFTW's time per voxel of one single-map transform (forward and inverse averaged, float32, one core), per cube
+# side, measured on the development machine: powers of two, 10, 12, 14, 15 and 20 run at 1.1-1.3 ns per voxel,
+# other lengths two to three times slower. A tile takes one of these lengths; whole phases of other lengths cost
+# _FFT_NS_OTHER.
+_FFT_NS_PER_VOXEL = {8: 1.67, 10: 1.31, 12: 1.16, 14: 1.25, 15: 1.19, 16: 1.10, 18: 3.46, 20: 1.23, 24: 2.58,
+                     25: 2.17, 28: 2.59, 30: 2.71, 32: 1.26, 36: 2.40, 40: 2.03, 48: 2.03, 64: 2.63}
+_FFT_NS_OTHER = 3.5
+_TILE_LENGTHS = tuple(sorted(_FFT_NS_PER_VOXEL))
+# Seconds of one complex multiply-add of the per-frequency products of a group of tiles (one core, float32:
+# 50-60 GFLOP/s counted as 8 flops each, measured as above).
+_MAC_SECONDS = 8.0 / 55e9
+# Seconds per value moved through memory: each tile's inputs gathered and valid outputs scattered, each output
+# spectrum value written by the products (what makes layers of one input map cheaper direct than by FFT).
+_MOVE_SECONDS = 1.0e-9
 # Default bound on the kernel spectra of one layer: the spectra of every FFT layer are kept for all blocks.
 SPECTRA_CAP_BYTES = 256 << 20
 
@@ -110,8 +117,13 @@ class TileGeometry:
         return [_Axis.of(n, k, d, t) for n, k, d, t in zip(self.extent, self.kernel, self.dilation, self.shape)]
 
     def count(self) -> int:
-        """Tiles over all phases."""
-        return math.prod(len(a.tiles) for a in self.axes())
+        """Tiles over all phases (as many as :meth:`axes` lists, counted without listing them)."""
+        total = 1
+        for n, k, d, t in zip(self.extent, self.kernel, self.dilation, self.shape):
+            out, step = n - (k - 1) * d, t - k + 1
+            # phase r has len(range(r, out, d)) valid outputs, cut into tiles of ``step``
+            total *= sum(-(-len(range(r, out, d)) // step) for r in range(min(d, out)))
+        return total
 
     def item_bytes(self, itemsize: int) -> int:
         """Working bytes of one tile in a group: its input and output spectra."""
@@ -133,25 +145,42 @@ class TileGeometry:
         """Modelled seconds on one core: transforms of every tile's inputs and outputs, the per-frequency
         products and (without the cache) making the kernel spectra."""
         vox = math.prod(self.shape)
-        fft = 2.5 * vox * math.log2(max(2, vox)) * _FFT_SECONDS_PER_FLOP
-        tiles = self.count()
-        seconds = tiles * ((self.n_in + self.n_out) * fft + self.n_in * self.n_out * self.freq * _MAC_SECONDS)
+        fft = vox * _fft_ns_per_voxel(self.shape) * 1e-9
+        valid = math.prod(t - k + 1 for t, k in zip(self.shape, self.kernel))
+        moved = self.n_in * vox + self.n_out * (valid + self.freq)
+        per_tile = ((self.n_in + self.n_out) * fft + self.n_in * self.n_out * self.freq * _MAC_SECONDS
+                    + moved * _MOVE_SECONDS)
+        seconds = self.count() * per_tile
         if not cached:
             seconds += self.n_in * self.n_out * fft
         return seconds
 
 
+def _fft_ns_per_voxel(shape: Triple) -> float:
+    """Modelled FFTW time per voxel of one transform of ``shape``: that of its slowest side longer than 1."""
+    sides = [n for n in shape if n > 1]
+    return max((_FFT_NS_PER_VOXEL.get(n, _FFT_NS_OTHER) for n in sides), default=_FFT_NS_PER_VOXEL[8])
+
+
 def choose_tile(extent: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
                 spectra_cap: int = SPECTRA_CAP_BYTES, itemsize: int = 4) -> Triple:
     """The tile shape with the least modelled time whose kernel spectra fit ``spectra_cap`` bytes (the whole phase
-    when that is cheapest and fits; the smallest tile that holds the kernel when nothing fits)."""
-    k, d, n = _triple(w_shape[2:]), _triple(dilation), _triple(extent)
-    whole = phase_shape(n, k, d)
-    options = [sorted({min(t, w) for t in _TILE_LENGTHS if t >= kk} | {w}) for kk, w in zip(k, whole)]
+    when that is cheapest and fits; the smallest tile that holds the kernel when nothing fits). Tiles are cubes
+    clipped to the whole phase, so a short axis (a 2D network's z) keeps its whole length."""
+    return _choose_tile(_triple(extent), tuple(int(v) for v in w_shape), _triple(dilation), int(spectra_cap),
+                        int(itemsize))
+
+
+@lru_cache(maxsize=4096)
+def _choose_tile(extent: Triple, w_shape: tuple[int, ...], dilation: Triple, spectra_cap: int,
+                 itemsize: int) -> Triple:
+    k = _triple(w_shape[2:])
+    whole = phase_shape(extent, k, dilation)
+    shapes = {whole} | {_triple([max(kk, min(t, w)) for kk, w in zip(k, whole)]) for t in _TILE_LENGTHS}
     best: tuple[float, Triple] | None = None
     smallest: tuple[int, Triple] | None = None
-    for shape in product(*options):
-        geometry = TileGeometry.of(n, w_shape, d, shape)
+    for shape in sorted(shapes):
+        geometry = TileGeometry.of(extent, w_shape, dilation, shape)
         size = geometry.spectra_bytes(itemsize)
         if smallest is None or size < smallest[0]:
             smallest = (size, geometry.shape)
@@ -219,6 +248,9 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[tuple[tuple[slice
         # per frequency one (tiles x in) @ (in x out) product; the spectra are maps-first, so each chunk of
         # frequencies is turned frequency-major and back while it is in cache, not the whole arrays in memory
         xs, ys = spec_in.reshape(count * n_in, freq), spec_out.reshape(count * n_out, freq)
+        if n_in == 1:  # an outer product per frequency: broadcast, no matrix products of inner size 1
+            np.multiply(spec_in[:, :, lo:hi], wf[lo:hi, 0, :].T[None], out=spec_out[:, :, lo:hi])
+            return
         for a in range(lo, hi, _FREQ_CHUNK):
             b = min(hi, a + _FREQ_CHUNK)
             xc = np.ascontiguousarray(xs[:, a:b].T).reshape(b - a, count, n_in)
