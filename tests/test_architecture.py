@@ -16,7 +16,7 @@ LAYERS = (
     ("znn.io",),
     ("znn.pipeline.graph", "znn.pipeline.run"),
     ("znn.pipeline.forward",),
-    ("znn.pipeline.dense", "znn.pipeline.train"),
+    ("znn.pipeline.dense", "znn.pipeline.segment", "znn.pipeline.train"),
     ("znn.pipeline.jobs",),
     ("znn.bench",),
     ("znn.cli",),

@@ -14,7 +14,7 @@ from znn.cli import main
 
 ROOT = Path(__file__).resolve().parents[2]
 
-COMMANDS = ["describe", "train", "quickstart", "forward", "plan", "evaluate", "run", "status", "bench",
+COMMANDS = ["describe", "train", "quickstart", "forward", "plan", "segment", "evaluate", "run", "status", "bench",
             "bench ops", "bench net", "bench forward", "bench scaling"]
 
 # one mistake per command: a missing file, a bad z,y,x, a bad memory size, a bad number
@@ -24,6 +24,7 @@ MISTAKES = {
     "quickstart": ["quickstart", "--minutes", "abc"],
     "forward": ["forward", "job.cfg", "--outsz", "1,2"],
     "plan": ["plan", "job.cfg", "--memory", "8XB"],
+    "segment": ["segment", "missing-pred.tif", "seg.zarr"],
     "evaluate": ["evaluate", "missing-pred.tif", "missing-labels.tif"],
     "run": ["run", "missing.yaml"],
     "status": ["status", "missing.yaml"],

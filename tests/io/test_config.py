@@ -7,7 +7,9 @@ from pathlib import Path
 import pytest
 
 from tests.shared import REFERENCE, need
+from znn.errors import ConfigError, SpecFileError
 from znn.io.config import ALL_KEYS, load_job, parse_range
+from znn.io.ngff import Resolution
 from znn.io.specfile import load_spec
 
 
@@ -47,7 +49,7 @@ def test_every_key_is_read(tmp_path: Path):
         "test_num": "6", "Num_iter_per_save": "8", "Max_iter": "9", "train_net_prefix": "exp/net",
         "train_net": "exp/old", "forward_net": "exp/net_current.h5", "output_prefix": "exp/out", "is_stdio": "no",
         "is_debug": "yes", "is_check": "yes", "scheduler": "tcp://127.0.0.1:8786", "seed": "42",
-        "output_format": "h5", "spectra_cache": "no",
+        "output_format": "h5", "spectra_cache": "no", "resolution": "0.05,0.004,0.004 um", "pyramid": "3",
     }
     assert set(values) == set(ALL_KEYS)
     path = tmp_path / "job.cfg"
@@ -66,6 +68,38 @@ def test_every_key_is_read(tmp_path: Path):
     assert job.is_data_aug is False and job.is_bd_mirror is False and job.is_stdio is False
     assert job.scheduler == "tcp://127.0.0.1:8786" and job.seed == 42 and job.output_format == "h5"
     assert job.spectra_cache is False and job.is_debug and job.is_check
+    assert job.resolution == Resolution((0.05, 0.004, 0.004), "micrometer") and job.pyramid == 3
+
+
+@pytest.mark.parametrize("text, levels", [("no", 0), ("0", 0), ("auto", "auto"), ("yes", "auto"), ("2", 2)])
+def test_pyramid_key(tmp_path: Path, text, levels):
+    path = tmp_path / "job.cfg"
+    path.write_text(f"[parameters]\npyramid = {text}\n")
+    assert load_job(path).pyramid == levels
+
+
+@pytest.mark.parametrize("key, text, says", [
+    ("pyramid", "lots", r"job\.cfg:2: \[parameters\] pyramid: 'lots' is not valid; .*no, auto"),
+    ("pyramid", "17", "17 levels: give 1 to 16"),
+    ("resolution", "4,4", r"job\.cfg:2: \[parameters\] resolution: '4,4' is not valid; .*like 40,4,4 nm"),
+])
+def test_bad_ngff_keys_name_the_line_and_what_is_valid(tmp_path: Path, key, text, says):
+    path = tmp_path / "job.cfg"
+    path.write_text(f"[parameters]\n{key} = {text}\n")
+    with pytest.raises(ConfigError, match=says):
+        load_job(path)
+
+
+def test_sample_sections_take_a_resolution(tmp_path: Path):
+    path = tmp_path / "d.spec"
+    path.write_text("[image1]\nfnames = a.tif\nresolution = 50,4,4\n\n[label1]\nfnames = b.tif\n\n"
+                    "[sample1]\ninput = 1\noutput = 1\n")
+    spec = load_spec(path)
+    assert spec.images[1].resolution == Resolution((50.0, 4.0, 4.0), "nanometer")
+    assert spec.labels[1].resolution is None
+    path.write_text(path.read_text().replace("50,4,4", "50,4,4 lightyears"))
+    with pytest.raises(SpecFileError, match=r"d\.spec:3: \[image1\] resolution: .*unknown unit 'lightyears'"):
+        load_spec(path)
 
 
 def test_zero_threads_means_all_cores(tmp_path: Path):

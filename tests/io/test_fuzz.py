@@ -922,17 +922,20 @@ def test_malformed_checkpoint_structure(tmp_path: Path, checkpoint: tuple[Path, 
 
 
 def test_damaged_volumes_name_the_file(tmp_path: Path) -> None:
-    """A truncated compressed TIFF strip, a zarr.json that is not JSON, a zstd chunk cut short."""
+    """A truncated compressed TIFF strip, a zarr.json that is not JSON (of the image group, of its level 0), a zstd
+    chunk cut short."""
     data = np.arange(2 * 16 * 16, dtype=np.uint16).reshape(2, 16, 16)
     tifffile.imwrite(tmp_path / "cut.tif", data, photometric="minisblack", compression="zlib")
     raw = (tmp_path / "cut.tif").read_bytes()
     (tmp_path / "cut.tif").write_bytes(raw[: len(raw) // 2])
     write_volume(tmp_path / "meta.zarr", data)
     (tmp_path / "meta.zarr" / "zarr.json").write_bytes(b"{\"zarr_format\": 3, \x9f")
+    write_volume(tmp_path / "level.zarr", data)  # an OME-Zarr image whose level-0 array metadata is damaged
+    (tmp_path / "level.zarr" / "0" / "zarr.json").write_bytes(b"{\"zarr_format\": 3, \x9f")
     write_volume(tmp_path / "chunk.zarr", data, chunks=(1, 16, 16))
-    chunk = tmp_path / "chunk.zarr" / "c" / "0" / "0" / "0"
+    chunk = tmp_path / "chunk.zarr" / "0" / "c" / "0" / "0" / "0"
     chunk.write_bytes(chunk.read_bytes()[:5])
-    for name in ("cut.tif", "meta.zarr", "chunk.zarr"):
+    for name in ("cut.tif", "meta.zarr", "level.zarr", "chunk.zarr"):
         for call in (read_volume, lambda p: open_volume(p).compute()):
             with pytest.raises(ZnnError, match=f"{name}: not a readable"):
                 call(tmp_path / name)

@@ -260,7 +260,7 @@ class TestZarr(VolumeContract):
         np.testing.assert_array_equal(read_volume(f"{store}/a"), data)  # a group with one array
         assert open_volume(f"{store}/a/b/raw").chunks[1] == (8, 5)  # the store's chunks
         write_volume(f"{store}/a/labels", np.zeros((3, 4), "uint8"))
-        with pytest.raises(VolumeError, match=r"group holding 2 arrays \(a/b/raw, a/labels\)"):
+        with pytest.raises(VolumeError, match=r"group holding 2 volumes \(a/b/raw, a/labels\)"):
             read_volume(f"{store}/a")
         with pytest.raises(VolumeError, match=r"no array 'a/nope'.*\(a/b/raw, a/labels\)"):
             read_volume(f"{store}/a/nope")

@@ -167,3 +167,17 @@ def test_errors_name_the_shapes():
         max_pool(np.zeros((4, 4)), (2, 2, 2))
     with pytest.raises(ShapeError, match="argmax shape"):
         max_filter_backward(np.zeros((1, 1, 1, 2)), np.zeros((1, 1, 1, 3), dtype=np.int32), (1, 1, 1, 4))
+
+
+@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
+def test_max_filter_values_equal_max_filter(monkeypatch, chunk_bytes):
+    """The inference max filter (values only, a few maps at a time) equals the training one's values, whether the
+    maps are taken one at a time or all at once; a 1x1x1 window passes the maps through as they are."""
+    from znn.ops import pooling
+
+    monkeypatch.setattr(pooling, "_MAX_FILTER_CHUNK_BYTES", chunk_bytes)
+    x = np.random.default_rng(1).standard_normal((3, 9, 10, 11)).astype(np.float32)
+    got = pooling.max_filter_values(x, (2, 3, 2), (2, 1, 3))
+    np.testing.assert_array_equal(got, pooling.max_filter(x, (2, 3, 2), (2, 1, 3))[0])
+    assert got.flags.c_contiguous and not np.may_share_memory(got, x)
+    np.testing.assert_array_equal(pooling.max_filter_values(x, (1, 1, 1), (1, 1, 1)), x)

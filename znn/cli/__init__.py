@@ -16,6 +16,7 @@ COMMAND_MODULES = (
     "znn.cli.describe",
     "znn.cli.train",
     "znn.cli.forward",
+    "znn.cli.segment",
     "znn.cli.evaluate",
     "znn.cli.workflow",
     "znn.cli.bench",

@@ -46,6 +46,16 @@ def memory(text: str) -> int:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
+def pyramid(text: str) -> int | str:
+    """``--pyramid``: ``auto`` or a number of downsampled levels (the job key's values)."""
+    from znn.io.config import parse_pyramid
+
+    try:
+        return parse_pyramid(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _number(text: str, convert: Callable[[str], float], kind: str) -> float:
     """``text`` as ``kind`` (``convert``: int or float), finite."""
     try:
@@ -100,6 +110,44 @@ def add_scheduler_argument(parser: argparse.ArgumentParser, help_text: str = SCH
     """``--scheduler`` as every command spells it (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`);
     ``help_text`` says what it means where a command gives it a meaning of its own (the benchmarks)."""
     parser.add_argument("--scheduler", metavar="SCHEDULER", help=help_text)
+
+
+def non_negative_triple(text: str) -> Triple:
+    """``z,y,x``: three integers >= 0 (a halo)."""
+    try:
+        values = tuple(int(v) for v in text.replace(" ", "").split(","))
+    except ValueError:
+        values = ()
+    if len(values) != 3 or min(values) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not z,y,x (three integers >= 0 like 8,32,32)")
+    return values[0], values[1], values[2]
+
+
+def add_method_arguments(parser: argparse.ArgumentParser) -> None:
+    """The settings of the segmentation method (:class:`znn.ops.segment.Method`), as `znn segment` and
+    `znn evaluate --segment watershed` spell them; left out, each takes the method's default for the map's type."""
+    from znn.ops.segment import method_defaults
+
+    boundary, affinity = method_defaults("boundary"), method_defaults("affinity")
+
+    def both(key: str) -> str:
+        return f"default {boundary[key]:g} for boundary maps, {affinity[key]:g} for affinities"
+
+    parser.add_argument("--seed-threshold", type=probability, help="seeds: connected voxels whose (smoothed) "
+                        "boundary probability is below this; for affinities, voxels joined by edges above 1 minus "
+                        f"this ({both('seed_threshold')})")
+    parser.add_argument("--min-size", type=count, help=f"segments smaller than this many voxels join a neighbour "
+                        f"({both('min_size')})")
+    parser.add_argument("--sigma", type=non_negative_number, help="Gaussian smoothing of the height map in voxels, "
+                        f"in-plane only in 2d ({both('sigma')})")
+    parser.add_argument("--merge-threshold", type=probability, help="affinities: merge neighbouring regions while "
+                        f"the mean affinity between them is above this (default {affinity['merge_threshold']:g})")
+
+
+def method_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """The method settings given on the command line (those left out take the method's defaults)."""
+    keys = ("seed_threshold", "min_size", "sigma", "merge_threshold")
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None) is not None}
 
 
 def add_quiet_argument(parser: argparse.ArgumentParser) -> None:

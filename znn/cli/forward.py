@@ -12,6 +12,7 @@ from znn.cli.args import (
     add_quiet_argument,
     add_scheduler_argument,
     memory,
+    pyramid,
     triple_or_auto,
 )
 from znn.errors import ShapeError
@@ -24,8 +25,9 @@ from znn.text import format_bytes
 def register(sub: Subparsers) -> dict[str, Handler]:
     p = sub.add_parser("forward", help="dense inference of a job's forward_range into zarr/h5/tif outputs",
                        description="Run the job's forward_net densely over every sample of forward_range. Output: "
-                       "<output_prefix>_sample<N>_output.zarr (resumable; a rerun skips finished blocks), plus .h5 "
-                       "or .tif with output_format.")
+                       "<output_prefix>_sample<N>_output.zarr with an OME-Zarr (NGFF 0.5) image per output node, "
+                       "carrying the voxel size (resolution key) and provenance (resumable; a rerun skips finished "
+                       "blocks), plus .h5 or .tif with output_format.")
     p.add_argument("job", help="a .cfg job file")
     p.add_argument("--transform", choices=TRANSFORMS, default="auto",
                    help="output transform over channels (auto: softmax for softmax-trained boundary nets, sigmoid for "
@@ -34,6 +36,10 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                                                    "whether kernel spectra are cached)")
     p.add_argument("--outsz", type=triple_or_auto, help="output block z,y,x (or auto); overrides forward_outsz")
     p.add_argument("--fresh", action="store_true", help="ignore finished blocks and recompute everything")
+    p.add_argument("--pyramid", nargs="?", const="auto", type=pyramid, metavar="LEVELS",
+                   help="also write downsampled levels of each OME-Zarr output for viewers (mean of 2x windows, made "
+                        "after the blocks): LEVELS of them, or without a number until a level is at most 256 voxels "
+                        "per axis; overrides the job's pyramid key")
     add_quiet_argument(p)
     add_scheduler_argument(p)
     q = sub.add_parser("plan", help="predict memory per output block and pick the largest patch that fits",
@@ -47,7 +53,7 @@ def register(sub: Subparsers) -> dict[str, Handler]:
 
 def _cmd_forward(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
-    job = load_job(args.job)
+    job = load_job(args.job, None if args.pyramid is None else {"pyramid": str(args.pyramid)})
 
     def show(setup: ForwardSetup) -> None:
         how = "planned" if setup.plan is not None and setup.plan.chosen and setup.plan.chosen.outsz == setup.outsz \
@@ -61,8 +67,10 @@ def _cmd_forward(args: argparse.Namespace) -> int:
     results = forward_job(job, args.transform, args.memory, args.outsz, args.fresh, not args.quiet, show,
                           args.scheduler)
     for r in results:
+        made = len(next(iter(r.pyramid.values()), []))
+        levels = f", pyramid of {made} level(s)" if made else ""
         print(f"{r.store}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run in "
-              f"{r.seconds:.1f} s, {r.voxels_per_second:,.0f} voxels/s", flush=True)
+              f"{r.seconds:.1f} s, {r.voxels_per_second:,.0f} voxels/s{levels}", flush=True)
     return 0
 
 

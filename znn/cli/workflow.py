@@ -20,7 +20,7 @@ from znn.pipeline.jobs.workflow_state import RunLock, WorkflowState
 
 
 def register(sub: Subparsers) -> dict[str, Handler]:
-    p = sub.add_parser("run", help="run a batch workflow of train/forward/evaluate steps (WORKFLOW.yaml)",
+    p = sub.add_parser("run", help="run a batch workflow of train/forward/segment/evaluate steps (WORKFLOW.yaml)",
                        description="Run the steps of a workflow file in dependency order, recording each step's "
                        "state in <workflow>.state.json beside it. A rerun skips finished steps whose definition "
                        "and job files are unchanged and reruns failed or interrupted ones. See workflows/batch/.")

@@ -10,6 +10,7 @@ from znn.io.volume import (
     open_volume,
     parse_volume_path,
     read_volume,
+    volume_resolution,
     volume_shape_dtype,
     write_volume,
 )
@@ -30,6 +31,7 @@ __all__ = [
     "parse_volume_path",
     "read_volume",
     "save_checkpoint",
+    "volume_resolution",
     "volume_shape_dtype",
     "write_volume",
 ]

@@ -15,6 +15,7 @@ from typing import Any
 
 from znn.errors import ConfigError, closest
 from znn.io.inifile import IniFile, parse_ini, read_ini
+from znn.io.ngff import MAX_LEVELS, Resolution, parse_resolution
 from znn.types import Triple, parse_triple
 
 SECTION = "parameters"
@@ -107,6 +108,31 @@ def _text(text: str) -> str:
     return text.strip()
 
 
+def _resolution(text: str) -> Resolution:
+    try:
+        return parse_resolution(text)
+    except ValueError as exc:
+        raise _Explained(str(exc)) from None
+
+
+_NO_PYRAMID, _AUTO_PYRAMID = ("no", "none", "off", "false", "0"), ("auto", "yes", "on", "true")
+
+
+def parse_pyramid(text: str) -> int | str:
+    """The ``pyramid`` key and ``--pyramid``: ``no`` (0, none), ``auto`` (until a level is small), or a number of
+    downsampled levels beyond full resolution; ValueError otherwise."""
+    value = text.strip().lower()
+    if value in _NO_PYRAMID or value in _AUTO_PYRAMID:
+        return 0 if value in _NO_PYRAMID else "auto"
+    try:
+        levels = int(value)
+    except ValueError:
+        raise _Explained(f"{text.strip()!r} is not no, auto or a number of levels") from None
+    if not 0 <= levels <= MAX_LEVELS:
+        raise _Explained(f"{levels} levels: give 1 to {MAX_LEVELS} (each level halves some axes), or auto")
+    return levels
+
+
 # key: (parser, default, what a valid value looks like). Paths are resolved against the job file later.
 KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "fnet_spec": (_text, None, "a path to a .znn network file"),
@@ -156,6 +182,9 @@ EXTRA_KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "seed": (int, 0, "an integer random seed"),
     "output_format": (_choice(OUTPUT_FORMATS), "zarr", " / ".join(OUTPUT_FORMATS)),
     "spectra_cache": (_bool, True, "yes or no"),
+    "resolution": (_resolution, None, "the input's voxel size z,y,x with a unit, like 40,4,4 nm (nm, um, mm, "
+                                      "angstrom; written into the outputs' OME-Zarr metadata)"),
+    "pyramid": (parse_pyramid, 0, "no, auto, or a number of downsampled output levels like 3"),
 }
 ALL_KEYS = {**KEYS, **EXTRA_KEYS}
 PATH_KEYS = ("fnet_spec", "fdata_spec", "train_net_prefix", "train_net", "forward_net", "output_prefix")

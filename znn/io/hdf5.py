@@ -16,6 +16,7 @@ import h5py
 import numpy as np
 
 from znn.errors import VolumeError, ZnnError
+from znn.io.ngff import Resolution, resolution_of_h5
 from znn.io.volume import (
     Chunks,
     VolumePath,
@@ -29,7 +30,8 @@ from znn.io.volume import (
     storage_chunks,
 )
 
-__all__ = ["read", "open", "shape_dtype", "write", "H5BlockReader", "DEFAULT_KEY", "COMPRESSIONS", "H5_ERRORS"]
+__all__ = ["read", "open", "shape_dtype", "write", "resolution", "H5BlockReader", "DEFAULT_KEY", "COMPRESSIONS",
+           "H5_ERRORS"]
 
 DEFAULT_KEY = "main"  # dataset written for a path without ":/dataset"
 COMPRESSIONS = ("gzip", "lzf", "szip")
@@ -92,6 +94,12 @@ def read(vp: VolumePath) -> np.ndarray:
         dset = _dataset(f, vp)
         _checked(dset, vp)
         return np.asarray(dset[()])
+
+
+def resolution(vp: VolumePath) -> Resolution | None:
+    """The voxel size in the dataset's ``resolution`` (nm) or ``element_size_um`` attribute (None: neither)."""
+    with _reading(vp) as f:
+        return resolution_of_h5(dict(_dataset(f, vp).attrs))
 
 
 class H5BlockReader:

@@ -13,13 +13,14 @@ from pathlib import Path
 
 from znn.errors import SpecFileError, VolumeError, ZnnFileNotFoundError, closest, where
 from znn.io.inifile import IniFile, parse_ini, read_ini
+from znn.io.ngff import Resolution, parse_resolution
 from znn.ops.preprocess import IMAGE_PP_TYPES as IMAGE_PP
 from znn.ops.preprocess import LABEL_PP_TYPES as LABEL_PP
 
 SECTION_KEYS = {
-    "image": ("fnames", "pp_types", "is_auto_crop"),
-    "label": ("fnames", "pp_types", "fmasks", "is_auto_crop"),
-    "mask": ("fnames", "pp_types", "is_auto_crop"),
+    "image": ("fnames", "pp_types", "is_auto_crop", "resolution"),
+    "label": ("fnames", "pp_types", "fmasks", "is_auto_crop", "resolution"),
+    "mask": ("fnames", "pp_types", "is_auto_crop", "resolution"),
 }
 _SECTION_NAME = re.compile(r"^(image|label|mask|sample)(\d+)$")
 _SAMPLE_KEY = re.compile(r"^(input|output|mask)(\d*)$")
@@ -36,6 +37,7 @@ class VolumeSet:
     fmasks: list[Path] = field(default_factory=list)
     is_auto_crop: bool = True
     where: str = ""
+    resolution: Resolution | None = None  # the voxel size of its volumes (``resolution = 40,4,4 nm``)
 
     def check_files(self) -> None:
         """Raise ZnnFileNotFoundError for the first listed file that does not exist."""
@@ -142,7 +144,17 @@ def _volume_set(ini: IniFile, section: str, kind: str, number: int, pairs: dict[
     crop = pairs.get("is_auto_crop", "yes").strip().lower()
     if crop not in ("yes", "no", "true", "false", "1", "0"):
         raise SpecFileError(f"{ini.at(section, 'is_auto_crop')}: {crop!r} is not valid; write yes or no")
-    return VolumeSet(kind, number, fnames, pp_types, fmasks, crop in ("yes", "true", "1"), ini.at(section))
+    return VolumeSet(kind, number, fnames, pp_types, fmasks, crop in ("yes", "true", "1"), ini.at(section),
+                     _resolution(ini, section, pairs))
+
+
+def _resolution(ini: IniFile, section: str, pairs: dict[str, str]) -> Resolution | None:
+    if not pairs.get("resolution", "").strip():
+        return None
+    try:
+        return parse_resolution(pairs["resolution"])
+    except ValueError as exc:
+        raise SpecFileError(f"{ini.at(section, 'resolution')}: {exc}") from None
 
 
 def _sample(ini: IniFile, section: str, number: int, pairs: dict[str, str]) -> Sample:

@@ -1,17 +1,21 @@
-"""Output stores of dense inference: zarr arrays written block by block, and their export to h5.
+"""Output stores of dense inference and segmentation: OME-Zarr images written block by block, and their export to h5.
 
-The output of a dense run is one zarr directory with one array per network output node group, whose chunks are
-the output blocks (no two block tasks write one chunk). Blocks are written through
-:class:`~znn.io.atomic_store.AtomicLocalStore` (each chunk a temporary file renamed into place), so a writer killed
-mid-write never leaves a half-written chunk. This module is the one place dense inference creates, opens and
-writes those arrays, and the one place it writes h5 exports.
+The output of a dense run is one zarr directory with one OME-Zarr image (:mod:`znn.io.ngff`) per network output node
+group: ``<store>/<node>`` holds the full-resolution array ``0``, whose chunks are the output blocks (no two block
+tasks write one chunk), NGFF 0.5 metadata (axes c, z, y, x, voxel size) and the run's provenance, and, on request,
+downsampled levels ``1``, ``2``, ... Blocks are written through :class:`~znn.io.atomic_store.AtomicLocalStore` (each
+chunk a temporary file renamed into place), so a writer killed mid-write never leaves a half-written chunk. This
+module is the one place dense inference creates, opens and writes those images, and the one place it writes h5
+exports. The label volume of `znn segment` is created here too (:func:`create_label_array`: an OME-Zarr label
+image), with the small side files a blockwise segmentation keeps beside it (:func:`write_side_arrays`).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import threading
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -19,11 +23,17 @@ from typing import Any
 import numpy as np
 
 from znn.errors import OutputError
-from znn.io.atomic_store import AtomicLocalStore, clear_partial
+from znn.io.atomic_store import AtomicLocalStore, atomic_write_bytes, clear_partial
+from znn.io.ngff import ImageMeta, create_image, drop_pyramid, h5_attributes, level_zero, write_pyramid
 from znn.io.paths import check_writable
 
 __all__ = ["ArrayLayout", "arrays_match", "check_output_store", "check_h5_export", "create_arrays", "write_region",
-           "export_volume", "clear_partial"]
+           "read_region", "create_label_array", "write_side_arrays", "read_side_arrays", "export_volume",
+           "clear_partial", "ImageMeta", "update_metadata", "drop_pyramid", "write_pyramid", "LABEL_DTYPE"]
+
+LEVEL0 = "0"  # the full-resolution array inside each output image
+#: the dtype of every label volume written (segment ids; 0 = no segment)
+LABEL_DTYPE = "uint64"
 
 
 @dataclass(frozen=True)
@@ -35,16 +45,20 @@ class ArrayLayout:
 
 
 def arrays_match(store: str | Path, layouts: Mapping[str, ArrayLayout]) -> bool:
-    """Whether ``store`` holds every array of ``layouts`` readable, with that shape and those chunks."""
+    """Whether ``store`` holds an OME-Zarr image per name of ``layouts`` whose level 0 is readable, with that shape
+    and those chunks (a store of an older layout, with plain arrays, does not match: it is recreated)."""
     import zarr
     from zarr.storage import LocalStore
 
     try:
         for name, layout in layouts.items():
-            array = zarr.open_array(LocalStore(str(store)), path=name, mode="r")
+            group = zarr.open_group(LocalStore(str(store), read_only=True), path=name, mode="r")
+            if level_zero(group.attrs.asdict()) != LEVEL0:
+                return False
+            array = zarr.open_array(LocalStore(str(store), read_only=True), path=f"{name}/{LEVEL0}", mode="r")
             if tuple(array.shape) != layout.shape or tuple(array.chunks) != layout.chunks:
                 return False
-    except Exception:  # noqa: BLE001 - any unreadable array means: it does not match
+    except Exception:  # noqa: BLE001 - any unreadable group or array means: it does not match
         return False
     return True
 
@@ -69,46 +83,92 @@ def _node_type(meta: Path) -> str | None:
     return str(node_type) if node_type is not None else None
 
 
-def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: str) -> dict[str, str]:
-    """Create (or replace) the arrays of ``layouts`` in ``store``, filled with 0; returns name -> volume path."""
-    import zarr
-
-    root = zarr.open_group(AtomicLocalStore(str(store)), mode="a")
-    for name, layout in layouts.items():
-        root.create_array(name, shape=layout.shape, chunks=layout.chunks, dtype=dtype, fill_value=0,
-                          overwrite=True)
-    return {name: f"{store}/{name}" for name in layouts}
-
-
 _OPEN: dict[tuple[str, str], Any] = {}
 _OPEN_LOCK = threading.Lock()
 
 
-def _opened_for_writing(store: str, name: str) -> Any:
-    """Array ``name`` of ``store`` opened for atomic chunk writes, once per process (every block task reuses it)."""
+def create_arrays(store: str | Path, layouts: Mapping[str, ArrayLayout], dtype: str,
+                  meta: ImageMeta | None = None) -> dict[str, str]:
+    """Create (or replace) one OME-Zarr image per name of ``layouts`` in ``store``, level 0 filled with 0, with the
+    metadata of ``meta`` (voxel size, origin, provenance); returns name -> volume path (``store/name``)."""
+    with _OPEN_LOCK:  # arrays opened before were replaced: their shape and chunks may differ now
+        for name in layouts:
+            _OPEN.pop((str(Path(store).absolute()), name), None)
+    return {name: create_image(store, name, layout.shape, layout.chunks, dtype, meta or ImageMeta())
+            for name, layout in layouts.items()}
+
+
+def update_metadata(store: str | Path, names: Sequence[str], meta: ImageMeta) -> None:
+    """Rewrite the metadata of the images ``names`` of ``store`` (a resumed run: same arrays, this run's voxel size
+    and provenance); their downsampled levels are dropped, since level 0 may change under them."""
     import zarr
 
-    key = (store, name)
+    from znn.io.ngff import write_image_metadata
+
+    for name in names:
+        drop_pyramid(store, name)
+        group = zarr.open_group(AtomicLocalStore(str(store)), path=name, mode="r+")
+        level0 = group[LEVEL0]
+        assert isinstance(level0, zarr.Array)  # arrays_match said so before this run kept the store
+        write_image_metadata(group, meta, level0.ndim)
+
+
+def _opened_for_writing(store: str, name: str) -> Any:
+    """Level 0 of image ``name`` of ``store`` opened for atomic chunk writes, once per process (every block task
+    reuses it)."""
+    import zarr
+
+    key = (str(Path(store).absolute()), name)
     with _OPEN_LOCK:
         if key not in _OPEN:
-            _OPEN[key] = zarr.open_array(AtomicLocalStore(store), path=name, mode="r+")
+            _OPEN[key] = zarr.open_array(AtomicLocalStore(store), path=f"{name}/{LEVEL0}", mode="r+")
         return _OPEN[key]
 
 
 def write_region(store: str | Path, name: str, region: tuple[slice, ...], values: np.ndarray) -> None:
-    """Write ``values`` into ``region`` of array ``name`` of ``store`` (whole chunks are written atomically)."""
+    """Write ``values`` into ``region`` of image ``name``'s level 0 in ``store`` (whole chunks written atomically)."""
     _opened_for_writing(str(store), name)[region] = np.ascontiguousarray(values)
+
+
+def read_region(store: str | Path, name: str, region: tuple[slice, ...]) -> np.ndarray:
+    """The values of ``region`` of array ``name`` of ``store`` (an array this process writes too)."""
+    return np.asarray(_opened_for_writing(str(store), name)[region])
+
+
+def create_label_array(store: str | Path, name: str, shape: tuple[int, int, int],
+                       chunks: tuple[int, int, int], meta: ImageMeta | None = None) -> str:
+    """Create (or replace) the ``(z, y, x)`` uint64 label volume ``name`` of ``store``, filled with 0 (no segment),
+    whose chunks are the blocks that write it: an OME-Zarr label image with the voxel size and provenance of
+    ``meta``; returns its volume path. Every label volume is made here."""
+    labels = ImageMeta(meta.resolution, meta.origin, meta.provenance, labels=True) if meta else ImageMeta(labels=True)
+    create_arrays(store, {name: ArrayLayout(tuple(shape), tuple(chunks))}, LABEL_DTYPE, labels)
+    return f"{store}/{name}"
+
+
+def write_side_arrays(store: str | Path, name: str, arrays: Mapping[str, np.ndarray]) -> None:
+    """Keep ``arrays`` in the file ``name`` (a path inside ``store``, e.g. ``znn-manifest/slabs/0_1_2.npz``), written
+    atomically (all of it or nothing)."""
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, allow_pickle=False, **dict(arrays))
+    root = Path(store)
+    atomic_write_bytes(root, root / name, buffer.getvalue())
+
+
+def read_side_arrays(store: str | Path, name: str) -> dict[str, np.ndarray]:
+    """The arrays :func:`write_side_arrays` kept in ``name`` of ``store``."""
+    with np.load(Path(store) / name, allow_pickle=False) as found:
+        return {key: np.asarray(found[key]) for key in found.files}
 
 
 def export_volume(source: str, target: str, default_key: str) -> None:
     """Copy the volume at ``source`` to ``target`` (any volume path): block by block into h5 (dataset
     ``default_key`` when ``target`` names none), never the whole volume at once; whole for the other formats."""
-    from znn.io.volume import open_volume, parse_volume_path, write_volume
+    from znn.io.volume import open_volume, parse_volume_path, volume_resolution, write_volume
 
     vp = parse_volume_path(target)
     array = open_volume(source)
-    if vp.format == "h5":
-        _export_h5(array, vp.file, vp.key or default_key)
+    if vp.format == "h5":  # with the voxel size as h5 readers spell it (CREMI's resolution, Fiji's element_size_um)
+        _export_h5(array, vp.file, vp.key or default_key, h5_attributes(volume_resolution(source)))
     else:
         write_volume(target, array, overwrite=True)
 
@@ -122,7 +182,7 @@ def check_h5_export(path: str | Path, what: str, fix: str) -> None:
         raise OutputError(f"{what} {path}: exists and is not an HDF5 file; {fix or 'remove it or name another'}")
 
 
-def _export_h5(array: Any, path: Path, key: str) -> None:
+def _export_h5(array: Any, path: Path, key: str, attrs: Mapping[str, Any]) -> None:
     import h5py
 
     from znn.io.volume import iter_blocks
@@ -133,5 +193,6 @@ def _export_h5(array: Any, path: Path, key: str) -> None:
             del f[key]
         chunks = tuple(min(c, s) for c, s in zip(array.chunksize, array.shape))
         dset = f.create_dataset(key, shape=array.shape, dtype=array.dtype, chunks=chunks)
+        dset.attrs.update(attrs)
         for region, block in iter_blocks(array, batch=1):
             dset[region] = block

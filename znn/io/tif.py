@@ -32,7 +32,7 @@ from znn.io.volume import (
     lazy_array,
 )
 
-__all__ = ["read", "open", "shape_dtype", "write", "TifBlockReader", "TIF_ERRORS"]
+__all__ = ["read", "open", "shape_dtype", "write", "resolution", "TifBlockReader", "TIF_ERRORS"]
 
 # What tifffile raises for a damaged or foreign file: TiffFileError (a ValueError) where it checks the structure,
 # and wherever it does not, whatever the parsing or decoding step hit (struct, zlib and lzma errors, a KeyError for a
@@ -80,6 +80,12 @@ def shape_dtype(vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]:
         shape, dtype = tuple(int(n) for n in series.shape), np.dtype(series.dtype)
     check_volume(shape, dtype, vp)
     return shape, dtype
+
+
+def resolution(vp: VolumePath) -> None:
+    """Tif voxel sizes are not read (ImageJ's tags are often absent or in pixels per unit): give ``resolution`` in
+    the job or sample file instead."""
+    return None
 
 
 def read(vp: VolumePath) -> np.ndarray:

@@ -33,6 +33,7 @@ import numpy as np
 from dask.base import compute, tokenize
 
 from znn.errors import VolumeError, ZnnFileNotFoundError
+from znn.io.ngff import Resolution
 
 if TYPE_CHECKING:
     import zarr
@@ -46,6 +47,7 @@ __all__ = [
     "open_volume",
     "write_volume",
     "volume_shape_dtype",
+    "volume_resolution",
     "create_volume",
 ]
 
@@ -105,6 +107,7 @@ class VolumeBackend(Protocol):
     def shape_dtype(self, vp: VolumePath) -> tuple[tuple[int, ...], np.dtype[Any]]: ...
     def write(self, vp: VolumePath, array: np.ndarray | da.Array, chunks: Chunks, overwrite: bool,
               compression: str | None) -> None: ...
+    def resolution(self, vp: VolumePath) -> Resolution | None: ...
 
 
 class ZarrBackend(VolumeBackend, Protocol):
@@ -202,6 +205,13 @@ def volume_shape_dtype(path: str | os.PathLike[str] | VolumePath) -> tuple[tuple
         z = vp.z_slice(shape)
         shape = (*shape[:-3], z.stop - z.start, *shape[-2:])
     return shape, dtype
+
+
+def volume_resolution(path: str | os.PathLike[str] | VolumePath) -> Resolution | None:
+    """The voxel size the volume's own metadata gives (None: it gives none): an OME-Zarr image's scale and units
+    (:mod:`znn.io.ngff`), an h5 dataset's ``resolution`` (nm) or ``element_size_um`` attribute; tif: none."""
+    vp = _existing(path)
+    return _backend(vp.format).resolution(vp)
 
 
 def write_volume(

@@ -1,26 +1,31 @@
 """Zarr volumes (zarr-python 3; v3 written, v2 and v3 read): ``store.zarr`` or ``store.zarr/group/array``.
 
-The store is a local directory. A path that ends at a group holding exactly one array (at any depth) means
-that array. Lazy reads use the store's chunks; writes create the array, then fill it chunk-aligned, and a
-failed write removes what it created.
+The store is a local directory. Every volume written is an OME-Zarr image (:mod:`znn.io.ngff`): a group holding
+its full-resolution array ``0`` (and any downsampled levels) with NGFF 0.5 metadata. A path that ends at such an
+image group means its level 0; a path that ends at another group holding exactly one volume (an image, or an array
+outside any image, at any depth) means that volume, so ``out.zarr/output`` and plain arrays of older stores read
+alike. Lazy reads use the store's chunks; writes create the image, then fill it chunk-aligned, and a failed write
+removes what it created.
 """
 
 from __future__ import annotations
 
 import shutil
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import dask.array as da
 import numpy as np
 import zarr
 from dask.base import tokenize
-from zarr.errors import BaseZarrError, NodeNotFoundError
+from zarr.errors import BaseZarrError, NodeNotFoundError, ZarrUserWarning
 from zarr.storage import LocalStore
 
 from znn.errors import VolumeError, ZnnError
+from znn.io.ngff import ImageMeta, Resolution, create_image, level_zero, resolution_of
 from znn.io.volume import (
     Chunks,
     VolumePath,
@@ -30,7 +35,7 @@ from znn.io.volume import (
     storage_chunks,
 )
 
-__all__ = ["read", "open", "shape_dtype", "write", "create", "ZarrBlockReader", "ZARR_ERRORS"]
+__all__ = ["read", "open", "shape_dtype", "write", "create", "resolution", "ZarrBlockReader", "ZARR_ERRORS"]
 
 # What zarr raises for a damaged or foreign store: metadata that is not JSON or not valid zarr (ValueError, which
 # zarr's own errors are, TypeError or KeyError, depending on the step that meets it), a chunk its codec cannot
@@ -49,34 +54,70 @@ def _reading(vp: VolumePath) -> Iterator[None]:
         raise VolumeError(f"{vp}: not a readable zarr array ({type(err).__name__}: {err})") from err
 
 
-def _arrays(group: zarr.Group) -> list[str]:
-    """Paths (from the store root) of all arrays under ``group``."""
-    return sorted(m.path for _, m in group.members(max_depth=None) if isinstance(m, zarr.Array))
+def _volumes(group: zarr.Group) -> list[str]:
+    """Paths (from the store root) of the volumes under ``group``: its OME-Zarr images (read at level 0) and the
+    arrays outside them."""
+    images, arrays = [], []
+    with warnings.catch_warnings():  # a store also holds folders of ours (run manifest, partial writes): not nodes
+        warnings.simplefilter("ignore", ZarrUserWarning)
+        members = list(group.members(max_depth=None))
+    for _, member in members:
+        if isinstance(member, zarr.Array):
+            arrays.append(member.path)
+        elif level_zero(member.attrs.asdict()) is not None:
+            images.append(member.path)
+    inside = tuple(f"{image}/" for image in images)
+    return sorted(images + [a for a in arrays if not a.startswith(inside)])
 
 
-def _store_arrays(vp: VolumePath) -> list[str]:
+def _store_volumes(vp: VolumePath) -> list[str]:
     try:
-        return _arrays(zarr.open_group(LocalStore(vp.file, read_only=True), mode="r"))
+        return _volumes(zarr.open_group(LocalStore(vp.file, read_only=True), mode="r"))
     except ZARR_ERRORS:  # no group, or a damaged one: list nothing
         return []
 
 
 def _array(vp: VolumePath) -> zarr.Array[Any]:
-    """The array ``vp`` names (read-only), or the only array under the group it names."""
+    """The array ``vp`` names (read-only): the array itself, an image group's level 0, or the only volume under the
+    group it names."""
     store = LocalStore(vp.file, read_only=True)
     try:
         node = zarr.open(store, path=vp.key or "", mode="r")
     except NodeNotFoundError:
-        raise not_found(vp, "array", _store_arrays(vp), lambda name: f"{vp.file}/{name}") from None
+        raise not_found(vp, "array", _store_volumes(vp), lambda name: f"{vp.file}/{name}") from None
     if isinstance(node, zarr.Array):
         return node
-    names = _arrays(node)
+    level = level_zero(node.attrs.asdict())
+    if level is not None:
+        return _level(store, node, level, vp)
+    names = _volumes(node)
     if len(names) == 1:
-        return zarr.open_array(store, path=names[0], mode="r")
+        return _array(VolumePath("zarr", vp.file, names[0], vp.zrange))
     if vp.key is None or not names:
         raise not_found(vp, "array", names, lambda name: f"{vp.file}/{name}")
-    raise VolumeError(f"{vp} is a group holding {len(names)} arrays ({', '.join(names)}); name one as "
+    raise VolumeError(f"{vp} is a group holding {len(names)} volumes ({', '.join(names)}); name one as "
                       f"{vp.file}/{names[0]}")
+
+
+def _level(store: LocalStore, image: zarr.Group, level: str, vp: VolumePath) -> zarr.Array[Any]:
+    """The array ``level`` of OME-Zarr image group ``image``."""
+    path = f"{image.path}/{level}" if image.path else level
+    try:
+        return zarr.open_array(store, path=path, mode="r")
+    except (NodeNotFoundError, *ZARR_ERRORS) as err:
+        raise VolumeError(f"{vp}: not a readable zarr array (level {level!r} of an OME-Zarr image: "
+                          f"{type(err).__name__}: {err})") from err
+
+
+def resolution(vp: VolumePath) -> Resolution | None:
+    """The voxel size of the array ``vp`` means, from the OME-Zarr metadata of the image holding it (None: none)."""
+    with _reading(vp):
+        z = _array(vp)
+        parent, _, name = z.path.rpartition("/")
+        if not name:  # an array at the store's root is in no image
+            return None
+        group = zarr.open_group(LocalStore(vp.file, read_only=True), path=parent, mode="r")
+        return resolution_of(group.attrs.asdict(), name)
 
 
 def _checked(z: zarr.Array[Any], vp: VolumePath) -> zarr.Array[Any]:
@@ -122,13 +163,14 @@ def open(vp: VolumePath, chunks: Chunks) -> da.Array:  # noqa: A001 - the backen
 
 def create(vp: VolumePath, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
            overwrite: bool) -> zarr.Array[Any]:
-    """Create a zero-filled v3 array; ``chunks`` None lets zarr choose."""
-    disk_chunks: tuple[int, ...] | Literal["auto"] = storage_chunks(chunks, shape, vp) or "auto"
+    """Create a zero-filled OME-Zarr image at ``vp`` (voxel size unknown: scale 1) and return its level-0 array;
+    ``chunks`` None lets zarr choose."""
+    disk_chunks = storage_chunks(chunks, shape, vp)
     if not overwrite and _node_exists(vp):
         raise exists_error(vp, "array")
     try:
-        return zarr.create_array(LocalStore(vp.file), name=vp.key, shape=shape, dtype=dtype, chunks=disk_chunks,
-                                 fill_value=0, overwrite=overwrite)
+        create_image(vp.file, vp.key or "", shape, disk_chunks, dtype, ImageMeta())
+        return zarr.open_array(LocalStore(vp.file), path=f"{vp.key}/0" if vp.key else "0", mode="r+")
     except BaseZarrError as err:
         raise VolumeError(f"{vp}: cannot create the array there ({err})") from err
 

@@ -329,30 +329,35 @@ def _run(direction: str, src: np.ndarray, dst: np.ndarray, shape: Triple, thread
         parallel_chunks(batch, threads, work)
 
 
-def rfft3(real: np.ndarray, threads: int = 1, count: bool = True) -> np.ndarray:
+def rfft3(real: np.ndarray, threads: int = 1, count: bool = True, out: np.ndarray | None = None) -> np.ndarray:
     """Real-to-complex FFT over the last three axes: ``(n, Z, Y, X)`` -> ``(n, Z, Y, X // 2 + 1)``.
 
     ``real`` must be float32/float64 and C-contiguous (use :func:`empty_aligned` for the fastest plans).
-    ``count``: add the ``n`` transforms to :func:`transform_counts`.
+    ``count``: add the ``n`` transforms to :func:`transform_counts`. ``out``: a C-contiguous array of the
+    spectrum's shape and dtype to write into (default: a new aligned one).
     """
     shape = (real.shape[1], real.shape[2], real.shape[3])
-    out = empty_aligned((real.shape[0], *spectrum_shape(shape)), complex_dtype(real.dtype))
+    if out is None:
+        out = empty_aligned((real.shape[0], *spectrum_shape(shape)), complex_dtype(real.dtype))
     _run("forward", np.ascontiguousarray(real), out, shape, threads)
     if count:
         count_transforms("forward", real.shape[0])
     return out
 
 
-def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1, count: bool = True) -> np.ndarray:
+def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1, count: bool = True,
+           out: np.ndarray | None = None) -> np.ndarray:
     """Unnormalised complex-to-real FFT: ``(n, Z, Y, X // 2 + 1)`` -> ``(n, Z, Y, X)``; DESTROYS ``spec``.
 
     The result is ``prod(shape)`` times the inverse DFT; callers fold the ``1 / prod(shape)`` into their crop.
+    ``out``: a C-contiguous real array to write into (default: a new aligned one).
     """
     shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     dtype = np.dtype(np.float32) if spec.dtype == np.complex64 else np.dtype(np.float64)
     if not spec.flags.c_contiguous:
         raise ValueError("irfft3 needs a C-contiguous spectrum")
-    out = empty_aligned((spec.shape[0], *shape3), dtype)
+    if out is None:
+        out = empty_aligned((spec.shape[0], *shape3), dtype)
     _run("inverse", spec, out, shape3, threads)
     if count:
         count_transforms("inverse", spec.shape[0])

@@ -47,6 +47,7 @@ __all__ = [
     "adapted_rand_error",
     "variation_of_information",
     "evaluate",
+    "evaluate_segmentation",
     "METRICS",
 ]
 
@@ -250,14 +251,47 @@ def evaluate(
             edge_mask[0] = 0
         perr = pixel_error(aff, affinity(gt), edge_mask, threshold)
         seg = segment_affinity_map(aff, threshold, dims)
+    return {"pixel_error": perr, **_segmentation_scores(seg, gt, dims, valid, fill)}
+
+
+def evaluate_segmentation(seg: Array, labels: Array, dims: Dims = "2d", mask: Array | None = None,
+                          fill: bool = True) -> dict[str, float]:
+    """Adapted Rand error (with precision and recall) and VOI split/merge of a segmentation ``seg`` (``(Z, Y, X)``
+    ids, 0 = boundary) against ``labels``, as :func:`evaluate` scores the segmentation it makes of a prediction.
+    In ``"2d"`` mode the ids of ``seg`` are made unique per z-slice too (a 3D object counts once per slice, as the
+    ground truth's). Returns a dict with the keys of ``METRICS`` but ``pixel_error``."""
+    _check_dims(dims)
+    lab = np.asarray(labels)
+    lab = lab[0] if lab.ndim == 4 and lab.shape[0] == 1 else lab
+    gt = gt_segmentation(lab, dims)
+    ids = _ids(as_zyx(seg, "segmentation"), "segmentation")
+    if ids.shape != gt.shape:
+        raise ShapeError(f"segmentation shape {ids.shape} does not match label shape {gt.shape}")
+    valid = None if mask is None else as_zyx(mask, "mask") > 0
+    if valid is not None and valid.shape != gt.shape:
+        raise ShapeError(f"mask shape {valid.shape} does not match label shape {gt.shape}")
+    return _segmentation_scores(_per_slice(ids) if dims == "2d" else ids, gt, dims, valid, fill)
+
+
+def _per_slice(ids: NDArray[np.int64]) -> NDArray[np.int64]:
+    """``ids`` renumbered so that no id occurs in two z-slices (0 stays 0)."""
+    _, small = np.unique(ids, return_inverse=True)  # 0 stays 0 when present: it is the smallest id
+    small = small.reshape(ids.shape).astype(np.int64) + (0 if np.any(ids == 0) else 1)
+    key = np.where(small != 0, np.arange(ids.shape[0])[:, None, None] * (int(small.max()) + 1) + small, 0)
+    _, inverse = np.unique(key, return_inverse=True)
+    out: NDArray[np.int64] = inverse.reshape(ids.shape).astype(np.int64) + (0 if np.any(key == 0) else 1)
+    return out
+
+
+def _segmentation_scores(seg: Array, gt: NDArray[np.int64], dims: Dims, valid: Array | None,
+                         fill: bool) -> dict[str, float]:
     if fill:
         seg = fill_boundary(seg, dims)
     if valid is not None:
         gt = np.where(valid, gt, 0)
     are, prec, rec = adapted_rand_error(seg, gt)
     split, merge = variation_of_information(seg, gt)
-    return {"pixel_error": perr, "rand_error": are, "rand_precision": prec, "rand_recall": rec,
-            "voi_split": split, "voi_merge": merge}
+    return {"rand_error": are, "rand_precision": prec, "rand_recall": rec, "voi_split": split, "voi_merge": merge}
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -1,23 +1,49 @@
-"""Phase-decomposed FFT convolution: a dilated convolution as independent undilated ones, one per phase."""
+"""Phase-decomposed, tiled FFT convolution: a dilated convolution as many small undilated ones.
+
+A convolution dilated by ``d`` on a dense volume is ``d_z d_y d_x`` independent undilated convolutions, one per
+phase (the voxels ``r + d q``). Each phase is cut further into overlapping tiles of one small FFT shape (overlap-
+save: a tile of ``T`` inputs gives ``T - k + 1`` valid outputs), so every tile of every phase shares one set of
+kernel spectra at that small shape: the spectra of a layer of 80 x 80 maps stay at tens or hundreds of megabytes
+whatever the block size, and a block's memory is its activations plus one group of tiles in flight.
+"""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import lru_cache
+from itertools import product
 
 import numpy as np
 
 from znn.types import Triple
 
-# Working memory of one group of phases in a phase-decomposed FFT convolution (input and output spectra).
-PHASE_GROUP_BYTES = 96 << 20
-# Frequencies per product chunk: its spectra (phases x maps x chunk, complex) stay in the core's L2 cache.
-_FREQ_CHUNK = 128
+# Working memory of one group of tiles (their real inputs, spectra, output spectra and real outputs). Large enough
+# that the per-frequency products run as matrix products of many rows (the kernel spectra are read once per group).
+PHASE_GROUP_BYTES = 512 << 20
+# Frequencies per product chunk: its spectra (tiles x maps x chunk, complex) stay in the core's cache.
+_FREQ_CHUNK = 64
+# FFTW's time per voxel of one single-map transform (forward and inverse averaged, float32, one core), per cube
+# side, measured on the development machine: powers of two, 10, 12, 14, 15 and 20 run at 1.1-1.3 ns per voxel,
+# other lengths two to three times slower. A tile takes one of these lengths; whole phases of other lengths cost
+# _FFT_NS_OTHER.
+_FFT_NS_PER_VOXEL = {8: 1.67, 10: 1.31, 12: 1.16, 14: 1.25, 15: 1.19, 16: 1.10, 18: 3.46, 20: 1.23, 24: 2.58,
+                     25: 2.17, 28: 2.59, 30: 2.71, 32: 1.26, 36: 2.40, 40: 2.03, 48: 2.03, 64: 2.63}
+_FFT_NS_OTHER = 3.5
+_TILE_LENGTHS = tuple(sorted(_FFT_NS_PER_VOXEL))
+# Seconds of one complex multiply-add of the per-frequency products of a group of tiles (one core, float32:
+# 50-60 GFLOP/s counted as 8 flops each, measured as above).
+_MAC_SECONDS = 8.0 / 55e9
+# Seconds per value moved through memory: each tile's inputs gathered and valid outputs scattered, each output
+# spectrum value written by the products (what makes layers of one input map cheaper direct than by FFT).
+_MOVE_SECONDS = 1.0e-9
+# Default bound on the kernel spectra of one layer: the spectra of every FFT layer are kept for all blocks.
+SPECTRA_CAP_BYTES = 256 << 20
 
 
 def phase_shape(extent: Sequence[int], kernel: Sequence[int], dilation: Sequence[int]) -> Triple:
-    """FFT shape of the phases of a dilated convolution over ``extent``: each phase is ``ceil(extent / d)`` long."""
+    """FFT shape of whole phases of a dilated convolution over ``extent``: each phase is ``ceil(extent / d)``."""
     from znn.ops.fft import fast_len
 
     z, y, x = (fast_len(-(-int(n) // int(d))) for n, d in zip(extent, dilation))
@@ -33,101 +59,214 @@ def phase_kernel_spectra(w: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(full).reshape(-1, w.shape[0], w.shape[1])
 
 
+def _triple(values: Sequence[int]) -> Triple:
+    return (int(values[0]), int(values[1]), int(values[2]))
+
+
 @dataclass(frozen=True)
-class _Phases:
-    """The shapes of one phase-decomposed convolution of ``(in, n...)`` by ``(in, out, k...)`` dilated by ``d``."""
+class _Axis:
+    """One axis of a tiled phase convolution: the (input slice, output slice) of each tile of each phase."""
+
+    tiles: tuple[tuple[slice, int, slice, int], ...]  # (input slice, its length, output slice, its length)
+
+    @classmethod
+    def of(cls, n: int, k: int, d: int, length: int) -> _Axis:
+        out = n - (k - 1) * d
+        step = length - k + 1
+        longest = -(-n // d) - k + 1  # valid outputs of the longest phase
+        found = []
+        for r in range(d):
+            for q0 in range(0, longest, step):
+                a, b = r + d * q0, min(n, r + d * (q0 + length))
+                c, e = r + d * q0, min(out, r + d * (q0 + step))
+                if e > c:
+                    found.append((slice(a, b, d), len(range(a, b, d)), slice(c, e, d), len(range(c, e, d))))
+        return cls(tuple(found))
+
+
+@dataclass(frozen=True)
+class TileGeometry:
+    """The tiles of a phase-decomposed convolution of ``(in, n...)`` by ``(in, out, k...)`` dilated by ``d``, each
+    transformed at ``shape``."""
 
     n_in: int
     n_out: int
     kernel: Triple
     dilation: Triple
-    lengths: Triple  # each phase's extent: ceil(n / d)
-    shape: Triple  # the phases' FFT shape
-    low: Triple  # each phase's valid output: lengths - k + 1
-    out: Triple  # the valid output: n - (k - 1) d
-    padded: bool  # zeros where a phase is shorter than the FFT shape (past the end of x, or a padded fast length)
+    extent: Triple
+    shape: Triple
 
     @classmethod
-    def of(cls, extent: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int]) -> _Phases:
-        k = _triple(w_shape[2:])
-        d = _triple(dilation)
-        n = _triple(extent)
-        lengths = _triple([-(-a // c) for a, c in zip(n, d)])
-        shape = phase_shape(n, k, d)
-        padded = any(a * c != b for a, c, b in zip(lengths, d, n)) or shape != lengths
-        return cls(int(w_shape[0]), int(w_shape[1]), k, d, lengths, shape,
-                   _triple([a - b + 1 for a, b in zip(lengths, k)]),
-                   _triple([a - (b - 1) * c for a, b, c in zip(n, k, d)]), padded)
+    def of(cls, extent: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
+           tile: Sequence[int] | None = None) -> TileGeometry:
+        k, d, n = _triple(w_shape[2:]), _triple(dilation), _triple(extent)
+        shape = phase_shape(n, k, d) if tile is None else _triple(tile)
+        if any(t < kk for t, kk in zip(shape, k)):
+            raise ValueError(f"tile {shape} is smaller than the kernel {k}")
+        return cls(int(w_shape[0]), int(w_shape[1]), k, d, n, shape)
+
+    @property
+    def out(self) -> Triple:
+        return _triple([a - (b - 1) * c for a, b, c in zip(self.extent, self.kernel, self.dilation)])
+
+    @property
+    def freq(self) -> int:
+        return self.shape[0] * self.shape[1] * (self.shape[2] // 2 + 1)
+
+    def axes(self) -> list[_Axis]:
+        return [_Axis.of(n, k, d, t) for n, k, d, t in zip(self.extent, self.kernel, self.dilation, self.shape)]
+
+    def count(self) -> int:
+        """Tiles over all phases (as many as :meth:`axes` lists, counted without listing them)."""
+        total = 1
+        for n, k, d, t in zip(self.extent, self.kernel, self.dilation, self.shape):
+            out, step = n - (k - 1) * d, t - k + 1
+            # phase r has len(range(r, out, d)) valid outputs, cut into tiles of ``step``
+            total *= sum(-(-len(range(r, out, d)) // step) for r in range(min(d, out)))
+        return total
+
+    def item_bytes(self, itemsize: int) -> int:
+        """Working bytes of one tile in a group: its input and output spectra."""
+        return (self.n_in + self.n_out) * self.freq * 2 * itemsize
+
+    def thread_bytes(self, itemsize: int) -> int:
+        """Working bytes of each thread: the real buffers of one tile's inputs and outputs."""
+        return (self.n_in + self.n_out) * math.prod(self.shape) * itemsize
+
+    def spectra_bytes(self, itemsize: int) -> int:
+        """Bytes of the kernel spectra at the tile shape."""
+        return self.n_in * self.n_out * self.freq * 2 * itemsize
+
+    def group(self, itemsize: int, group_bytes: int = PHASE_GROUP_BYTES) -> int:
+        """Tiles transformed and multiplied together."""
+        return max(1, min(self.count(), group_bytes // max(1, self.item_bytes(itemsize))))
+
+    def seconds(self, cached: bool = True) -> float:
+        """Modelled seconds on one core: transforms of every tile's inputs and outputs, the per-frequency
+        products and (without the cache) making the kernel spectra."""
+        vox = math.prod(self.shape)
+        fft = vox * _fft_ns_per_voxel(self.shape) * 1e-9
+        valid = math.prod(t - k + 1 for t, k in zip(self.shape, self.kernel))
+        moved = self.n_in * vox + self.n_out * (valid + self.freq)
+        per_tile = ((self.n_in + self.n_out) * fft + self.n_in * self.n_out * self.freq * _MAC_SECONDS
+                    + moved * _MOVE_SECONDS)
+        seconds = self.count() * per_tile
+        if not cached:
+            seconds += self.n_in * self.n_out * fft
+        return seconds
 
 
-def _triple(values: Sequence[int]) -> Triple:
-    return (int(values[0]), int(values[1]), int(values[2]))
+def _fft_ns_per_voxel(shape: Triple) -> float:
+    """Modelled FFTW time per voxel of one transform of ``shape``: that of its slowest side longer than 1."""
+    sides = [n for n in shape if n > 1]
+    return max((_FFT_NS_PER_VOXEL.get(n, _FFT_NS_OTHER) for n in sides), default=_FFT_NS_PER_VOXEL[8])
+
+
+def choose_tile(extent: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
+                spectra_cap: int = SPECTRA_CAP_BYTES, itemsize: int = 4) -> Triple:
+    """The tile shape with the least modelled time whose kernel spectra fit ``spectra_cap`` bytes (the whole phase
+    when that is cheapest and fits; the smallest tile that holds the kernel when nothing fits). Tiles are cubes
+    clipped to the whole phase, so a short axis (a 2D network's z) keeps its whole length."""
+    return _choose_tile(_triple(extent), tuple(int(v) for v in w_shape), _triple(dilation), int(spectra_cap),
+                        int(itemsize))
+
+
+@lru_cache(maxsize=4096)
+def _choose_tile(extent: Triple, w_shape: tuple[int, ...], dilation: Triple, spectra_cap: int,
+                 itemsize: int) -> Triple:
+    k = _triple(w_shape[2:])
+    whole = phase_shape(extent, k, dilation)
+    shapes = {whole} | {_triple([max(kk, min(t, w)) for kk, w in zip(k, whole)]) for t in _TILE_LENGTHS}
+    best: tuple[float, Triple] | None = None
+    smallest: tuple[int, Triple] | None = None
+    for shape in sorted(shapes):
+        geometry = TileGeometry.of(extent, w_shape, dilation, shape)
+        size = geometry.spectra_bytes(itemsize)
+        if smallest is None or size < smallest[0]:
+            smallest = (size, geometry.shape)
+        if size > spectra_cap:
+            continue
+        seconds = geometry.seconds()
+        if best is None or seconds < best[0]:
+            best = (seconds, geometry.shape)
+    if best is not None:
+        return best[1]
+    assert smallest is not None
+    return smallest[1]
 
 
 def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np.ndarray | None = None,
-                   group_bytes: int = PHASE_GROUP_BYTES, threads: int = 1) -> np.ndarray:
-    """Valid true convolution ``(in, z, y, x) * (in, out, k...)`` dilated by ``dilation``, through FFTs of its phases.
+                   group_bytes: int = PHASE_GROUP_BYTES, threads: int = 1,
+                   tile: Sequence[int] | None = None) -> np.ndarray:
+    """Valid true convolution ``(in, z, y, x) * (in, out, k...)`` dilated by ``dilation``, through FFTs of tiles of
+    its phases.
 
-    A convolution dilated by ``d`` on a dense volume is ``d_z d_y d_x`` independent undilated convolutions, one per
-    phase (the voxels ``r + d q``). The phases share the kernel spectra of one small FFT shape (so they can be
-    cached where the full-size ones would not fit), and per frequency the sum over input maps of a group of phases
-    is one matrix product ``(phases x in) @ (in x out)``. ``wf`` are :func:`phase_kernel_spectra` (computed here if
-    not given). ``threads`` split the transforms and the products. ``x`` may be any view (a crop of a larger map).
-
-    Each phase is read from ``x`` straight into the FFT buffer and each phase's output written straight into its
-    interleaved place in the result: a block's activations are tens of megabytes, and every extra copy is memory
-    traffic that workers on the other cores of the machine compete for.
+    ``tile``: the FFT shape of each tile (None: each whole phase is one tile). ``wf`` are
+    :func:`phase_kernel_spectra` at that shape (computed here if not given). Per frequency the sum over input maps
+    of a group of tiles is one matrix product ``(tiles x in) @ (in x out)``. ``threads`` split the transforms, the
+    products and the copies. ``x`` may be any view (a crop of a larger map): each tile is read from it straight
+    into the FFT buffer, and each tile's valid output written straight into its interleaved place in the result.
     """
-    p = _Phases.of(x.shape[1:], w.shape, dilation)
+    geometry = TileGeometry.of(x.shape[1:], w.shape, dilation, tile)
     if wf is None:
-        wf = phase_kernel_spectra(w, p.shape)
+        wf = phase_kernel_spectra(w, geometry.shape)
+    if wf.shape != (geometry.freq, geometry.n_in, geometry.n_out):
+        raise ValueError(f"kernel spectra {wf.shape} do not match tiles {geometry.shape} of kernels {w.shape}")
     dtype = np.dtype(np.float32) if x.dtype == np.float32 else np.dtype(np.float64)
-    d, low, m = p.dilation, p.low, p.out
-    per_phase = (p.n_in + p.n_out) * wf.shape[0] * np.dtype(wf.dtype).itemsize * 2
-    count = d[0] * d[1] * d[2]
-    group = max(1, min(count, group_bytes // max(1, per_phase)))
-    # the output voxel (o, z d0 + r0, y d1 + r1, x d2 + r2) is voxel (z, y, x) of phase (r0, r1, r2)
-    full = np.empty((p.n_out, low[0], d[0], low[1], d[1], low[2], d[2]), dtype=dtype)
-    index = list(np.ndindex(*d))
-    for g0 in range(0, count, group):
-        _phase_group(x, wf, index[g0:g0 + group], p, full, threads)
-    result = full.reshape(p.n_out, low[0] * d[0], low[1] * d[1], low[2] * d[2])
-    if result.shape[1:] != m:
-        result = np.ascontiguousarray(result[:, :m[0], :m[1], :m[2]])
-    return result
+    out = np.empty((geometry.n_out, *geometry.out), dtype=dtype)
+    items = list(product(*(axis.tiles for axis in geometry.axes())))
+    group = geometry.group(dtype.itemsize, group_bytes)
+    for g0 in range(0, len(items), group):
+        _tile_group(x, wf, items[g0:g0 + group], geometry, out, threads)
+    return out
 
 
-def _phase_group(x: np.ndarray, wf: np.ndarray, chosen: Sequence[tuple[int, ...]], p: _Phases, full: np.ndarray,
-                 threads: int) -> None:
-    """Convolve the phases ``chosen`` of ``x`` and write each one's output into its interleaved place in ``full``."""
-    from znn.ops import conv_fft
-    from znn.ops.fft import complex_dtype, empty_aligned, irfft3, parallel_chunks, rfft3
+def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[tuple[tuple[slice, int, slice, int], ...]],
+                g: TileGeometry, out: np.ndarray, threads: int) -> None:
+    """Convolve the tiles ``items`` of ``x`` and write each one's valid output into its place in ``out``.
 
-    dtype, shape, n_in, n_out, freq = full.dtype, p.shape, p.n_in, p.n_out, wf.shape[0]
-    real = empty_aligned((len(chosen), n_in, *shape), dtype)
-    if p.padded:
-        real.fill(0)
-    for j, r in enumerate(chosen):
-        phase = x[:, r[0]::p.dilation[0], r[1]::p.dilation[1], r[2]::p.dilation[2]]
-        real[j, :, :phase.shape[1], :phase.shape[2], :phase.shape[3]] = phase
-    spec = rfft3(real.reshape(len(chosen) * n_in, *shape), threads)
-    maps_first = empty_aligned((len(chosen) * n_out, *spec.shape[1:]), complex_dtype(dtype))
-    xs, ys = spec.reshape(len(chosen) * n_in, freq), maps_first.reshape(len(chosen) * n_out, freq)
+    Each thread transforms whole tiles through its own small real buffer (the FFTW plan of one tile's maps is
+    made once and reused for every tile), so only the group's spectra are large."""
+    from znn.ops.fft import complex_dtype, empty_aligned, irfft3, parallel_chunks, rfft3, spectrum_shape
+
+    dtype, shape, n_in, n_out, freq = out.dtype, g.shape, g.n_in, g.n_out, g.freq
+    half = spectrum_shape(shape)
+    count = len(items)
+    spec_in = empty_aligned((count, n_in, freq), complex_dtype(dtype))
+    spec_out = empty_aligned((count, n_out, freq), complex_dtype(dtype))
+
+    def transform_in(lo: int, hi: int) -> None:
+        real = empty_aligned((n_in, *shape), dtype)
+        for j in range(lo, hi):
+            (sz, lz, _, _), (sy, ly, _, _), (sx, lx, _, _) = items[j]
+            if (lz, ly, lx) != shape:
+                real.fill(0)
+            real[:, :lz, :ly, :lx] = x[:, sz, sy, sx]
+            rfft3(real, 1, out=spec_in[j].reshape(n_in, *half))
 
     def products(lo: int, hi: int) -> None:
-        # per frequency one (phases x in) @ (in x out) product; the spectra are maps-first, so each chunk of
+        # per frequency one (tiles x in) @ (in x out) product; the spectra are maps-first, so each chunk of
         # frequencies is turned frequency-major and back while it is in cache, not the whole arrays in memory
+        xs, ys = spec_in.reshape(count * n_in, freq), spec_out.reshape(count * n_out, freq)
+        if n_in == 1:  # an outer product per frequency: broadcast, no matrix products of inner size 1
+            np.multiply(spec_in[:, :, lo:hi], wf[lo:hi, 0, :].T[None], out=spec_out[:, :, lo:hi])
+            return
         for a in range(lo, hi, _FREQ_CHUNK):
             b = min(hi, a + _FREQ_CHUNK)
-            xc = np.ascontiguousarray(xs[:, a:b].T).reshape(b - a, len(chosen), n_in)
-            ys[:, a:b] = np.matmul(xc, wf[a:b]).reshape(b - a, len(chosen) * n_out).T
+            xc = np.ascontiguousarray(xs[:, a:b].T).reshape(b - a, count, n_in)
+            ys[:, a:b] = np.matmul(xc, wf[a:b]).reshape(b - a, count * n_out).T
 
+    off = tuple(k - 1 for k in g.kernel)  # the valid part of a circular convolution
+    scale = dtype.type(1.0 / math.prod(shape))  # FFTW's inverse is unnormalised
+
+    def transform_out(lo: int, hi: int) -> None:
+        real = empty_aligned((n_out, *shape), dtype)
+        for j in range(lo, hi):
+            (_, _, oz, mz), (_, _, oy, my), (_, _, ox, mx) = items[j]
+            irfft3(spec_out[j].reshape(n_out, *half), shape, 1, out=real)
+            valid = real[:, off[0]:off[0] + mz, off[1]:off[1] + my, off[2]:off[2] + mx]
+            np.multiply(valid, scale, out=out[:, oz, oy, ox])
+
+    parallel_chunks(count, threads, transform_in)
     parallel_chunks(freq, threads, products, _FREQ_CHUNK)
-    del spec
-    y = irfft3(maps_first, shape, threads).reshape(len(chosen), n_out, *shape)
-    offset = conv_fft.output_offset(p.kernel, (1, 1, 1))
-    low = p.low
-    scale = 1.0 / math.prod(shape)  # FFTW's inverse is unnormalised
-    for j, r in enumerate(chosen):
-        valid = y[j, :, offset[0]:offset[0] + low[0], offset[1]:offset[1] + low[1], offset[2]:offset[2] + low[2]]
-        np.multiply(valid, scale, out=full[:, :, r[0], :, r[1], :, r[2]])
+    parallel_chunks(count, threads, transform_out)

@@ -20,6 +20,9 @@ from znn.errors import ShapeError
 from znn.ops.pointwise import as_triple, check_volume
 from znn.types import Triple
 
+# Bytes of input maps one running maximum of :func:`max_filter_values` works on at a time.
+_MAX_FILTER_CHUNK_BYTES = 32 << 20
+
 __all__ = ["max_filter", "max_filter_backward", "max_pool", "max_pool_backward"]
 
 Array = NDArray[Any]
@@ -142,7 +145,20 @@ def max_pool_backward(grad_y: Array, argmax: IndexArray, in_shape: Sequence[int]
 
 def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
     """The values of :func:`znn.ops.pooling.max_filter` (no winner indices: inference needs none), one running
-    maximum over views per axis."""
+    maximum over views per axis, a few maps at a time straight into the result (so a block's pooling holds its
+    input, its output and a few maps' temporaries, not three volumes of all maps)."""
+    if all(int(w) == 1 for w in size):
+        return np.ascontiguousarray(x)
+    out_shape = [x.shape[0]] + [n - (int(w) - 1) * int(d) for n, w, d in zip(x.shape[1:], size, dilation)]
+    out = np.empty(out_shape, dtype=x.dtype)
+    per_map = max(1, x[:1].nbytes)
+    step = max(1, _MAX_FILTER_CHUNK_BYTES // per_map)
+    for c0 in range(0, x.shape[0], step):
+        out[c0:c0 + step] = _max_values(x[c0:c0 + step], size, dilation)
+    return out
+
+
+def _max_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
     y = x
     for axis in (1, 2, 3):
         w, d = int(size[axis - 1]), int(dilation[axis - 1])
@@ -159,4 +175,4 @@ def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int
         for t in range(1, w):
             np.maximum(out, part(t), out=out)
         y = out
-    return np.ascontiguousarray(y)
+    return y

@@ -1,6 +1,6 @@
 """The resume manifest of a dense-inference output store: which output blocks are finished, for which model.
 
-Layout inside the output store (a zarr directory), next to the arrays::
+Layout inside the output store (a zarr directory), next to the output images::
 
     out_sample1.zarr/
       znn-manifest/

@@ -29,7 +29,7 @@ from typing import Any
 
 from znn.errors import ShapeError
 from znn.ops import fft as fftops
-from znn.ops.phase import phase_shape
+from znn.ops.phase import TileGeometry
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.spec import NetworkSpec
 from znn.text import format_bytes, format_table, parse_bytes, zyx
@@ -60,6 +60,8 @@ PER_BLOCK_OVERHEAD = 16 << 20
 RUN_OVERHEAD = 64 << 20
 # Bytes of gathered columns of one direct-convolution tile (znn.ops.conv._TILE_BYTES).
 DIRECT_TILE_BYTES = 48 << 20
+# Threads whose tile buffers the model counts per block (more threads hold a few megabytes more each).
+_TILE_THREADS = 4
 
 def process_rss() -> int:
     """Resident memory of this process now, in bytes (Linux /proc; 0 where unknown)."""
@@ -184,36 +186,40 @@ def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tupl
     return int(in_bytes + out_bytes), 0
 
 
-def _phase_geometry(plan: NetPlan, name: str) -> tuple[int, Triple, Triple, int]:
-    """(phases, phase length, FFT shape, spectrum size) of a conv edge run by the phase evaluator."""
-    ep = plan.edges[name]
-    lengths = (-(-ep.need[0] // ep.dilation[0]), -(-ep.need[1] // ep.dilation[1]), -(-ep.need[2] // ep.dilation[2]))
-    shape = phase_shape(ep.need, plan.spec.edges[name].size, ep.dilation)  # what phase_conv_fft transforms
-    return math.prod(ep.dilation), lengths, shape, _vox(fftops.spectrum_shape(shape))
+def _tiles(plan: NetPlan, itemsize: int) -> dict[str, TileGeometry]:
+    from znn.pipeline.forward.phases import fft_tiles
+
+    return fft_tiles(plan, itemsize)
 
 
 def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tuple[int, int]:
-    """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.forward.phases.PhaseForward`."""
-    from znn.ops.phase import PHASE_GROUP_BYTES
+    """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.forward.phases.PhaseForward`,
+    its output included: an FFT conv holds its output, one group of tiles' spectra and each thread's tile buffers
+    (the input is read in place); a max filter its output and a few maps' running maxima."""
+    from znn.ops.pooling import _MAX_FILTER_CHUNK_BYTES
 
     ep, edge = plan.edges[name], plan.spec.edges[name]
-    n_in, n_out, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
+    _, _, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
     if edge.type == "conv" and ep.mode == "fft":
-        count, lengths, shape, freq = _phase_geometry(plan, name)
-        csize = 2 * itemsize
-        group = max(1, min(count, PHASE_GROUP_BYTES // max(1, (n_in + n_out) * freq * csize * 2)))
-        low = tuple(a - b + 1 for a, b in zip(lengths, edge.size))
-        per_phase = (n_in * (_vox(lengths) * itemsize + _vox(shape) * itemsize + 2 * freq * csize)
-                     + n_out * (2 * freq * csize + _vox(shape) * itemsize + _vox(low) * itemsize))
-        padded = n_in * math.prod(a * d for a, d in zip(lengths, ep.dilation)) * itemsize
-        kernels = n_in * n_out * freq * csize
-        work = 2 * in_bytes + padded + group * per_phase + 3 * count * n_out * _vox(low) * itemsize
-        return int(work + (0 if cached else 1.3 * kernels)), int(kernels)
+        tiles = _tiles(plan, itemsize)[name]
+        kernels = tiles.spectra_bytes(itemsize)
+        work = (out_bytes + tiles.group(itemsize) * tiles.item_bytes(itemsize)
+                + _TILE_THREADS * tiles.thread_bytes(itemsize))
+        return int(work + (0 if cached else kernels)), int(kernels)
     if edge.type == "conv":
         return _edge_working(plan, name, itemsize, cached)
     if edge.type == "max_filter":
-        return int(in_bytes + 2 * out_bytes), 0
+        return int(out_bytes + 3 * min(in_bytes, _MAX_FILTER_CHUNK_BYTES)), 0
     return _edge_working(plan, name, itemsize, cached)
+
+
+def _joining(spec: NetworkSpec, node: str, nbytes: int, evaluator: str) -> int:
+    """Bytes a node group holds beyond its edges' outputs while it joins them and applies its transfer: the phase
+    evaluator sums several outputs into a new array and biases and transfers in place; the graph's tasks make a
+    new array for each step."""
+    if evaluator != "phases":
+        return 2 * nbytes
+    return nbytes if len(spec.incoming[node]) > 1 else 0
 
 
 def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping[str, str] = "fft",
@@ -247,7 +253,7 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
             cache += k if plan.edges[e].mode == "fft" and spec.edges[e].type == "conv" else 0
             work = max(work, edge_outputs + w)
             edge_outputs += node_bytes[node]
-        here = sum(live.values()) + max(work, edge_outputs + 2 * node_bytes[node])
+        here = sum(live.values()) + max(work, edge_outputs + _joining(spec, node, node_bytes[node], evaluator))
         layers[node] = here
         if here > peak:
             peak, peak_at = here, node
@@ -269,14 +275,9 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
 
 
 # -------------------------------------------------------------------------------------------------- modes
-# Speeds of this project's kernels on one core, measured on the development machine (n337 layers, 80 maps):
-# direct convolution (GFLOP/s), FFTW transforms (GFLOP/s at 2.5 N log2 N flops), the per-frequency products of
-# the phase evaluator (complex GFLOP/s, 8 flops per multiply-add; one phase: matrix-vector, slower), and making
-# kernel spectra (bytes of spectra per second).
+# Speed of the direct convolution on one core (GFLOP/s), measured on the development machine (n337 layers, 80
+# maps); the FFT convolution's model is its tiles' (:meth:`znn.ops.phase.TileGeometry.seconds`).
 _DIRECT_GFLOPS = 20.0
-_FFT_GFLOPS = 2.5
-_MAC_GFLOPS = {1: 3.0, 8: 8.0}
-_KSPEC_BYTES_PER_S = 1.0e9
 
 
 def _seconds(plan: NetPlan, name: str, spectra_cache: bool) -> tuple[float, float]:
@@ -285,12 +286,7 @@ def _seconds(plan: NetPlan, name: str, spectra_cache: bool) -> tuple[float, floa
     edge = spec.edges[name]
     n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
     direct = 2.0 * n_in * n_out * math.prod(edge.size) * _vox(ep.out_extent) / (_DIRECT_GFLOPS * 1e9)
-    count, _, shape, freq = _phase_geometry(plan, name)
-    voxels = _vox(shape)
-    transforms = count * (n_in + n_out) * 2.5 * voxels * math.log2(max(2, voxels)) / (_FFT_GFLOPS * 1e9)
-    mac = 8.0 * count * n_in * n_out * freq / (_MAC_GFLOPS[1 if count == 1 else 8] * 1e9)
-    kernels = 0.0 if spectra_cache else 8.0 * n_in * n_out * freq / _KSPEC_BYTES_PER_S
-    return direct, transforms + mac + kernels
+    return direct, _tiles(plan, 4)[name].seconds(spectra_cache)
 
 
 def choose_modes(spec: NetworkSpec, outsz: Sequence[int], spectra_cache: bool = True) -> dict[str, str]:

@@ -111,6 +111,19 @@ class DensePlan:
     def outsz(self) -> Triple:
         return self.block.outsz
 
+    @property
+    def origin(self) -> tuple[float, float, float]:
+        """Where output voxel 0 lies in the first input's file, in its voxels: the start of the input's z range, plus
+        the centre of the field of view (``(fov - 1) // 2``) for a valid-only output (a mirrored one starts with its
+        input)."""
+        from znn.io.volume import parse_volume_path
+
+        path = next(iter(self.files.values()))[0].path
+        zrange = None if "://" in path else parse_volume_path(path).zrange
+        first = float(zrange[0] or 0) if zrange else 0.0
+        half = (0, 0, 0) if self.mirror else tuple((f - 1) // 2 for f in self.fov)
+        return first + half[0], float(half[1]), float(half[2])
+
 
 def plan_dense(net: Network, inputs: Mapping[str, Sequence[InputFile | str]], options: DenseOptions) -> DensePlan:
     """The plan of running ``net`` densely over ``inputs`` (files per network input node) with ``options``."""

@@ -10,11 +10,17 @@ at the border, and writes only its own part). Each block is one dask task that
 2. runs the network's forward graph in-process on one thread (single-threaded kernels), taking the kernel spectra
    from a per-process :class:`~znn.pipeline.graph.cache.SpectraCache` shared by every block (or recomputing them per block
    when the memory plan says they do not fit);
-3. applies the output transform (softmax or sigmoid over channels) and writes its region into the zarr output,
-   whose chunks are the output blocks (no two tasks write one chunk), then marks the block done in the manifest
-   (:mod:`znn.pipeline.dense.manifest`) and saves the FFT plans its process made so far to the per-user wisdom
-   cache (:mod:`znn.ops.wisdom`; nothing to do once a process plans nothing new). Chunks are written atomically (:class:`~znn.io.atomic_store.AtomicLocalStore`:
+3. applies the output transform (softmax or sigmoid over channels) and writes its region into the output image's
+   full-resolution array, whose chunks are the output blocks (no two tasks write one chunk), then marks the block
+   done in the manifest (:mod:`znn.pipeline.dense.manifest`) and saves the FFT plans its process made so far to the
+   per-user wisdom cache (:mod:`znn.ops.wisdom`; nothing to do once a process plans nothing new). Chunks are
+   written atomically (:class:`~znn.io.atomic_store.AtomicLocalStore`:
    a temporary file renamed into place), so a worker killed mid-write never leaves a half-written chunk.
+
+Each output is an OME-Zarr image (:mod:`znn.io.ngff`: axes, voxel size, where it lies in the input, provenance);
+with ``pyramid`` its downsampled levels are made after every block is written, block by block on the same runner
+(mean of each window). Every run rewrites the outputs' metadata and drops the levels of an earlier run (level 0 may
+have changed under them), then makes its own.
 
 The run is planned beforehand, once (:func:`~znn.pipeline.dense.plan.plan_dense`: output block, conv modes,
 spectra cache, memory, block grid); :func:`infer_volume` takes that plan in a :class:`DenseRequest` and runs it on
@@ -29,7 +35,8 @@ memory: memory is bounded by the block size times the blocks in flight, never by
 
 Output layout (``<prefix>`` is the job's ``output_prefix``)::
 
-    <prefix>_sample<id>_output.zarr/<node>     float32 (maps, z, y, x), one array per network output node group
+    <prefix>_sample<id>_output.zarr/<node>     an OME-Zarr image per network output node group: <node>/0 float32
+                                               (maps, z, y, x) full resolution, <node>/1, ... the pyramid
     <prefix>_sample<id>_output.zarr/znn-manifest/{run.json, done/<i>_<j>_<k>}
     <prefix>_sample<id>_output.zarr.lock       the run lock (:mod:`znn.io.locks`: one run per store; the holder's
                                                pid, host and start time in ``.lock.json`` while it runs)
@@ -55,10 +62,13 @@ from znn.errors import ConfigError
 from znn.io.locks import RunLock, lock_beside
 from znn.io.stores import (
     ArrayLayout,
+    ImageMeta,
     arrays_match,
     check_output_store,
     clear_partial,
     create_arrays,
+    update_metadata,
+    write_pyramid,
     write_region,
 )
 from znn.network import Network
@@ -94,8 +104,10 @@ class DenseRequest:
     the output ``transform`` (``none``/``softmax``/``sigmoid``: resolve ``auto`` with
     :func:`~znn.pipeline.dense.outputs.resolve_transform`), where blocks run (``scheduler``: ``threads``,
     ``synchronous``, ``local``, an address, or a :class:`~znn.pipeline.run.schedulers.Runner`, which stays open;
-    ``num_threads`` for a runner made here), ``progress`` (a bool or a :data:`ProgressFactory`), and ``fresh``
-    (redo blocks finished earlier with the same model and settings, which are skipped otherwise)."""
+    ``num_threads`` for a runner made here), ``progress`` (a bool or a :data:`ProgressFactory`), ``fresh``
+    (redo blocks finished earlier with the same model and settings, which are skipped otherwise), ``image`` (the
+    outputs' voxel size and provenance; their origin comes from the plan) and ``pyramid`` (downsampled levels to
+    make: 0 none, a count, or ``auto``: until a level is small, see :func:`~znn.io.ngff.pyramid_factors`)."""
 
     plan: DensePlan
     store: str | Path
@@ -104,6 +116,8 @@ class DenseRequest:
     num_threads: int = 0
     progress: bool | ProgressFactory = True
     fresh: bool = False
+    image: ImageMeta = field(default_factory=ImageMeta)
+    pyramid: int | str = 0
 
 
 @dataclass
@@ -182,6 +196,7 @@ class InferenceResult:
     spectra_cache: bool
     modes: Any
     stats: list[dict[str, Any]] = field(default_factory=list)
+    pyramid: dict[str, list[str]] = field(default_factory=dict)  # output node -> volume paths of levels 1, 2, ...
 
     @property
     def voxels_per_second(self) -> float:
@@ -203,14 +218,17 @@ def _model_settings(net: Network, sources: Mapping[str, list[Source]], mirror: b
             "mirror": mirror, "transform": transform, "dtype": dtype}
 
 
-def _prepare_store(store: Path, layouts: Mapping[str, ArrayLayout], dtype: str, manifest: Manifest) -> dict[str, str]:
-    """The output arrays (chunks = output blocks), created unless the store already holds them with this layout;
-    creating them forgets every finished block first, so no marker outlives its chunk."""
+def _prepare_store(store: Path, layouts: Mapping[str, ArrayLayout], dtype: str, manifest: Manifest,
+                   meta: ImageMeta) -> dict[str, str]:
+    """The output images (level-0 chunks = output blocks), created unless the store already holds them with this
+    layout (then only their metadata is rewritten, and the pyramid of an earlier run dropped); creating them forgets
+    every finished block first, so no marker outlives its chunk."""
     clear_partial(store)  # temporary files of writers killed mid-write in an earlier run
     if manifest.layout_matches() and arrays_match(store, layouts):
+        update_metadata(store, list(layouts), meta)
         return {n: f"{store}/{n}" for n in layouts}
     manifest.reset()
-    return create_arrays(store, layouts, dtype)
+    return create_arrays(store, layouts, dtype, meta)
 
 
 @dataclass
@@ -231,12 +249,13 @@ def _prepare(request: DenseRequest) -> _Prepared:
     settings = _model_settings(net, sources, plan.mirror, request.transform, dtype)
     digest = digest_of(settings)
     outputs = {n: net.spec.nodes[n].size for n in net.spec.outputs}
-    layout = digest_of({"outputs": outputs, "shape": plan.out_shape, "patch": outsz, "dtype": dtype})
+    layout = digest_of({"outputs": outputs, "shape": plan.out_shape, "patch": outsz, "dtype": dtype,
+                        "format": "ome-zarr 0.5"})
     manifest = Manifest(store, digest, layout)
     if request.fresh:
         manifest.reset()
     layouts = {n: ArrayLayout((maps, *plan.out_shape), (maps, *outsz)) for n, maps in outputs.items()}
-    arrays = _prepare_store(store, layouts, dtype, manifest)
+    arrays = _prepare_store(store, layouts, dtype, manifest, replace(request.image, origin=plan.origin))
     manifest.begin({"out_shape": plan.out_shape, "outsz": outsz, "mirror": plan.mirror,
                     "transform": request.transform, "weights": settings["weights"],
                     "inputs": {n: [s.path for s in v] for n, v in sources.items()}})
@@ -291,27 +310,50 @@ def _infer_locked(request: DenseRequest) -> InferenceResult:
              plan.outsz, skipped, len(todo))
     scheduler = request.scheduler
     runner = scheduler if isinstance(scheduler, Runner) else make_runner(scheduler, request.num_threads)
-    reporter = _reporter(request, runner, skipped)
     stats: list[dict[str, Any]] = []
+    t0 = time.perf_counter()
+    try:
+        _run_blocks(prepared.ctx, todo, runner, _reporter(request, runner, skipped), stats)
+        seconds = time.perf_counter() - t0  # the blocks' time: the pyramid is not inference
+        pyramid = _pyramid(request, prepared.ctx, runner)
+    finally:
+        if not isinstance(scheduler, Runner):
+            runner.close()
+    voxels = sum(int(np.prod([b - a for a, b in zip(lo, hi)])) for _, _, lo, hi in todo)
+    return InferenceResult(Path(request.store), prepared.arrays, plan.out_shape, plan.outsz, len(plan.grid),
+                           skipped, len(todo), seconds, voxels, request.transform, plan.block.spectra_cache,
+                           plan.block.modes, stats, pyramid)
+
+
+def _run_blocks(ctx: _Context, todo: list[Block], runner: Runner, reporter: Reporter,
+                stats: list[dict[str, Any]]) -> None:
+    """Run the blocks ``todo`` on ``runner``, collecting each block's statistics into ``stats`` as it finishes."""
 
     def report(key: Any, result: dict[str, Any]) -> None:
         stats.append(result)
         reporter.update(1, voxels=result["voxels"])
 
-    t0 = time.perf_counter()
     try:
         if todo:
-            dsk, keys = _block_graph(prepared.ctx, todo)
-            runner.run(dsk, keys, report, threads_per_task=plan.block.block_threads)
+            dsk, keys = _block_graph(ctx, todo)
+            runner.run(dsk, keys, report, threads_per_task=ctx.block.block_threads)
     finally:
         reporter.close()
-        if not isinstance(scheduler, Runner):
-            runner.close()
-    seconds = time.perf_counter() - t0
-    voxels = sum(int(np.prod([b - a for a, b in zip(lo, hi)])) for _, _, lo, hi in todo)
-    return InferenceResult(Path(request.store), prepared.arrays, plan.out_shape, plan.outsz, len(plan.grid),
-                           skipped, len(todo), seconds, voxels, request.transform, plan.block.spectra_cache,
-                           plan.block.modes, stats)
+
+
+def _pyramid(request: DenseRequest, ctx: _Context, runner: Runner) -> dict[str, list[str]]:
+    """The downsampled levels of every output (``request.pyramid``), made once every block is written: one task
+    per chunk of a level, on ``runner``, each level from the one below."""
+    if not request.pyramid:
+        return {}
+    levels = None if request.pyramid == "auto" else int(request.pyramid)
+
+    def run(dsk: dict[Any, Any], keys: list[Any]) -> None:
+        runner.run(dsk, keys, lambda key, value: None)
+
+    made = {node: write_pyramid(ctx.store, node, levels, run=run) for node in ctx.outputs}
+    log.info("%s: pyramid of %d level(s) beyond full resolution", request.store, len(next(iter(made.values()))))
+    return made
 
 
 def _block_graph(ctx: _Context, todo: list[Block]) -> tuple[dict[Any, Any], list[Any]]:

@@ -51,8 +51,8 @@ log = logging.getLogger("znn.autotune")
 Timer = Callable[["LayerProblem", str], float]
 CACHE_VERSION = 1
 # The phase evaluator's revision: raise it when its kernels change, so timings stored for the old code are not
-# taken for the new (2: fewer copies in phase_conv_fft).
-PHASES_REVISION = 2
+# taken for the new (2: fewer copies in phase_conv_fft; 3: tiles of a small FFT shape).
+PHASES_REVISION = 3
 # After one timed run per mode, a mode this many times slower has lost: no need for more repetitions.
 _CLEAR_WIN = 2.0
 
@@ -267,18 +267,14 @@ def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: lis
 def _phase_forward(p: LayerProblem, x: np.ndarray, w: np.ndarray, mode: str) -> float:
     """What :class:`~znn.pipeline.forward.phases.PhaseForward` runs for this layer on one block."""
     from znn.ops import conv as convops
-    from znn.ops.phase import (
-        PHASE_GROUP_BYTES,
-        phase_conv_fft,
-        phase_kernel_spectra,
-        phase_shape,
-    )
+    from znn.ops.phase import PHASE_GROUP_BYTES, choose_tile, phase_conv_fft, phase_kernel_spectra
 
     if mode == "direct":
         return _timed(convops.conv_forward_direct, x, w, p.dilation, p.threads)[1]
-    wf = phase_kernel_spectra(w, phase_shape(p.in_extent, p.kernel, p.dilation)) if p.cached_spectra else None
+    tile = choose_tile(p.in_extent, w.shape, p.dilation, itemsize=x.dtype.itemsize)  # as the evaluator picks it
+    wf = phase_kernel_spectra(w, tile) if p.cached_spectra else None
     # without cached spectra it makes them: timed too
-    return _timed(phase_conv_fft, x, w, p.dilation, wf, PHASE_GROUP_BYTES, p.threads)[1]
+    return _timed(phase_conv_fft, x, w, p.dilation, wf, PHASE_GROUP_BYTES, p.threads, tile)[1]
 
 
 def wants_optimize(modes: str | Mapping[str, str]) -> bool:

@@ -10,7 +10,7 @@ import numpy as np
 from znn.network import Network
 from znn.ops import pointwise
 from znn.ops.conv import conv_forward_direct
-from znn.ops.phase import phase_conv_fft, phase_kernel_spectra, phase_shape
+from znn.ops.phase import SPECTRA_CAP_BYTES, TileGeometry, choose_tile, phase_conv_fft, phase_kernel_spectra
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.edges import OneToOne, one_to_one_forward
 from znn.pipeline.graph.plan import NetPlan, make_plan
@@ -20,8 +20,8 @@ from znn.types import Triple
 class PhaseForward:
     """Inference-only forward pass of one block, node group by node group on the calling thread.
 
-    Conv edges in ``fft`` mode run :func:`phase_conv_fft` with kernel spectra kept per edge (``spectra_cache``) or
-    made per block; ``direct`` edges run the BLAS direct convolution; the other edges run their one dispatch
+    Conv edges in ``fft`` mode run :func:`phase_conv_fft` over tiles of the shape :func:`fft_tiles` picks, with
+    kernel spectra at that shape kept per edge (``spectra_cache``) or made per block; ``direct`` edges run the BLAS direct convolution; the other edges run their one dispatch
     (:mod:`znn.pipeline.graph.edges`) in inference: max filters keep no winner indices. Extents, crops and
     dilations come from the same plan as the graph engine's, so the result is the same network.
     """
@@ -32,6 +32,7 @@ class PhaseForward:
         self.plan: NetPlan = make_plan(net.spec, outsz, modes)
         self.spectra_cache = spectra_cache
         self.threads = max(1, int(threads))
+        self.tiles = fft_tiles(self.plan, net.dtype.itemsize)
         self._kspec: dict[str, np.ndarray] = {}
         spec = self.plan.spec
         self._one_to_one = {name: OneToOne.of(edge, self.plan.edges[name].dilation)
@@ -42,21 +43,14 @@ class PhaseForward:
     def input_patch(self) -> dict[str, Triple]:
         return self.plan.layout.input_patch
 
-    def _shape(self, name: str) -> Triple:
-        ep = self.plan.edges[name]
-        return phase_shape(ep.need, self.plan.spec.edges[name].size, ep.dilation)
-
-    def _fft_edges(self) -> list[str]:
-        return [e for e in self.plan.spec.conv_edges() if self.plan.edges[e].mode == "fft"]
-
     def warm(self) -> None:
         """Make the kernel spectra of every FFT conv edge once (when caching)."""
         if not self.spectra_cache:
             return
         with self._lock:
-            for name in self._fft_edges():
+            for name, tile in self.tiles.items():
                 if name not in self._kspec:
-                    self._kspec[name] = phase_kernel_spectra(self.net.kernels[name], self._shape(name))
+                    self._kspec[name] = phase_kernel_spectra(self.net.kernels[name], tile.shape)
 
     @property
     def cache_nbytes(self) -> int:
@@ -98,8 +92,25 @@ class PhaseForward:
             return one_to_one_forward(op, x)[0]
         kernel = self.net.kernels[name]
         if ep.mode == "fft":  # reads its phases from the crop: no contiguous copy first
-            return phase_conv_fft(x, kernel, ep.dilation, self._kspec.get(name), threads=self.threads)
+            return phase_conv_fft(x, kernel, ep.dilation, self._kspec.get(name), threads=self.threads,
+                                  tile=self.tiles[name].shape)
         return conv_forward_direct(np.ascontiguousarray(x), kernel, ep.dilation, self.threads)
+
+
+def fft_tiles(plan: NetPlan, itemsize: int = 4, spectra_cap: int = SPECTRA_CAP_BYTES) -> dict[str, TileGeometry]:
+    """Per conv edge in ``fft`` mode of ``plan``, the tiles :func:`phase_conv_fft` runs it with (the shape of
+    :func:`~znn.ops.phase.choose_tile`): what :class:`PhaseForward` computes and the memory and speed models of
+    dense planning count."""
+    spec = plan.spec
+    tiles = {}
+    for name in spec.conv_edges():
+        ep, edge = plan.edges[name], spec.edges[name]
+        if ep.mode != "fft":
+            continue
+        w_shape = (spec.nodes[edge.input].size, spec.nodes[edge.output].size, *edge.size)
+        shape = choose_tile(ep.need, w_shape, ep.dilation, spectra_cap, itemsize)
+        tiles[name] = TileGeometry.of(ep.need, w_shape, ep.dilation, shape)
+    return tiles
 
 
 def _bias_and_transfer(y: np.ndarray, bias: np.ndarray, function: str, args: Sequence[float],

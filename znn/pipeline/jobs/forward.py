@@ -4,7 +4,13 @@ The job keys used: ``fnet_spec`` (optional check of the checkpoint), ``forward_n
 ``forward_range``, ``forward_outsz`` (z,y,x or ``auto``: the planner's pick), ``forward_conv_mode``,
 ``output_prefix``, ``output_format``, ``is_bd_mirror``, ``out_type``/``cost_fn`` (for ``--transform auto``),
 ``scheduler`` (``--scheduler`` overrides it; see :func:`~znn.pipeline.run.schedulers.resolve_scheduler`),
-``num_threads``, ``dtype``, ``spectra_cache``.
+``num_threads``, ``dtype``, ``spectra_cache``, ``resolution`` and ``pyramid`` (``--pyramid`` sets it).
+
+Every output is an OME-Zarr image (:mod:`znn.io.ngff`). Its voxel size is the ``resolution`` of the sample's first
+input ``[imageN]`` section, else the job's ``resolution``, else what the first input volume's own metadata says
+(an OME-Zarr scale, an h5 ``resolution``/``element_size_um`` attribute), else unknown (scale 1, no unit). Its
+``znn`` attribute records the network file and checkpoint (path, sha256), the job file, the sample, its inputs,
+the output transform and znn's version.
 """
 
 from __future__ import annotations
@@ -16,7 +22,9 @@ from typing import Any
 
 from znn.errors import ZnnFileNotFoundError
 from znn.io.config import Job
+from znn.io.specfile import VolumeSet
 from znn.io.locks import RunLock, lock_beside
+from znn.io.ngff import ImageMeta, Resolution, provenance
 from znn.io.paths import check_apart, check_writable
 from znn.io.stores import check_h5_export, check_output_store
 from znn.io.volume import parse_volume_path
@@ -41,7 +49,7 @@ from znn.pipeline.run.schedulers import Runner, cores, make_runner, resolve_sche
 from znn.types import Triple
 
 __all__ = ["load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup", "default_memory",
-           "check_forward_places"]
+           "check_forward_places", "output_resolution", "output_image"]
 
 
 def load_forward_network(job: Job) -> Network:
@@ -61,21 +69,46 @@ def load_forward_network(job: Job) -> Network:
     return load_checkpoint(path, spec, dtype=np.dtype(job.dtype))
 
 
-def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[InputFile]]:
-    """Input files of sample ``sample_id`` per network input node (the sample's keys name the nodes, ``input = 1``,
-    ``input-r = 2``, or number them ``input1, input2, ...`` in the network's order; see
-    :mod:`znn.io.sample_nodes`); errors name the spec file, section and key, and list the network's nodes."""
+def _sample_images(job: Job, net: Network, sample_id: int) -> dict[str, VolumeSet]:
+    """The ``[imageN]`` section feeding each network input node of sample ``sample_id``."""
     from znn.io.sample_nodes import bind_sample
     from znn.io.specfile import load_spec
 
     samples = load_spec(job.require("fdata_spec"))
     sample = bind_sample(samples, sample_id, net.spec)
+    return {node: samples.images[image_id] for node, image_id in zip(net.spec.inputs, sample.inputs)}
+
+
+def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[InputFile]]:
+    """Input files of sample ``sample_id`` per network input node (the sample's keys name the nodes, ``input = 1``,
+    ``input-r = 2``, or number them ``input1, input2, ...`` in the network's order; see
+    :mod:`znn.io.sample_nodes`); errors name the spec file, section and key, and list the network's nodes."""
     result: dict[str, list[InputFile]] = {}
-    for node, image_id in zip(net.spec.inputs, sample.inputs):
-        images = samples.images[image_id]
+    for node, images in _sample_images(job, net, sample_id).items():
         images.check_files()
         result[node] = [InputFile(str(f), pp) for f, pp in zip(images.fnames, images.pp_types)]
     return result
+
+
+def output_resolution(job: Job, net: Network, sample_id: int) -> Resolution | None:
+    """The voxel size of sample ``sample_id``'s outputs: its first input section's ``resolution``, else the job's,
+    else the first input volume's own (None: unknown)."""
+    from znn.io.volume import volume_resolution
+
+    first = next(iter(_sample_images(job, net, sample_id).values()))
+    found: Resolution | None = first.resolution or job.resolution
+    if found is None and first.fnames and "://" not in str(first.fnames[0]):
+        found = volume_resolution(first.fnames[0])
+    return found
+
+
+def output_image(job: Job, net: Network, sample_id: int, transform: str) -> ImageMeta:
+    """The OME-Zarr metadata of sample ``sample_id``'s outputs: voxel size and provenance (the dense run adds the
+    origin)."""
+    inputs = {node: [f.path for f in files] for node, files in sample_inputs(job, net, sample_id).items()}
+    made = provenance(network=job.fnet_spec, checkpoint=job.forward_net, job=job.path, sample=sample_id,
+                      inputs=inputs, transform=transform, dtype=job.dtype)
+    return ImageMeta(output_resolution(job, net, sample_id), provenance=made)
 
 
 def default_memory() -> int:
@@ -186,8 +219,9 @@ def _forward_sample(run: _ForwardRun, sample: int) -> InferenceResult:
         plan = plan_dense(run.net, sample_inputs(job, run.net, sample), run.options)
         if run.on_setup is not None:
             run.on_setup(ForwardSetup(sample, run.transform, plan))
+        image = output_image(job, run.net, sample, run.transform)
         result = infer_volume(DenseRequest(plan, store, run.transform, run.runner, job.num_threads, run.progress,
-                                           run.fresh))
+                                           run.fresh, image, job.pyramid))
         if job.output_format != "zarr":
             export_outputs(result, output_paths(prefix, sample, job.output_format, outputs))
     return result

@@ -1,12 +1,13 @@
-"""`znn run WORKFLOW.yaml` (a batch workflow of train, forward and evaluate steps) and `znn status WORKFLOW.yaml`.
+"""`znn run WORKFLOW.yaml` (a batch workflow of train, forward, segment and evaluate steps) and `znn status
+WORKFLOW.yaml`.
 
 The workflow file is described in :mod:`znn.pipeline.jobs.workflow`, its state file in
 :mod:`znn.pipeline.jobs.workflow_state`. A run checks the whole file first (every job file, every dependency), then
 runs the steps in dependency order. A step whose record says ``done`` with the same digest (its definition, its
 job files and the digests of the steps it needs) is skipped, provided the steps it needs were skipped too; every
 other step runs, which retries failed ones and finishes interrupted ones (training resumes from its checkpoint,
-dense inference from its manifest of finished blocks). A failed step blocks the steps that need it; the others go
-on, and the command ends with status 1 naming the failures.
+dense inference and segmentation from their manifests of finished blocks). A failed step blocks the steps that need
+it; the others go on, and the command ends with status 1 naming the failures.
 """
 
 from __future__ import annotations
@@ -180,6 +181,24 @@ def _forward(step: Step, scheduler: str | None, progress: bool, log: Log) -> Non
         log(f"{r.store}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run")
 
 
+def _method_settings(options: dict[str, Any]) -> dict[str, float]:
+    """The segmentation method's settings a step gives (the others take the method's defaults)."""
+    from znn.pipeline.jobs.workflow import METHOD_KEYS
+
+    return {key: options[key] for key in METHOD_KEYS if key in options}
+
+
+def _segment(step: Step, scheduler: str | None, progress: bool, log: Log) -> None:
+    from znn.ops.segment import Method
+    from znn.pipeline.jobs.segment import DEFAULT_BLOCK, DEFAULT_HALO, SegmentJob, segment_job
+
+    o = step.options  # the step is `znn segment PRED OUT` with the step's keys as its options
+    method = Method.of(o.get("type", "boundary"), o.get("dims"), o.get("nonboundary", False), **_method_settings(o))
+    r = segment_job(SegmentJob(o["pred"], o["out"], method, o.get("block", DEFAULT_BLOCK), o.get("halo", DEFAULT_HALO),
+                               scheduler, progress=progress))
+    log(f"{r.array}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run")
+
+
 def _evaluate(step: Step, scheduler: str | None, progress: bool, log: Log) -> None:
     from znn.pipeline.jobs.evaluate import EvaluateRequest, evaluate_files
 
@@ -187,11 +206,11 @@ def _evaluate(step: Step, scheduler: str | None, progress: bool, log: Log) -> No
     # The step is `znn evaluate PRED LABELS ... --json OUT` with the step's keys as its options.
     evaluate_files(EvaluateRequest(o["pred"], o["labels"], o.get("type", "boundary"), o.get("threshold", 0.5),
                                    o.get("dims"), o.get("mask"), o.get("nonboundary", False), o.get("crop", False),
-                                   o["out"]))
+                                   o["out"], o.get("segment", "threshold"), _method_settings(o)))
 
 
 RUNNERS: dict[str, Callable[[Step, str | None, bool, Log], None]] = {
-    "train": _train, "forward": _forward, "evaluate": _evaluate}
+    "train": _train, "forward": _forward, "segment": _segment, "evaluate": _evaluate}
 
 
 # ------------------------------------------------------------------------------------------------ the table

@@ -20,6 +20,11 @@ A workflow is a YAML mapping::
         labels: labels{sample}.tif
         out: out/scores{sample}.json
 
+A ``segment`` step is `znn segment PRED OUT` (keys ``pred``, ``out`` and the options: ``type``, ``dims``,
+``block``, ``halo`` as ``z,y,x``, ``seed_threshold``, ``min_size``, ``sigma``, ``merge_threshold``,
+``nonboundary``); an ``evaluate`` step may score its labels with ``type: segmentation``, or segment a prediction
+itself with ``segment: watershed`` (and the same method keys).
+
 Paths are relative to the workflow file. ``over`` lists the values of a fan-out: a scalar binds ``{item}``, a
 mapping binds its keys; ``{index}`` is the position. Placeholders are replaced in every text value of the step
 (also in ``needs`` and ``set``); nothing else in the file is interpreted. The file is read with a safe YAML
@@ -44,13 +49,15 @@ from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job
 from znn.io.files import existing_file
 from znn.io.paths import check_apart
 from znn.pipeline.dense.outputs import TRANSFORMS
-from znn.pipeline.jobs.evaluate import BOUNDARY_TYPES, SEGMENT_DIMS
+from znn.ops.segment import OUT_TYPES
+from znn.pipeline.jobs.evaluate import PRED_TYPES, SEGMENT_DIMS, SEGMENT_METHODS
 from znn.pipeline.run.schedulers import check_scheduler
 from znn.text import parse_bytes
+from znn.types import Triple
 
 __all__ = ["Step", "Workflow", "load_workflow", "KINDS"]
 
-KINDS = ("train", "forward", "evaluate")
+KINDS = ("train", "forward", "segment", "evaluate")
 TOP_KEYS = ("steps", "scheduler", "parallel")
 COMMON_KEYS = ("run", "needs", "over")
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -100,6 +107,29 @@ def _choice(*choices: str) -> Callable[[Any], str]:
     return check
 
 
+def _non_negative(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
+        raise ValueError("expected a finite number >= 0")
+    return float(value)
+
+
+def _triple(minimum: int) -> Callable[[Any], Triple]:
+    """``z,y,x`` (text or a list of three integers), each at least ``minimum``."""
+    def check(value: Any) -> Triple:
+        parts = value.replace(" ", "").split(",") if isinstance(value, str) else value
+        try:
+            if not isinstance(parts, list) or len(parts) != 3 or any(isinstance(p, (bool, float)) for p in parts):
+                raise ValueError
+            z, y, x = (int(p) for p in parts)
+        except (TypeError, ValueError):
+            raise ValueError(f"expected z,y,x: three integers >= {minimum}, like 8,32,32") from None
+        if min(z, y, x) < minimum:
+            raise ValueError(f"expected z,y,x: three integers >= {minimum}, like 8,32,32")
+        return z, y, x
+
+    return check
+
+
 def _memory(value: Any) -> int:
     try:
         return parse_bytes(value)
@@ -123,17 +153,26 @@ def _settings(value: Any) -> dict[str, str]:
     return out
 
 
+# The settings of the segmentation method (znn.ops.segment.Method), in segment and evaluate steps.
+METHOD_KEYS: dict[str, tuple[Callable[[Any], Any], bool]] = {
+    "seed_threshold": (_probability, False), "min_size": (_count, False), "sigma": (_non_negative, False),
+    "merge_threshold": (_probability, False)}
+
 # Per kind: key -> (checker, is a path relative to the workflow file). Required keys are listed separately.
 KEYS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
     "train": {"job": (_text, True), "set": (_settings, False), "seed": (_text, True), "max_iter": (_count, False),
               "minutes": (_positive, False)},
     "forward": {"job": (_text, True), "set": (_settings, False), "transform": (_choice(*TRANSFORMS), False),
                 "memory": (_memory, False)},
+    "segment": {"pred": (_text, True), "out": (_text, True), "type": (_choice(*OUT_TYPES), False),
+                "dims": (_choice(*SEGMENT_DIMS), False), "nonboundary": (_flag, False), "block": (_triple(1), False),
+                "halo": (_triple(0), False), **METHOD_KEYS},
     "evaluate": {"pred": (_text, True), "labels": (_text, True), "out": (_text, True), "mask": (_text, True),
-                 "type": (_choice(*BOUNDARY_TYPES), False), "threshold": (_probability, False),
-                 "dims": (_choice(*SEGMENT_DIMS), False), "nonboundary": (_flag, False), "crop": (_flag, False)},
+                 "type": (_choice(*PRED_TYPES), False), "threshold": (_probability, False),
+                 "dims": (_choice(*SEGMENT_DIMS), False), "nonboundary": (_flag, False), "crop": (_flag, False),
+                 "segment": (_choice(*SEGMENT_METHODS), False), **METHOD_KEYS},
 }
-REQUIRED = {"train": ("job",), "forward": ("job",), "evaluate": ("pred", "labels", "out")}
+REQUIRED = {"train": ("job",), "forward": ("job",), "segment": ("pred", "out"), "evaluate": ("pred", "labels", "out")}
 
 
 # --------------------------------------------------------------------------------------------- safe loading
@@ -288,11 +327,12 @@ def _expand(path: Path, name: str, body: Any, line: int) -> list[Step]:
     if not _NAME.fullmatch(name):
         raise WorkflowError(f"{at}: a step name is letters, digits, '_', '-' or '.' (fan-out adds [i])")
     if not isinstance(body, _Map):
-        raise WorkflowError(f"{at}: expected a mapping with `run:` (train, forward or evaluate) and its keys")
+        raise WorkflowError(f"{at}: expected a mapping with `run:` (train, forward, segment or evaluate) and its "
+                            "keys")
     kind = body.get("run")
     if kind not in KINDS:
         what = "has no `run:`" if kind is None else f"run {kind!r} is not a step kind; {closest(str(kind), KINDS)}"
-        raise WorkflowError(f"{at}: {what} (train, forward or evaluate)")
+        raise WorkflowError(f"{at}: {what} (train, forward, segment or evaluate)")
     allowed = (*COMMON_KEYS, *KEYS[kind])
     for key in body:
         if key not in allowed:
@@ -369,8 +409,8 @@ def _checked(path: Path, group: str, name: str, kind: str, definition: dict[str,
             raise WorkflowError(f"{where(path, lines[key])}: step {name!r}: {key} {definition[key]!r}: {exc}") \
                 from None
         options[key] = str(path.parent / value) if is_path else value
-    if kind == "evaluate":
-        _check_evaluate_apart(f"{where(path, lines['out'])}: step {name!r}", options)
+    if kind in ("evaluate", "segment"):
+        _check_apart(f"{where(path, lines['out'])}: step {name!r}", options)
     job = None
     if "job" in options:
         settings = {k: str(path.parent / v) if k in PATH_KEYS else v for k, v in options.get("set", {}).items()}
@@ -382,10 +422,12 @@ def _checked(path: Path, group: str, name: str, kind: str, definition: dict[str,
     return Step(name, group, kind, (), definition, options, job)
 
 
-def _check_evaluate_apart(at: str, options: Mapping[str, Any]) -> None:
-    """An evaluate step's ``out`` is none of the volumes it reads (found on loading, before any step runs)."""
+def _check_apart(at: str, options: Mapping[str, Any]) -> None:
+    """An evaluate or segment step's ``out`` is none of the volumes it reads (found on loading, before any step
+    runs)."""
     inputs = [(key, options[key]) for key in ("pred", "labels", "mask") if key in options]
-    check_apart([(f"{at}: out", options["out"])], inputs, "name another `out:` file for the scores")
+    what = "file for the scores" if "labels" in options else "zarr store for the labels"
+    check_apart([(f"{at}: out", options["out"])], inputs, f"name another `out:` {what}")
 
 
 def _resolve_needs(path: Path, step: Step, groups: Mapping[str, list[Step]], concrete: Mapping[str, Step],

@@ -1,0 +1,132 @@
+"""`znn evaluate` scoring a segmentation and segmenting a prediction by `znn segment`'s method (both reported), and
+the workflow step ``segment`` feeding an ``evaluate`` step."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tests.ops.test_segment import boundary_map, cells, edges
+from znn.cli import main
+from znn.errors import WorkflowError
+from znn.io.volume import read_volume, write_volume
+from znn.pipeline.jobs.evaluate import EvaluateRequest, evaluate_files
+from znn.pipeline.jobs.run_workflow import run_workflow
+from znn.pipeline.jobs.workflow import load_workflow
+
+
+def volumes(folder: Path) -> tuple[Path, Path]:
+    """A 2-channel boundary prediction of synthetic cells (ZNN's binary_class order) with gaps in its membranes,
+    and the cells' labels (0 on their boundaries)."""
+    labels = cells((3, 64, 64), 12, 5, flat=True)
+    prob = boundary_map(labels, 5, True)
+    prob[:, ::7, :] *= 0.3  # gaps: a threshold at 0.5 merges cells through them, the seeds do not
+    folder.mkdir(parents=True, exist_ok=True)
+    write_volume(folder / "pred.zarr", np.stack([1 - prob, prob]))
+    write_volume(folder / "labels.tif", np.where(edges(labels, True), 0, labels).astype(np.uint16))
+    return folder / "pred.zarr", folder / "labels.tif"
+
+
+def test_evaluate_segments_by_watershed_beside_the_threshold_and_scores_segmentations(tmp_path, capsys):
+    pred, labels = volumes(tmp_path)
+    assert main(["evaluate", str(pred), str(labels), "--segment", "watershed", "--seed-threshold", "0.3",
+                 "--json", str(tmp_path / "scores.json")]) == 0
+    out = capsys.readouterr().out
+    assert "threshold 0.5 / watershed (seed threshold 0.3, min size 30, sigma 1)" in out
+    assert out.splitlines()[1].split() == ["metric", "threshold", "watershed"]
+    record = json.loads((tmp_path / "scores.json").read_text())
+    assert record["watershed"]["seed_threshold"] == 0.3 and record["watershed"]["dims"] == "2d"
+    assert record["watershed"]["rand_error"] < 0.5 * record["rand_error"]  # the gaps merge thresholded cells
+    assert main(["segment", str(pred), str(tmp_path / "seg.zarr"), "--seed-threshold", "0.3", "--block", "3,32,32",
+                 "--halo", "0,24,24", "--quiet"]) == 0
+    capsys.readouterr()
+    report = evaluate_files(EvaluateRequest(str(tmp_path / "seg.zarr/labels"), str(labels), "segmentation"))
+    assert "pixel_error" not in report.scores and report.heading.endswith("segmentation, 2d, 3x64x64 voxels")
+    assert report.scores == pytest.approx({k: v for k, v in record["watershed"].items() if k in report.scores})
+
+
+def test_evaluate_refuses_a_multichannel_segmentation_and_unknown_settings(tmp_path, capsys):
+    pred, labels = volumes(tmp_path)
+    assert main(["evaluate", str(pred), str(labels), "--type", "segmentation"]) == 2
+    assert "a segmentation is one (Z, Y, X) volume of ids" in capsys.readouterr().err
+    with pytest.raises(WorkflowError, match="unknown key 'seed_treshold' for a segment step; did you mean "
+                                            "'seed_threshold'"):
+        (tmp_path / "bad.yaml").write_text("steps:\n  s: {run: segment, pred: pred.zarr, out: seg.zarr, "
+                                           "seed_treshold: 0.1}\n")
+        load_workflow(tmp_path / "bad.yaml")
+
+
+WORKFLOW = """\
+steps:
+  segment:
+    run: segment
+    pred: pred.zarr
+    out: seg.zarr
+    seed_threshold: 0.3
+    block: 3,32,32
+    halo: [0, 24, 24]
+  evaluate:
+    run: evaluate
+    needs: [segment]
+    pred: seg.zarr/labels
+    type: segmentation
+    labels: labels.tif
+    out: scores.json
+  compare:
+    run: evaluate
+    pred: pred.zarr
+    labels: labels.tif
+    segment: watershed
+    seed_threshold: 0.3
+    out: compare.json
+"""
+
+
+def test_a_segment_step_feeds_an_evaluate_step_and_a_rerun_skips_it(tmp_path):
+    volumes(tmp_path)
+    (tmp_path / "workflow.yaml").write_text(WORKFLOW)
+    summary = run_workflow(tmp_path / "workflow.yaml", progress=False, log=lambda _: None)
+    assert summary.ok and summary.done == ["segment", "compare", "evaluate"]
+    assert read_volume(tmp_path / "seg.zarr/labels").dtype == np.uint64
+    scores = json.loads((tmp_path / "scores.json").read_text())
+    compare = json.loads((tmp_path / "compare.json").read_text())
+    assert scores["rand_error"] == pytest.approx(compare["watershed"]["rand_error"])
+    again = run_workflow(tmp_path / "workflow.yaml", progress=False, log=lambda _: None)
+    assert again.skipped == ["segment", "compare", "evaluate"]
+
+
+def test_a_segment_step_writing_over_its_prediction_is_refused_on_loading(tmp_path):
+    (tmp_path / "workflow.yaml").write_text("steps:\n  s: {run: segment, pred: pred.zarr/output, out: pred.zarr}\n")
+    with pytest.raises(Exception, match="would write over pred"):
+        load_workflow(tmp_path / "workflow.yaml")
+
+
+def test_the_label_volume_is_an_ome_zarr_label_image_with_the_predictions_voxel_size(tmp_path, capsys):
+    """`znn segment` writes an NGFF 0.5 label image (official image and label schemas), with the prediction's voxel
+    size and the method and prediction that made it; ome-zarr-py reads it."""
+    from tests.io.test_ngff import group_attrs, validate
+    from znn.io.ngff import ImageMeta, Resolution, create_image
+    from znn.io.stores import write_region
+
+    pred, _ = volumes(tmp_path)
+    values = read_volume(str(pred))
+    image = create_image(tmp_path / "res.zarr", "output", values.shape, values.shape, "float32",
+                         ImageMeta(Resolution((40.0, 4.0, 4.0), "nanometer")))
+    write_region(tmp_path / "res.zarr", "output", (slice(None),) * 4, values)
+    assert main(["segment", image, str(tmp_path / "seg.zarr"), "--block", "3,32,32", "--halo", "0,24,24",
+                 "--quiet"]) == 0
+    capsys.readouterr()
+    attrs = group_attrs(tmp_path / "seg.zarr" / "labels")
+    validate(attrs)
+    validate(attrs, model="label", strict=False)  # strict asks for a colour per id, which a segmentation has not
+    scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
+    assert scale == [40.0, 4.0, 4.0] and "image-label" in attrs["ome"]
+    assert attrs["znn"]["prediction"].endswith("res.zarr/output") and "seed_threshold" in attrs["znn"]["method"]
+    reader = pytest.importorskip("ome_zarr.reader")
+    from ome_zarr.io import parse_url
+
+    nodes = list(reader.Reader(parse_url(str(tmp_path / "seg.zarr" / "labels")))())
+    assert nodes and nodes[0].data[0].shape == values.shape[1:] and nodes[0].data[0].dtype == np.uint64

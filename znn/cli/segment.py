@@ -1,0 +1,66 @@
+"""`znn segment PRED OUT`: arguments only; the work is :func:`znn.pipeline.jobs.segment.segment_job`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+
+from znn.cli.args import (
+    Handler,
+    Subparsers,
+    add_method_arguments,
+    add_quiet_argument,
+    add_scheduler_argument,
+    count,
+    method_settings,
+    non_negative_triple,
+    parse_triple,
+)
+from znn.ops.segment import DIMS, OUT_TYPES, Method
+from znn.pipeline.jobs.segment import DEFAULT_BLOCK, DEFAULT_HALO, SegmentJob, segment_job
+
+DESCRIPTION = (
+    "Segment a boundary map (Z,Y,X), (1,Z,Y,X) or ZNN's (2,Z,Y,X) (channel 1 = boundary) by a seeded watershed, or "
+    "an affinity map (3,Z,Y,X) by a watershed and agglomeration by mean affinity, into a uint64 zarr label volume. "
+    "Runs in blocks with a halo (out of core, on the same schedulers as znn forward); objects cut by block faces are "
+    "joined again where the two blocks overlap. Resumable: a rerun skips finished blocks."
+)
+
+
+def _triple_text(values: tuple[int, int, int]) -> str:
+    return ",".join(map(str, values))
+
+
+def register(sub: Subparsers) -> dict[str, Handler]:
+    p = sub.add_parser("segment", help="boundary or affinity map -> uint64 zarr label volume (watershed, blockwise)",
+                       description=DESCRIPTION)
+    p.add_argument("pred", help="prediction volume (tif, h5[:/dataset], zarr[/array]), e.g. the output of znn forward")
+    p.add_argument("out", help="zarr store for the labels (seg.zarr: array seg.zarr/labels; or seg.zarr/name)")
+    p.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="boundary",
+                   help="what the prediction holds (default boundary)")
+    p.add_argument("--dims", choices=DIMS, default=None,
+                   help="segment each z-slice on its own (2d) or in 3D; default 2d for boundary, 3d for affinity")
+    p.add_argument("--nonboundary", action="store_true",
+                   help="a one-channel prediction is P(non-boundary) (ZNN one_class), not P(boundary)")
+    add_method_arguments(p)
+    p.add_argument("--block", type=parse_triple, default=DEFAULT_BLOCK,
+                   help=f"block (= output chunk) z,y,x (default {_triple_text(DEFAULT_BLOCK)})")
+    p.add_argument("--halo", type=non_negative_triple, default=DEFAULT_HALO,
+                   help=f"context segmented around each block, z,y,x (default {_triple_text(DEFAULT_HALO)}; none "
+                        "along z in 2d); a block's result equals the whole volume's where objects fit in the halo")
+    p.add_argument("--num-threads", type=count, default=0, help="threads or local workers (default 0: every core)")
+    p.add_argument("--fresh", action="store_true", help="ignore finished blocks and recompute everything")
+    add_scheduler_argument(p)
+    add_quiet_argument(p)
+    return {"segment": _cmd_segment}
+
+
+def _cmd_segment(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    method = Method.of(args.out_type, args.dims, args.nonboundary, **method_settings(args))
+    result = segment_job(SegmentJob(args.pred, args.out, method, args.block, args.halo, args.scheduler,
+                                    args.num_threads, args.fresh, not args.quiet))
+    print(f"{result.array}: {result.blocks_total} blocks, {result.blocks_skipped} skipped (already done), "
+          f"{result.blocks_run} run, {result.faces} faces matched ({result.joined} ids joined across faces) in "
+          f"{result.seconds:.1f} s", flush=True)
+    return 0

@@ -1,0 +1,66 @@
+"""`znn segment PRED OUT`: a boundary or affinity map segmented blockwise into a uint64 zarr label volume.
+
+PRED is any volume path (tif, h5[:/dataset], zarr[/array], with an optional z range), as `znn forward` writes it:
+a boundary map ``(Z, Y, X)``, ``(1, Z, Y, X)`` or ZNN's two-channel ``(2, Z, Y, X)`` (channel 1 = boundary), or an
+affinity map ``(3, Z, Y, X)``. OUT is a zarr store (``seg.zarr``: the labels go to ``seg.zarr/labels``) or an
+array in one (``seg.zarr/name``). The method is :mod:`znn.ops.segment`'s; the blockwise run
+:mod:`znn.pipeline.segment.volume`'s (resumable: a rerun skips finished blocks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from znn.errors import OutputError, VolumeError
+from znn.io.paths import check_apart
+from znn.io.stores import check_output_store
+from znn.io.volume import parse_volume_path
+from znn.ops.segment import Method
+from znn.pipeline.run.schedulers import Runner, resolve_scheduler
+from znn.pipeline.segment.volume import LABELS, SegmentRequest, SegmentResult, prediction_shape, segment_volume
+from znn.types import Triple
+
+__all__ = ["SegmentJob", "segment_job", "output_place", "DEFAULT_BLOCK", "DEFAULT_HALO"]
+
+DEFAULT_BLOCK: Triple = (32, 256, 256)
+DEFAULT_HALO: Triple = (8, 32, 32)  # along z only when z-slices are not segmented one by one
+
+
+@dataclass(frozen=True)
+class SegmentJob:
+    """What `znn segment` (and a workflow's ``segment`` step) does: the options of both, defined once."""
+
+    pred: str
+    out: str
+    method: Method = field(default_factory=Method)
+    block: Triple = DEFAULT_BLOCK
+    halo: Triple = DEFAULT_HALO
+    scheduler: str | Runner | None = None
+    num_threads: int = 0
+    fresh: bool = False
+    progress: bool = True
+
+
+def output_place(out: str) -> tuple[Path, str]:
+    """The zarr store and array name of the output path ``out``; OutputError unless it names a zarr store."""
+    try:
+        vp = parse_volume_path(out)
+    except VolumeError:
+        vp = None
+    if vp is None or vp.format != "zarr" or vp.zrange is not None:
+        raise OutputError(f"OUT {out}: a segmentation is written as a zarr label volume; name a store such as "
+                          "seg.zarr (the labels go to seg.zarr/labels) or an array in one, seg.zarr/name")
+    return vp.file, vp.key or LABELS
+
+
+def segment_job(job: SegmentJob) -> SegmentResult:
+    """Check the places and the prediction before any work, then segment blockwise."""
+    store, name = output_place(job.out)
+    fix = "name another OUT"
+    check_apart([("OUT", store)], [("PRED", job.pred)], fix)
+    check_output_store(store, "OUT", fix)
+    prediction_shape(job.pred, job.method)  # the prediction's dtype and channels, before the store is touched
+    scheduler = job.scheduler if isinstance(job.scheduler, Runner) else resolve_scheduler(job.scheduler)
+    return segment_volume(SegmentRequest(job.pred, store, job.method, job.block, job.halo, name, scheduler,
+                                         job.num_threads, job.fresh, job.progress))

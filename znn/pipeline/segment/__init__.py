@@ -1,0 +1,1 @@
+"""Blockwise segmentation of boundary and affinity maps larger than memory (`znn segment`)."""
