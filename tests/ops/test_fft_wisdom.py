@@ -27,7 +27,8 @@ for n in filter(None, sys.argv[2].split(",")):
     n = int(n)
     F.wisdom.ensure_cache_loaded(F.planner_effort())
     try:
-        pyfftw.FFTW(pyfftw.empty_aligned((1, n, n, n), "float32"), pyfftw.empty_aligned((1, n, n, n // 2 + 1), "complex64"),
+        pyfftw.FFTW(pyfftw.empty_aligned((1, n, n, n), "float32"),
+                    pyfftw.empty_aligned((1, n, n, n // 2 + 1), "complex64"),
                     axes=(-3, -2, -1), flags=("FFTW_MEASURE", "FFTW_WISDOM_ONLY"))
         hits.append("hit")
     except RuntimeError:

@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"cache {mode:>3}: first block {times[mode][-1][0]:.1f} s, total {times[mode][-1][1]:.1f} s",
                       flush=True)
         for mode, found in times.items():
-            print(f"cache {mode:>3}, median of {len(found)}: first block "
-                  f"{statistics.median(t[0] for t in found):.1f} s, total {statistics.median(t[1] for t in found):.1f} s")
+            first, total = (statistics.median(t[i] for t in found) for i in (0, 1))
+            print(f"cache {mode:>3}, median of {len(found)}: first block {first:.1f} s, total {total:.1f} s")
     return 0
 
 

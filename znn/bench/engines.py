@@ -136,7 +136,8 @@ class BlockFit:
     fits: bool
 
 
-def fit_block(spec: NetworkSpec, outsz: Triple, job: EngineJob, baseline: int, in_flight: int | None = None) -> BlockFit:
+def fit_block(spec: NetworkSpec, outsz: Triple, job: EngineJob, baseline: int,
+              in_flight: int | None = None) -> BlockFit:
     """One block per thread if that fits ``job.memory``, else every thread on one block (``job.block_threads``,
     when not 0, forces it); cached kernel spectra first. ``in_flight``: blocks per process (None: ``threads //
     block_threads``); ``baseline``: the process's memory before any block. When nothing fits, the last one tried,

@@ -312,6 +312,7 @@ def _largest_and_configs(bench: _Bench, name: str, net: Network, measured: dict[
             row["config"] = "did not run" if engine == "znn" else "no measured patch fits"
         else:
             row.update(outsz=found["outsz"], vox_s=found["vox_s"], peak_rss=found["peak_rss"],
+                       fits=found["peak_rss"] <= request.memory,
                        config=_config_label(found) if engine == "znn" else f"{request.threads} threads")
             if plan is not None and engine != "znn" and found["vox_s"] > 0:
                 row["ratio"] = round(plan["vox_s"] / found["vox_s"], 2)
@@ -359,7 +360,8 @@ def _configs(bench: _Bench, name: str, net: Network, plan: Row) -> list[Row]:
         row: Row = {"kind": "config", "net": name, "outsz": list(outsz), "config": label,
                     "modes": mode_names(r["modes"]) if r.get("modes") is not None else "-",
                     "spectra_cache": plan["spectra_cache"], "vox_s": r.get("vox_s"), "peak_rss": r.get("peak_rss"),
-                    "predicted_bytes": r.get("predicted_bytes"), "fits": r.get("peak_rss", 0) <= request.memory,
+                    "predicted_bytes": r.get("predicted_bytes"),
+                    "fits": r["peak_rss"] <= request.memory if r.get("peak_rss") else None,
                     "plan": bool(r.get("plan")), "fastest": r is fastest, "note": r.get("note")}
         if row["plan"] and fastest is not None:
             row["plan_over_best"] = round(plan["vox_s"] / fastest["vox_s"], 2)
@@ -401,7 +403,7 @@ _PATCH = (Column("net", "net"), Column("outsz", "output"), Column("block_threads
           Column("torch_diff", "diff torch", "{:.1e}"), Column("ort_diff", "diff ORT", "{:.1e}"))
 _LARGEST = (Column("net", "net"), Column("engine", "engine"), Column("outsz", "output"),
             Column("config", "configuration"), Column("vox_s", "vox/s", "{:,}"), Column("peak_rss", "peak RSS"),
-            Column("ratio", "znn/this", "{:.2f}"))
+            Column("fits", "in memory"), Column("ratio", "znn/this", "{:.2f}"))
 _CONFIG = (Column("net", "net"), Column("outsz", "output"), Column("config", "configuration"),
            Column("modes", "conv modes"), Column("spectra_cache", "spectra"), Column("vox_s", "vox/s", "{:,}"),
            Column("peak_rss", "peak RSS"), Column("predicted_bytes", "plan mem"), Column("fits", "in memory"),
@@ -451,7 +453,8 @@ def format_table(rows: Sequence[Row]) -> str:
     if config:
         lines += ["", "the plan's choice beside the alternatives the bench tried at its patch",
                   rows_table(_CONFIG, config, _cell)]
-        lines += [f"{r['net']}: plan {r['config']} {r['vox_s']:,} vox/s; plan / best = {r['plan_over_best']:.2f}"
+        lines += [f"{r['net']}: plan {r['config']} {r['vox_s']:,} vox/s; plan / best within the memory = "
+                  f"{r['plan_over_best']:.2f}" + ("" if r["fits"] else " (the plan's own peak is over the memory)")
                   for r in config if r.get("plan") and r.get("plan_over_best") is not None]
     notes = [r["text"] for r in rows if r.get("kind") == "note"]
     notes += [f"{r['net']} {r.get('outsz')} {r.get('engine') or r.get('config')}: {r['note']}"
