@@ -44,10 +44,10 @@ MODES = ("direct", "fft")
 
 # Bytes of gathered columns per tile (each thread holds one): the whole column matrix of a 2D layer with
 # 40x40 kernels would be gigabytes.
-_TILE_BYTES = 16 << 20
+TILE_BYTES = 16 << 20
 # Output voxels per tile: measured on the development machine, (40 x 360) @ (360 x n) runs at ~65 GFLOP/s
 # per core for n = 1024..4096 but slower for n = 14k (the B panel falls out of cache).
-_TILE_VOXELS = 2048
+TILE_VOXELS = 2048
 
 Tile = tuple[int, int, int, int]
 
@@ -69,7 +69,7 @@ def _float(x: np.ndarray, *others: np.ndarray) -> list[np.ndarray]:
 
 
 def _tiles(out_spatial: Triple, k: Triple, d: Triple, n_rows: int, itemsize: int) -> list[Tile]:
-    """Output tiles ``(z0, z1, y0, y1)`` of about ``_TILE_VOXELS`` voxels whose columns fit ``_TILE_BYTES``.
+    """Output tiles ``(z0, z1, y0, y1)`` of about ``TILE_VOXELS`` voxels whose columns fit ``TILE_BYTES``.
 
     Tiles span all z planes when they can: the z offsets are then column shifts of one gathered matrix and
     no input plane is gathered twice; otherwise z is split too (each z tile re-gathers its halo).
@@ -77,11 +77,11 @@ def _tiles(out_spatial: Triple, k: Triple, d: Triple, n_rows: int, itemsize: int
     zo, yo, xo = out_spatial
     halo = (k[0] - 1) * d[0]
     row_bytes = n_rows * xo * itemsize  # gathered bytes per input (z, y) row
-    if zo * xo <= 2 * _TILE_VOXELS and row_bytes * (zo + halo) <= _TILE_BYTES:
-        yt = min(yo, max(1, _TILE_VOXELS // (zo * xo)), max(1, _TILE_BYTES // (row_bytes * (zo + halo))))
+    if zo * xo <= 2 * TILE_VOXELS and row_bytes * (zo + halo) <= TILE_BYTES:
+        yt = min(yo, max(1, TILE_VOXELS // (zo * xo)), max(1, TILE_BYTES // (row_bytes * (zo + halo))))
         return [(0, zo, y0, min(yo, y0 + yt)) for y0 in range(0, yo, yt)]
-    yt = min(yo, max(1, _TILE_VOXELS // xo), max(1, _TILE_BYTES // (row_bytes * (1 + halo))))
-    zt = max(1, min(zo, _TILE_VOXELS // (yt * xo), _TILE_BYTES // (row_bytes * yt) - halo))
+    yt = min(yo, max(1, TILE_VOXELS // xo), max(1, TILE_BYTES // (row_bytes * (1 + halo))))
+    zt = max(1, min(zo, TILE_VOXELS // (yt * xo), TILE_BYTES // (row_bytes * yt) - halo))
     return [(z0, min(zo, z0 + zt), y0, min(yo, y0 + yt)) for z0 in range(0, zo, zt) for y0 in range(0, yo, yt)]
 
 

@@ -52,6 +52,7 @@ __all__ = [
     "parallel_map",
     "blas_single_threaded",
     "empty_aligned",
+    "drop_plans",
 ]
 
 _LOCAL = threading.local()
@@ -270,6 +271,13 @@ def _plans() -> _PlanCache:
         cache = _PlanCache(_PLAN_CACHE_BYTES)
         _LOCAL.plans = cache
     return cache
+
+
+def drop_plans() -> None:
+    """Forget this thread's cached FFTW objects. Each keeps the last arrays it ran on alive, so after transforming
+    into views of a large array (a group of tiles' spectra) the array would outlive its use; rebuilding a plan
+    from wisdom costs ~0.3 ms."""
+    _LOCAL.plans = None
 
 
 def _aligned(a: np.ndarray) -> bool:

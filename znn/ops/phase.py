@@ -227,7 +227,7 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[tuple[tuple[slice
 
     Each thread transforms whole tiles through its own small real buffer (the FFTW plan of one tile's maps is
     made once and reused for every tile), so only the group's spectra are large."""
-    from znn.ops.fft import complex_dtype, empty_aligned, irfft3, parallel_chunks, rfft3, spectrum_shape
+    from znn.ops.fft import complex_dtype, drop_plans, empty_aligned, irfft3, parallel_chunks, rfft3, spectrum_shape
 
     dtype, shape, n_in, n_out, freq = out.dtype, g.shape, g.n_in, g.n_out, g.freq
     half = spectrum_shape(shape)
@@ -243,6 +243,7 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[tuple[tuple[slice
                 real.fill(0)
             real[:, :lz, :ly, :lx] = x[:, sz, sy, sx]
             rfft3(real, 1, out=spec_in[j].reshape(n_in, *half))
+        drop_plans()  # the plan holds a view of spec_in: let the group's spectra go when the group is done
 
     def products(lo: int, hi: int) -> None:
         # per frequency one (tiles x in) @ (in x out) product; the spectra are maps-first, so each chunk of
@@ -266,6 +267,7 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[tuple[tuple[slice
             irfft3(spec_out[j].reshape(n_out, *half), shape, 1, out=real)
             valid = real[:, off[0]:off[0] + mz, off[1]:off[1] + my, off[2]:off[2] + mx]
             np.multiply(valid, scale, out=out[:, oz, oy, ox])
+        drop_plans()
 
     parallel_chunks(count, threads, transform_in)
     parallel_chunks(freq, threads, products, _FREQ_CHUNK)

@@ -1,20 +1,23 @@
 """Memory planning for dense inference: predict the peak memory of one output block before running it, and pick the
 largest FFT-friendly output patch that fits a memory budget.
 
-The model follows what one block's forward graph holds when it runs sequentially (one block = one task, its graph
-run in-process on one thread, intermediates released as soon as their consumers ran):
+The model follows what one block holds while its evaluator runs it (intermediates released as soon as their last
+reader ran). For the phase evaluator of dense inference (:class:`~znn.pipeline.forward.phases.PhaseForward`, the
+default):
 
-* activations: each node group's maps over its extent, kept until every edge that reads them has run; while a node
-  group is computed, the outputs of its incoming edges, their sum and the transfer's result are alive together;
-* a conv edge in FFT mode: the input spectra of all input maps (kept until every output block is computed), the
-  padded real buffer and transform output of one input block, the kernel spectra of the layer unless they come from
-  the cache, and per output block the accumulated spectra, the inverse-transform buffers and the result;
-* a conv edge in direct mode: the gathered column tile (at most ``znn.ops.conv._TILE_BYTES``) and the partial sums;
-* max filters and pools: the winner indices (int32) and the running-max temporaries, about four times the input;
+* activations: each node group's maps over its extent, kept until every edge that reads them has run; a node group
+  with one incoming edge is biased and transferred in place, one with several holds their outputs and their sum;
+* a conv edge in FFT mode (:func:`~znn.ops.phase.phase_conv_fft`): its output, the input and output spectra of one
+  group of tiles (``TileGeometry.group`` x ``item_bytes``), each thread's real tile buffers, and the kernel spectra
+  at the tile shape unless they come from the cache (the input is read in place, a view of the live activation);
+* a conv edge in direct mode: its output, and per thread the gathered column tile (``znn.ops.conv.TILE_BYTES``) and
+  the partial sums;
+* max filters: the output and the running maxima of a few maps (``znn.ops.pooling.max_filter_values``);
 * per block: the raw input read from the file, its float copy with the mirrored border, the transformed output
   and its copy handed to the store.
 
-On top of the blocks: the kernel spectra cache (every FFT conv layer's ``in x out`` spectra at its FFT shape,
+The graph evaluator (``evaluator="graph"``) keeps the older, per-map-block model of the training engine's tasks.
+On top of the blocks: the kernel spectra cache (every FFT conv layer's ``in x out`` spectra at its tile shape,
 shared by all blocks of the process) and the process baseline (interpreter, libraries, FFTW plans), measured.
 Peak = baseline + run overhead + cache + blocks in flight x per-block peak x ``SAFETY``.
 """
@@ -29,6 +32,7 @@ from typing import Any
 
 from znn.errors import ShapeError
 from znn.ops import fft as fftops
+from znn.ops.conv import TILE_BYTES, TILE_VOXELS
 from znn.ops.phase import TileGeometry
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.spec import NetworkSpec
@@ -58,8 +62,8 @@ PER_BLOCK_OVERHEAD = 16 << 20
 # FFTW plans and their scratch, allocator fragmentation across threads (measured: 50-70 MiB on the development
 # machine for a small network).
 RUN_OVERHEAD = 64 << 20
-# Bytes of gathered columns of one direct-convolution tile (znn.ops.conv._TILE_BYTES).
-DIRECT_TILE_BYTES = 48 << 20
+# Bytes of gathered columns of one direct-convolution tile.
+DIRECT_TILE_BYTES = TILE_BYTES
 # Threads whose tile buffers the model counts per block (more threads hold a few megabytes more each).
 _TILE_THREADS = 4
 
@@ -199,15 +203,15 @@ def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) 
     from znn.ops.pooling import _MAX_FILTER_CHUNK_BYTES
 
     ep, edge = plan.edges[name], plan.spec.edges[name]
-    _, _, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
+    _, n_out, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
     if edge.type == "conv" and ep.mode == "fft":
         tiles = _tiles(plan, itemsize)[name]
         kernels = tiles.spectra_bytes(itemsize)
         work = (out_bytes + tiles.group(itemsize) * tiles.item_bytes(itemsize)
                 + _TILE_THREADS * tiles.thread_bytes(itemsize))
         return int(work + (0 if cached else kernels)), int(kernels)
-    if edge.type == "conv":
-        return _edge_working(plan, name, itemsize, cached)
+    if edge.type == "conv":  # its output, and per thread a tile's gathered columns and partial sums
+        return int(out_bytes + _TILE_THREADS * (DIRECT_TILE_BYTES + 2 * n_out * TILE_VOXELS * itemsize)), 0
     if edge.type == "max_filter":
         return int(out_bytes + 3 * min(in_bytes, _MAX_FILTER_CHUNK_BYTES)), 0
     return _edge_working(plan, name, itemsize, cached)
