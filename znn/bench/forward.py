@@ -252,7 +252,8 @@ def _static(onnx: Path, spec: NetworkSpec, outsz: Triple, workdir: Path) -> Path
 def _fill(row: Row, engine: str, result: Row) -> None:
     """``result`` of ``engine`` into ``row`` under ``<engine>_...`` keys (znn also its configuration)."""
     if result.get("vox_s") is None:
-        row[f"{engine}_note"] = result.get("note", "not run")
+        if result.get("fits", True):  # not fitting the memory is the table's "does not fit", not a note
+            row[f"{engine}_note"] = result.get("note", "not run")
         return
     row.update({f"{engine}_vox_s": result["vox_s"], f"{engine}_s": result["seconds"],
                 f"{engine}_rss": result["peak_rss"]})
