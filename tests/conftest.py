@@ -1,11 +1,18 @@
 """Shared fixtures. FFT plans are built with FFTW_ESTIMATE in tests: instant planning keeps the suite fast
-(FFTW_MEASURE times every new shape), and the numbers are checked against references, not timed."""
+(FFTW_MEASURE times every new shape), and the numbers are checked against references, not timed. The per-user
+caches (autotuned conv modes, FFTW wisdom) live in a temporary folder of the session, never the user's, and
+subprocesses inherit it."""
 
 from __future__ import annotations
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ.setdefault("ZNN_FFTW_PLANNER", "FFTW_ESTIMATE")
+os.environ["ZNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="znn-test-cache-")
+atexit.register(shutil.rmtree, os.environ["ZNN_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 

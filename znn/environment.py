@@ -1,7 +1,50 @@
 """The environment as this process had it when znn was first imported, before any dask nanny it starts could
 write into it (:mod:`znn.pipeline.run.schedulers` tells a variable the user set from one an earlier cluster's nanny
-left behind). ``znn/__init__`` imports this module first, so the snapshot is taken at ``import znn``."""
+left behind). ``znn/__init__`` imports this module first, so the snapshot is taken at ``import znn``.
 
+Also what the per-user caches (autotuned conv modes, FFTW wisdom) are keyed by and where they live: the CPU
+(:func:`cpu_model`, :func:`cpu_flags`) and the folder (:func:`cache_dir`)."""
+
+import hashlib
 import os
+import platform
+from functools import lru_cache
+from pathlib import Path
 
 STARTING_ENVIRONMENT = dict(os.environ)
+
+
+def cache_dir() -> Path:
+    """Where znn keeps its per-user caches: ``$ZNN_CACHE_DIR`` if set, else the user cache folder of the platform
+    (``platformdirs.user_cache_dir("znn")``: ``~/.cache/znn`` on Linux, or ``$XDG_CACHE_HOME/znn``)."""
+    root = os.environ.get("ZNN_CACHE_DIR")
+    if root:
+        return Path(root)
+    import platformdirs
+
+    return Path(platformdirs.user_cache_dir("znn", appauthor=False))
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.split(":", 1)[0].strip() == name:
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return None
+
+
+@lru_cache(maxsize=None)
+def cpu_model() -> str:
+    """The CPU's model name (Linux ``/proc/cpuinfo``; else ``platform.processor()``)."""
+    return _cpuinfo_field("model name") or platform.processor() or "unknown-cpu"
+
+
+@lru_cache(maxsize=None)
+def cpu_flags() -> str:
+    """A short digest of the CPU's instruction-set flags (``/proc/cpuinfo``; else the architecture's name): two
+    machines with the same model name but different SIMD support (a VM hiding AVX-512) differ here."""
+    flags = _cpuinfo_field("flags") or _cpuinfo_field("Features") or platform.machine()
+    return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]

@@ -20,6 +20,8 @@ MISTAKES = [
     (["quickstart", "--out", "JOB", "--max-iter", "-5"], "argument --max-iter: -5 is not >= 0"),
     (["bench", "net", "JOB", "--outsz", "1,1,1", "--eta", "nan"], "argument --eta: nan is not a finite number"),
     (["bench", "ops", "--max-direct-gflop", "nan"], "argument --max-direct-gflop: nan is not a finite number"),
+    (["bench", "forward", "--time-cap", "nan"], "argument --time-cap: nan is not a finite number"),
+    (["bench", "forward", "--time-cap", "0"], "argument --time-cap: 0 is not > 0"),
     (["forward", "JOB", "--pyramid", "many"], "argument --pyramid: 'many' is not no, auto or a number of levels"),
     (["forward", "JOB", "--pyramid", "99"], "argument --pyramid: 99 levels: give 1 to 16"),
     (["forward", "JOB", "--pyramid", "-1"], "argument --pyramid: -1 levels: give 1 to 16"),

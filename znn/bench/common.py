@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +22,17 @@ def import_torch() -> Any | None:
     except ImportError:
         return None
     return torch
+
+
+def installed(module: str) -> bool:
+    """Whether ``module`` can be imported, without importing it (a name set to None in ``sys.modules``, Python's way
+    of blocking an import, counts as missing)."""
+    if module in sys.modules:
+        return sys.modules[module] is not None
+    try:
+        return importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        return False
 
 
 @dataclass(frozen=True)

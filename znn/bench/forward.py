@@ -1,149 +1,85 @@
-"""Dense-inference throughput (output voxels per second) of ZNNi's 80-map networks, side by side with PyTorch.
+"""Dense-inference throughput (output voxels per second) of ZNNi's 80-map networks, beside PyTorch and ONNX Runtime.
 
 Networks (``workflows/inference/``): ``n337`` (7 convs of 3x3x3, three 2x2x2 max filters) and ``n726`` (6 convs of
 7x7x7, two max filters), 80 maps, 3 outputs; the layer lists of ZNNi's ``networks/337.znni`` and ``276.znni``
-(Zlateski, Lee, Seung 2016), written as ZNN sparse (max-filter) networks so they give dense output.
+(Zlateski, Lee, Seung 2016), written as ZNN sparse (max-filter) networks so they give dense output; ``tiny3d`` (8
+maps) for a quick run.
 
-For each output patch (a cube, clipped to what the planner says fits ``--memory``):
+Engines, each in a fresh process per output patch (:mod:`znn.bench.engines`) so that its peak resident memory
+(VmHWM) is measured, not predicted; the same weights (``--seed``) and the same input patch everywhere:
 
-* ``znn``: what `znn forward` does per block (:class:`~znn.pipeline.forward.phases.PhaseForward`, kernel spectra from
-  the cache, made once per volume so not timed; their time is shown), ``--threads / --block-threads`` blocks at
-  once, each on ``--block-threads`` threads; throughput = blocks x output voxels / wall time;
-* with ``--scheduler local`` or an address, ``znn`` is instead dense inference (`znn forward`'s
-  :func:`~znn.pipeline.dense.volume.infer_volume`) of a synthetic volume of two blocks per worker on that dask cluster,
-  one block per single-threaded worker process at a time (``local``: ``--threads`` workers on 127.0.0.1); throughput
-  = output voxels / wall time of the run, after a warm-up run (`znn bench scaling` compares worker counts);
-* ``torch``: the same network with the same weights in PyTorch (``conv3d`` dilated by the sparsity, kernels
-  flipped, ``max_pool3d`` at stride 1 dilated for max filters), ``torch.set_num_threads(--threads)``, one patch.
+* ``znn``: what `znn forward` does per block (the dense plan's block evaluator, kernel spectra made once per process
+  so not timed), ``--threads / --block-threads`` blocks at once, each on ``--block-threads`` threads; throughput =
+  blocks x output voxels / wall time. With ``--scheduler local`` or an address it is instead dense inference
+  (:func:`~znn.pipeline.dense.volume.infer_volume`) of a synthetic volume of two blocks per worker on that dask
+  cluster (`znn bench scaling` compares worker counts);
+* ``torch``: the same network in PyTorch (:mod:`znn.bench.torchnet`), ``torch.set_num_threads(--threads)``;
+* ``ort``: that PyTorch module exported to ONNX (:mod:`znn.bench.onnxnet`) and run by ONNX Runtime on the CPU
+  execution provider, ``--threads`` intra-op threads, one inter-op thread.
 
-Medians over ``--repeat`` runs after a warm-up. Run ``znn bench forward --help``.
+Three tables:
+
+1. each engine at each output cube of ``--outsz`` (ascending), with znn/peer ratios and the relative difference of
+   the outputs. znn runs a cube when the memory plan predicts it fits ``--memory``; a peer runs every cube unless its
+   measured growth predicts one pass over ``--time-cap`` seconds or a peak over the machine's available memory (a
+   run is killed at either), or a smaller cube did not finish;
+2. each engine at the largest patch it fits into ``--memory``: for znn the dense planner's own choice for that
+   budget (patch, blocks x threads per block, spectra cache, conv modes: what ``znn forward --memory`` runs); for a
+   peer the largest cube of table 1 whose measured peak fits;
+3. the plan's choice beside alternatives at the same patch (every core on one block, one block per core, all
+   layers in FFT mode): which was fastest within ``--memory``, and plan / best.
+
+Medians over ``--repeat`` runs after an untimed warm-up. Run ``znn bench forward --help``.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 import tempfile
-import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-
-from znn.bench.common import (
-    Column,
-    Row,
-    import_torch,
-    mode_names,
-    plain_cell,
-    rows_table,
+from znn.bench.common import Column, Row, installed, mode_names, plain_cell, rows_table
+from znn.bench.engines import (
+    EngineJob,
+    Limits,
+    bench_net,
+    fit_block,
+    load_output,
+    relative_difference,
+    run_engine,
 )
-from znn.bench.networks import bench_network
+from znn.bench.growth import Point, largest_fit, machine_memory, skip_reason
 from znn.bench.scaling import DenseWork, block_grid_shape, measure, synthetic_volume
-from znn.io.netfile import load_network
 from znn.network import Network
 from znn.pipeline.dense import memplan
-from znn.pipeline.dense.memplan import BlockEstimate
-from znn.pipeline.forward.autotune import inference_modes
-from znn.pipeline.forward.phases import PhaseForward
-from znn.pipeline.run.schedulers import (
-    Runner,
-    make_runner,
-    resolve_scheduler,
-    single_threaded_kernels,
-)
+from znn.pipeline.run.schedulers import Runner, make_runner, resolve_scheduler
 from znn.spec import NetworkSpec
 from znn.text import format_bytes, parse_bytes
 from znn.types import Triple
 
-__all__ = ["NETWORKS", "ForwardBenchRequest", "run_forward_bench", "format_table"]
+__all__ = ["NETWORKS", "CHOICES", "ForwardBenchRequest", "run_forward_bench", "format_table", "progress_line"]
 
-NETWORKS = ("n337", "n726")  # names in znn.bench.networks
-TARGETS = {"n337": 1.0, "n726": 2.0}  # team target: znn / torch throughput at the largest patch that fits
-DEFAULT_SIDES = {"n337": (8, 16, 32), "n726": (8, 16, 32)}  # output cube sides per network
-
-
-def _torch() -> Any | None:
-    """``(torch, znn.bench.torchnet)``, or None without PyTorch."""
-    torch = import_torch()
-    if torch is None:
-        return None
-    from znn.bench import torchnet
-
-    return torch, torchnet
-
-
-def _time(fn: Any, repeat: int, long: float = 60.0) -> float:
-    t0 = time.perf_counter()
-    fn()  # warm-up: FFTW plans, allocator, torch's primitive selection
-    first = time.perf_counter() - t0
-    if first > long:  # a run this long is its own measurement (planning and warm-up are a small part of it)
-        return first
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def _bench_znn(net: Network, outsz: Triple, modes: Any, cache: bool, threads: int,
-               block_threads: int, repeat: int, x: dict[str, np.ndarray]) -> tuple[float, float, np.ndarray]:
-    engine = PhaseForward(net, outsz, modes, cache, threads=block_threads)
-    blocks_at_once = max(1, threads // block_threads)
-    t0 = time.perf_counter()
-    engine.warm()
-    warm = time.perf_counter() - t0
-    pool = ThreadPoolExecutor(max_workers=blocks_at_once)
-    out: list[np.ndarray] = []
-
-    def blocks() -> None:
-        results = list(pool.map(lambda _: engine.forward(x), range(blocks_at_once)))
-        out[:] = [results[0][net.spec.outputs[0]]]
-
-    with single_threaded_kernels():  # as dense inference runs blocks: their threads are the evaluator's own
-        seconds = _time(blocks, repeat, long=float("inf"))
-    pool.shutdown()
-    return seconds, warm, out[0]
-
-
-def _bench_torch(tmods: Any, net: Network, outsz: Triple, threads: int, repeat: int,
-                 x: dict[str, np.ndarray]) -> tuple[float, np.ndarray]:
-    torch, torchnet = tmods
-    torch.set_num_threads(threads)
-    model = torchnet.build_torch_net(net, outsz)
-    tx = torchnet.to_tensors(x)
-    out: list[Any] = []
-
-    def run() -> None:
-        with torch.no_grad():
-            out[:] = [model(tx)[net.spec.outputs[0]]]
-
-    seconds = _time(run, repeat)
-    return seconds, out[0][0].numpy()
-
-
-def _bench_znn_cluster(runner: Runner, net: Network, outsz: Triple, modes: Any, cache: bool, repeat: int,
-                       seed: int) -> Row:
-    """Dense inference of a synthetic volume of two blocks per worker on ``runner``'s cluster (see
-    :func:`znn.bench.scaling.measure`)."""
-    with tempfile.TemporaryDirectory(prefix="znn-bench-") as tmp:
-        shape = block_grid_shape(2 * max(1, runner.workers), outsz)
-        volume = synthetic_volume(Path(tmp) / "input.zarr", shape, seed)
-        return measure([runner], DenseWork(net, volume, outsz, modes, cache), repeat, Path(tmp))[0]
+NETWORKS = ("n337", "n726")  # the default networks (names in znn.bench.networks)
+CHOICES = ("n337", "n726", "tiny3d")
+TARGETS = {"n337": 1.5, "n726": 2.0}  # issue 14: znn / ONNX Runtime at each engine's largest patch in 16 GB
+DEFAULT_SIDES = (16, 32, 48, 64, 96)  # output cube sides
+PEERS = ("torch", "ort")
+TITLES = {"znn": "znn", "torch": "PyTorch", "ort": "ONNX Runtime"}
+STARTUP_S = 120.0  # a child's allowance beyond its passes: interpreter, imports, network, planning
 
 
 @dataclass(frozen=True)
 class ForwardBenchRequest:
-    """What to time. ``sides``: output cube sides (None: :data:`DEFAULT_SIDES` of each network). ``modes``:
-    optimize (the planner's cost model per layer), fft or direct. ``memory``: bytes the blocks may use.
-    ``block_threads``: threads per block (None: 1 if one block per thread fits, else ``threads``). ``scheduler``
-    (resolved by :func:`~znn.pipeline.run.schedulers.resolve_scheduler`; default threads): ``threads`` times blocks
-    in this process, ``synchronous`` the same on one thread, ``local`` or an address dense inference on a dask
-    cluster."""
+    """What to time. ``sides``: output cube sides (None: :data:`DEFAULT_SIDES`). ``modes``: optimize (timed per
+    layer, as the dense planner does), fft or direct. ``memory``: bytes an engine may use. ``block_threads``: threads
+    per znn block in table 1 (None: 1 if one block per thread fits, else ``threads``). ``scheduler`` (resolved by
+    :func:`~znn.pipeline.run.schedulers.resolve_scheduler`; default threads): ``threads`` times blocks in a child
+    process, ``synchronous`` the same on one thread, ``local`` or an address dense inference on a dask cluster.
+    ``torch``/``ort``: run these peers (when installed). ``time_cap``: seconds of one pass above which a patch is
+    skipped (predicted) or killed. ``alternatives``: table 3. ``machine_memory``: where children are killed (None:
+    the machine's available memory at the start)."""
 
     nets: Sequence[str] = NETWORKS
     sides: Sequence[int] | None = None
@@ -155,143 +91,375 @@ class ForwardBenchRequest:
     seed: int = 0
     block_threads: int | None = None
     scheduler: str | None = None
+    ort: bool = True
+    time_cap: float = 300.0
+    alternatives: bool = True
+    machine_memory: int | None = None
 
 
-@dataclass(frozen=True)
+@dataclass
 class _Bench:
-    """A request with where it runs: the resolved scheduler, the cluster's runner (None: in this process) and
-    PyTorch with our torchnet (None: not timed)."""
+    """A request with where it runs (the resolved scheduler; the cluster's runner, None: in child processes), the
+    peers that run, the folder of the children's files, the memory where children are killed, and notes."""
 
     request: ForwardBenchRequest
     where: str
     runner: Runner | None
-    tmods: Any | None
+    workdir: Path
+    machine: int
+    peers: tuple[str, ...] = ()
+    notes: list[str] = field(default_factory=list)
+
+    def limits(self) -> Limits:
+        return Limits(STARTUP_S + (self.request.repeat + 1) * self.request.time_cap, self.machine)
 
 
 def run_forward_bench(request: ForwardBenchRequest = ForwardBenchRequest(),
                       progress: Callable[[Row], None] | None = None) -> list[Row]:
-    """One row per (network, output cube): znn and torch seconds, voxels/s, ratio, predicted memory."""
+    """Rows of the three tables (``kind``: ``patch``, ``largest``, ``config``) and ``note`` rows."""
     where = resolve_scheduler(request.scheduler, None)
     if where == "synchronous":
         request = replace(request, threads=1, block_threads=1)
     runner = None if where in ("threads", "synchronous") else make_runner(where, request.threads)
     if runner is not None:
         request = replace(request, block_threads=1)  # single-threaded worker processes, one block each
-    bench = _Bench(request, where, runner, _torch() if request.torch else None)
     try:
-        rows = []
-        for name in request.nets:
-            spec = load_network(bench_network(name))
-            net = Network.initialise(spec, seed=request.seed).sliding_window()
-            for side in request.sides or DEFAULT_SIDES[name]:
-                row = _row(bench, name, net, spec, (int(side),) * 3)
-                rows.append(row)
-                if progress is not None and row["fits"]:
-                    progress(row)
-        return rows
+        with tempfile.TemporaryDirectory(prefix="znn-bench-forward-") as tmp:
+            bench = _Bench(request, where, runner, Path(tmp), request.machine_memory or machine_memory())
+            bench.peers = _peers(request, bench.notes)
+            rows = [row for name in request.nets for row in _net_rows(bench, name, progress)]
+            return rows + [{"kind": "note", "text": text} for text in bench.notes]
     finally:
         if runner is not None:
             runner.close()
 
 
-@dataclass(frozen=True)
-class _Fit:
-    """How a block of one output patch runs: threads per block, spectra cached or not, conv modes, the memory
-    estimate, the predicted peak of the process and whether it fits the budget."""
+def _peers(request: ForwardBenchRequest, notes: list[str]) -> tuple[str, ...]:
+    """The peers that run; a note for each that does not, saying why."""
+    peers = []
+    if not request.torch:
+        notes.append("PyTorch not run (--no-torch)")
+    elif not installed("torch"):
+        notes.append("PyTorch not run: torch is not installed (pip install 'znn[bench]')")
+    else:
+        peers.append("torch")
+    missing = [m for m in ("onnxruntime", "onnx", "torch") if not installed(m)]
+    if not request.ort:
+        notes.append("ONNX Runtime not run (--no-ort)")
+    elif missing:
+        notes.append(f"ONNX Runtime not run: {', '.join(missing)} not installed (the export needs torch and onnx; "
+                     "pip install 'znn[bench]')")
+    else:
+        from znn.bench.onnxnet import EXPORTER
 
-    block_threads: int
-    cache: bool
-    modes: str | dict[str, str]
-    estimate: BlockEstimate
-    peak: int
-    fits: bool
-
-
-def _fit(bench: _Bench, spec: NetworkSpec, outsz: Triple) -> _Fit:
-    """One block per thread if that fits the memory, else all threads on one block; cached spectra first. When
-    nothing fits, the last one tried (marked as not fitting)."""
-    request = bench.request
-    tries = [request.block_threads] if request.block_threads else [1, request.threads]
-    for bt in tries:
-        for cache in (True, False):
-            m = memplan.choose_modes(spec, outsz, cache) if request.modes == "optimize" else request.modes
-            est = memplan.block_estimate(spec, outsz, m, cache)
-            in_flight = 1 if bench.runner is not None else max(1, request.threads // bt)  # per process
-            peak = est.total(in_flight, memplan.process_rss())
-            if peak <= request.memory:
-                return _Fit(bt, cache, m, est, peak, True)
-    return _Fit(bt, cache, m, est, peak, False)
+        notes.append(f"ONNX Runtime: the PyTorch module exported by {EXPORTER}; CPUExecutionProvider, "
+                     f"{request.threads} intra-op thread(s), 1 inter-op")
+        peers.append("ort")
+    return tuple(peers)
 
 
-def _row(bench: _Bench, name: str, net: Network, spec: NetworkSpec, outsz: Triple) -> Row:
-    request = bench.request
-    fit = _fit(bench, spec, outsz)
-    row: Row = {"net": name, "outsz": list(outsz), "threads": request.threads, "repeat": request.repeat,
-                "block_threads": fit.block_threads, "modes": mode_names(fit.estimate.modes),
-                "spectra_cache": fit.cache, "predicted_bytes": fit.peak, "fits": fit.fits, "scheduler": bench.where}
-    if not fit.fits:
-        return row
-    m = fit.modes
-    if request.modes == "optimize":  # the planner's speed model chose for the memory estimate; now time the layers
-        m = inference_modes(spec, outsz, request.modes, np.float32, fit.cache, fit.block_threads)
-        row["modes"] = mode_names(m)
-    rng = np.random.default_rng(request.seed)
-    x = {n: rng.standard_normal((spec.nodes[n].size, *p)).astype(np.float32)
-         for n, p in spec.layout(outsz).input_patch.items()}
-    ours = _time_znn(bench, net, outsz, replace(fit, modes=m), x, row)
-    if bench.tmods is not None:
-        vox = math.prod(outsz)
-        tsecs, theirs = _bench_torch(bench.tmods, net, outsz, request.threads, request.repeat, x)
-        row.update(torch_s=round(tsecs, 3), torch_vox_s=round(vox / tsecs),
-                   ratio=round(row["znn_vox_s"] / (vox / tsecs), 2))
-        if ours is not None:
-            row["max_diff"] = float(np.abs(ours - theirs).max() / max(1e-30, np.abs(theirs).max()))
+def _net_rows(bench: _Bench, name: str, progress: Callable[[Row], None] | None) -> list[Row]:
+    net = bench_net(name, bench.request.seed)
+    sides = sorted({int(s) for s in (bench.request.sides or DEFAULT_SIDES)})
+    onnx = _export(bench, name, net, sides) if "ort" in bench.peers else None
+    history: dict[str, list[Point]] = {e: [] for e in ("znn", *PEERS)}
+    measured: dict[str, list[Row]] = {e: [] for e in PEERS}
+    rows = []
+    for side in sides:
+        row = _patch_row(bench, name, net, (side, side, side), history, onnx, measured)
+        rows.append(row)
+        if progress is not None and any(row.get(f"{e}_vox_s") is not None for e in ("znn", *PEERS)):
+            progress(row)
+    for row in _largest_and_configs(bench, name, net, measured):
+        rows.append(row)
+        if progress is not None and row.get("vox_s") is not None:
+            progress(row)
+    return rows
+
+
+def _export(bench: _Bench, name: str, net: Network, sides: Sequence[int]) -> Path | None:
+    """The network's ONNX model (spatial axes dynamic), or None with a note when the export fails."""
+    from znn.bench.onnxnet import export_onnx
+
+    try:
+        return export_onnx(net, bench.workdir / f"{name}.onnx", [(s, s, s) for s in sides])
+    except Exception as exc:  # noqa: BLE001 -- any exporter failure only drops the ONNX Runtime column
+        bench.notes.append(f"{name}: ONNX export failed ({type(exc).__name__}: {exc}); ONNX Runtime not run")
+        return None
+
+
+def _voxels(spec: NetworkSpec, outsz: Sequence[int]) -> int:
+    return math.prod(spec.layout(tuple(outsz)).input_patch[spec.inputs[0]])
+
+
+def _measure(bench: _Bench, history: list[Point], job: EngineJob, spec: NetworkSpec) -> Row:
+    """``job`` in a child unless the engine's growth says skip; its row (``note`` when there is no measurement)."""
+    voxels = _voxels(spec, job.outsz)
+    reason = skip_reason(history, voxels, bench.request.time_cap, bench.machine)
+    if reason is not None:
+        return {"engine": job.engine, "outsz": list(job.outsz), "note": reason}
+    row = run_engine(job, bench.limits(), bench.workdir)
+    if row.get("vox_s") is None:
+        history.append(Point(voxels, failed=True))
+    else:
+        history.append(Point(voxels, float(row["seconds"]), int(row["peak_rss"])))
     return row
 
 
-def _time_znn(bench: _Bench, net: Network, outsz: Triple, fit: _Fit, x: dict[str, np.ndarray],
-              row: Row) -> np.ndarray | None:
-    """Time znn's side into ``row``; the output of one block when it ran in this process (None on a cluster)."""
-    request = bench.request
+# ---------------------------------------------------------------------------------------------- table 1
+
+
+def _patch_row(bench: _Bench, name: str, net: Network, outsz: Triple, history: dict[str, list[Point]],
+               onnx: Path | None, measured: dict[str, list[Row]]) -> Row:
+    request, spec = bench.request, net.spec
+    row: Row = {"kind": "patch", "net": name, "outsz": list(outsz), "threads": request.threads,
+                "repeat": request.repeat, "scheduler": bench.where}
+    tag = f"{name}-{outsz[0]}"
+    base = EngineJob("znn", name, outsz, request.threads, request.repeat, request.seed, modes=request.modes,
+                     memory=request.memory, block_threads=request.block_threads or 0)
+    ours = None
     if bench.runner is not None:
-        dense = _bench_znn_cluster(bench.runner, net, outsz, fit.modes, fit.cache, request.repeat, request.seed)
-        row.update(znn_s=dense["seconds"], znn_vox_s=round(dense["voxels_s"]), workers=bench.runner.workers,
-                   blocks=dense["blocks"])
-        return None
-    secs, warm, ours = _bench_znn(net, outsz, fit.modes, fit.cache, request.threads, fit.block_threads,
-                                  request.repeat, x)
-    row.update(znn_s=round(secs, 3),
-               znn_vox_s=round(max(1, request.threads // fit.block_threads) * math.prod(outsz) / secs),
-               spectra_s=round(warm, 2), peak_rss_so_far=memplan.peak_rss())
-    return ours
+        _time_znn_cluster(bench, net, outsz, row)
+    else:
+        job = replace(base, output=str(bench.workdir / f"znn-{tag}.npy"), choose="fit")
+        result = _measure(bench, history["znn"], job, spec)
+        row.update({k: result[k] for k in ("block_threads", "spectra_cache", "predicted_bytes", "fits") if k in result})
+        row["modes"] = mode_names(result["modes"]) if "modes" in result else None
+        _fill(row, "znn", result)
+        ours = load_output(job)
+    for peer in bench.peers:
+        if peer == "ort" and onnx is None:
+            continue
+        job = replace(base, engine=peer, output=str(bench.workdir / f"{peer}-{tag}.npy"),
+                      onnx=str(_static(onnx, spec, outsz, bench.workdir)) if peer == "ort" and onnx else None)
+        result = _measure(bench, history[peer], job, spec)
+        _fill(row, peer, result)
+        if result.get("vox_s") is not None:
+            measured[peer].append(result)
+        theirs = load_output(job)
+        if ours is not None and theirs is not None and row.get("znn_vox_s") and row.get(f"{peer}_vox_s"):
+            row[f"{peer}_ratio"] = round(row["znn_vox_s"] / row[f"{peer}_vox_s"], 2)
+            row[f"{peer}_diff"] = relative_difference(ours, theirs)
+    return row
 
 
-_COLUMNS = (Column("net", "net"), Column("outsz", "output"), Column("block_threads", "thr/block"),
-            Column("modes", "conv modes"), Column("spectra_cache", "spectra"), Column("predicted_bytes", "plan mem"),
-            Column("znn_vox_s", "znn vox/s", "{:,}"), Column("spectra_s", "spectra s"),
-            Column("torch_vox_s", "torch vox/s", "{:,}"), Column("ratio", "znn/torch", "{:.2f}"),
-            Column("max_diff", "rel diff", "{:.1e}"))
+def _static(onnx: Path, spec: NetworkSpec, outsz: Triple, workdir: Path) -> Path:
+    from znn.bench.onnxnet import static_copy
+
+    return static_copy(onnx, workdir / f"{onnx.stem}-{outsz[0]}.onnx", spec.layout(outsz).input_patch)
+
+
+def _fill(row: Row, engine: str, result: Row) -> None:
+    """``result`` of ``engine`` into ``row`` under ``<engine>_...`` keys (znn also its configuration)."""
+    if result.get("vox_s") is None:
+        row[f"{engine}_note"] = result.get("note", "not run")
+        return
+    row.update({f"{engine}_vox_s": result["vox_s"], f"{engine}_s": result["seconds"],
+                f"{engine}_rss": result["peak_rss"]})
+    if engine == "znn":
+        row.update(modes=mode_names(result["modes"]), spectra_s=result["spectra_s"])
+
+
+def _time_znn_cluster(bench: _Bench, net: Network, outsz: Triple, row: Row) -> None:
+    """Dense inference of a synthetic volume of two blocks per worker on the runner's cluster (see
+    :func:`znn.bench.scaling.measure`), one block per single-threaded worker at a time, when that fits."""
+    runner, request = bench.runner, bench.request
+    assert runner is not None
+    job = EngineJob("znn", "", outsz, request.threads, request.repeat, modes=request.modes, memory=request.memory,
+                    block_threads=1)
+    fit = fit_block(net.spec, outsz, job, memplan.process_rss(), in_flight=1)
+    row.update(block_threads=1, spectra_cache=fit.spectra_cache, predicted_bytes=fit.predicted, fits=fit.fits,
+               modes=mode_names(fit.modes))
+    if not fit.fits:
+        return
+    with tempfile.TemporaryDirectory(prefix="znn-bench-", dir=bench.workdir) as tmp:
+        shape = block_grid_shape(2 * max(1, runner.workers), outsz)
+        volume = synthetic_volume(Path(tmp) / "input.zarr", shape, request.seed)
+        modes = request.modes if request.modes == "optimize" else fit.modes
+        work = DenseWork(net, volume, outsz, modes, fit.spectra_cache)
+        dense = measure([runner], work, request.repeat, Path(tmp))[0]
+    row.update(znn_s=dense["seconds"], znn_vox_s=round(dense["voxels_s"]), workers=runner.workers,
+               blocks=dense["blocks"])
+
+
+# ---------------------------------------------------------------------------------------------- tables 2 and 3
+
+
+def _config_label(row: Row) -> str:
+    blocks, threads = row.get("blocks", 1), row.get("block_threads", 1)
+    return f"{blocks} block{'s' if blocks > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
+
+
+def _largest_and_configs(bench: _Bench, name: str, net: Network, measured: dict[str, list[Row]]) -> list[Row]:
+    request = bench.request
+    rows: list[Row] = []
+    plan: Row | None = None
+    if bench.runner is not None:
+        bench.notes.append(f"{name}: the plan's choice and its alternatives are timed only without a cluster "
+                           "(--scheduler threads)")
+    else:
+        job = EngineJob("znn", name, (1, 1, 1), request.threads, request.repeat, request.seed, modes=request.modes,
+                        memory=request.memory, choose="plan")
+        plan = run_engine(job, bench.limits(), bench.workdir)
+        if plan.get("vox_s") is None:
+            bench.notes.append(f"{name}: the plan's choice for {format_bytes(request.memory)} did not run: "
+                               f"{plan.get('note')}")
+            plan = None
+    best = {"znn": plan, **{p: largest_fit(measured[p], request.memory) for p in bench.peers}}
+    for engine, found in best.items():
+        row: Row = {"kind": "largest", "net": name, "engine": engine, "memory": request.memory}
+        if found is None:
+            row["config"] = "did not run" if engine == "znn" else "no measured patch fits"
+        else:
+            row.update(outsz=found["outsz"], vox_s=found["vox_s"], peak_rss=found["peak_rss"],
+                       fits=found["peak_rss"] <= request.memory,
+                       config=_config_label(found) if engine == "znn" else f"{request.threads} threads")
+            if plan is not None and engine != "znn" and found["vox_s"] > 0:
+                row["ratio"] = round(plan["vox_s"] / found["vox_s"], 2)
+        rows.append(row)
+    if plan is not None:
+        rows += _configs(bench, name, net, plan)
+    return rows
+
+
+def _alternatives(request: ForwardBenchRequest, plan: Row) -> list[tuple[int, str]]:
+    """(threads per block, modes) of the alternatives to the plan's choice: every core on one block, one block per
+    core, all layers in FFT mode with the plan's threads (without repeats, nor the plan's own)."""
+    tries = [(1, request.modes), (request.threads, request.modes), (plan["block_threads"], "fft")]
+    found: list[tuple[int, str]] = []
+    for t in tries:
+        if t != (plan["block_threads"], request.modes) and t not in found:
+            found.append(t)
+    return found
+
+
+def _configs(bench: _Bench, name: str, net: Network, plan: Row) -> list[Row]:
+    """Table 3 for one network: the plan's choice and each alternative at its patch, the fastest marked."""
+    request = bench.request
+    outsz = (plan["outsz"][0], plan["outsz"][1], plan["outsz"][2])
+    results = [dict(plan, plan=True)]
+    for bt, modes in _alternatives(request, plan) if request.alternatives else []:
+        blocks = max(1, request.threads // bt)
+        est = memplan.block_estimate(net.spec, outsz, "fft" if modes == "optimize" else modes, plan["spectra_cache"])
+        peak = est.total(blocks, plan.get("start_rss", 0))
+        job = EngineJob("znn", name, outsz, request.threads, request.repeat, request.seed, block_threads=bt,
+                        modes=modes, spectra_cache=plan["spectra_cache"])
+        if peak > bench.machine:
+            results.append({"outsz": list(outsz), "block_threads": bt, "blocks": blocks, "modes": modes,
+                            "all_fft": modes == "fft" and request.modes != "fft",
+                            "note": f"skipped (predicted {format_bytes(peak)} > the machine's memory)"})
+        else:
+            results.append(dict(run_engine(job, bench.limits(), bench.workdir), block_threads=bt, blocks=blocks,
+                                predicted_bytes=peak, all_fft=modes == "fft" and request.modes != "fft"))
+    timed = [r for r in results if r.get("vox_s") is not None]
+    within = [r for r in timed if r.get("peak_rss", 0) <= request.memory] or timed
+    fastest = max(within, key=lambda r: r["vox_s"]) if within else None
+    rows = []
+    for r in results:
+        label = _config_label(r) + (", all fft" if r.get("all_fft") else "")
+        row: Row = {"kind": "config", "net": name, "outsz": list(outsz), "config": label,
+                    "modes": mode_names(r["modes"]) if r.get("modes") is not None else "-",
+                    "spectra_cache": plan["spectra_cache"], "vox_s": r.get("vox_s"), "peak_rss": r.get("peak_rss"),
+                    "predicted_bytes": r.get("predicted_bytes"),
+                    "fits": r["peak_rss"] <= request.memory if r.get("peak_rss") else None,
+                    "plan": bool(r.get("plan")), "fastest": r is fastest, "note": r.get("note")}
+        if row["plan"] and fastest is not None:
+            row["plan_over_best"] = round(plan["vox_s"] / fastest["vox_s"], 2)
+        rows.append(row)
+    return rows
+
+
+# ---------------------------------------------------------------------------------------------- tables
+
+
+def progress_line(row: Row) -> str:
+    """One line on a row just measured, for the progress output."""
+    if row.get("kind") == "patch":
+        rates = ", ".join(f"{TITLES[e]} {row.get(f'{e}_vox_s') or row.get(f'{e}_note', '-')}"
+                          for e in ("znn", *PEERS) if f"{e}_vox_s" in row or f"{e}_note" in row)
+        return f"  {row['net']} {row['outsz']}: {rates} vox/s"
+    what = row.get("engine") or row.get("config")
+    return f"  {row['net']} {row.get('kind')} {what} {row.get('outsz')}: {row.get('vox_s')} vox/s"
+
+
+def _short(note: str | None) -> str:
+    """A skipped or failed run in a table cell."""
+    if not note:
+        return "-"
+    for start, text in (("skipped (time", "time cap"), ("skipped (memory", "memory"), ("skipped (a smaller", "-"),
+                        ("skipped (predicted", "memory"), ("killed after", "killed: time"),
+                        ("killed at", "killed: memory"), ("failed", "failed")):
+        if note.startswith(start):
+            return text
+    return "-"
+
+
+_PATCH = (Column("net", "net"), Column("outsz", "output"), Column("block_threads", "thr/block"),
+          Column("modes", "conv modes"), Column("spectra_cache", "spectra"), Column("predicted_bytes", "plan mem"),
+          Column("znn_vox_s", "znn vox/s", "{:,}"), Column("znn_rss", "znn peak"),
+          Column("torch_vox_s", "torch vox/s", "{:,}"), Column("torch_rss", "torch peak"),
+          Column("ort_vox_s", "ORT vox/s", "{:,}"), Column("ort_rss", "ORT peak"),
+          Column("torch_ratio", "znn/torch", "{:.2f}"), Column("ort_ratio", "znn/ORT", "{:.2f}"),
+          Column("torch_diff", "diff torch", "{:.1e}"), Column("ort_diff", "diff ORT", "{:.1e}"))
+_LARGEST = (Column("net", "net"), Column("engine", "engine"), Column("outsz", "output"),
+            Column("config", "configuration"), Column("vox_s", "vox/s", "{:,}"), Column("peak_rss", "peak RSS"),
+            Column("fits", "in memory"), Column("ratio", "znn/this", "{:.2f}"))
+_CONFIG = (Column("net", "net"), Column("outsz", "output"), Column("config", "configuration"),
+           Column("modes", "conv modes"), Column("spectra_cache", "spectra"), Column("vox_s", "vox/s", "{:,}"),
+           Column("peak_rss", "peak RSS"), Column("predicted_bytes", "plan mem"), Column("fits", "in memory"),
+           Column("mark", ""))
 
 
 def _cell(row: Row, col: Column) -> str:
     value = row.get(col.key)
+    if col.key == "mark":
+        return ", ".join(m for m, on in (("plan", row.get("plan")), ("fastest", row.get("fastest"))) if on)
     if value is None:
-        return "-" if col.key != "znn_vox_s" or row.get("fits", True) else "does not fit"
-    if col.key == "predicted_bytes":
+        if col.key == "znn_vox_s" and not row.get("fits", True):
+            return "does not fit"
+        if col.key.endswith("vox_s"):
+            return _short(row.get(col.key.replace("vox_s", "note")))
+        return "-"
+    if col.key in ("predicted_bytes", "peak_rss") or col.key.endswith("_rss"):
         return format_bytes(value)
     if col.key == "spectra_cache":
         return "cached" if value else "per block"
+    if col.key == "fits":
+        return "yes" if value else "no"
+    if col.key == "engine":
+        return TITLES.get(value, str(value))
     return plain_cell(value, col.fmt)
 
 
 def format_table(rows: Sequence[Row]) -> str:
-    lines = [rows_table(_COLUMNS, rows, _cell)]
-    if rows:
-        lines.append(f"output voxels/s, {rows[0]['threads']} threads, median of {rows[0]['repeat']}; znn runs "
-                     f"{rows[0]['threads']} // thr/block blocks at once, torch one patch with "
-                     f"{rows[0]['threads']} intra-op threads; targets znn/torch >= {TARGETS}")
-        if rows[0].get("scheduler", "threads") not in ("threads", "synchronous"):
-            lines.append(f"znn here: dense inference on the dask cluster {rows[0]['scheduler']} "
-                         f"({rows[0].get('workers', '?')} worker(s), one block per single-threaded worker at a time, "
+    """The three tables (those with rows), each with what it measured, then the notes."""
+    patch = [r for r in rows if r.get("kind", "patch") == "patch"]
+    largest = [r for r in rows if r.get("kind") == "largest"]
+    config = [r for r in rows if r.get("kind") == "config"]
+    lines: list[str] = []
+    if patch:
+        first = patch[0]
+        lines += [f"each engine at each output patch: output voxels/s, {first['threads']} threads, median of "
+                  f"{first['repeat']}; znn runs {first['threads']} // thr/block blocks at once, the peers one patch; "
+                  "peak = VmHWM of a fresh process per engine and patch", rows_table(_PATCH, patch, _cell)]
+        if first.get("scheduler", "threads") not in ("threads", "synchronous"):
+            lines.append(f"znn here: dense inference on the dask cluster {first['scheduler']} "
+                         f"({first.get('workers', '?')} worker(s), one block per single-threaded worker at a time, "
                          "two blocks per worker), not --threads // thr/block")
+    if largest:
+        lines += ["", f"each engine at the largest patch it fits into {format_bytes(largest[0]['memory'])} (znn: the "
+                  f"plan's choice; peers: the largest measured patch whose peak fits); targets znn/ONNX Runtime >= "
+                  f"{TARGETS}", rows_table(_LARGEST, largest, _cell)]
+    if config:
+        lines += ["", "the plan's choice beside the alternatives the bench tried at its patch",
+                  rows_table(_CONFIG, config, _cell)]
+        lines += [f"{r['net']}: plan {r['config']} {r['vox_s']:,} vox/s; plan / best within the memory = "
+                  f"{r['plan_over_best']:.2f}" + ("" if r["fits"] else " (the plan's own peak is over the memory)")
+                  for r in config if r.get("plan") and r.get("plan_over_best") is not None]
+    notes = [r["text"] for r in rows if r.get("kind") == "note"]
+    notes += [f"{r['net']} {r.get('outsz')} {r.get('engine') or r.get('config')}: {r['note']}"
+              for r in rows if r.get("kind") == "config" and r.get("note")]
+    notes += [f"{r['net']} {r['outsz']} {TITLES[e]}: {r[f'{e}_note']}" for r in patch for e in ("znn", *PEERS)
+              if r.get(f"{e}_note")]
+    lines += ["", *(f"note: {n}" for n in notes)] if notes else []
     return "\n".join(lines)

@@ -63,6 +63,16 @@ def _transfer(name: str, args: Sequence[float], x: torch.Tensor, training: bool)
     raise ValueError(f"transfer function {name!r} has no PyTorch counterpart here")
 
 
+def _trim(x: torch.Tensor, lo: Sequence[int], hi: Sequence[int]) -> torch.Tensor:
+    """``x`` without ``lo`` voxels at the start and ``hi`` at the end of each spatial axis. Both are the same at
+    every output patch (they come from the network's structure), so a module traced at one patch (the ONNX export
+    of :mod:`znn.bench.onnxnet`) runs at any other."""
+    if not any(lo) and not any(hi):
+        return x
+    z, y, w = (slice(int(a), -int(b) if b else None) for a, b in zip(lo, hi))
+    return x[:, :, z, y, w]
+
+
 class TorchNet(torch.nn.Module):
     """A network spec evaluated in PyTorch at a fixed output patch.
 
@@ -81,6 +91,7 @@ class TorchNet(torch.nn.Module):
         self.bias = torch.nn.ParameterDict(
             {n: torch.nn.Parameter(torch.from_numpy(np.array(b, copy=True))) for n, b in biases.items()})
         self.order = spec.order()
+        self._trims = self.trims()
         self.train(training)
 
     @property
@@ -120,16 +131,22 @@ class TorchNet(torch.nn.Module):
             values[node] = y
         return {n: values[n] for n in spec.outputs}
 
-    def _edge(self, name: str, values: dict[str, torch.Tensor]) -> torch.Tensor:
+    def trims(self) -> dict[str, tuple[Triple, Triple]]:
+        """Per edge, the voxels it drops at the start and at the end of each axis of its input node (the central
+        part it reads)."""
         spec, layout = self.spec, self.layout
-        edge = spec.edges[name]
-        need = spec.edge_input_extent(edge, layout.extent[edge.output], layout.sparsity)
-        have = layout.extent[edge.input]
-        lo = [(a - b) // 2 for a, b in zip(have, need)]
-        x = values[edge.input]
-        if tuple(need) != tuple(have):
-            x = x[:, :, lo[0]:lo[0] + need[0], lo[1]:lo[1] + need[1], lo[2]:lo[2] + need[2]]
-        dilation = layout.sparsity[edge.input]
+        found = {}
+        for name, edge in spec.edges.items():
+            need = spec.edge_input_extent(edge, layout.extent[edge.output], layout.sparsity)
+            have = layout.extent[edge.input]
+            lo = tuple((a - b) // 2 for a, b in zip(have, need))
+            found[name] = (lo, tuple(a - b - c for a, b, c in zip(have, need, lo)))
+        return found  # type: ignore[return-value]
+
+    def _edge(self, name: str, values: dict[str, torch.Tensor]) -> torch.Tensor:
+        edge = self.spec.edges[name]
+        x = _trim(values[edge.input], *self._trims[name])
+        dilation = self.layout.sparsity[edge.input]
         if edge.type == "conv":
             return F.conv3d(x, self.weight[name], dilation=dilation)
         if edge.type == "max_filter":
@@ -139,8 +156,7 @@ class TorchNet(torch.nn.Module):
         if edge.type == "dropout":
             return F.dropout(x, p=1.0 - edge.ratio, training=self.training) if edge.ratio < 1 else x
         if edge.type == "crop":
-            o = edge.offset
-            return x[:, :, o[0]:x.shape[2] - o[0], o[1]:x.shape[3] - o[1], o[2]:x.shape[4] - o[2]]
+            return _trim(x, edge.offset, edge.offset)
         return x  # maxout: the node takes the maximum
 
     def znn_parameters(self) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:

@@ -118,29 +118,40 @@ def _run_net(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _forward_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--nets", nargs="+", choices=sorted(forward.NETWORKS), default=sorted(forward.NETWORKS))
-    parser.add_argument("--outsz", type=positive_int, nargs="+", help="output cube sides (default: 8 16 32)")
-    parser.add_argument("--threads", type=positive_int, default=2)
-    parser.add_argument("--block-threads", type=positive_int, help="threads per block (default: 1 if one block "
-                                                                   "per thread fits --memory, else --threads)")
-    parser.add_argument("--repeat", type=positive_int, default=2)
+    parser.add_argument("--nets", nargs="+", choices=forward.CHOICES, default=list(forward.NETWORKS),
+                        help="networks (default: n337 n726; tiny3d for a quick run)")
+    parser.add_argument("--outsz", type=positive_int, nargs="+",
+                        help="output cube sides, run in ascending order (default: 16 32 48 64 96)")
+    parser.add_argument("--threads", type=positive_int, default=2, help="threads of every engine (default 2)")
+    parser.add_argument("--block-threads", type=positive_int, help="threads per znn block in the table of patches "
+                                                                   "(default: 1 if one block per thread fits "
+                                                                   "--memory, else --threads)")
+    parser.add_argument("--repeat", type=positive_int, default=2, help="timed runs after a warm-up, median reported")
     parser.add_argument("--modes", choices=MODES, default="optimize",
-                        help="conv modes (optimize: the planner's cost model per layer)")
-    parser.add_argument("--memory", type=memory, default="16GB", help="memory the blocks may use (default 16GB)")
-    parser.add_argument("--no-torch", action="store_true")
-    add_scheduler_argument(parser, "threads (default: blocks timed in this process), synchronous, local (a cluster "
-                                   "of --threads single-threaded workers on 127.0.0.1) or a scheduler address: znn's "
-                                   "side is then dense inference on that cluster; default: dask config "
-                                   "znn.scheduler, else threads")
+                        help="conv modes (optimize: timed per layer, as the dense planner does)")
+    parser.add_argument("--memory", type=memory, default="16GB",
+                        help="memory an engine may use: znn's plan and the largest patch of each engine fit it "
+                             "(default 16GB)")
+    parser.add_argument("--time-cap", type=positive_number, default=300.0,
+                        help="seconds: skip a patch whose one pass the engine's measured growth predicts longer, kill "
+                             "a run that takes (repeat + 1) times longer (default %(default)s)")
+    parser.add_argument("--no-torch", action="store_true", help="do not run PyTorch")
+    parser.add_argument("--no-ort", action="store_true", help="do not run ONNX Runtime")
+    parser.add_argument("--no-alternatives", action="store_true",
+                        help="time only the plan's choice, not the alternatives at its patch")
+    add_scheduler_argument(parser, "threads (default: blocks timed in a child process), synchronous, local (a "
+                                   "cluster of --threads single-threaded workers on 127.0.0.1) or a scheduler address: "
+                                   "znn's side of the table of patches is then dense inference on that cluster; "
+                                   "default: dask config znn.scheduler, else threads")
     parser.add_argument("--json", help="also write the rows to this JSON file")
 
 
 def _run_forward(args: argparse.Namespace) -> list[Row]:
     request = forward.ForwardBenchRequest(tuple(args.nets), args.outsz, args.threads, args.repeat, args.modes,
                                           args.memory, not args.no_torch, block_threads=args.block_threads,
-                                          scheduler=args.scheduler)
-    rows = forward.run_forward_bench(request, progress=lambda r: _progress(
-        f"  {r['net']} {r['outsz']}: znn {r.get('znn_vox_s')} vox/s, torch {r.get('torch_vox_s')} vox/s"))
+                                          scheduler=args.scheduler, ort=not args.no_ort, time_cap=args.time_cap,
+                                          alternatives=not args.no_alternatives)
+    rows = forward.run_forward_bench(request, progress=lambda r: _progress(forward.progress_line(r)))
     print(forward.format_table(rows))
     if args.json:
         write_rows(args.json, rows)

@@ -4,8 +4,9 @@ Everything here works on batches of 3D volumes ``(n, Z, Y, X)`` (a 2D map is ``Z
 transforms over the last three axes, so a spectrum has shape ``(n, Z, Y, X // 2 + 1)``.
 
 Plans are measured once per (direction, batch, shape, dtype, threads, alignment) with ``FFTW_MEASURE`` (or
-``ZNN_FFTW_PLANNER``); the measurement lives on in FFTW's wisdom for the process (and in a file through
-:func:`save_wisdom`/:func:`load_wisdom`). The pyfftw ``FFTW`` objects are cached per Python thread, because
+``ZNN_FFTW_PLANNER``); the measurement lives on in FFTW's wisdom for the process, in the per-user wisdom cache
+for later processes on the same machine (:mod:`znn.ops.wisdom`, loaded before the first plan) and in a file
+through :func:`save_wisdom`/:func:`load_wisdom`. The pyfftw ``FFTW`` objects are cached per Python thread, because
 one is rebound to new arrays before each run (``update_arrays``), which is not safe to share; a second
 thread's object is built from wisdom in ~0.3 ms. The caches are bounded in bytes, since an ``FFTW`` object
 keeps its last arrays alive.
@@ -16,14 +17,13 @@ thread meanwhile; with ``threads=1`` they run inline and change nothing.
 
 from __future__ import annotations
 
-import json
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
@@ -31,6 +31,8 @@ import pyfftw
 from threadpoolctl import ThreadpoolController
 
 from znn.errors import ShapeError
+from znn.ops import wisdom
+from znn.ops.wisdom import PLANNER_LOCK, load_wisdom, save_wisdom
 from znn.types import Triple
 
 __all__ = [
@@ -53,7 +55,6 @@ __all__ = [
     "drop_plans",
 ]
 
-_PLAN_LOCK = threading.Lock()  # FFTW's planner is not thread-safe
 _LOCAL = threading.local()
 # Bytes of arrays that cached FFTW objects may keep alive, per thread.
 _PLAN_CACHE_BYTES = 256 << 20
@@ -297,21 +298,25 @@ def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Triple, threa
     if plan is not None:
         plan.update_arrays(src, dst)
         return plan
-    flags = [planner_effort()] if aligned else [planner_effort(), "FFTW_UNALIGNED"]
+    effort = planner_effort()
+    wisdom.ensure_cache_loaded(effort)  # once per process: what earlier processes planned on this machine
+    flags = [effort] if aligned else [effort, "FFTW_UNALIGNED"]
     if direction == "inverse":
         flags.append("FFTW_DESTROY_INPUT")  # multi-dimensional c2r cannot preserve its input anyway
     fftw_dir = "FFTW_FORWARD" if direction == "forward" else "FFTW_BACKWARD"
-    with _PLAN_LOCK:
+    with PLANNER_LOCK:
         try:
             plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir,
                                flags=(*flags, "FFTW_WISDOM_ONLY"), threads=threads)
         except RuntimeError:  # no wisdom yet: measure on scratch arrays, then plan from the new wisdom
+            t0 = time.perf_counter()
             pyfftw.FFTW(empty_aligned(src.shape, src.dtype), empty_aligned(dst.shape, dst.dtype),
                         axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags), threads=threads)
             saved = src.copy()  # in case the wisdom does not apply and the planner runs trials on src
             plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags),
                                threads=threads)
             np.copyto(src, saved)
+            wisdom.note_planned(time.perf_counter() - t0)
     cache.put(key, plan, src.nbytes + dst.nbytes)
     return plan
 
@@ -365,26 +370,3 @@ def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1, count: bool
     if count:
         count_transforms("inverse", spec.shape[0])
     return out
-
-
-# ----------------------------------------------------------------------------------------------- wisdom
-
-
-def save_wisdom(path: str | Path) -> None:
-    """Write FFTW's accumulated wisdom (all precisions) to ``path`` as JSON, so later runs skip planning."""
-    blobs = pyfftw.export_wisdom()
-    text = json.dumps({"fftw_wisdom": [b.decode("ascii") for b in blobs]})
-    Path(path).write_text(text)
-
-
-def load_wisdom(path: str | Path) -> tuple[bool, ...]:
-    """Import wisdom written by :func:`save_wisdom`; returns, per precision, whether FFTW accepted it.
-
-    A missing file is not an error (first run): it returns all ``False``.
-    """
-    p = Path(path)
-    if not p.exists():
-        return (False, False, False)
-    blobs = json.loads(p.read_text())["fftw_wisdom"]
-    with _PLAN_LOCK:
-        return tuple(bool(ok) for ok in pyfftw.import_wisdom(tuple(b.encode("ascii") for b in blobs)))

@@ -181,6 +181,7 @@ def test_cache_location(tmp_path, monkeypatch):
     assert cache_file(tmp_path / "x.json") == tmp_path / "x.json"  # an explicit path beats the environment
     monkeypatch.delenv("ZNN_CACHE_DIR")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("XDG_CACHE_HOME", raising=False)  # platformdirs: ~/.cache unless this is set
     assert cache_file() == tmp_path / "home" / ".cache" / "znn" / "autotune.json"
 
 

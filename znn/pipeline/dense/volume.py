@@ -12,8 +12,9 @@ at the border, and writes only its own part). Each block is one dask task that
    when the memory plan says they do not fit);
 3. applies the output transform (softmax or sigmoid over channels) and writes its region into the output image's
    full-resolution array, whose chunks are the output blocks (no two tasks write one chunk), then marks the block
-   done in the manifest
-   (:mod:`znn.pipeline.dense.manifest`). Chunks are written atomically (:class:`~znn.io.atomic_store.AtomicLocalStore`:
+   done in the manifest (:mod:`znn.pipeline.dense.manifest`) and saves the FFT plans its process made so far to the
+   per-user wisdom cache (:mod:`znn.ops.wisdom`; nothing to do once a process plans nothing new). Chunks are
+   written atomically (:class:`~znn.io.atomic_store.AtomicLocalStore`:
    a temporary file renamed into place), so a worker killed mid-write never leaves a half-written chunk.
 
 Each output is an OME-Zarr image (:mod:`znn.io.ngff`: axes, voxel size, where it lies in the input, provenance);
@@ -71,6 +72,7 @@ from znn.io.stores import (
     write_region,
 )
 from znn.network import Network
+from znn.ops import wisdom
 from znn.ops.transform import OUTPUT_TRANSFORMS, apply_transform
 from znn.pipeline.dense.grid import Block
 from znn.pipeline.dense.inputs import Source, open_sources, read_region
@@ -169,6 +171,7 @@ def run_block(ctx: _Context, index: Index, origin: Triple, lo: Triple, hi: Tripl
     for node in ctx.outputs:
         write_region(ctx.store, node, region, apply_transform(outs[node], ctx.transform)[(slice(None), *cut)])
     Manifest(ctx.store, ctx.digest, ctx.layout).mark_done(index)
+    wisdom.save_cache()  # this process's new FFT plans, for later runs (a no-op once nothing new is planned)
     t3 = time.perf_counter()
     return {"index": index, "voxels": int(np.prod([b - a for a, b in zip(lo, hi)])), "read_s": t1 - t0,
             "forward_s": t2 - t1, "write_s": t3 - t2, "started": started, "finished": started + (t3 - t0),

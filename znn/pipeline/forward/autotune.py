@@ -30,12 +30,12 @@ import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from znn.environment import cache_dir, cpu_model
 from znn.ops import fft as fftops
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.plan import CONV_MODES, EdgePlan, make_plan
@@ -297,31 +297,19 @@ def inference_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str |
 # ---------------------------------------------------------------------------------------------- the cache
 
 
-@lru_cache(maxsize=None)
-def _cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown-cpu"
-
-
 def machine_id() -> str:
     """What a timing depends on besides the layer: architecture, CPU model, NumPy (its BLAS) and pyfftw."""
     from importlib.metadata import version
 
-    return f"{platform.machine()};{_cpu_model()};numpy {np.__version__};pyfftw {version('pyfftw')}"
+    return f"{platform.machine()};{cpu_model()};numpy {np.__version__};pyfftw {version('pyfftw')}"
 
 
 def cache_file(path: str | Path | None = None) -> Path:
-    """The autotune file: ``path`` if given, else ``$ZNN_CACHE_DIR/autotune.json``, else
-    ``~/.cache/znn/autotune.json``."""
+    """The autotune file: ``path`` if given, else ``autotune.json`` in :func:`znn.environment.cache_dir`
+    (``$ZNN_CACHE_DIR``, else ``~/.cache/znn`` on Linux)."""
     if path is not None:
         return Path(path)
-    root = os.environ.get("ZNN_CACHE_DIR")
-    return (Path(root) if root else Path.home() / ".cache" / "znn") / "autotune.json"
+    return cache_dir() / "autotune.json"
 
 
 def _read(path: Path) -> dict[str, dict[str, Any]]:

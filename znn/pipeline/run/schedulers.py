@@ -226,7 +226,11 @@ class _WisdomPlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         import pyfftw
 
-        pyfftw.import_wisdom(self.wisdom)
+        from znn.ops import fft, wisdom
+
+        wisdom.ensure_cache_loaded(fft.planner_effort())  # first, so the driver's plans win over the disk cache's
+        with wisdom.PLANNER_LOCK:
+            pyfftw.import_wisdom(self.wisdom)
 
 
 def check_scheduler(value: str, where: str = "scheduler") -> str:

@@ -25,6 +25,7 @@ from znn.io.checkpoint import load_checkpoint, load_statistics, save_checkpoint
 from znn.io.config import Job
 from znn.network import Network
 from znn.ops import loss as losses
+from znn.ops import wisdom
 from znn.ops.sgd import anneal
 from znn.pipeline.graph.build import Hyper
 from znn.pipeline.train.curve import LearningCurve
@@ -294,4 +295,5 @@ class Trainer:
         save_checkpoint(numbered, self.engine.net, stats)
         save_checkpoint(current, self.engine.net, stats)
         self.curve.plot(Path(f"{self.prefix}_curve.png"), title=f"{self.prefix.name} at iteration {self.iteration}")
+        wisdom.save_cache()  # the FFT plans of this run, for the next one (no-op when nothing new was planned)
         return current

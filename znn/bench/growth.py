@@ -1,0 +1,87 @@
+"""What an engine's next, larger patch will cost, from the patches it ran: `znn bench forward` runs each engine at
+ascending output patches and skips a patch that the measured growth says would pass the time cap or the machine's
+memory, or that follows a patch the engine could not finish; and which measured patch is the largest that fits a
+memory budget.
+
+Growth is extrapolated over input-patch voxels (what every layer's activations scale with): through the two
+largest patches measured (slope at least zero), or in proportion from one.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from znn.bench.common import Row
+
+__all__ = ["Point", "extrapolate", "skip_reason", "largest_fit", "machine_memory"]
+
+
+@dataclass(frozen=True)
+class Point:
+    """One run of an engine: ``voxels`` of its input patch, ``seconds`` of one pass, ``peak_rss`` bytes; ``failed``:
+    killed or crashed (larger patches are not tried)."""
+
+    voxels: int
+    seconds: float = 0.0
+    peak_rss: int = 0
+    failed: bool = False
+
+
+def extrapolate(points: Sequence[Point], voxels: int) -> tuple[float, float] | None:
+    """Predicted (seconds, peak bytes) at ``voxels`` from the successful ``points``; None without any."""
+    done = sorted((p for p in points if not p.failed), key=lambda p: p.voxels)
+    if not done:
+        return None
+    last = done[-1]
+    if len(done) == 1 or done[-2].voxels == last.voxels:
+        scale = voxels / max(1, last.voxels)
+        return last.seconds * scale, last.peak_rss * scale
+    prev = done[-2]
+    span = last.voxels - prev.voxels
+
+    def line(a: float, b: float) -> float:
+        return b + max(0.0, (b - a) / span) * (voxels - last.voxels)
+
+    return line(prev.seconds, last.seconds), line(prev.peak_rss, last.peak_rss)
+
+
+def skip_reason(points: Sequence[Point], voxels: int, time_cap: float, memory: int) -> str | None:
+    """Why an engine with runs ``points`` should not run a patch of ``voxels`` input voxels, or None: a smaller
+    patch failed, or one pass is predicted over ``time_cap`` seconds or its peak over ``memory`` bytes."""
+    if any(p.failed and p.voxels <= voxels for p in points):
+        return "skipped (a smaller patch did not finish)"
+    predicted = extrapolate(points, voxels)
+    if predicted is None:
+        return None
+    seconds, peak = predicted
+    if seconds > time_cap:
+        return f"skipped (time cap: a pass predicted {seconds:.0f} s > {time_cap:.0f} s)"
+    if peak > memory:
+        return f"skipped (memory: predicted peak {peak / 2**30:.1f} GiB > {memory / 2**30:.1f} GiB)"
+    return None
+
+
+def largest_fit(rows: Sequence[Row], memory: int) -> Row | None:
+    """Of the measured ``rows`` (``outsz``, ``vox_s``, ``peak_rss``), the one of the largest output patch whose peak
+    resident memory fits ``memory`` bytes (the faster of equal patches); None when none fits."""
+    fits = [r for r in rows if r.get("vox_s") is not None and 0 < r.get("peak_rss", 0) <= memory]
+    if not fits:
+        return None
+    return max(fits, key=lambda r: (math.prod(r["outsz"]), r["vox_s"]))
+
+
+def machine_memory() -> int:
+    """Bytes this machine can give a benchmark process now: MemAvailable (Linux ``/proc/meminfo``; on a machine
+    shared with other work, less than its total), else the physical memory."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    import os
+
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
