@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -91,7 +92,9 @@ def test_onnx_runtime_missing_is_a_note_not_a_failure(tmp_path):
     rows = json.loads(done.stdout.strip().splitlines()[-1])
     (row,) = _kind(rows, "patch")
     assert row["znn_vox_s"] > 0 and "ort_vox_s" not in row and "ort_rss" not in row
-    assert any("ONNX Runtime not run: onnxruntime not installed" in r["text"] for r in _kind(rows, "note"))
+    # where torch and onnx are missing too (CI's test venv) the note names them all
+    assert any(re.match(r"ONNX Runtime not run: (\w+, )*onnxruntime(, \w+)* not installed", r["text"])
+               for r in _kind(rows, "note"))
     assert [r["engine"] for r in _kind(rows, "largest")] == ["znn"]
 
 
