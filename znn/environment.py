@@ -48,3 +48,16 @@ def cpu_flags() -> str:
     machines with the same model name but different SIMD support (a VM hiding AVX-512) differ here."""
     flags = _cpuinfo_field("flags") or _cpuinfo_field("Features") or platform.machine()
     return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
+
+
+def proc_bytes(path: str, key: str) -> int:
+    """The ``key:`` line of a Linux ``/proc`` file (``/proc/self/status``, ``/proc/meminfo``) in bytes; 0 where the
+    file or the line is missing (another OS, a process that is gone)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                if line.startswith(f"{key}:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0

@@ -37,6 +37,7 @@ import numpy as np
 
 from znn.bench.common import Row
 from znn.bench.networks import bench_network
+from znn.environment import proc_bytes
 from znn.io.netfile import load_network
 from znn.network import Network
 from znn.spec import NetworkSpec
@@ -268,14 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def rss_of(pid: int) -> int:
     """Resident memory of process ``pid`` now, in bytes (Linux VmRSS; 0 where unknown or gone)."""
-    try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_bytes(f"/proc/{pid}/status", "VmRSS")
 
 
 def _child_env() -> dict[str, str]:

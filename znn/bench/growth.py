@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from znn.bench.common import Row
+from znn.environment import proc_bytes
 
 __all__ = ["Point", "extrapolate", "skip_reason", "largest_fit", "machine_memory"]
 
@@ -75,13 +76,6 @@ def largest_fit(rows: Sequence[Row], memory: int) -> Row | None:
 def machine_memory() -> int:
     """Bytes this machine can give a benchmark process now: MemAvailable (Linux ``/proc/meminfo``; on a machine
     shared with other work, less than its total), else the physical memory."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
     import os
 
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    return proc_bytes("/proc/meminfo", "MemAvailable") or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

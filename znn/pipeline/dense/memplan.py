@@ -30,6 +30,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from znn.environment import proc_bytes
 from znn.errors import ShapeError
 from znn.ops import fft as fftops
 from znn.ops.conv import TILE_BYTES, TILE_VOXELS
@@ -81,14 +82,7 @@ def peak_rss() -> int:
 
     Unlike ``ru_maxrss``, which a child inherits from the process that forked it, VmHWM starts afresh at exec, and
     writing ``5`` to ``/proc/self/clear_refs`` resets it to the current RSS."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return 0
+    return proc_bytes("/proc/self/status", "VmHWM")
 
 
 @dataclass(frozen=True)
