@@ -19,8 +19,9 @@ import numpy as np
 
 from znn.types import Triple
 
-# Working memory of one group of tiles (their real inputs, spectra, output spectra and real outputs). Large enough
-# that the per-frequency products run as matrix products of many rows (the kernel spectra are read once per group).
+# Working memory of one group of tiles (their input and output spectra; the real tiles live in small per-thread
+# buffers). Large enough that the per-frequency products run as matrix products of many rows (the kernel spectra
+# are read from memory once per group).
 PHASE_GROUP_BYTES = 512 << 20
 # Frequencies per product chunk: its spectra (tiles x maps x chunk, complex) stay in the core's cache.
 _FREQ_CHUNK = 64
