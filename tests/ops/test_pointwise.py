@@ -209,6 +209,24 @@ def test_transfer_forward_matches_math(name, args, training, dtype, rtol):
 
 
 @pytest.mark.parametrize("name,args", CASES)
+@pytest.mark.parametrize("piece_bytes, threads", [(12, 1), (12, 2), (1 << 20, 2)])
+def test_bias_transfer_inplace_equals_bias_then_transfer(monkeypatch, name, args, piece_bytes, threads):
+    """The in-place, pieced, threaded bias and transfer of inference gives the values of add_bias then
+    transfer_forward exactly, in the very array it was given; a non-contiguous array is refused, not copied."""
+    from znn.ops import pointwise
+
+    monkeypatch.setattr(pointwise, "_PIECE_BYTES", piece_bytes)
+    x = (np.random.default_rng(9).standard_normal((3, 2, 5, 7)) * 3).astype(np.float32)
+    bias = np.array([0.5, -1.0, 2.0])
+    want = transfer_forward(name, add_bias(x, bias), args, training=False)
+    got = pointwise.bias_transfer_inplace(x, bias, name, args, threads)
+    assert got is x
+    np.testing.assert_array_equal(got, want)
+    with pytest.raises(ShapeError, match="C-contiguous"):
+        pointwise.bias_transfer_inplace(x[:, :, ::2], bias, name, args)
+
+
+@pytest.mark.parametrize("name,args", CASES)
 def test_transfer_backward_matches_finite_differences(name, args):
     rng = np.random.default_rng(9)
     x = rng.standard_normal((2, 2, 3, 3)) * 2

@@ -169,15 +169,21 @@ def test_errors_name_the_shapes():
         max_filter_backward(np.zeros((1, 1, 1, 2)), np.zeros((1, 1, 1, 3), dtype=np.int32), (1, 1, 1, 4))
 
 
-@pytest.mark.parametrize("chunk_bytes", [1, 1 << 30])
-def test_max_filter_values_equal_max_filter(monkeypatch, chunk_bytes):
-    """The inference max filter (values only, a few maps at a time) equals the training one's values, whether the
-    maps are taken one at a time or all at once; a 1x1x1 window passes the maps through as they are."""
+@pytest.mark.parametrize("slab_bytes, threads", [(1, 1), (1, 2), (200, 2), (1 << 30, 1)])
+@pytest.mark.parametrize("size, dilation", [((2, 3, 2), (2, 1, 3)), ((1, 2, 1), (1, 2, 1)), ((3, 1, 1), (1, 1, 1)),
+                                            ((1, 1, 2), (1, 1, 1))])
+def test_max_filter_values_equal_max_filter(monkeypatch, slab_bytes, threads, size, dilation):
+    """The inference max filter (values only, in slabs of z planes, on threads) equals the training one's values
+    for slabs of one plane up to whole maps and windows along any subset of the axes, read from a strided view;
+    a 1x1x1 window passes the maps through as they are."""
     from znn.ops import pooling
 
-    monkeypatch.setattr(pooling, "_MAX_FILTER_CHUNK_BYTES", chunk_bytes)
+    monkeypatch.setattr(pooling, "_MAX_FILTER_SLAB_BYTES", slab_bytes)
     x = np.random.default_rng(1).standard_normal((3, 9, 10, 11)).astype(np.float32)
-    got = pooling.max_filter_values(x, (2, 3, 2), (2, 1, 3))
-    np.testing.assert_array_equal(got, pooling.max_filter(x, (2, 3, 2), (2, 1, 3))[0])
+    got = pooling.max_filter_values(x, size, dilation, threads)
+    np.testing.assert_array_equal(got, pooling.max_filter(x, size, dilation)[0])
     assert got.flags.c_contiguous and not np.may_share_memory(got, x)
+    view = x[:, 1:, ::2, 2:]
+    np.testing.assert_array_equal(pooling.max_filter_values(view, size, dilation, threads),
+                                  pooling.max_filter(np.ascontiguousarray(view), size, dilation)[0])
     np.testing.assert_array_equal(pooling.max_filter_values(x, (1, 1, 1), (1, 1, 1)), x)

@@ -29,6 +29,7 @@ import numpy as np
 from znn.errors import ShapeError
 from znn.ops.conv_fft import Spectra, conv_backward_fft, conv_forward_fft
 from znn.ops.fft import check_conv_shapes, parallel_map
+from znn.ops.pointwise import output_array
 from znn.types import Triple
 
 __all__ = [
@@ -103,10 +104,11 @@ def _gather(x: np.ndarray, tile: Tile, k: Triple, d: Triple, xo: int) -> np.ndar
 
 
 def conv_forward_direct(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
-                        threads: int = 1) -> np.ndarray:
+                        threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
     """Direct valid true convolution: ``(in, z, y, x)``, ``(in, out, kz, ky, kx)`` -> ``(out, z', y', x')``.
 
-    With ``threads > 1`` the tiles run on that many threads, BLAS single-threaded inside.
+    With ``threads > 1`` the tiles run on that many threads, BLAS single-threaded inside. ``out``: see
+    :func:`~znn.ops.pointwise.output_array`.
     """
     d = _dil(dilation)
     out_spatial = check_conv_shapes(x.shape, w.shape, d)
@@ -117,7 +119,7 @@ def conv_forward_direct(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = 
     # true convolution = correlation with the flipped kernel; rows ordered (sy, sx, in) like the columns
     wf = w[:, :, ::-1, ::-1, ::-1]
     wm = np.ascontiguousarray(wf.transpose(2, 1, 3, 4, 0)).reshape(kz, n_out, ky * kx * n_in)
-    y = np.empty((n_out, *out_spatial), dtype=x.dtype)
+    y = output_array(out, (n_out, *out_spatial), x.dtype, x)
 
     def work(tile: Tile) -> None:
         z0, z1, y0, y1 = tile

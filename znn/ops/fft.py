@@ -11,8 +11,8 @@ one is rebound to new arrays before each run (``update_arrays``), which is not s
 thread's object is built from wisdom in ~0.3 ms. The caches are bounded in bytes, since an ``FFTW`` object
 keeps its last arrays alive.
 
-Threads: :func:`parallel_chunks`/:func:`parallel_map` split work over a shared pool and hold BLAS to one
-thread meanwhile; with ``threads=1`` they run inline and change nothing.
+The thread helpers (:func:`parallel_chunks`, :func:`parallel_map`) live in :mod:`znn.ops.parallel` and are
+re-exported here for the kernels that import them with the transforms.
 """
 
 from __future__ import annotations
@@ -21,38 +21,36 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import pyfftw
-from threadpoolctl import ThreadpoolController
 
 from znn.errors import ShapeError
 from znn.ops import wisdom
+from znn.ops.parallel import blas_single_threaded, parallel_chunks, parallel_map
 from znn.ops.wisdom import PLANNER_LOCK, load_wisdom, save_wisdom
 from znn.types import Triple
 
 __all__ = [
+    "blas_single_threaded",
     "check_conv_shapes",
+    "complex_dtype",
+    "count_transforms",
+    "drop_plans",
+    "empty_aligned",
     "fast_len",
     "fft_shape",
-    "spectrum_shape",
-    "complex_dtype",
-    "rfft3",
     "irfft3",
-    "save_wisdom",
     "load_wisdom",
-    "transform_counts",
-    "reset_transform_counts",
-    "count_transforms",
     "parallel_chunks",
     "parallel_map",
-    "blas_single_threaded",
-    "empty_aligned",
-    "drop_plans",
+    "reset_transform_counts",
+    "rfft3",
+    "save_wisdom",
+    "spectrum_shape",
+    "transform_counts",
 ]
 
 _LOCAL = threading.local()
@@ -60,11 +58,6 @@ _LOCAL = threading.local()
 _PLAN_CACHE_BYTES = 256 << 20
 _COUNTS_LOCK = threading.Lock()
 _COUNTS: dict[str, int] = {"forward": 0, "inverse": 0}
-_POOLS: dict[int, ThreadPoolExecutor] = {}
-_POOLS_LOCK = threading.Lock()
-_CONTROLLER: ThreadpoolController | None = None
-T = TypeVar("T")
-R = TypeVar("R")
 
 # FFTW is fast for sizes whose only prime factors are these.
 _SMOOTH_PRIMES = (2, 3, 5, 7)
@@ -170,61 +163,6 @@ def reset_transform_counts() -> None:
             _COUNTS[key] = 0
 
 
-# ----------------------------------------------------------------------------------------------- threads
-
-
-def _pool(threads: int) -> ThreadPoolExecutor:
-    with _POOLS_LOCK:
-        pool = _POOLS.get(threads)
-        if pool is None:
-            pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="znn-ops")
-            _POOLS[threads] = pool
-        return pool
-
-
-def _blas_controller() -> ThreadpoolController:
-    global _CONTROLLER
-    if _CONTROLLER is None:
-        _CONTROLLER = ThreadpoolController()
-    return _CONTROLLER
-
-
-@contextmanager
-def blas_single_threaded() -> Iterator[None]:
-    """BLAS on one thread while our own threads split the work (no oversubscription, no BLAS spin-waits).
-
-    The limit is process-wide: it is meant for a call that owns the cores (``threads > 1``); tasks running
-    side by side use ``threads=1`` and never enter here.
-    """
-    with _blas_controller().limit(limits=1, user_api="blas"):
-        yield
-
-
-def parallel_chunks(n: int, threads: int, work: Callable[[int, int], None], min_chunk: int = 1,
-                    pieces_per_thread: int = 1) -> None:
-    """Run ``work(start, stop)`` over contiguous pieces of ``range(n)`` on ``threads`` threads.
-
-    NumPy's matmul and ufunc loops and FFTW's execute release the GIL, so Python threads give real
-    parallelism for work that BLAS does not thread by itself (many small matrix products, batched plans).
-    More pieces than threads balance the load when another process takes part of a core.
-    """
-    pieces = max(1, min(threads * pieces_per_thread, n // max(1, min_chunk)))
-    if threads <= 1 or pieces == 1:
-        work(0, n)
-        return
-    bounds = [round(i * n / pieces) for i in range(pieces + 1)]
-    with blas_single_threaded():
-        futures = [_pool(threads).submit(work, bounds[i], bounds[i + 1]) for i in range(pieces)]
-        for future in futures:
-            future.result()
-
-
-def parallel_map(fn: Callable[[T], R], items: Sequence[T], threads: int) -> list[R]:
-    """``[fn(item) for item in items]`` on ``threads`` threads (BLAS single-threaded meanwhile), in order."""
-    if threads <= 1 or len(items) <= 1:
-        return [fn(item) for item in items]
-    with blas_single_threaded():
-        return list(_pool(threads).map(fn, items))
 
 
 # ----------------------------------------------------------------------------------------------- plans

@@ -17,6 +17,7 @@ from itertools import product
 
 import numpy as np
 
+from znn.ops.pointwise import output_array
 from znn.types import Triple
 
 # Working memory of one group of tiles (their input and output spectra; the real tiles live in small per-thread
@@ -64,25 +65,36 @@ def _triple(values: Sequence[int]) -> Triple:
     return (int(values[0]), int(values[1]), int(values[2]))
 
 
+Tile = tuple[slice, int, slice, int]  # along one axis: (input slice, its length, output slice, its length)
+
+
 @dataclass(frozen=True)
 class _Axis:
-    """One axis of a tiled phase convolution: the (input slice, output slice) of each tile of each phase."""
+    """One axis of a tiled phase convolution: its tiles in bundles, one bundle per tile position holding that
+    tile of every phase (residue ``r`` of the dilation). The tiles of one bundle read and write one contiguous run
+    of the axis between them, so taking them together uses every value of each cache line it loads."""
 
-    tiles: tuple[tuple[slice, int, slice, int], ...]  # (input slice, its length, output slice, its length)
+    bundles: tuple[tuple[Tile, ...], ...]
+
+    @property
+    def tiles(self) -> tuple[Tile, ...]:
+        return tuple(t for bundle in self.bundles for t in bundle)
 
     @classmethod
     def of(cls, n: int, k: int, d: int, length: int) -> _Axis:
         out = n - (k - 1) * d
         step = length - k + 1
         longest = -(-n // d) - k + 1  # valid outputs of the longest phase
-        found = []
-        for r in range(d):
-            for q0 in range(0, longest, step):
+        bundles = []
+        for q0 in range(0, longest, step):
+            found = []
+            for r in range(d):
                 a, b = r + d * q0, min(n, r + d * (q0 + length))
                 c, e = r + d * q0, min(out, r + d * (q0 + step))
                 if e > c:
                     found.append((slice(a, b, d), len(range(a, b, d)), slice(c, e, d), len(range(c, e, d))))
-        return cls(tuple(found))
+            bundles.append(tuple(found))
+        return cls(tuple(bundles))
 
 
 @dataclass(frozen=True)
@@ -131,8 +143,9 @@ class TileGeometry:
         return (self.n_in + self.n_out) * self.freq * 2 * itemsize
 
     def thread_bytes(self, itemsize: int) -> int:
-        """Working bytes of each thread: the real buffers of one tile's inputs and outputs."""
-        return (self.n_in + self.n_out) * math.prod(self.shape) * itemsize
+        """Working bytes of each thread: the real buffers of one bundle of tiles' inputs and outputs (the tiles of
+        every x phase at one position)."""
+        return self.dilation[2] * (self.n_in + self.n_out) * math.prod(self.shape) * itemsize
 
     def spectra_bytes(self, itemsize: int) -> int:
         """Bytes of the kernel spectra at the tile shape."""
@@ -198,7 +211,7 @@ def _choose_tile(extent: Triple, w_shape: tuple[int, ...], dilation: Triple, spe
 
 def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np.ndarray | None = None,
                    group_bytes: int = PHASE_GROUP_BYTES, threads: int = 1,
-                   tile: Sequence[int] | None = None) -> np.ndarray:
+                   tile: Sequence[int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
     """Valid true convolution ``(in, z, y, x) * (in, out, k...)`` dilated by ``dilation``, through FFTs of tiles of
     its phases.
 
@@ -206,44 +219,63 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
     :func:`phase_kernel_spectra` at that shape (computed here if not given). Per frequency the sum over input maps
     of a group of tiles is one matrix product ``(tiles x in) @ (in x out)``. ``threads`` split the transforms, the
     products and the copies. ``x`` may be any view (a crop of a larger map): each tile is read from it straight
-    into the FFT buffer, and each tile's valid output written straight into its interleaved place in the result.
+    into the FFT buffer, and each tile's valid output written straight into its interleaved place in the result
+    (``out`` if given: see :func:`~znn.ops.pointwise.output_array`).
     """
+    from znn.ops.fft import complex_dtype, empty_aligned
+
     geometry = TileGeometry.of(x.shape[1:], w.shape, dilation, tile)
     if wf is None:
         wf = phase_kernel_spectra(w, geometry.shape)
     if wf.shape != (geometry.freq, geometry.n_in, geometry.n_out):
         raise ValueError(f"kernel spectra {wf.shape} do not match tiles {geometry.shape} of kernels {w.shape}")
     dtype = np.dtype(np.float32) if x.dtype == np.float32 else np.dtype(np.float64)
-    out = np.empty((geometry.n_out, *geometry.out), dtype=dtype)
-    items = list(product(*(axis.tiles for axis in geometry.axes())))
-    group = geometry.group(dtype.itemsize, group_bytes)
-    for g0 in range(0, len(items), group):
-        _tile_group(x, wf, items[g0:g0 + group], geometry, out, threads)
+    out = output_array(out, (geometry.n_out, *geometry.out), dtype, x)
+    z_axis, y_axis, x_axis = geometry.axes()
+    items = list(product(z_axis.tiles, y_axis.tiles, x_axis.bundles))
+    per_group = max(1, geometry.group(dtype.itemsize, group_bytes) // geometry.dilation[2])
+    # the group spectra are made once for all groups: a fresh pair per group would cost the kernel's page
+    # faults on every group (about half a second per gigabyte on the development machine)
+    slots = min(per_group, len(items)) * geometry.dilation[2]
+    spectra = (empty_aligned((slots, geometry.n_in, geometry.freq), complex_dtype(dtype)),
+               empty_aligned((slots, geometry.n_out, geometry.freq), complex_dtype(dtype)))
+    for g0 in range(0, len(items), per_group):
+        _tile_group(x, wf, items[g0:g0 + per_group], geometry, out, threads, spectra)
     return out
 
 
-def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[tuple[tuple[slice, int, slice, int], ...]],
-                g: TileGeometry, out: np.ndarray, threads: int) -> None:
+Item = tuple[Tile, Tile, tuple[Tile, ...]]  # a z tile, a y tile and a bundle of x tiles
+
+
+def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[Item], g: TileGeometry, out: np.ndarray,
+                threads: int, spectra: tuple[np.ndarray, np.ndarray]) -> None:
     """Convolve the tiles ``items`` of ``x`` and write each one's valid output into its place in ``out``.
 
-    Each thread transforms whole tiles through its own small real buffer (the FFTW plan of one tile's maps is
-    made once and reused for every tile), so only the group's spectra are large."""
-    from znn.ops.fft import complex_dtype, drop_plans, empty_aligned, irfft3, parallel_chunks, rfft3, spectrum_shape
+    Each thread transforms whole bundles through its own small real buffers (the FFTW plan of one tile's maps is
+    made once and reused for every tile), so only the group's spectra are large. Gathers and scatters go map by
+    map through the whole bundle, so the few hundred kilobytes of one map's run stay in cache while every phase
+    takes its values (phase by phase over all maps, each cache line would be loaded once per phase)."""
+    from znn.ops.fft import drop_plans, empty_aligned, irfft3, parallel_chunks, rfft3, spectrum_shape
 
     dtype, shape, n_in, n_out, freq = out.dtype, g.shape, g.n_in, g.n_out, g.freq
     half = spectrum_shape(shape)
-    count = len(items)
-    spec_in = empty_aligned((count, n_in, freq), complex_dtype(dtype))
-    spec_out = empty_aligned((count, n_out, freq), complex_dtype(dtype))
+    first = [0]
+    for _, _, bundle in items:  # the first spectrum slot of each item's bundle
+        first.append(first[-1] + len(bundle))
+    count = first[-1]
+    spec_in, spec_out = spectra[0][:count], spectra[1][:count]
+    phases = g.dilation[2]
 
     def transform_in(lo: int, hi: int) -> None:
-        real = empty_aligned((n_in, *shape), dtype)
+        real = empty_aligned((phases, n_in, *shape), dtype)
         for j in range(lo, hi):
-            (sz, lz, _, _), (sy, ly, _, _), (sx, lx, _, _) = items[j]
-            if (lz, ly, lx) != shape:
-                real.fill(0)
-            real[:, :lz, :ly, :lx] = x[:, sz, sy, sx]
-            rfft3(real, 1, out=spec_in[j].reshape(n_in, *half))
+            (sz, lz, _, _), (sy, ly, _, _), bundle = items[j]
+            for r, (_, lx, _, _) in enumerate(bundle):
+                if (lz, ly, lx) != shape:
+                    real[r].fill(0)
+            _gather(x, sz, sy, bundle, real)
+            for r in range(len(bundle)):
+                rfft3(real[r], 1, out=spec_in[first[j] + r].reshape(n_in, *half))
         drop_plans()  # the plan holds a view of spec_in: let the group's spectra go when the group is done
 
     def products(lo: int, hi: int) -> None:
@@ -258,18 +290,71 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[tuple[tuple[slice
             xc = np.ascontiguousarray(xs[:, a:b].T).reshape(b - a, count, n_in)
             ys[:, a:b] = np.matmul(xc, wf[a:b]).reshape(b - a, count * n_out).T
 
-    off = tuple(k - 1 for k in g.kernel)  # the valid part of a circular convolution
     scale = dtype.type(1.0 / math.prod(shape))  # FFTW's inverse is unnormalised
 
     def transform_out(lo: int, hi: int) -> None:
-        real = empty_aligned((n_out, *shape), dtype)
+        real = empty_aligned((phases, n_out, *shape), dtype)
         for j in range(lo, hi):
-            (_, _, oz, mz), (_, _, oy, my), (_, _, ox, mx) = items[j]
-            irfft3(spec_out[j].reshape(n_out, *half), shape, 1, out=real)
-            valid = real[:, off[0]:off[0] + mz, off[1]:off[1] + my, off[2]:off[2] + mx]
-            np.multiply(valid, scale, out=out[:, oz, oy, ox])
+            (_, _, oz, mz), (_, _, oy, my), bundle = items[j]
+            for r in range(len(bundle)):
+                irfft3(spec_out[first[j] + r].reshape(n_out, *half), shape, 1, out=real[r])
+            _scatter(real, oz, mz, oy, my, bundle, g.kernel, scale, out)
         drop_plans()
 
-    parallel_chunks(count, threads, transform_in)
+    parallel_chunks(len(items), threads, transform_in)
     parallel_chunks(freq, threads, products, _FREQ_CHUNK)
-    parallel_chunks(count, threads, transform_out)
+    parallel_chunks(len(items), threads, transform_out)
+
+
+def _gather(x: np.ndarray, sz: slice, sy: slice, bundle: Sequence[Tile], real: np.ndarray) -> None:
+    """Copy each x tile of ``bundle`` (rows ``sz``, ``sy``) of every map of ``x`` into ``real[r]``, map by map."""
+    lz, ly = len(range(*sz.indices(x.shape[1]))), len(range(*sy.indices(x.shape[2])))
+    if len(bundle) == 1:
+        sx, lx, _, _ = bundle[0]
+        real[0, :, :lz, :ly, :lx] = x[:, sz, sy, sx]
+        return
+    run = _run([(sx, lx) for sx, lx, _, _ in bundle])
+    for c in range(x.shape[0]):
+        rows = x[c, sz, sy]
+        if run is not None:  # one contiguous run of every phase: one copy splits it into the phases
+            start, length = run
+            split = rows[:, :, start:start + len(bundle) * length].reshape(lz, ly, length, len(bundle))
+            real[:len(bundle), c, :lz, :ly, :length] = split.transpose(3, 0, 1, 2)
+            continue
+        for r, (sx, lx, _, _) in enumerate(bundle):
+            real[r, c, :lz, :ly, :lx] = rows[:, :, sx]
+
+
+def _scatter(real: np.ndarray, oz: slice, mz: int, oy: slice, my: int, bundle: Sequence[Tile], kernel: Triple,
+             scale: np.floating, out: np.ndarray) -> None:
+    """Write the valid part of each tile ``real[r]`` of ``bundle``, scaled, into its interleaved place in
+    ``out``, map by map."""
+    z0, y0, x0 = (k - 1 for k in kernel)  # the valid part of a circular convolution
+    valid = real[:, :, z0:z0 + mz, y0:y0 + my]
+    if len(bundle) == 1:
+        _, _, ox, mx = bundle[0]
+        np.multiply(valid[0, :, :, :, x0:x0 + mx], scale, out=out[:, oz, oy, ox])
+        return
+    run = _run([(ox, mx) for _, _, ox, mx in bundle])
+    if run is not None:  # interleave the phases in a small contiguous buffer, then copy whole rows
+        start, length = run
+        woven = np.empty((mz, my, length, len(bundle)), dtype=out.dtype)
+    for c in range(out.shape[0]):
+        rows = out[c, oz, oy]
+        if run is not None:
+            np.multiply(valid[:len(bundle), c, :, :, x0:x0 + length].transpose(1, 2, 3, 0), scale, out=woven)
+            rows[:, :, start:start + len(bundle) * length] = woven.reshape(mz, my, -1)
+            continue
+        for r, (_, _, ox, mx) in enumerate(bundle):
+            np.multiply(valid[r, c, :, :, x0:x0 + mx], scale, out=rows[:, :, ox])
+
+
+def _run(runs: Sequence[tuple[slice, int]]) -> tuple[int, int] | None:
+    """``(start, length)`` when the tiles ``runs`` (slice, length) of a bundle are one of every phase, all of one
+    length and starting at consecutive indices, so together they are one contiguous run of the axis with the
+    phases interleaved; else None."""
+    starts = [int(sl.start) for sl, _ in runs]
+    lengths = {length for _, length in runs}
+    if len(runs) != runs[0][0].step or len(lengths) != 1 or starts != list(range(starts[0], starts[0] + len(runs))):
+        return None
+    return starts[0], lengths.pop()

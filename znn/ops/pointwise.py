@@ -14,9 +14,15 @@ import numpy as np
 from numpy.typing import NDArray
 
 from znn.errors import NetworkSpecError, ShapeError, closest
+from znn.ops.parallel import parallel_chunks
 from znn.types import Triple
 
+# Bytes of one piece of :func:`bias_transfer_inplace`: a bias and a transfer in one pass through the cache.
+_PIECE_BYTES = 256 << 10
+
 __all__ = [
+    "output_array",
+    "bias_transfer_inplace",
     "dropout",
     "dropout_backward",
     "crop",
@@ -43,6 +49,20 @@ def check_volume(x: Array, what: str = "input") -> None:
         raise ShapeError(f"{what} must be 4D (maps, z, y, x), got shape {x.shape}; reshape 3D volumes to (1, z, y, x)")
     if not np.issubdtype(x.dtype, np.floating):
         raise ShapeError(f"{what} must be float32 or float64, got {x.dtype}; convert with .astype(np.float32)")
+
+
+def output_array(out: Array | None, shape: Sequence[int], dtype: Any, *inputs: Array) -> Array:
+    """``out`` checked as the place a kernel writes its result of ``shape`` and ``dtype`` (C-contiguous, sharing
+    no memory with any of ``inputs``: a result never overwrites what it is computed from), or a new array."""
+    shape = tuple(int(v) for v in shape)
+    if out is None:
+        return np.empty(shape, dtype=dtype)
+    if out.shape != shape or out.dtype != np.dtype(dtype) or not out.flags.c_contiguous:
+        raise ShapeError(f"out must be a C-contiguous {np.dtype(dtype)} array of shape {shape}, got "
+                         f"{out.dtype} {out.shape}{'' if out.flags.c_contiguous else ' (not contiguous)'}")
+    if any(np.may_share_memory(out, x) for x in inputs):
+        raise ShapeError("out shares memory with an input of the kernel: a result must not overwrite its input")
+    return out
 
 
 def as_triple(value: Sequence[int] | int, name: str, minimum: int) -> Triple:
@@ -291,6 +311,36 @@ def transfer_forward(name: str, x: Array, args: Sequence[float] | None = None, t
     """Apply transfer function ``name`` (formats.md) element-wise; ``args`` are the ``function_args``."""
     fwd, _, args = _lookup(name, args)
     return fwd(x, args, training)
+
+
+def bias_transfer_inplace(y: Array, bias: Array, name: str, args: Sequence[float] | None = None,
+                          threads: int = 1) -> Array:
+    """``transfer_forward(name, add_bias(y, bias), training=False)`` written into ``y`` itself (which the caller
+    owns), in pieces of a few hundred kilobytes of one map: each piece gets its bias and its transfer while in the
+    core's cache (one pass through memory, not two), ``threads`` pieces side by side."""
+    check_volume(y)
+    if bias.shape != (y.shape[0],):
+        raise ShapeError(f"bias shape {bias.shape} does not match {y.shape[0]} maps of input {y.shape}")
+    if not y.flags.c_contiguous:
+        raise ShapeError("bias_transfer_inplace writes into its input, which must be one C-contiguous array")
+    fwd, _, args = _lookup(name, args)
+    flat = y.reshape(y.shape[0], -1)  # a view (y is contiguous)
+    values = bias.astype(y.dtype, copy=False)
+    step = max(1, _PIECE_BYTES // y.itemsize)
+    pieces = -(-flat.shape[1] // step)
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            c, p = divmod(i, pieces)
+            piece = flat[c, p * step:(p + 1) * step]
+            piece += values[c]
+            if name == "rectify_linear":
+                np.maximum(piece, y.dtype.type(0), out=piece)
+            else:
+                piece[...] = fwd(piece, args, False)
+
+    parallel_chunks(y.shape[0] * pieces, threads, work)
+    return y
 
 
 def transfer_backward(

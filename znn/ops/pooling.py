@@ -10,6 +10,7 @@ z offset, then y, then x. Both kernels keep the input dtype.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,11 +18,12 @@ import numpy as np
 from numpy.typing import NDArray
 
 from znn.errors import ShapeError
-from znn.ops.pointwise import as_triple, check_volume
+from znn.ops.parallel import parallel_chunks
+from znn.ops.pointwise import as_triple, check_volume, output_array
 from znn.types import Triple
 
-# Bytes of input maps one running maximum of :func:`max_filter_values` works on at a time.
-_MAX_FILTER_CHUNK_BYTES = 32 << 20
+# Bytes of one slab of :func:`max_filter_values`'s output: its running maxima stay in a core's cache.
+_MAX_FILTER_SLAB_BYTES = 256 << 10
 
 __all__ = ["max_filter", "max_filter_backward", "max_pool", "max_pool_backward"]
 
@@ -143,36 +145,56 @@ def max_pool_backward(grad_y: Array, argmax: IndexArray, in_shape: Sequence[int]
     return grad_x
 
 
-def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
-    """The values of :func:`znn.ops.pooling.max_filter` (no winner indices: inference needs none), one running
-    maximum over views per axis, a few maps at a time straight into the result (so a block's pooling holds its
-    input, its output and a few maps' temporaries, not three volumes of all maps)."""
-    if all(int(w) == 1 for w in size):
+def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int], threads: int = 1,
+                      out: np.ndarray | None = None) -> np.ndarray:
+    """The values of :func:`znn.ops.pooling.max_filter` (no winner indices: inference needs none), straight into
+    the result.
+
+    The output is cut into slabs of a few z planes of one map; each slab takes its running maxima over z, then y,
+    then x while they are in the core's cache, so the pass reads the input once and writes the output once (not
+    three volume-sized passes through memory), and ``threads`` take slabs side by side. ``x`` may be any view;
+    ``out``: see :func:`~znn.ops.pointwise.output_array` (a 1x1x1 window with no ``out`` returns ``x`` itself,
+    made contiguous)."""
+    if all(int(w) == 1 for w in size) and out is None:
         return np.ascontiguousarray(x)
-    out_shape = [x.shape[0]] + [n - (int(w) - 1) * int(d) for n, w, d in zip(x.shape[1:], size, dilation)]
-    out = np.empty(out_shape, dtype=x.dtype)
-    per_map = max(1, x[:1].nbytes)
-    step = max(1, _MAX_FILTER_CHUNK_BYTES // per_map)
-    for c0 in range(0, x.shape[0], step):
-        out[c0:c0 + step] = _max_values(x[c0:c0 + step], size, dilation)
+    size, dilation = as_triple(size, "size", 1), as_triple(dilation, "dilation", 1)
+    maps = x.shape[0]
+    out_shape = [n - (w - 1) * d for n, w, d in zip(x.shape[1:], size, dilation)]
+    out = output_array(out, [maps, *out_shape], x.dtype, x)
+    plane = max(1, math.prod(x.shape[2:]) * x.itemsize)
+    depth = max(1, min(out_shape[0], _MAX_FILTER_SLAB_BYTES // plane))
+    slabs = -(-out_shape[0] // depth)
+
+    def work(lo: int, hi: int) -> None:
+        for i in range(lo, hi):
+            c, z0 = divmod(i, slabs)
+            z0 *= depth
+            z1 = min(out_shape[0], z0 + depth)
+            _slab_max(x[c], out[c, z0:z1], z0, size, dilation)
+
+    parallel_chunks(maps * slabs, threads, work)
     return out
 
 
-def _max_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int]) -> np.ndarray:
-    y = x
-    for axis in (1, 2, 3):
-        w, d = int(size[axis - 1]), int(dilation[axis - 1])
-        if w == 1:
-            continue
-        m = y.shape[axis] - (w - 1) * d
+def _slab_max(x: np.ndarray, out: np.ndarray, z0: int, size: Triple, dilation: Triple) -> None:
+    """``out`` (planes ``z0..`` of one map's max filter) from that map ``x``: one running maximum per axis."""
+    (wz, wy, wx), (dz, dy, dx) = size, dilation
+    nz, ny, nx = out.shape
+    y = x[z0:z0 + nz]
+    if wz > 1:
+        y = _max_of([x[z0 + t * dz:z0 + t * dz + nz] for t in range(wz)])
+    if wy > 1:
+        y = _max_of([y[:, t * dy:t * dy + ny] for t in range(wy)])
+    if wx > 1:
+        _max_of([y[:, :, t * dx:t * dx + nx] for t in range(wx)], out)
+    else:
+        out[...] = y[:, :ny]
 
-        def part(t: int, y: np.ndarray = y, axis: int = axis, d: int = d, m: int = m) -> np.ndarray:
-            index = [slice(None)] * 4
-            index[axis] = slice(t * d, t * d + m)
-            return y[tuple(index)]
 
-        out = np.array(part(0), copy=True)
-        for t in range(1, w):
-            np.maximum(out, part(t), out=out)
-        y = out
-    return y
+def _max_of(parts: Sequence[np.ndarray], out: np.ndarray | None = None) -> np.ndarray:
+    if out is None:
+        out = np.empty_like(parts[0])
+    np.maximum(parts[0], parts[1], out=out)
+    for part in parts[2:]:
+        np.maximum(out, part, out=out)
+    return out

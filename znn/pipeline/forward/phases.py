@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import math
 import threading
+import weakref
 from collections.abc import Mapping, Sequence
 
 import numpy as np
@@ -10,7 +12,14 @@ import numpy as np
 from znn.network import Network
 from znn.ops import pointwise
 from znn.ops.conv import conv_forward_direct
-from znn.ops.phase import SPECTRA_CAP_BYTES, TileGeometry, choose_tile, phase_conv_fft, phase_kernel_spectra
+from znn.ops.phase import (
+    SPECTRA_CAP_BYTES,
+    TileGeometry,
+    choose_tile,
+    phase_conv_fft,
+    phase_kernel_spectra,
+)
+from znn.ops.pooling import max_filter_values
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.edges import OneToOne, one_to_one_forward
 from znn.pipeline.graph.plan import NetPlan, make_plan
@@ -38,6 +47,7 @@ class PhaseForward:
         self._one_to_one = {name: OneToOne.of(edge, self.plan.edges[name].dilation)
                             for name, edge in spec.edges.items() if edge.type != "conv"}
         self._lock = threading.Lock()
+        self._buffers = _Buffers()
 
     @property
     def input_patch(self) -> dict[str, Triple]:
@@ -65,36 +75,89 @@ class PhaseForward:
             group = spec.nodes[node]
             if group.type == "input":
                 continue
-            parts, sources = [], []
+            parts, sources, done = [], [], []
             for name in spec.incoming[node]:
                 source = spec.edges[name].input
                 sources.append(values[source])
                 parts.append(self._edge_forward(name, values[source]))
                 readers[source] -= 1
                 if readers[source] == 0 and source not in spec.outputs:
-                    del values[source]  # free activations as soon as their last reader ran
+                    done.append(values.pop(source))  # its last reader ran
             y = tasks.join(parts, any(spec.edges[e].type == "maxout" for e in spec.incoming[node]))[0]
             del parts
             if group.type == "transfer":
                 owned = not any(np.may_share_memory(y, source) for source in sources)  # not an input's memory
-                y = _bias_and_transfer(y, net.biases[node], group.function, group.function_args, owned)
+                y = _bias_and_transfer(y, net.biases[node], group.function, group.function_args, owned,
+                                       self.threads)
             del sources
             values[node] = y
+            for array in done:  # free activations as soon as their last reader ran; reuse their memory
+                if not any(np.may_share_memory(array, v) for v in values.values()):
+                    self._buffers.give(array)
+            del done
         return {n: values[n] for n in spec.outputs}
 
     def _edge_forward(self, name: str, source: np.ndarray) -> np.ndarray:
-        """The output of edge ``name`` from its input node's values: a conv edge by phase FFTs or directly, the
-        others by their one dispatch (values only)."""
-        ep = self.plan.edges[name]
+        """The output of edge ``name`` from its input node's values: a conv edge by phase FFTs or directly, a max
+        filter by slabs (both into recycled memory), the others by their one dispatch (values only)."""
+        ep, edge = self.plan.edges[name], self.plan.spec.edges[name]
         x = tasks.central(source, ep.crop_lo, ep.need)
         op = self._one_to_one.get(name)
+        if op is not None and op.kind != "max_filter":
+            return one_to_one_forward(op, x, threads=self.threads)[0]
+        maps = self.plan.spec.nodes[edge.output if op is None else edge.input].size
+        out = self._buffers.empty((maps, *ep.out_extent), self.net.dtype)
         if op is not None:
-            return one_to_one_forward(op, x)[0]
+            return max_filter_values(x, op.size, op.dilation, self.threads, out=out)
         kernel = self.net.kernels[name]
         if ep.mode == "fft":  # reads its phases from the crop: no contiguous copy first
             return phase_conv_fft(x, kernel, ep.dilation, self._kspec.get(name), threads=self.threads,
-                                  tile=self.tiles[name].shape)
-        return conv_forward_direct(np.ascontiguousarray(x), kernel, ep.dilation, self.threads)
+                                  tile=self.tiles[name].shape, out=out)
+        return conv_forward_direct(np.ascontiguousarray(x), kernel, ep.dilation, self.threads, out=out)
+
+
+class _Buffers:
+    """Memory for activations, recycled: an activation whose last reader ran gives its memory back, and a later
+    layer's output of at most that size takes it, so a block does not pay the kernel's page faults on every new
+    volume-sized array (about half a second per gigabyte on the development machine), and neither does the next
+    block. Per thread (blocks run side by side on one evaluator); at most ``_SPARE`` buffers wait, which is what
+    a layer holds anyway (its input and output). Only memory this object made is ever reused, never a caller's."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+        self._made: weakref.WeakValueDictionary[int, np.ndarray] = weakref.WeakValueDictionary()
+
+    def _spare(self) -> list[np.ndarray]:
+        spare = getattr(self._local, "spare", None)
+        if spare is None:
+            spare = self._local.spare = []
+        return spare
+
+    def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+        need = math.prod(shape) * np.dtype(dtype).itemsize
+        spare = self._spare()
+        fits = [i for i, b in enumerate(spare) if need <= b.nbytes <= 2 * need]  # not a large one for a small output
+        if fits:
+            buffer = spare.pop(min(fits, key=lambda i: spare[i].nbytes))
+        else:
+            buffer = np.empty(max(need, 1), dtype=np.uint8)
+            self._made[id(buffer)] = buffer
+        return buffer[:need].view(dtype).reshape(tuple(shape))
+
+    def give(self, array: np.ndarray) -> None:
+        root = array
+        while isinstance(root.base, np.ndarray):
+            root = root.base
+        if self._made.get(id(root)) is not root:
+            return  # a caller's array or one a kernel made: not ours to reuse
+        spare = self._spare()
+        if not any(b is root for b in spare):
+            spare.append(root)
+            spare.sort(key=lambda b: b.nbytes, reverse=True)
+            del spare[_SPARE:]
+
+
+_SPARE = 2
 
 
 def fft_tiles(plan: NetPlan, itemsize: int = 4, spectra_cap: int = SPECTRA_CAP_BYTES) -> dict[str, TileGeometry]:
@@ -114,13 +177,10 @@ def fft_tiles(plan: NetPlan, itemsize: int = 4, spectra_cap: int = SPECTRA_CAP_B
 
 
 def _bias_and_transfer(y: np.ndarray, bias: np.ndarray, function: str, args: Sequence[float],
-                       in_place: bool) -> np.ndarray:
+                       in_place: bool, threads: int) -> np.ndarray:
     """:func:`~znn.ops.pointwise.add_bias` then the transfer function, in ``y`` itself when ``in_place`` (the pass
-    made ``y`` and nothing else reads it): two fewer volume-sized arrays per layer, for ReLU, the common case."""
-    if not in_place:
-        return pointwise.transfer_forward(function, pointwise.add_bias(y, bias), args, training=False)
-    y += bias.astype(y.dtype, copy=False)[:, None, None, None]
-    if function == "rectify_linear":
-        np.maximum(y, y.dtype.type(0), out=y)
-        return y
-    return pointwise.transfer_forward(function, y, args, training=False)
+    made ``y`` and nothing else reads it): one pass through memory per layer on ``threads`` threads, no new
+    volume-sized arrays."""
+    if not in_place or not y.flags.c_contiguous:
+        y = np.array(y, copy=True)
+    return pointwise.bias_transfer_inplace(y, bias, function, args, threads)

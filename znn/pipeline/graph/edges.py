@@ -48,22 +48,24 @@ class OneToOne:
         return _KINDS[self.kind].keeps
 
 
-Forward = Callable[[OneToOne, np.ndarray, "Draw | None"], tuple[np.ndarray, Any]]
+Forward = Callable[[OneToOne, np.ndarray, "Draw | None", int], tuple[np.ndarray, Any]]
 Backward = Callable[[OneToOne, np.ndarray, Any, Triple], np.ndarray]
 
 
 @dataclass(frozen=True)
 class _Kind:
-    forward: Forward  # (edge, cropped input, draw) -> (values, backward data or None)
+    forward: Forward  # (edge, cropped input, draw, threads) -> (values, backward data or None)
     backward: Backward  # (edge, output gradient, backward data, input extent) -> input gradient
     keeps: bool
 
 
-def one_to_one_forward(edge: OneToOne, x: np.ndarray, draw: Draw | None = None) -> tuple[np.ndarray, Any]:
+def one_to_one_forward(edge: OneToOne, x: np.ndarray, draw: Draw | None = None,
+                       threads: int = 1) -> tuple[np.ndarray, Any]:
     """``(values, backward data)`` of ``edge`` on its input ``x`` (already cropped to what the edge reads; may be a
     view). ``draw`` None: inference, backward data None. The values are a new array, or ``x`` itself (made
-    contiguous) for edges that pass their input through: callers that write in place check for that."""
-    return _KINDS[edge.kind].forward(edge, x, draw)
+    contiguous) for edges that pass their input through: callers that write in place check for that. ``threads``:
+    threads the inference max filter may split its maps over (the others are cheap and run on one)."""
+    return _KINDS[edge.kind].forward(edge, x, draw, threads)
 
 
 def one_to_one_backward(edge: OneToOne, grad: np.ndarray, kept: Any, need: Triple) -> np.ndarray:
@@ -72,27 +74,27 @@ def one_to_one_backward(edge: OneToOne, grad: np.ndarray, kept: Any, need: Tripl
     return _KINDS[edge.kind].backward(edge, grad, kept, need)
 
 
-def _max_filter(edge: OneToOne, x: np.ndarray, draw: Draw | None) -> tuple[np.ndarray, Any]:
+def _max_filter(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int) -> tuple[np.ndarray, Any]:
     if draw is None:  # values only, read from the view: no contiguous copy of the crop first
-        return pooling.max_filter_values(x, edge.size, edge.dilation), None
+        return pooling.max_filter_values(x, edge.size, edge.dilation, threads), None
     return pooling.max_filter(np.ascontiguousarray(x), edge.size, edge.dilation)
 
 
-def _max_pool(edge: OneToOne, x: np.ndarray, draw: Draw | None) -> tuple[np.ndarray, Any]:
+def _max_pool(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int) -> tuple[np.ndarray, Any]:
     y, winners = pooling.max_pool(np.ascontiguousarray(x), edge.size)
     return y, (winners if draw is not None else None)
 
 
-def _dropout(edge: OneToOne, x: np.ndarray, draw: Draw | None) -> tuple[np.ndarray, Any]:
+def _dropout(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int) -> tuple[np.ndarray, Any]:
     rng = np.random.default_rng(list(draw) if draw is not None else 0)  # inference draws nothing
     return pointwise.dropout(np.ascontiguousarray(x), edge.ratio, rng, training=draw is not None)
 
 
-def _crop(edge: OneToOne, x: np.ndarray, draw: Draw | None) -> tuple[np.ndarray, Any]:
+def _crop(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int) -> tuple[np.ndarray, Any]:
     return np.ascontiguousarray(pointwise.crop(x, edge.offset)), None
 
 
-def _pass_through(edge: OneToOne, x: np.ndarray, draw: Draw | None) -> tuple[np.ndarray, Any]:
+def _pass_through(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int) -> tuple[np.ndarray, Any]:
     return np.ascontiguousarray(x), None
 
 
