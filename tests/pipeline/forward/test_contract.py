@@ -162,8 +162,22 @@ class BlockEvaluator(ForwardContract):
 
 
 class TestPhaseForwardFFT(BlockEvaluator):
+    """On two threads, and as the second block of its evaluator: the first block (other values) leaves its
+    activations' memory for the second to reuse, and the first block's output, handed out, must not change."""
+
     def evaluator(self, net: Network, outsz: Triple) -> PhaseForward:
-        return PhaseForward(net, outsz, "fft")
+        return PhaseForward(net, outsz, "fft", threads=2)
+
+    def dense(self, case: Case, tmp_path: Path) -> dict[str, np.ndarray]:
+        engine = self.evaluator(case.net.sliding_window(), case.outsz)
+        rng = np.random.default_rng(3)
+        first = engine.forward({n: rng.standard_normal(p.shape) for n, p in case.patches.items()})
+        kept = {n: y.copy() for n, y in first.items()}
+        got = engine.forward(case.patches)
+        for n, y in first.items():
+            np.testing.assert_array_equal(y, kept[n], err_msg=f"{n}: the first block's output was overwritten")
+            assert not np.may_share_memory(y, got[n])
+        return got
 
 
 class TestPhaseForwardDirect(BlockEvaluator):

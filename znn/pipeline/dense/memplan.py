@@ -12,7 +12,11 @@ default):
   at the tile shape unless they come from the cache (the input is read in place, a view of the live activation);
 * a conv edge in direct mode: its output, and per thread the gathered column tile (``znn.ops.conv.TILE_BYTES``) and
   the partial sums;
-* max filters: the output and the running maxima of a few maps (``znn.ops.pooling.max_filter_values``);
+* max filters: the output and each thread's running maxima of one slab (``znn.ops.pooling.max_filter_values``);
+* recycled activations (PhaseForward): an output takes the memory of a released activation of at most twice its
+  size, and at most two released buffers wait (for the next block too). Activations shrink along the network, so
+  a layer then holds what an earlier layer held (its input and output), which the model counted there; each
+  output is counted at its own size;
 * per block: the raw input read from the file, its float copy with the mirrored border, the transformed output
   and its copy handed to the store.
 
@@ -193,8 +197,8 @@ def _tiles(plan: NetPlan, itemsize: int) -> dict[str, TileGeometry]:
 def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tuple[int, int]:
     """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.forward.phases.PhaseForward`,
     its output included: an FFT conv holds its output, one group of tiles' spectra and each thread's tile buffers
-    (the input is read in place); a max filter its output and a few maps' running maxima."""
-    from znn.ops.pooling import _MAX_FILTER_CHUNK_BYTES
+    (the input is read in place); a max filter its output and each thread's slab of running maxima."""
+    from znn.ops.pooling import _MAX_FILTER_SLAB_BYTES
 
     ep, edge = plan.edges[name], plan.spec.edges[name]
     _, n_out, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
@@ -207,7 +211,7 @@ def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) 
     if edge.type == "conv":  # its output, and per thread a tile's gathered columns and partial sums
         return int(out_bytes + _TILE_THREADS * (DIRECT_TILE_BYTES + 2 * n_out * TILE_VOXELS * itemsize)), 0
     if edge.type == "max_filter":
-        return int(out_bytes + 3 * min(in_bytes, _MAX_FILTER_CHUNK_BYTES)), 0
+        return int(out_bytes + _TILE_THREADS * 2 * min(in_bytes, _MAX_FILTER_SLAB_BYTES)), 0
     return _edge_working(plan, name, itemsize, cached)
 
 

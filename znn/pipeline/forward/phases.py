@@ -136,7 +136,8 @@ class _Buffers:
     def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
         need = math.prod(shape) * np.dtype(dtype).itemsize
         spare = self._spare()
-        fits = [i for i, b in enumerate(spare) if need <= b.nbytes <= 2 * need]  # not a large one for a small output
+        # not a much larger buffer for a small output (the network's last, handed to the caller)
+        fits = [i for i, b in enumerate(spare) if need <= b.nbytes <= _REUSE_RATIO * need]
         if fits:
             buffer = spare.pop(min(fits, key=lambda i: spare[i].nbytes))
         else:
@@ -158,6 +159,7 @@ class _Buffers:
 
 
 _SPARE = 2
+_REUSE_RATIO = 2.0
 
 
 def fft_tiles(plan: NetPlan, itemsize: int = 4, spectra_cap: int = SPECTRA_CAP_BYTES) -> dict[str, TileGeometry]:
