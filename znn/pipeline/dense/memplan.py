@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -234,46 +234,89 @@ def block_estimate(spec: NetworkSpec, outsz: Sequence[int], modes: str | Mapping
     """
     working = _edge_working_phases if evaluator == "phases" else _edge_working
     plan = make_plan(spec, tuple(int(v) for v in outsz), modes)
-    extent = plan.layout.extent
-    node_bytes = {n: spec.nodes[n].size * _vox(extent[n]) * itemsize for n in spec.nodes}
-    consumers = {n: len(spec.outgoing[n]) for n in spec.nodes}
-    order = spec.order()
-    live: dict[str, int] = {}
-    layers: dict[str, int] = {}
-    cache = 0
-    in_bytes = sum(node_bytes[n] for n in spec.inputs)
-    read = sum(spec.nodes[n].size * _vox(extent[n]) * (input_itemsize + itemsize) for n in spec.inputs)
-    out_bytes = sum(node_bytes[n] for n in spec.outputs)
-    peak, peak_at = read + in_bytes, "input"
-    for node in order:
-        if spec.nodes[node].type == "input":
-            live[node] = node_bytes[node]
-            continue
-        edge_outputs, work = 0, 0
-        for e in spec.incoming[node]:
-            w, k = working(plan, e, itemsize, spectra_cache)
-            cache += k if plan.edges[e].mode == "fft" and spec.edges[e].type == "conv" else 0
-            work = max(work, edge_outputs + w)
-            edge_outputs += node_bytes[node]
-        here = sum(live.values()) + max(work, edge_outputs + _joining(spec, node, node_bytes[node], evaluator))
-        layers[node] = here
-        if here > peak:
-            peak, peak_at = here, node
-        for e in spec.incoming[node]:  # inputs of this node's edges are released once all their readers ran
-            src = spec.edges[e].input
-            consumers[src] -= 1
-            if consumers[src] == 0:
-                live.pop(src, None)
-        live[node] = node_bytes[node]
-    finish = sum(live.values()) + 3 * out_bytes  # transform, the copy written to the store
-    if finish > peak:
-        peak, peak_at = finish, "output"
+    walk = _Walk(plan, itemsize, input_itemsize, spectra_cache, working, evaluator == "phases")
+    walk.block()  # the first block; the second starts with the buffers the first left for reuse
+    peak, peak_at, layers, cache = walk.block()
     per_block = int(SAFETY * peak) + PER_BLOCK_OVERHEAD
     mode_map = {e: plan.edges[e].mode for e in spec.conv_edges()}
     first = spec.inputs[0]
     # the cache is the exact size of the spectra arrays: no allowance for temporaries
-    return BlockEstimate(plan.output_patch, extent[first], mode_map, spectra_cache, per_block,
+    return BlockEstimate(plan.output_patch, plan.layout.extent[first], mode_map, spectra_cache, per_block,
                          int(cache) if spectra_cache else 0, peak_at, layers)
+
+
+class _Walk:
+    """One block's memory, node group by node group, as its evaluator holds it. With ``recycled`` (PhaseForward),
+    activations live in buffers handed on by :func:`~znn.pipeline.forward.phases.reuse_spare` (each held at the
+    size of the buffer it took) and released buffers wait for reuse, across blocks too."""
+
+    def __init__(self, plan: NetPlan, itemsize: int, input_itemsize: int, spectra_cache: bool,
+                 working: Callable[[NetPlan, str, int, bool], tuple[int, int]], recycled: bool) -> None:
+        self.plan, self.itemsize, self.input_itemsize = plan, itemsize, input_itemsize
+        self.spectra_cache, self.working, self.recycled = spectra_cache, working, recycled
+        self.spare: list[int] = []
+
+    def _take(self, node: str, need: int) -> int:
+        from znn.pipeline.forward.phases import reuse_spare
+
+        if not self.recycled or node in self.plan.spec.outputs:
+            return need
+        index = reuse_spare(self.spare, need)
+        return need if index is None else self.spare.pop(index)
+
+    def _release(self, size: int) -> None:
+        from znn.pipeline.forward.phases import keep_spares
+
+        if self.recycled:
+            self.spare = keep_spares([*self.spare, size])
+
+    def block(self) -> tuple[int, str, dict[str, int], int]:
+        """(peak bytes, where, bytes per node group, kernel spectra bytes) of one block."""
+        plan, itemsize = self.plan, self.itemsize
+        spec, extent = plan.spec, plan.layout.extent
+        node_bytes = {n: spec.nodes[n].size * _vox(extent[n]) * itemsize for n in spec.nodes}
+        consumers = {n: len(spec.outgoing[n]) for n in spec.nodes}
+        live: dict[str, int] = {}
+        layers: dict[str, int] = {}
+        cache = 0
+        in_bytes = sum(node_bytes[n] for n in spec.inputs)
+        read = sum(spec.nodes[n].size * _vox(extent[n]) * (self.input_itemsize + itemsize) for n in spec.inputs)
+        out_bytes = sum(node_bytes[n] for n in spec.outputs)
+        peak, peak_at = read + in_bytes + sum(self.spare), "input"
+        for node in spec.order():
+            if spec.nodes[node].type == "input":
+                live[node] = node_bytes[node]
+                continue
+            edge_outputs, work = 0, 0
+            held = [self._take(node, node_bytes[node]) for _ in spec.incoming[node]]
+            for e, size in zip(spec.incoming[node], held):
+                w, k = self.working(plan, e, itemsize, self.spectra_cache)
+                cache += k if plan.edges[e].mode == "fft" and spec.edges[e].type == "conv" else 0
+                work = max(work, edge_outputs + w - node_bytes[node] + size)
+                edge_outputs += size
+            joining = _joining(spec, node, node_bytes[node], "phases" if self.recycled else "graph")
+            here = sum(live.values()) + sum(self.spare) + max(work, edge_outputs + joining)
+            layers[node] = here
+            if here > peak:
+                peak, peak_at = here, node
+            for e in spec.incoming[node]:  # inputs of this node's edges are released once all their readers ran
+                src = spec.edges[e].input
+                consumers[src] -= 1
+                if consumers[src] == 0 and src in live:
+                    size = live.pop(src)
+                    if spec.nodes[src].type != "input":
+                        self._release(size)
+            live[node] = held[0] if len(held) == 1 else node_bytes[node]  # a sum of parts is a new array
+            for size in held if len(held) > 1 else ():
+                self._release(size)
+        finish = sum(live.values()) + sum(self.spare) + 3 * out_bytes  # transform, the copy written to the store
+        if finish > peak:
+            peak, peak_at = finish, "output"
+        for node in spec.outputs:
+            live.pop(node, None)
+        for size in live.values():
+            self._release(size)
+        return peak, peak_at, layers, cache
 
 
 # -------------------------------------------------------------------------------------------------- modes

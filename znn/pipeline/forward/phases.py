@@ -84,6 +84,8 @@ class PhaseForward:
                 if readers[source] == 0 and source not in spec.outputs:
                     done.append(values.pop(source))  # its last reader ran
             y = tasks.join(parts, any(spec.edges[e].type == "maxout" for e in spec.incoming[node]))[0]
+            if len(parts) > 1:
+                done.extend(parts)  # their sum (or maximum) is a new array
             del parts
             if group.type == "transfer":
                 owned = not any(np.may_share_memory(y, source) for source in sources)  # not an input's memory
@@ -106,7 +108,7 @@ class PhaseForward:
         if op is not None and op.kind != "max_filter":
             return one_to_one_forward(op, x, threads=self.threads)[0]
         maps = self.plan.spec.nodes[edge.output if op is None else edge.input].size
-        out = self._buffers.empty((maps, *ep.out_extent), self.net.dtype)
+        out = self._buffers.empty((maps, *ep.out_extent), self.net.dtype, edge.output in self.plan.spec.outputs)
         if op is not None:
             return max_filter_values(x, op.size, op.dilation, self.threads, out=out)
         kernel = self.net.kernels[name]
@@ -116,12 +118,30 @@ class PhaseForward:
         return conv_forward_direct(np.ascontiguousarray(x), kernel, ep.dilation, self.threads, out=out)
 
 
+def reuse_spare(spare: list[int], need: int) -> int | None:
+    """Which released buffer (by byte size in ``spare``) an output of ``need`` bytes takes: the smallest that
+    holds it (activations shrink along a network, so an output takes an earlier layer's memory); None: make a
+    new one. The one policy of :class:`_Buffers` and of the memory model (``znn.pipeline.dense.memplan``)."""
+    fits = [i for i, size in enumerate(spare) if size >= need]
+    return min(fits, key=lambda i: spare[i]) if fits else None
+
+
+def keep_spares(spare: list[int]) -> list[int]:
+    """The released buffers kept for reuse: the ``SPARE_BUFFERS`` largest (the others are freed)."""
+    return sorted(spare, reverse=True)[:SPARE_BUFFERS]
+
+
+# Released activation buffers kept for reuse: a layer's input and output, what a chain of layers recycles.
+SPARE_BUFFERS = 2
+
+
 class _Buffers:
     """Memory for activations, recycled: an activation whose last reader ran gives its memory back, and a later
-    layer's output of at most that size takes it, so a block does not pay the kernel's page faults on every new
+    layer's output takes it (:func:`reuse_spare`), so a block does not pay the kernel's page faults on every new
     volume-sized array (about half a second per gigabyte on the development machine), and neither does the next
-    block. Per thread (blocks run side by side on one evaluator); at most ``_SPARE`` buffers wait, which is what
-    a layer holds anyway (its input and output). Only memory this object made is ever reused, never a caller's."""
+    block, whose first layers take the buffers the last block's first layers made. Per thread (blocks run side by
+    side on one evaluator). The network's outputs, handed to the caller, always get memory of their own, and only
+    memory this object made is ever reused, never a caller's."""
 
     def __init__(self) -> None:
         self._local = threading.local()
@@ -133,13 +153,14 @@ class _Buffers:
             spare = self._local.spare = []
         return spare
 
-    def empty(self, shape: Sequence[int], dtype: np.dtype) -> np.ndarray:
+    def empty(self, shape: Sequence[int], dtype: np.dtype, handed_out: bool = False) -> np.ndarray:
         need = math.prod(shape) * np.dtype(dtype).itemsize
+        if handed_out:
+            return np.empty(tuple(shape), dtype=dtype)
         spare = self._spare()
-        # not a much larger buffer for a small output (the network's last, handed to the caller)
-        fits = [i for i, b in enumerate(spare) if need <= b.nbytes <= _REUSE_RATIO * need]
-        if fits:
-            buffer = spare.pop(min(fits, key=lambda i: spare[i].nbytes))
+        index = reuse_spare([b.nbytes for b in spare], need)
+        if index is not None:
+            buffer = spare.pop(index)
         else:
             buffer = np.empty(max(need, 1), dtype=np.uint8)
             self._made[id(buffer)] = buffer
@@ -152,14 +173,12 @@ class _Buffers:
         if self._made.get(id(root)) is not root:
             return  # a caller's array or one a kernel made: not ours to reuse
         spare = self._spare()
-        if not any(b is root for b in spare):
-            spare.append(root)
-            spare.sort(key=lambda b: b.nbytes, reverse=True)
-            del spare[_SPARE:]
-
-
-_SPARE = 2
-_REUSE_RATIO = 2.0
+        if any(b is root for b in spare):
+            return
+        spare.append(root)
+        kept = keep_spares([b.nbytes for b in spare])
+        spare.sort(key=lambda b: b.nbytes, reverse=True)
+        del spare[len(kept):]
 
 
 def fft_tiles(plan: NetPlan, itemsize: int = 4, spectra_cap: int = SPECTRA_CAP_BYTES) -> dict[str, TileGeometry]:
