@@ -222,15 +222,35 @@ def _aligned(a: np.ndarray) -> bool:
     return bool(a.ctypes.data % pyfftw.simd_alignment == 0)
 
 
+def _compact(a: np.ndarray) -> bool:
+    """``a`` fills its memory without gaps, in some axis order."""
+    order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    step = a.itemsize
+    for i in reversed(order):
+        if a.shape[i] > 1 and a.strides[i] != step:
+            return False
+        step *= a.shape[i]
+    return True
+
+
+def _scratch_like(a: np.ndarray) -> np.ndarray:
+    """A new aligned array with the shape and the axis order in memory of ``a`` (so with its strides when ``a``
+    is compact): what FFTW measures a plan on, so the wisdom applies to ``a``."""
+    order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
+    scratch = empty_aligned([a.shape[i] for i in order], a.dtype)
+    return scratch.transpose([order.index(i) for i in range(a.ndim)])
+
+
 def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Triple, threads: int) -> pyfftw.FFTW:
-    """An FFTW object for the batch ``src`` -> ``dst`` (C-contiguous; real ``shape`` volumes), bound to them.
+    """An FFTW object for the batch ``src`` -> ``dst`` (real ``shape`` volumes, any strides: a spectrum may be
+    maps-last, as :mod:`znn.ops.phase` keeps them), bound to them.
 
     Cached per (direction, batch, shape, dtype, threads, alignment). A new one is planned on scratch arrays
     the first time (``FFTW_MEASURE`` runs trial transforms that would overwrite the data) and from then on
     straight from FFTW's wisdom on the caller's arrays.
     """
     aligned = _aligned(src) and _aligned(dst)
-    key = (direction, src.shape[0], shape, src.dtype.str, threads, aligned)
+    key = (direction, src.shape[0], shape, src.dtype.str, threads, aligned, src.strides, dst.strides)
     cache = _plans()
     plan = cache.get(key)
     if plan is not None:
@@ -248,7 +268,7 @@ def _plan(direction: str, src: np.ndarray, dst: np.ndarray, shape: Triple, threa
                                flags=(*flags, "FFTW_WISDOM_ONLY"), threads=threads)
         except RuntimeError:  # no wisdom yet: measure on scratch arrays, then plan from the new wisdom
             t0 = time.perf_counter()
-            pyfftw.FFTW(empty_aligned(src.shape, src.dtype), empty_aligned(dst.shape, dst.dtype),
+            pyfftw.FFTW(_scratch_like(src), _scratch_like(dst),
                         axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags), threads=threads)
             saved = src.copy()  # in case the wisdom does not apply and the planner runs trials on src
             plan = pyfftw.FFTW(src, dst, axes=(-3, -2, -1), direction=fftw_dir, flags=tuple(flags),
@@ -279,10 +299,12 @@ def rfft3(real: np.ndarray, threads: int = 1, count: bool = True, out: np.ndarra
     """Real-to-complex FFT over the last three axes: ``(n, Z, Y, X)`` -> ``(n, Z, Y, X // 2 + 1)``.
 
     ``real`` must be float32/float64 and C-contiguous (use :func:`empty_aligned` for the fastest plans).
-    ``count``: add the ``n`` transforms to :func:`transform_counts`. ``out``: a C-contiguous array of the
-    spectrum's shape and dtype to write into (default: a new aligned one).
+    ``count``: add the ``n`` transforms to :func:`transform_counts`. ``out``: an array of the spectrum's shape and
+    dtype to write into, C-contiguous or compact in another axis order (maps last); default: a new aligned one.
     """
     shape = (real.shape[1], real.shape[2], real.shape[3])
+    if out is not None and not _compact(out):
+        raise ValueError("rfft3 writes into a compact spectrum (C-contiguous, or maps last)")
     if out is None:
         out = empty_aligned((real.shape[0], *spectrum_shape(shape)), complex_dtype(real.dtype))
     _run("forward", np.ascontiguousarray(real), out, shape, threads)
@@ -296,12 +318,13 @@ def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1, count: bool
     """Unnormalised complex-to-real FFT: ``(n, Z, Y, X // 2 + 1)`` -> ``(n, Z, Y, X)``; DESTROYS ``spec``.
 
     The result is ``prod(shape)`` times the inverse DFT; callers fold the ``1 / prod(shape)`` into their crop.
-    ``out``: a C-contiguous real array to write into (default: a new aligned one).
+    ``spec`` may be C-contiguous or a compact view in another axis order (maps last). ``out``: a C-contiguous real
+    array to write into (default: a new aligned one).
     """
     shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     dtype = np.dtype(np.float32) if spec.dtype == np.complex64 else np.dtype(np.float64)
-    if not spec.flags.c_contiguous:
-        raise ValueError("irfft3 needs a C-contiguous spectrum")
+    if not _compact(spec):
+        raise ValueError("irfft3 needs a compact spectrum (C-contiguous, or maps last)")
     if out is None:
         out = empty_aligned((spec.shape[0], *shape3), dtype)
     _run("inverse", spec, out, shape3, threads)

@@ -237,8 +237,8 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
     # the group spectra are made once for all groups: a fresh pair per group would cost the kernel's page
     # faults on every group (about half a second per gigabyte on the development machine)
     slots = min(per_group, len(items)) * geometry.dilation[2]
-    spectra = (empty_aligned((slots, geometry.n_in, geometry.freq), complex_dtype(dtype)),
-               empty_aligned((slots, geometry.n_out, geometry.freq), complex_dtype(dtype)))
+    spectra = (empty_aligned((slots, geometry.freq, geometry.n_in), complex_dtype(dtype)),
+               empty_aligned((slots, geometry.freq, geometry.n_out), complex_dtype(dtype)))
     for g0 in range(0, len(items), per_group):
         _tile_group(x, wf, items[g0:g0 + per_group], geometry, out, threads, spectra)
     return out
@@ -275,20 +275,18 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[Item], g: TileGeo
                     real[r].fill(0)
             _gather(x, sz, sy, bundle, real)
             for r in range(len(bundle)):
-                rfft3(real[r], 1, out=spec_in[first[j] + r].reshape(n_in, *half))
+                rfft3(real[r], 1, out=_maps_first(spec_in[first[j] + r], half))
         drop_plans()  # the plan holds a view of spec_in: let the group's spectra go when the group is done
 
     def products(lo: int, hi: int) -> None:
-        # per frequency one (tiles x in) @ (in x out) product; the spectra are maps-first, so each chunk of
-        # frequencies is turned frequency-major and back while it is in cache, not the whole arrays in memory
-        xs, ys = spec_in.reshape(count * n_in, freq), spec_out.reshape(count * n_out, freq)
+        # per frequency one (tiles x in) @ (in x out) product, straight on the maps-last spectra: the rows of one
+        # frequency are one tile's maps apart, which BLAS reads with a leading dimension, no copies
         if n_in == 1:  # an outer product per frequency: broadcast, no matrix products of inner size 1
-            np.multiply(spec_in[:, :, lo:hi], wf[lo:hi, 0, :].T[None], out=spec_out[:, :, lo:hi])
+            np.multiply(spec_in[:, lo:hi, :], wf[lo:hi, 0, :][None], out=spec_out[:, lo:hi, :])
             return
         for a in range(lo, hi, _FREQ_CHUNK):
             b = min(hi, a + _FREQ_CHUNK)
-            xc = np.ascontiguousarray(xs[:, a:b].T).reshape(b - a, count, n_in)
-            ys[:, a:b] = np.matmul(xc, wf[a:b]).reshape(b - a, count * n_out).T
+            np.matmul(spec_in[:, a:b].transpose(1, 0, 2), wf[a:b], out=spec_out[:, a:b].transpose(1, 0, 2))
 
     scale = dtype.type(1.0 / math.prod(shape))  # FFTW's inverse is unnormalised
 
@@ -297,13 +295,18 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[Item], g: TileGeo
         for j in range(lo, hi):
             (_, _, oz, mz), (_, _, oy, my), bundle = items[j]
             for r in range(len(bundle)):
-                irfft3(spec_out[first[j] + r].reshape(n_out, *half), shape, 1, out=real[r])
+                irfft3(_maps_first(spec_out[first[j] + r], half), shape, 1, out=real[r])
             _scatter(real, oz, mz, oy, my, bundle, g.kernel, scale, out)
         drop_plans()
 
     parallel_chunks(len(items), threads, transform_in)
     parallel_chunks(freq, threads, products, _FREQ_CHUNK)
     parallel_chunks(len(items), threads, transform_out)
+
+
+def _maps_first(spectrum: np.ndarray, half: Triple) -> np.ndarray:
+    """A tile's spectra kept maps-last ``(freq, maps)`` as the ``(maps, Z, Y, Xh)`` view the transforms take."""
+    return spectrum.reshape(*half, spectrum.shape[-1]).transpose(3, 0, 1, 2)
 
 
 def _gather(x: np.ndarray, sz: slice, sy: slice, bundle: Sequence[Tile], real: np.ndarray) -> None:
