@@ -33,10 +33,12 @@ _FREQ_CHUNK = 64
 _FFT_NS_PER_VOXEL = {8: 1.67, 10: 1.31, 12: 1.16, 14: 1.25, 15: 1.19, 16: 1.10, 18: 3.46, 20: 1.23, 24: 2.58,
                      25: 2.17, 28: 2.59, 30: 2.71, 32: 1.26, 36: 2.40, 40: 2.03, 48: 2.03, 64: 2.63}
 _FFT_NS_OTHER = 3.5
+_FAST_NS = 1.5  # the lengths above count as fast
 _TILE_LENGTHS = tuple(sorted(_FFT_NS_PER_VOXEL))
-# Seconds of one complex multiply-add of the per-frequency products of a group of tiles (one core, float32:
-# 50-60 GFLOP/s counted as 8 flops each, measured as above).
-_MAC_SECONDS = 8.0 / 55e9
+# Seconds of one complex multiply-add of the per-frequency products of a group of tiles (one core, float32,
+# strided BLAS products on the maps-last spectra: 92 GFLOP/s counted as 8 flops each, measured as above on an
+# 80 x 80 map layer of 20^3 tiles).
+_MAC_SECONDS = 8.0 / 92e9
 # Seconds per value moved through memory: each tile's inputs gathered and valid outputs scattered, each output
 # spectrum value written by the products (what makes layers of one input map cheaper direct than by FFT).
 _MOVE_SECONDS = 1.0e-9
@@ -180,7 +182,7 @@ def choose_tile(extent: Sequence[int], w_shape: Sequence[int], dilation: Sequenc
                 spectra_cap: int = SPECTRA_CAP_BYTES, itemsize: int = 4) -> Triple:
     """The tile shape with the least modelled time whose kernel spectra fit ``spectra_cap`` bytes (the whole phase
     when that is cheapest and fits; the smallest tile that holds the kernel when nothing fits). Tiles are cubes
-    clipped to the whole phase, so a short axis (a 2D network's z) keeps its whole length."""
+    clipped to the next fast length above the whole phase, so a short axis (a 2D network's z) keeps its length."""
     return _choose_tile(_triple(extent), tuple(int(v) for v in w_shape), _triple(dilation), int(spectra_cap),
                         int(itemsize))
 
@@ -190,7 +192,11 @@ def _choose_tile(extent: Triple, w_shape: tuple[int, ...], dilation: Triple, spe
                  itemsize: int) -> Triple:
     k = _triple(w_shape[2:])
     whole = phase_shape(extent, k, dilation)
-    shapes = {whole} | {_triple([max(kk, min(t, w)) for kk, w in zip(k, whole)]) for t in _TILE_LENGTHS}
+    # a tile may be longer than its phase (zero-padded) up to the next length FFTW is fast at: a phase of 18
+    # runs faster in one tile of 20 than in one of 18
+    longest = [w if w == 1 else min((t for t in _TILE_LENGTHS if t >= w and _FFT_NS_PER_VOXEL[t] <= _FAST_NS),
+                                    default=w) for w in whole]
+    shapes = {whole} | {_triple([max(kk, min(t, w)) for kk, w in zip(k, longest)]) for t in _TILE_LENGTHS}
     best: tuple[float, Triple] | None = None
     smallest: tuple[int, Triple] | None = None
     for shape in sorted(shapes):
