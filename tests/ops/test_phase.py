@@ -14,8 +14,9 @@ CASES = [((9, 11, 13), (2, 3, 3), (2, 3, 1)), ((1, 17, 14), (1, 3, 2), (1, 4, 4)
 
 
 def _tiles(k):
-    """Whole phases; the smallest tiles (one valid output each); uneven tiles that leave a short last tile."""
-    return [None, tuple(k), tuple(kk + 2 for kk in k)]
+    """Whole phases; the smallest tiles (one valid output each); uneven tiles that leave a short last tile; tiles
+    longer than most phases (zero-padded, of varying lengths)."""
+    return [None, tuple(k), tuple(kk + 2 for kk in k), tuple(kk + 6 for kk in k)]
 
 
 @pytest.mark.parametrize("n, k, d", CASES)

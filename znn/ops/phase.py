@@ -274,11 +274,13 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[Item], g: TileGeo
 
     def transform_in(lo: int, hi: int) -> None:
         real = empty_aligned((phases, n_in, *shape), dtype)
+        held: list[tuple[int, int, int] | None] = [None] * phases  # what each buffer's last tile filled
         for j in range(lo, hi):
             (sz, lz, _, _), (sy, ly, _, _), bundle = items[j]
             for r, (_, lx, _, _) in enumerate(bundle):
-                if (lz, ly, lx) != shape:
-                    real[r].fill(0)
+                if (lz, ly, lx) != shape and held[r] != (lz, ly, lx):
+                    real[r].fill(0)  # zero padding; a tile of the same lengths as the last one keeps it
+                held[r] = (lz, ly, lx)
             _gather(x, sz, sy, bundle, real)
             for r in range(len(bundle)):
                 rfft3(real[r], 1, out=_maps_first(spec_in[first[j] + r], half))
