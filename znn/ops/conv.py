@@ -22,6 +22,8 @@ every GEMM has a deep contraction.
 
 from __future__ import annotations
 
+import math
+
 from collections.abc import Sequence
 
 import numpy as np
@@ -49,6 +51,14 @@ TILE_BYTES = 16 << 20
 # Output voxels per tile: measured on the development machine, (40 x 360) @ (360 x n) runs at ~65 GFLOP/s
 # per core for n = 1024..4096 but slower for n = 14k (the B panel falls out of cache).
 TILE_VOXELS = 2048
+# Speed of conv_forward_direct on one core (GFLOP/s), measured on the development machine (n337 layers, 80
+# maps): what the speed models of dense inference assume (fft's is ``znn.ops.phase.TileGeometry.seconds``).
+DIRECT_GFLOPS = 20.0
+
+
+def direct_seconds(n_in: int, n_out: int, kernel: Sequence[int], out_extent: Sequence[int]) -> float:
+    """Modelled one-core seconds of :func:`conv_forward_direct` of ``n_in`` to ``n_out`` maps."""
+    return 2.0 * n_in * n_out * math.prod(kernel) * math.prod(out_extent) / (DIRECT_GFLOPS * 1e9)
 
 Tile = tuple[int, int, int, int]
 

@@ -269,3 +269,50 @@ def test_phase_timing_runs_dilated_layers():
                            evaluator="phases")
     assert problem.pass_name.startswith("phases@") and problem.out_extent == (5, 5, 5)
     assert time_layer(problem, "fft") > 0 and time_layer(problem, "direct") > 0
+
+
+N337_LIKE = """
+nodes input
+type input
+size 1
+
+edges c1
+type conv
+init msra
+size 3,3,3
+stride 1,1,1
+input input
+output a
+
+nodes a
+type transfer
+function rectify_linear
+size 80
+
+edges c2
+type conv
+init msra
+size 3,3,3
+stride 1,1,1
+input a
+output b
+
+nodes b
+type transfer
+function rectify_linear
+size 80
+"""
+
+
+def test_dense_inference_layers_the_model_settles_are_not_timed(tmp_path):
+    """An 80 -> 80 map layer over a large dense patch: the speed model puts direct convolution far behind the
+    tiled phase FFT, so it is chosen without timing direct (minutes at this size); the 1 -> 80 map first layer is
+    close and is timed. The choice is remembered as modelled."""
+    spec = parse_network(N337_LIKE)
+    path = tmp_path / "autotune.json"
+    timer = FakeTimer()
+    modes = resolve_modes(spec, (96, 96, 96), "optimize", np.float32, cache_path=path, timer=timer,
+                          timed=TimedPass(training=False, evaluator="phases"))
+    assert modes["c2"] == "fft"
+    assert {p.maps_in for p, _ in timer.calls} == {1}
+    assert path.read_text().count('"modelled": true') == 1

@@ -37,7 +37,7 @@ from typing import Any
 from znn.environment import proc_bytes
 from znn.errors import ShapeError
 from znn.ops import fft as fftops
-from znn.ops.conv import TILE_BYTES, TILE_VOXELS
+from znn.ops.conv import TILE_BYTES, TILE_VOXELS, direct_seconds
 from znn.ops.phase import TileGeometry
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.spec import NetworkSpec
@@ -320,17 +320,12 @@ class _Walk:
 
 
 # -------------------------------------------------------------------------------------------------- modes
-# Speed of the direct convolution on one core (GFLOP/s), measured on the development machine (n337 layers, 80
-# maps); the FFT convolution's model is its tiles' (:meth:`znn.ops.phase.TileGeometry.seconds`).
-_DIRECT_GFLOPS = 20.0
-
-
 def _seconds(plan: NetPlan, name: str, spectra_cache: bool) -> tuple[float, float]:
     """Predicted (direct, fft) seconds of conv edge ``name`` for one block with the phase evaluator."""
     spec, ep = plan.spec, plan.edges[name]
     edge = spec.edges[name]
     n_in, n_out = spec.nodes[edge.input].size, spec.nodes[edge.output].size
-    direct = 2.0 * n_in * n_out * math.prod(edge.size) * _vox(ep.out_extent) / (_DIRECT_GFLOPS * 1e9)
+    direct = direct_seconds(n_in, n_out, edge.size, ep.out_extent)
     return direct, _tiles(plan, 4)[name].seconds(spectra_cache)
 
 

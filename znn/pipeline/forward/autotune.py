@@ -55,6 +55,8 @@ CACHE_VERSION = 1
 PHASES_REVISION = 3
 # After one timed run per mode, a mode this many times slower has lost: no need for more repetitions.
 _CLEAR_WIN = 2.0
+# Layers whose modelled times differ by more than this are not timed (see _modelled).
+_MODEL_CLEAR = 8.0
 
 
 @dataclass(frozen=True)
@@ -158,11 +160,11 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
             log.info("autotune %s: %s (%s; fft %s, direct %s)", edge, entry["mode"], how,
                      _fmt(entry.get("fft_s")), _fmt(entry.get("direct_s")))
             continue
-        entry = _measure(problems[edge], measure, repeat)
+        entry = _modelled(problems[edge]) or _measure(problems[edge], measure, repeat)
         measured[key] = entry
         wanted[edge] = entry["mode"]
-        log.info("autotune %s: %s (measured; fft %s, direct %s)", edge, entry["mode"], _fmt(entry["fft_s"]),
-                 _fmt(entry["direct_s"]))
+        log.info("autotune %s: %s (%s; fft %s, direct %s)", edge, entry["mode"],
+                 "modelled" if entry.get("modelled") else "measured", _fmt(entry["fft_s"]), _fmt(entry["direct_s"]))
     if measured:
         _write(path, measured)
     return wanted
@@ -185,6 +187,26 @@ def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[st
                                  tuple(plan.blocks[edge.output]), timed.training and not phases, timed.evaluator,
                                  timed.spectra_cache, max(1, int(timed.threads)) if phases else 1)
     return out
+
+
+def _modelled(problem: LayerProblem) -> dict[str, Any] | None:
+    """The mode of a dense-inference layer whose speed model (``direct_seconds``, ``TileGeometry.seconds``) says
+    the other mode is over ``_MODEL_CLEAR`` times slower, without timing it (else None): timing the slow mode of a
+    large patch (a direct 80 x 80 map layer over 185^3 takes minutes) costs more than the run it tunes."""
+    from znn.ops.conv import direct_seconds
+    from znn.ops.phase import TileGeometry, choose_tile
+
+    if problem.evaluator != "phases" or problem.training:
+        return None
+    w_shape = (problem.maps_in, problem.maps_out, *problem.kernel)
+    itemsize = np.dtype(problem.dtype).itemsize
+    tile = choose_tile(problem.in_extent, w_shape, problem.dilation, itemsize=itemsize)
+    geometry = TileGeometry.of(problem.in_extent, w_shape, problem.dilation, tile)
+    fft = geometry.seconds(problem.cached_spectra)
+    direct = direct_seconds(problem.maps_in, problem.maps_out, problem.kernel, geometry.out)
+    if max(fft, direct) < _MODEL_CLEAR * min(fft, direct):
+        return None
+    return {"mode": "fft" if fft < direct else "direct", "fft_s": fft, "direct_s": direct, "modelled": True}
 
 
 def _measure(problem: LayerProblem, timer: Timer, repeat: int) -> dict[str, Any]:
