@@ -51,8 +51,9 @@ log = logging.getLogger("znn.autotune")
 Timer = Callable[["LayerProblem", str], float]
 CACHE_VERSION = 1
 # The phase evaluator's revision: raise it when its kernels change, so timings stored for the old code are not
-# taken for the new (2: fewer copies in phase_conv_fft; 3: tiles of a small FFT shape).
-PHASES_REVISION = 3
+# taken for the new (2: fewer copies in phase_conv_fft; 3: tiles of a small FFT shape; 4: bundled gathers,
+# maps-last spectra, recycled activations).
+PHASES_REVISION = 4
 # After one timed run per mode, a mode this many times slower has lost: no need for more repetitions.
 _CLEAR_WIN = 2.0
 # Layers whose modelled times differ by more than this are not timed (see _modelled).
