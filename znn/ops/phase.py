@@ -42,6 +42,10 @@ _MAC_SECONDS = 8.0 / 92e9
 # Seconds per value moved through memory: each tile's inputs gathered and valid outputs scattered, each output
 # spectrum value written by the products (what makes layers of one input map cheaper direct than by FFT).
 _MOVE_SECONDS = 1.0e-9
+# Seconds of Python and plan dispatch per tile (its gather, two transforms and its scatter are calls, whatever
+# their size; measured on the development machine at about 20-30 us): what makes many tiny tiles of a layer of
+# few maps slower than a few larger ones.
+_TILE_SECONDS = 25e-6
 # Default bound on the kernel spectra of one layer: the spectra of every FFT layer are kept for all blocks.
 SPECTRA_CAP_BYTES = 256 << 20
 
@@ -165,7 +169,7 @@ class TileGeometry:
         valid = math.prod(t - k + 1 for t, k in zip(self.shape, self.kernel))
         moved = self.n_in * vox + self.n_out * (valid + self.freq)
         per_tile = ((self.n_in + self.n_out) * fft + self.n_in * self.n_out * self.freq * _MAC_SECONDS
-                    + moved * _MOVE_SECONDS)
+                    + moved * _MOVE_SECONDS + _TILE_SECONDS)
         seconds = self.count() * per_tile
         if not cached:
             seconds += self.n_in * self.n_out * fft
