@@ -285,7 +285,7 @@ def _tile_group(x: np.ndarray, wf: np.ndarray, items: Sequence[Item], g: TileGeo
                 if (lz, ly, lx) != shape and held[r] != (lz, ly, lx):
                     real[r].fill(0)  # zero padding; a tile of the same lengths as the last one keeps it
                 held[r] = (lz, ly, lx)
-            _gather(x, sz, sy, bundle, real)
+            _gather(x, sz, lz, sy, ly, bundle, real)
             for r in range(len(bundle)):
                 rfft3(real[r], 1, out=_maps_first(spec_in[first[j] + r], half))
         drop_plans()  # the plan holds a view of spec_in: let the group's spectra go when the group is done
@@ -321,9 +321,10 @@ def _maps_first(spectrum: np.ndarray, half: Triple) -> np.ndarray:
     return spectrum.reshape(*half, spectrum.shape[-1]).transpose(3, 0, 1, 2)
 
 
-def _gather(x: np.ndarray, sz: slice, sy: slice, bundle: Sequence[Tile], real: np.ndarray) -> None:
-    """Copy each x tile of ``bundle`` (rows ``sz``, ``sy``) of every map of ``x`` into ``real[r]``, map by map."""
-    lz, ly = len(range(*sz.indices(x.shape[1]))), len(range(*sy.indices(x.shape[2])))
+def _gather(x: np.ndarray, sz: slice, lz: int, sy: slice, ly: int, bundle: Sequence[Tile],
+            real: np.ndarray) -> None:
+    """Copy each x tile of ``bundle`` (rows ``sz``, ``sy``: ``lz`` and ``ly`` of them) of every map of ``x`` into
+    ``real[r]``, map by map."""
     if len(bundle) == 1:
         sx, lx, _, _ = bundle[0]
         real[0, :, :lz, :ly, :lx] = x[:, sz, sy, sx]
