@@ -173,11 +173,15 @@ def maxout_backward(grad_y: Array, which: NDArray[np.integer], n: int) -> list[A
 # biases
 
 
-def add_bias(x: Array, bias: Array) -> Array:
-    """Add one bias per map: ``x (m, z, y, x) + bias (m,)``."""
+def _check_bias(x: Array, bias: Array) -> None:
     check_volume(x)
     if bias.shape != (x.shape[0],):
         raise ShapeError(f"bias shape {bias.shape} does not match {x.shape[0]} maps of input {x.shape}")
+
+
+def add_bias(x: Array, bias: Array) -> Array:
+    """Add one bias per map: ``x (m, z, y, x) + bias (m,)``."""
+    _check_bias(x, bias)
     biased: Array = x + bias.astype(x.dtype, copy=False)[:, None, None, None]
     return biased
 
@@ -318,9 +322,7 @@ def bias_transfer_inplace(y: Array, bias: Array, name: str, args: Sequence[float
     """``transfer_forward(name, add_bias(y, bias), training=False)`` written into ``y`` itself (which the caller
     owns), in pieces of a few hundred kilobytes of one map: each piece gets its bias and its transfer while in the
     core's cache (one pass through memory, not two), ``threads`` pieces side by side."""
-    check_volume(y)
-    if bias.shape != (y.shape[0],):
-        raise ShapeError(f"bias shape {bias.shape} does not match {y.shape[0]} maps of input {y.shape}")
+    _check_bias(y, bias)
     if not y.flags.c_contiguous:
         raise ShapeError("bias_transfer_inplace writes into its input, which must be one C-contiguous array")
     fwd, _, args = _lookup(name, args)
