@@ -16,6 +16,8 @@ from znn.ops.conv import (
     conv_backward_direct,
     conv_forward,
     conv_forward_direct,
+    conv_grad_input_direct,
+    conv_grad_kernel_direct,
 )
 
 # (input spatial, kernel, dilation, in maps, out maps): 2D and 3D, odd and even kernels, dilations 1-4 on
@@ -105,6 +107,29 @@ def finite_difference_check(mode: str, case, seed: int = 1, n_entries: int = 5) 
 @pytest.mark.parametrize("case", [CASES[1], CASES[3], CASES[5]], ids=[IDS[1], IDS[3], IDS[5]])
 def test_backward_finite_differences(case, mode):
     finite_difference_check(mode, case)
+
+
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_direct_gradients_by_slabs_of_rows_equal_the_whole(case):
+    """What the training graph's slab tasks compute: input-gradient rows from the output rows that reach them,
+    and kernel-gradient shares of output slabs (with the input rows under them) that add up to the whole."""
+    x, w, gy, d = problem(case)
+    gx, gw = conv_backward_direct(x, w, gy, d)
+    halo = [(k - 1) * dd for k, dd in zip(w.shape[2:], d)]
+    for axis in (0, 1, 2):
+        n_in, n_out = x.shape[1 + axis], gy.shape[1 + axis]
+        cuts = sorted({0, n_in // 3, (2 * n_in) // 3, n_in})
+        parts = [conv_grad_input_direct(w, gy, d, rows=(a, b), axis=axis) for a, b in zip(cuts, cuts[1:]) if b > a]
+        close(np.concatenate(parts, axis=1 + axis), gx, np.float64)
+        cuts = sorted({0, n_out // 2, n_out})
+        shares = []
+        for a, b in zip(cuts, cuts[1:]):
+            if b > a:
+                xs = np.take(x, range(a, b + halo[axis]), axis=1 + axis)
+                shares.append(conv_grad_kernel_direct(xs, np.take(gy, range(a, b), axis=1 + axis), w.shape, d))
+        close(sum(shares), gw, np.float64)
+    with pytest.raises(ShapeError, match="outside"):
+        conv_grad_input_direct(w, gy, d, rows=(0, x.shape[1] + 1), axis=0)
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

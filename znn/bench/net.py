@@ -32,7 +32,7 @@ import time
 import tracemalloc
 from collections import defaultdict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,8 @@ from znn.pipeline.run.schedulers import Runner, cores
 from znn.pipeline.train.engine import Engine
 from znn.types import Triple
 
-__all__ = ["TimingRunner", "GraphRun", "NetRequest", "run_net_bench", "format_report"]
+__all__ = ["TimingRunner", "GraphRun", "NetRequest", "run_net_bench", "run_net_benches", "format_report",
+           "format_summary"]
 
 DEFAULT_ETA = 1e-6
 
@@ -174,7 +175,8 @@ class NetRequest:
     """What to measure: ``network`` (a .znn file, or a .h5 checkpoint: its spec, random weights) at output patch
     ``outsz`` with ``threads`` workers and PyTorch threads (0: every core), ``repeat`` timed runs, conv ``mode`` of
     every layer (optimize measures each layer once and remembers), learning rate ``eta`` of the timed steps and
-    ``sync_repeat`` synchronous steps for the overhead."""
+    ``sync_repeat`` synchronous steps for the overhead; ``plan_workers``: build the step as for that many workers
+    while running it on ``threads`` (a small machine then shows the parallelism a large one would get)."""
 
     network: str | Path
     outsz: Triple
@@ -186,6 +188,7 @@ class NetRequest:
     seed: int = 0
     eta: float = DEFAULT_ETA
     sync_repeat: int = 2
+    plan_workers: int | None = None  # the workers the step's tasks are split for (default: ``threads``)
 
 
 @dataclass
@@ -217,13 +220,15 @@ def _build(request: NetRequest) -> tuple[_Bench, dict[str, Any]]:
     net = Network.initialise(spec, seed=request.seed, dtype=np.dtype(request.dtype))
     t0 = time.perf_counter()
     runner = TimingRunner("threads", workers)
-    engine = Engine(net.copy(), outsz, request.mode, runner, seed=request.seed)
+    plan_workers = request.plan_workers or workers
+    engine = Engine(net.copy(), outsz, request.mode, runner, seed=request.seed, plan_workers=plan_workers)
     setup_s = time.perf_counter() - t0
     inputs = _inputs(net, engine.input_patch, request.seed)
     modes = {e: p.mode for e, p in engine.plan.edges.items() if spec.edges[e].type == "conv"}
     report: dict[str, Any] = {
         "network": str(request.network), "outsz": list(outsz),
         "input_patch": {k: list(v) for k, v in engine.input_patch.items()}, "threads": workers,
+        "plan_workers": plan_workers,
         "repeat": request.repeat, "dtype": request.dtype, "mode": request.mode, "modes": modes,
         "setup_s": round(setup_s, 3), "machine": _machine(),
     }
@@ -250,11 +255,27 @@ def run_net_bench(request: NetRequest, progress: Callable[[str], None] | None = 
     say("peak memory of one step")
     report["peak_bytes"] = _peak(bench.step)
     report["final_cost_finite"] = bool(np.isfinite(bench.step()[0]))
+    voxels = math.prod(request.outsz)
+    report["train_vox_s"] = voxels / report["step_s"]
     if bench.tnet is not None:
         report["torch"] = getattr(bench.torch, "__version__", None)
         report["step_vs_torch"] = report["step_s"] / report["torch_step_s"]
         report["forward_vs_torch"] = report["forward_s"] / report["torch_forward_s"]
+        report["torch_train_vox_s"] = voxels / report["torch_step_s"]
     return report
+
+
+def run_net_benches(request: NetRequest, threads: Sequence[int],
+                    progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
+    """:func:`run_net_bench` at each thread count of ``threads`` (the plan's workers follow ``threads`` unless
+    ``request.plan_workers`` fixes them)."""
+    say = progress or (lambda s: None)
+    reports = []
+    for count in threads:
+        if len(threads) > 1:
+            say(f"threads {cores(count)}")
+        reports.append(run_net_bench(replace(request, threads=count), progress))
+    return reports
 
 
 def _warm_up(bench: _Bench, report: dict[str, Any]) -> None:
@@ -301,6 +322,7 @@ def _threaded_efficiency(walls: Sequence[float], step_runs: Sequence[GraphRun], 
     cp, busy = graph.critical_path(), graph.busy
     return {
         "step_tasks": len(graph.tasks), "step_busy_s": busy, "step_critical_path_s": cp,
+        "step_available_parallelism": busy / cp if cp > 0 else 1.0,
         "step_efficiency": max(cp, busy / workers) / wall, "step_parallel": busy / (workers * wall),
         "step_get_s": graph.wall, "step_by_op_s": {k: round(v, 4) for k, v in sorted(graph.by_op().items())},
     }
@@ -310,7 +332,7 @@ def _sync_overhead(bench: _Bench, modes: dict[str, str]) -> dict[str, Any]:
     """The share of a synchronous step spent outside tasks (and outside dask's get), medians."""
     runner = TimingRunner("synchronous", 1)
     sync = Engine(bench.net.copy(), bench.request.outsz, modes if modes else bench.request.mode, runner,
-                  seed=bench.request.seed)
+                  seed=bench.request.seed, plan_workers=bench.engine.plan.workers)
     bench.step(sync)
     shares, sync_walls = [], []
     for _ in range(bench.request.sync_repeat):
@@ -392,7 +414,7 @@ def format_report(r: dict[str, Any]) -> str:
     lines = [
         f"network {r['network']}  output {'x'.join(map(str, r['outsz']))}  input "
         + ", ".join(f"{k} {'x'.join(map(str, v))}" for k, v in r["input_patch"].items())
-        + f"  threads {r['threads']}  {r['dtype']}  mode {r['mode']}",
+        + f"  threads {r['threads']}  planned for {r['plan_workers']} workers  {r['dtype']}  mode {r['mode']}",
         "conv modes: " + ", ".join(f"{e}={m}" for e, m in r["modes"].items()),
         "",
         f"{'':24}{'ours':>12}{'pytorch' if torch else '':>12}{'ours/torch' if torch else '':>12}",
@@ -400,11 +422,15 @@ def format_report(r: dict[str, Any]) -> str:
         + (f"{_ms(r['torch_forward_s']):>12}{r['forward_vs_torch']:>12.2f}" if torch else ""),
         f"{'training step':24}{_ms(r['step_s']):>12}"
         + (f"{_ms(r['torch_step_s']):>12}{r['step_vs_torch']:>12.2f}" if torch else ""),
+        f"{'training, output vox/s':24}{r['train_vox_s']:>12,.0f}"
+        + (f"{r['torch_train_vox_s']:>12,.0f}{r['train_vox_s'] / r['torch_train_vox_s']:>12.2f}" if torch else ""),
         "",
         f"scheduler overhead      {100 * r['overhead']:.1f}% of a synchronous step ({_ms(r['sync_step_s'])}; "
         f"{100 * r['overhead_outside_get']:.1f}% outside dask's get)",
         f"threaded efficiency     {r['step_efficiency']:.2f}  (critical path {_ms(r['step_critical_path_s'])}, "
         f"task time {_ms(r['step_busy_s'])} in {r['step_tasks']} tasks, parallel {r['step_parallel']:.2f})",
+        f"available parallelism   {r['step_available_parallelism']:.1f}  (task time / critical path of the graph "
+        f"planned for {r['plan_workers']} workers)",
         f"peak memory of a step   {r['peak_bytes'] / 2**20:.0f} MiB (NumPy, tracemalloc)",
     ]
     if torch:
@@ -418,4 +444,17 @@ def format_report(r: dict[str, Any]) -> str:
                                                          sorted(r["step_by_op_s"].items(), key=lambda kv: -kv[1])
                                                          if v >= 0.0005) + " ms",
     ]
+    return "\n".join(lines)
+
+
+def format_summary(reports: Sequence[dict[str, Any]]) -> str:
+    """One line per thread count: the step's time beside PyTorch's, its efficiency and available parallelism."""
+    lines = [f"{'threads':>8}{'plan W':>8}{'ours step':>12}{'torch step':>12}{'ours/torch':>12}{'efficiency':>12}"
+             f"{'parallelism':>13}{'train vox/s':>13}{'torch vox/s':>13}"]
+    for r in reports:
+        ratio = f"{r['step_vs_torch']:.2f}" if "step_vs_torch" in r else "-"
+        torch_vox = f"{r['torch_train_vox_s']:,.0f}" if "torch_train_vox_s" in r else "-"
+        lines.append(f"{r['threads']:>8}{r['plan_workers']:>8}{_ms(r['step_s']):>12}{_ms(r.get('torch_step_s')):>12}"
+                     f"{ratio:>12}{r['step_efficiency']:>12.2f}{r['step_available_parallelism']:>13.1f}"
+                     f"{r['train_vox_s']:>13,.0f}{torch_vox:>13}")
     return "\n".join(lines)

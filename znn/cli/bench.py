@@ -93,7 +93,11 @@ def _run_ops(args: argparse.Namespace) -> list[Row]:
 def _net_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("network", help="a .znn network file (or a .h5 checkpoint: its spec, random weights)")
     parser.add_argument("--outsz", type=parse_triple, required=True, help="output patch z,y,x")
-    parser.add_argument("--threads", type=int, default=0, help="workers and PyTorch threads (0: every core)")
+    parser.add_argument("--threads", type=int, nargs="+", default=[0],
+                        help="workers and PyTorch threads, one run each (0: every core; e.g. --threads 1 2)")
+    parser.add_argument("--plan-workers", type=positive_int, default=None,
+                        help="build the step as for this many workers while running it on --threads (a small "
+                             "machine shows the parallelism a large one would get); default: --threads")
     parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs, median reported (default 5)")
     parser.add_argument("--mode", choices=["fft", "direct", "optimize"], default="fft",
                         help="conv mode of every layer; optimize measures each layer once and remembers")
@@ -104,14 +108,17 @@ def _net_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", help="also write the report to this JSON file")
 
 
-def _run_net(args: argparse.Namespace) -> dict[str, Any]:
-    request = net.NetRequest(args.network, args.outsz, args.threads, args.repeat, args.mode, not args.no_torch,
-                             args.dtype, args.seed, args.eta)
-    report = net.run_net_bench(request, progress=lambda s: _progress(f"  {s}"))
-    print(net.format_report(report))
-    if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
-    return report
+def _run_net(args: argparse.Namespace) -> list[dict[str, Any]]:
+    request = net.NetRequest(args.network, args.outsz, args.threads[0], args.repeat, args.mode, not args.no_torch,
+                             args.dtype, args.seed, args.eta, plan_workers=args.plan_workers)
+    reports = net.run_net_benches(request, args.threads, progress=lambda s: _progress(f"  {s}"))
+    print("\n\n".join(net.format_report(r) for r in reports))
+    if len(reports) > 1:
+        print("\n" + net.format_summary(reports))
+    if args.json:  # one report, or every run's under "runs"
+        document: Any = reports[0] if len(reports) == 1 else {"runs": reports}
+        Path(args.json).write_text(json.dumps(document, indent=1, default=str))
+    return reports
 
 
 # ---------------------------------------------------------------------------------------------- znn bench forward

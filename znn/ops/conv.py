@@ -40,6 +40,8 @@ __all__ = [
     "conv_backward",
     "conv_forward_direct",
     "conv_backward_direct",
+    "conv_grad_input_direct",
+    "conv_grad_kernel_direct",
     "check_conv_shapes",
 ]
 
@@ -156,6 +158,41 @@ def conv_backward_direct(x: np.ndarray, w: np.ndarray, grad_y: np.ndarray, dilat
     check_conv_shapes(x.shape, w.shape, d, grad_y.shape)
     x, w, grad_y = _float(x, w, grad_y)
     return _grad_input_direct(w, grad_y, d, threads), _grad_kernel_direct(x, grad_y, w.shape, d, threads)
+
+
+def conv_grad_input_direct(w: np.ndarray, grad_y: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
+                           threads: int = 1, rows: tuple[int, int] | None = None, axis: int = 0) -> np.ndarray:
+    """``grad_x`` of :func:`conv_forward_direct` from ``grad_y`` alone (the input's extent is ``grad_y``'s plus
+    the kernel's span); with ``rows = (r0, r1)``, only input rows ``r0..r1`` along spatial ``axis`` (0 z, 1 y,
+    2 x), computed from the output rows that reach them: a task per slab of rows gives the same values."""
+    d = _dil(dilation)
+    grad_y, w = _float(grad_y, w)
+    if rows is None:
+        return _grad_input_direct(w, grad_y, d, threads)
+    halo = [(k - 1) * dd for k, dd in zip(w.shape[2:], d)]
+    r0, r1 = rows
+    n_rows = grad_y.shape[1 + axis]
+    if not 0 <= r0 < r1 <= n_rows + halo[axis]:
+        raise ShapeError(f"input rows {rows} along axis {axis} are outside 0..{n_rows + halo[axis]}")
+    lo, hi = max(0, r0 - halo[axis]), min(n_rows, r1)  # output rows that reach input rows r0..r1
+    index = [slice(None)] * 4
+    index[1 + axis] = slice(lo, hi)
+    pads = [(0, 0)] + [(h, h) for h in halo]
+    pads[1 + axis] = (lo - (r0 - halo[axis]), r1 - hi)
+    wt = w[:, :, ::-1, ::-1, ::-1].transpose(1, 0, 2, 3, 4)
+    return conv_forward_direct(np.pad(grad_y[tuple(index)], pads), wt, d, threads)
+
+
+def conv_grad_kernel_direct(x: np.ndarray, grad_y: np.ndarray, w_shape: Sequence[int],
+                            dilation: Sequence[int] = (1, 1, 1), threads: int = 1) -> np.ndarray:
+    """``grad_w (in, out, kz, ky, kx)`` of :func:`conv_forward_direct` from its input and output gradient (the
+    kernel-gradient half of :func:`conv_backward_direct`; a slab of output rows and the input rows under it give
+    that slab's share, and the shares add up to the whole)."""
+    d = _dil(dilation)
+    shape = tuple(int(v) for v in w_shape)
+    check_conv_shapes(x.shape, shape, d, grad_y.shape)
+    x, grad_y = _float(x, grad_y)
+    return _grad_kernel_direct(x, grad_y, shape, d, threads)
 
 
 def _grad_input_direct(w: np.ndarray, grad_y: np.ndarray, d: Triple, threads: int) -> np.ndarray:

@@ -20,6 +20,8 @@ or unreadable file is remeasured (with a warning) and rewritten.
 
 from __future__ import annotations
 
+import functools
+
 import json
 import logging
 import os
@@ -264,7 +266,7 @@ def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[n
     xspecs = [xspec] + [tasks.input_spectra(x, lo, p.in_extent, shape) for x in xs[1:]]
     kspec, t_k = _timed(tasks.kernel_spectra, w, ib0, ob0, p.dilation, shape)
     column = [kspec] + [tasks.kernel_spectra(w, ib, ob0, p.dilation, shape) for ib in p.in_blocks[1:]]
-    _, t_conv = _timed(tasks.conv_fft_forward, xspecs, column, edge)
+    _, t_conv = _timed(functools.partial(tasks.conv_fft_forward, edge=edge), xspecs, column)
     if not p.training:  # inference: kernel spectra come from the cache
         return n_i * t_x + n_o * t_conv
     gspec, t_g = _timed(tasks.grad_output_spectra, gys[0], shape, p.kernel, p.dilation)
@@ -278,13 +280,20 @@ def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[n
 
 
 def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
-    """The direct-mode tasks: one forward and one backward task for the whole layer."""
+    """The direct-mode tasks of the layer on one worker: one slab of every row (forward, input and kernel
+    gradient)."""
     edge = p.edge_plan("direct")
-    _, t_fwd = _timed(tasks.conv_direct_layer, xs, w, p.out_blocks, edge)
+    axis = edge.slab_axis
+    out_rows, in_rows = (0, edge.out_extent[axis]), (0, edge.need[axis])
+    _, t_fwd = _timed(functools.partial(tasks.conv_direct_slab, edge=edge, out_rows=out_rows), xs, w)
     if not p.training:
         return t_fwd
-    _, t_bwd = _timed(tasks.conv_direct_layer_backward, xs, w, p.in_blocks, gys, edge, 1, p.grad_input)
-    return t_fwd + t_bwd
+    _, t_gw = _timed(functools.partial(tasks.conv_direct_grad_kernel_slab, edge=edge, kernel_shape=w.shape,
+                                       out_rows=out_rows), xs, gys)
+    t_gx = 0.0
+    if p.grad_input:
+        _, t_gx = _timed(functools.partial(tasks.conv_direct_grad_input_slab, edge=edge, in_rows=in_rows), gys, w)
+    return t_fwd + t_gw + t_gx
 
 
 def _phase_forward(p: LayerProblem, x: np.ndarray, w: np.ndarray, mode: str) -> float:

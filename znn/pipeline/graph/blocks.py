@@ -1,31 +1,54 @@
-"""How feature maps are grouped into blocks, so that a task is worth far more than the scheduler's overhead.
+"""How a layer's work is split into tasks: feature maps into contiguous blocks, a direct layer's output into slabs.
 
-The partition depends only on the layer's shape (never on the number of workers), so sums over blocks happen in
-the same order on every scheduler and the numbers are identical whatever runs them.
+A split depends only on the layer's shape and on the number of workers ``W`` the graph is planned for (never on
+the scheduler that runs it), so sums over blocks happen in the same order on every scheduler and a graph planned
+for ``W`` workers gives the same numbers whatever runs it. Graphs planned for different ``W`` differ by rounding
+only (sums over other blocks).
 """
 
 from __future__ import annotations
 
 import math
 
-# A task should cost at least a few milliseconds: the threaded scheduler costs ~0.1 ms per task and the
+# A task should cost far more than the scheduler's overhead: the threaded scheduler costs ~0.1 ms per task and the
 # distributed one ~1 ms (design.md). An FFT-convolution block of this many map-voxels runs in a few ms here.
 MIN_BLOCK_WORK = 2_000_000
-# More blocks than this give no extra parallelism on the machines we target and multiply the per-pair tasks.
+# One worker gains nothing from more blocks than this, and the per-pair tasks of an FFT layer grow as its square.
 MAX_BLOCKS = 8
+# Planned for W > 1 workers, a stage is split into at least W tasks (its maps, or a direct layer's rows), down to
+# tasks of this many map-voxels: a pointwise pass over them takes ~1 ms, a conv slab far more.
+MIN_SPLIT_WORK = 64_000
+# A direct layer split into slabs gets this many slabs per worker (uneven slabs and other stages' tasks balance).
+SLABS_PER_WORKER = 2
 
-Block = tuple[int, int]
-
-
-def map_blocks(maps: int, voxels: int, min_work: int = MIN_BLOCK_WORK, max_blocks: int = MAX_BLOCKS) -> list[Block]:
-    """Split ``maps`` feature maps of ``voxels`` voxels each into contiguous ``(start, stop)`` blocks."""
-    wanted = max(1, min(maps, max_blocks, (maps * voxels) // max(1, min_work)))
-    bounds = [round(i * maps / wanted) for i in range(wanted + 1)]
-    return [(bounds[i], bounds[i + 1]) for i in range(wanted)]
+MapBlock = tuple[int, int]
 
 
-def block_count_for(maps: int, voxels: int) -> int:
-    return len(map_blocks(maps, voxels))
+def map_blocks(maps: int, voxels: int, workers: int = 1, min_work: int = MIN_BLOCK_WORK,
+               max_blocks: int = MAX_BLOCKS) -> list[MapBlock]:
+    """Split ``maps`` feature maps of ``voxels`` voxels each into contiguous ``(start, stop)`` blocks: enough that
+    a block is worth a task (``min_work``), and for ``workers`` > 1 at least one per worker while blocks keep
+    :data:`MIN_SPLIT_WORK` map-voxels."""
+    work = maps * voxels
+    wanted = min(maps, max_blocks, work // max(1, min_work))
+    if workers > 1:
+        wanted = max(wanted, min(maps, workers, work // MIN_SPLIT_WORK))
+    return even_split(maps, max(1, wanted))
+
+
+def slab_count(rows: int, row_work: int, workers: int) -> int:
+    """Slabs of a direct layer's ``rows`` output rows (``row_work`` multiply-adds each) planned for ``workers``:
+    one for one worker (the layer's one task splits its tiles over its threads), else
+    :data:`SLABS_PER_WORKER` per worker while a slab keeps a row and :data:`MIN_SPLIT_WORK` of work."""
+    if workers <= 1:
+        return 1
+    return max(1, min(rows, SLABS_PER_WORKER * workers, (rows * row_work) // MIN_SPLIT_WORK))
+
+
+def even_split(n: int, parts: int) -> list[MapBlock]:
+    """``range(n)`` as ``parts`` contiguous ``(start, stop)`` pieces of (nearly) equal length."""
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [(bounds[i], bounds[i + 1]) for i in range(parts)]
 
 
 def voxels_of(shape: tuple[int, ...]) -> int:

@@ -6,12 +6,14 @@ training graphs.
 
 from __future__ import annotations
 
+import dataclasses
+
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from znn.errors import ConfigError
 from znn.ops import fft as fftops
-from znn.pipeline.graph.blocks import Block, map_blocks, voxels_of
+from znn.pipeline.graph.blocks import MapBlock, even_split, map_blocks, slab_count, voxels_of
 from znn.spec import ONE_TO_ONE, Layout, NetworkSpec
 from znn.types import Triple
 
@@ -31,6 +33,11 @@ class EdgePlan:
     mode: str  # conv edges: fft or direct
     fft_shape: Triple | None  # conv edges in fft mode
     size: Triple = (1, 1, 1)  # the edge's window: a conv edge's kernel, a max filter's or max pool's window
+    # direct conv edges: the spatial axis (0 z, 1 y, 2 x) their tasks split, the output rows of each forward and
+    # kernel-gradient task, and the input (``need``) rows of each input-gradient task
+    slab_axis: int = 0
+    out_slabs: tuple[MapBlock, ...] = ()
+    in_slabs: tuple[MapBlock, ...] = ()
 
     @property
     def transform_shape(self) -> Triple:
@@ -44,23 +51,27 @@ class EdgePlan:
 class NetPlan:
     spec: NetworkSpec
     layout: Layout
-    blocks: dict[str, list[Block]]
+    blocks: dict[str, list[MapBlock]]
     edges: dict[str, EdgePlan]
+    workers: int = 1  # the workers the task split is sized for (blocks.py)
 
     @property
     def output_patch(self) -> Triple:
         return self.layout.output_patch
 
 
-def make_plan(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str] = "fft") -> NetPlan:
-    """Plan ``spec`` for ``output_patch``; ``modes`` is one conv mode for all conv edges or one per edge."""
+def make_plan(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str] = "fft",
+              workers: int = 1) -> NetPlan:
+    """Plan ``spec`` for ``output_patch``; ``modes`` is one conv mode for all conv edges or one per edge;
+    ``workers``: the cores the graphs' tasks are split for (1: as few tasks as make each worth it)."""
+    workers = max(1, int(workers))
     layout = spec.layout(output_patch)
-    blocks = _node_blocks(spec, layout)
-    edges = {name: _edge_plan(spec, layout, name, _mode(modes, name, spec)) for name in spec.edges}
-    return NetPlan(spec, layout, blocks, edges)
+    blocks = _node_blocks(spec, layout, workers)
+    edges = {name: _edge_plan(spec, layout, name, _mode(modes, name, spec), workers) for name in spec.edges}
+    return NetPlan(spec, layout, blocks, edges, workers)
 
 
-def _node_blocks(spec: NetworkSpec, layout: Layout) -> dict[str, list[Block]]:
+def _node_blocks(spec: NetworkSpec, layout: Layout, workers: int) -> dict[str, list[MapBlock]]:
     """Map blocks per node group. Nodes joined by one-to-one edges share one partition (block i feeds block i),
     sized for the largest of them."""
     group = {n: n for n in spec.nodes}
@@ -76,7 +87,7 @@ def _node_blocks(spec: NetworkSpec, layout: Layout) -> dict[str, list[Block]]:
     voxels: dict[str, int] = {}
     for n in spec.nodes:
         voxels[root(n)] = max(voxels.get(root(n), 0), voxels_of(layout.extent[n]))
-    return {n: map_blocks(g.size, voxels[root(n)]) for n, g in spec.nodes.items()}
+    return {n: map_blocks(g.size, voxels[root(n)], workers) for n, g in spec.nodes.items()}
 
 
 def _mode(modes: str | Mapping[str, str], edge: str, spec: NetworkSpec) -> str:
@@ -87,7 +98,7 @@ def _mode(modes: str | Mapping[str, str], edge: str, spec: NetworkSpec) -> str:
     return mode
 
 
-def _edge_plan(spec: NetworkSpec, layout: Layout, name: str, mode: str) -> EdgePlan:
+def _edge_plan(spec: NetworkSpec, layout: Layout, name: str, mode: str, workers: int) -> EdgePlan:
     edge = spec.edges[name]
     in_extent, out_extent = layout.extent[edge.input], layout.extent[edge.output]
     need = spec.edge_input_extent(edge, out_extent, layout.sparsity)
@@ -97,4 +108,19 @@ def _edge_plan(spec: NetworkSpec, layout: Layout, name: str, mode: str) -> EdgeP
     fft_shape = None
     if edge.type == "conv" and mode == "fft":
         fft_shape = fftops.fft_shape(need, edge.size, dilation)
-    return EdgePlan(name, in_extent, need, crop_lo, out_extent, dilation, mode, fft_shape, edge.size)
+    plan = EdgePlan(name, in_extent, need, crop_lo, out_extent, dilation, mode, fft_shape, edge.size)
+    if edge.type == "conv" and mode == "direct":
+        return _slabbed(plan, spec.kernel_shape(name), workers)
+    return plan
+
+
+def _slabbed(plan: EdgePlan, kernel_shape: Sequence[int], workers: int) -> EdgePlan:
+    """A direct conv edge's slabs for ``workers``: along its longest of z and y (x rows stay whole, they are
+    the columns of every GEMM), the same count for the output rows and the input-gradient rows."""
+    axis = 0 if plan.out_extent[0] >= plan.out_extent[1] else 1
+    rows = plan.out_extent[axis]
+    n_in, n_out = kernel_shape[0], kernel_shape[1]
+    row_work = n_in * n_out * voxels_of(plan.size) * voxels_of(plan.out_extent) // rows
+    count = slab_count(rows, row_work, workers)
+    return dataclasses.replace(plan, slab_axis=axis, out_slabs=tuple(even_split(rows, count)),
+                               in_slabs=tuple(even_split(plan.need[axis], min(count, plan.need[axis]))))

@@ -1,7 +1,8 @@
 """The functions that dask tasks run: thin, picklable wrappers around :mod:`znn.ops` on blocks of maps.
 
 Every function takes and returns NumPy arrays (or tuples of them); the graph builder in
-:mod:`znn.pipeline.graph.build` decides which block goes where. Kernels of a conv edge group are one array
+:mod:`znn.pipeline.graph.build` and the edge builders decide which block goes where; dependencies come first and
+parameters by keyword (:func:`znn.pipeline.graph.core.call`). Kernels of a conv edge group are one array
 (in, out, z, y, x); a task slices the (input block, output block) part it needs.
 """
 
@@ -17,14 +18,14 @@ from znn.ops import conv as convops
 from znn.ops import conv_fft, pointwise
 from znn.ops.sgd import sgd_update
 from znn.pipeline.graph import edges
-from znn.pipeline.graph.blocks import Block
+from znn.pipeline.graph.blocks import MapBlock
 from znn.pipeline.graph.edges import Draw, OneToOne
 from znn.pipeline.graph.plan import EdgePlan
 from znn.types import Triple
 
 
 # -- slicing and cropping ------------------------------------------------------------------------------------
-def take_maps(x: np.ndarray, block: Block) -> np.ndarray:
+def take_maps(x: np.ndarray, block: MapBlock) -> np.ndarray:
     return np.ascontiguousarray(x[block[0]:block[1]])
 
 
@@ -84,7 +85,7 @@ class NodeTransfer:
 
 
 # -- nodes ---------------------------------------------------------------------------------------------------
-def node_forward(node: NodeTransfer, bias: np.ndarray | None, parts: Sequence[np.ndarray], maxout: bool) -> Any:
+def node_forward(bias: np.ndarray | None, parts: Sequence[np.ndarray], *, node: NodeTransfer, maxout: bool) -> Any:
     """Combine incoming edge outputs (sum, or element-wise max for maxout nodes), add bias, apply the transfer.
 
     Returns the activation, or (activation, which) for maxout nodes so the backward can route gradients.
@@ -97,7 +98,7 @@ def node_forward(node: NodeTransfer, bias: np.ndarray | None, parts: Sequence[np
     return (y, which) if maxout else y
 
 
-def node_backward(node: NodeTransfer, y: np.ndarray, parts: Sequence[np.ndarray]) -> np.ndarray:
+def node_backward(y: np.ndarray, parts: Sequence[np.ndarray], *, node: NodeTransfer) -> np.ndarray:
     """Gradient wrt the node's pre-transfer sum from the gradients of its outgoing edges (already padded)."""
     g = add_all(parts)
     if node.kind == "transfer":
@@ -139,7 +140,7 @@ def one_to_one_backward(g: np.ndarray, fwd: Any, edge: EdgePlan, op: OneToOne) -
 
 
 # -- conv edges ----------------------------------------------------------------------------------------------
-def kernel_block(kernel: np.ndarray, ib: Block, ob: Block) -> np.ndarray:
+def kernel_block(kernel: np.ndarray, ib: MapBlock, ob: MapBlock) -> np.ndarray:
     return np.ascontiguousarray(kernel[ib[0]:ib[1], ob[0]:ob[1]])
 
 
@@ -147,13 +148,12 @@ def input_spectra(x: np.ndarray, lo: Triple, need: Triple, shape: Triple) -> np.
     return conv_fft.input_spectra(np.ascontiguousarray(central(x, lo, need)), shape)
 
 
-def kernel_spectra(kernel: np.ndarray, ib: Block, ob: Block, dilation: Triple, shape: Triple) -> np.ndarray:
+def kernel_spectra(kernel: np.ndarray, ib: MapBlock, ob: MapBlock, dilation: Triple, shape: Triple) -> np.ndarray:
     return conv_fft.kernel_spectra(kernel_block(kernel, ib, ob), dilation, shape)
 
 
-def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], edge: EdgePlan,
-                     threads: int = 1, node: NodeTransfer | None = None,
-                     bias: np.ndarray | None = None) -> np.ndarray:
+def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], bias: np.ndarray | None = None,
+                     *, edge: EdgePlan, threads: int = 1, node: NodeTransfer | None = None) -> np.ndarray:
     """One output block: accumulate over input blocks in the frequency domain, one inverse per output map;
     with ``node``, then the output node's bias and transfer (:func:`finish_node`).
 
@@ -194,34 +194,76 @@ def joined_maps(blocks: Sequence[np.ndarray], lo: Triple, need: Triple) -> np.nd
     return np.concatenate([central(b, lo, need) for b in blocks])
 
 
-def conv_direct_layer(xs: Sequence[np.ndarray], kernel: np.ndarray, out_blocks: Sequence[Block], edge: EdgePlan,
-                      threads: int = 1, node: NodeTransfer | None = None,
-                      bias: np.ndarray | None = None) -> list[np.ndarray]:
-    """A whole direct-mode conv layer in one task, returned as the output node's blocks (views of one array);
-    with ``node``, then the node's bias (all maps) and transfer (:func:`finish_node`).
+def rows(x: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo..hi`` along spatial ``axis`` (0 z, 1 y, 2 x) of ``x`` (maps, z, y, x): a view."""
+    index: list[slice] = [slice(None)] * 4
+    index[1 + axis] = slice(lo, hi)
+    return x[tuple(index)]
 
-    One task rather than one per block: each call gathers its input columns once, so splitting the output
-    maps would repeat the gather and shrink the products (blocks of a few maps run several times slower).
-    ``threads`` split the output tiles instead; each tile is computed the same way whatever the split, so the
-    numbers do not depend on it.
+
+def joined_rows(blocks: Sequence[np.ndarray], axis: int, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo..hi`` of every block, joined along the maps: one contiguous array."""
+    if len(blocks) == 1:
+        return np.ascontiguousarray(rows(blocks[0], axis, lo, hi))
+    return np.concatenate([rows(b, axis, lo, hi) for b in blocks])
+
+
+def slab_input(edge: EdgePlan, out_rows: MapBlock) -> tuple[Triple, Triple]:
+    """``(lo, extent)`` in the input node of what output rows ``out_rows`` (along ``edge.slab_axis``) of a direct
+    conv edge read: those rows of its ``need`` part and the kernel's span below them."""
+    axis = edge.slab_axis
+    lo, need = list(edge.crop_lo), list(edge.need)
+    lo[axis] += out_rows[0]
+    need[axis] = out_rows[1] - out_rows[0] + (edge.size[axis] - 1) * edge.dilation[axis]
+    return (lo[0], lo[1], lo[2]), (need[0], need[1], need[2])
+
+
+def slab_maps(slabs: Sequence[np.ndarray], block: MapBlock, axis: int) -> np.ndarray:
+    """Maps ``block`` of a layer computed as slabs of rows along ``axis``, the slabs joined (one slab: a view)."""
+    parts = [s[block[0]:block[1]] for s in slabs]
+    return parts[0] if len(parts) == 1 else np.concatenate(parts, axis=1 + axis)
+
+
+def conv_direct_slab(xs: Sequence[np.ndarray], kernel: np.ndarray, bias: np.ndarray | None = None, *,
+                     edge: EdgePlan, out_rows: MapBlock, threads: int = 1,
+                     node: NodeTransfer | None = None) -> np.ndarray:
+    """Output rows ``out_rows`` of every output map of a direct-mode conv edge (from the input blocks ``xs``),
+    then with ``node`` the output node's bias (all maps) and transfer (:func:`finish_node`).
+
+    Slabs of rows rather than blocks of output maps: each task gathers the columns of its own rows once, where
+    splitting the output maps would repeat the gather and shrink the products. ``threads`` split the slab's tiles;
+    each tile is computed the same way whatever the split, so the numbers do not depend on it.
     """
-    y = convops.conv_forward_direct(joined_maps(xs, edge.crop_lo, edge.need), kernel, edge.dilation, threads)
-    y = finish_node(y, node, bias)
-    return [y[a:b] for a, b in out_blocks]
+    lo, need = slab_input(edge, out_rows)
+    y = convops.conv_forward_direct(joined_maps(xs, lo, need), kernel, edge.dilation, threads)
+    return finish_node(y, node, bias)
 
 
-def conv_direct_layer_backward(xs: Sequence[np.ndarray], kernel: np.ndarray, in_blocks: Sequence[Block],
-                               gys: Sequence[np.ndarray], edge: EdgePlan, threads: int = 1,
-                               grad_input: bool = True) -> tuple[list[np.ndarray] | None, np.ndarray]:
-    """(input gradient per input block, padded to the node's extent; kernel gradient) of a direct-mode layer;
-    without ``grad_input`` (the input is a network input) only the kernel gradient, and None."""
-    x = joined_maps(xs, edge.crop_lo, edge.need)
-    gy = concat_maps(gys).astype(x.dtype, copy=False)
-    if not grad_input:
-        # ops' kernel-gradient half of conv_backward_direct
-        return None, convops._grad_kernel_direct(x, gy, kernel.shape, edge.dilation, threads)
-    gx, gw = convops.conv_backward_direct(x, kernel, gy, edge.dilation, threads)
-    return [pad_back(gx[a:b], edge.crop_lo, edge.in_extent) for a, b in in_blocks], gw
+def conv_direct_grad_input_slab(gys: Sequence[np.ndarray], kernel: np.ndarray, *, edge: EdgePlan,
+                                in_rows: MapBlock, threads: int = 1) -> np.ndarray:
+    """Input rows ``in_rows`` (of the edge's ``need`` part, along ``edge.slab_axis``) of the input gradient of
+    every input map, from the output rows that reach them."""
+    axis = edge.slab_axis
+    lo = max(0, in_rows[0] - (edge.size[axis] - 1) * edge.dilation[axis])
+    hi = min(edge.out_extent[axis], in_rows[1])
+    gy = joined_rows(gys, axis, lo, hi).astype(kernel.dtype, copy=False)
+    return convops.conv_grad_input_direct(kernel, gy, edge.dilation, threads, (in_rows[0] - lo, in_rows[1] - lo),
+                                          axis)
+
+
+def grad_input_block(slabs: Sequence[np.ndarray], *, block: MapBlock, edge: EdgePlan) -> np.ndarray:
+    """Maps ``block`` of a direct conv edge's input gradient from its slabs, padded to the input node's extent."""
+    return pad_back(slab_maps(slabs, block, edge.slab_axis), edge.crop_lo, edge.in_extent)
+
+
+def conv_direct_grad_kernel_slab(xs: Sequence[np.ndarray], gys: Sequence[np.ndarray], *, edge: EdgePlan,
+                                 kernel_shape: tuple[int, ...], out_rows: MapBlock,
+                                 threads: int = 1) -> np.ndarray:
+    """The share of output rows ``out_rows`` in a direct conv edge's kernel gradient (the shares add up to it)."""
+    lo, need = slab_input(edge, out_rows)
+    x = joined_maps(xs, lo, need)
+    gy = joined_rows(gys, edge.slab_axis, *out_rows).astype(x.dtype, copy=False)
+    return convops.conv_grad_kernel_direct(x, gy, kernel_shape, edge.dilation, threads)
 
 
 # -- updates -------------------------------------------------------------------------------------------------
@@ -254,7 +296,7 @@ def bias_gradient_update(param: np.ndarray, velocity: np.ndarray, blocks: Sequen
     return p, v, grad
 
 
-def loss_task(loss: Callable[..., tuple[float, dict[str, np.ndarray]]], names: Sequence[str],
-              blocks: Sequence[Sequence[np.ndarray]]) -> tuple[float, dict[str, np.ndarray]]:
+def loss_task(blocks: Sequence[Sequence[np.ndarray]], *, loss: Callable[..., tuple[float, dict[str, np.ndarray]]],
+              names: Sequence[str]) -> tuple[float, dict[str, np.ndarray]]:
     """The loss of the whole output node groups (blocks joined); ``names[i]`` has blocks ``blocks[i]``."""
     return loss({name: concat_maps(parts) for name, parts in zip(names, blocks)})

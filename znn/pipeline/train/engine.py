@@ -10,7 +10,7 @@ from dask.optimization import cull
 
 from znn.network import Network
 from znn.pipeline.graph import tasks
-from znn.pipeline.graph.build import Hyper, Loss, forward_graph, step_graph
+from znn.pipeline.graph.build import Hyper, Loss, forward_graph, step_graph, task_priorities
 from znn.pipeline.graph.cache import SpectraCache
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.pipeline.run.schedulers import Runner, make_runner
@@ -26,8 +26,12 @@ class Engine:
 
     def __init__(self, net: Network, output_patch: Sequence[int], modes: str | Mapping[str, str] = "fft",
                  runner: Runner | None = None, seed: int = 0, spectra_cache: bool = True,
-                 cache_bytes: int | None = None):
+                 cache_bytes: int | None = None, plan_workers: int | None = None):
+        """``plan_workers``: the workers the graphs' tasks are split for (default: the runner's; the synchronous
+        scheduler's is 1). A graph planned for W workers gives the same numbers on every scheduler; graphs
+        planned for other W differ by rounding (sums over other blocks)."""
         self.net = net
+        self.runner = runner or make_runner("threads")
         from znn.pipeline.forward.autotune import (  # measures each layer once, remembers
             resolve_modes,
             wants_optimize,
@@ -36,8 +40,8 @@ class Engine:
         if wants_optimize(modes):
 
             modes = resolve_modes(net.spec, output_patch, modes, net.dtype)
-        self.plan: NetPlan = make_plan(net.spec, output_patch, modes)
-        self.runner = runner or make_runner("threads")
+        workers = plan_workers if plan_workers is not None else self.runner.workers
+        self.plan: NetPlan = make_plan(net.spec, output_patch, modes, workers)
         self.seed = seed
         self.cache = SpectraCache(spectra_cache, cache_bytes)
         self.steps = 0
@@ -58,7 +62,7 @@ class Engine:
         g = forward_graph(self.plan, self.net, self._cast(inputs), training=training, seed=self.seed,
                           step=self.steps, cache=self.cache, threads=self._threads)
         wanted: dict[str, Any] = {"out": {n: g.act[n] for n in self.plan.spec.outputs}, "kspec": g.new_kspec}
-        result = _get(self.runner, g.dsk, wanted, g.priority)
+        result = _get(self.runner, g.dsk, wanted, task_priorities(g))
         for edge, spectra in result["kspec"].items():
             self.cache.put(edge, self.plan.edges[edge].fft_shape, spectra)  # type: ignore[arg-type]
         return {n: tasks.concat_maps(blocks) for n, blocks in result["out"].items()}
@@ -72,7 +76,7 @@ class Engine:
         wanted = {"cost": res["cost"], "outputs": res["outputs"],
                   "kernels": {e: k for e, k in res["kernels"].items() if e not in frozen},
                   "biases": res["biases"], "kspec": {e: k for e, k in res["kspec"].items() if e in frozen}}
-        result = _get(self.runner, g.dsk, wanted, g.priority)
+        result = _get(self.runner, g.dsk, wanted, task_priorities(g))
         self._apply(result)
         self.steps += 1
         return float(result["cost"]), {n: tasks.concat_maps(b) for n, b in result["outputs"].items()}
@@ -82,7 +86,7 @@ class Engine:
         g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, Hyper(0.0, 0.0, 0.0), seed=self.seed,
                             step=self.steps, cache=self.cache, threads=self._threads)
         result = _get(self.runner, g.dsk, {"cost": res["cost"], "kernels": res["kernels"], "biases": res["biases"]},
-                      g.priority)
+                      task_priorities(g))
         grads = {name: triple[2] for group in ("kernels", "biases") for name, triple in result[group].items()}
         return float(result["cost"]), grads
 

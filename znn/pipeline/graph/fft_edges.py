@@ -1,0 +1,68 @@
+"""Graph builder of a conv edge in FFT mode: forward FFTs of each input block, kernel FFTs of each (input block,
+output block), and per output block one multiply-accumulate over all input blocks followed by one inverse FFT per
+output map. The input and kernel spectra of the forward pass are the ones the backward pass uses; kernel spectra
+of edges that are not updated can come from a :class:`~znn.pipeline.graph.cache.SpectraCache` instead."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from znn.pipeline.graph import tasks
+from znn.pipeline.graph.cache import SpectraCache
+from znn.pipeline.graph.core import Graph, Op, call
+from znn.pipeline.graph.direct_edges import Finish
+
+
+def forward(g: Graph, name: str, cache: SpectraCache | None, finish: Finish) -> None:
+    spec, ep = g.plan.spec, g.plan.edges[name]
+    edge = spec.edges[name]
+    in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
+    xs, kernel = g.act[edge.input], g.params[name]
+    shape = ep.transform_shape
+    g.xspec[name] = [g.key(Op.INPUT_SPECTRA, name, i) for i in range(len(in_blocks))]
+    for key, x in zip(g.xspec[name], xs):
+        g.dsk[key] = call(tasks.input_spectra, x, lo=ep.crop_lo, need=ep.need, shape=shape)
+    cached = cache.get(name, shape) if cache is not None else None
+    if cached is not None:
+        g.kspec[name] = cached
+    else:
+        g.kspec[name] = [[g.key(Op.KERNEL_SPECTRA, name, i, j) for j in range(len(out_blocks))]
+                         for i in range(len(in_blocks))]
+        for i, ib in enumerate(in_blocks):
+            for j, ob in enumerate(out_blocks):
+                g.dsk[g.kspec[name][i][j]] = call(tasks.kernel_spectra, kernel, ib=ib, ob=ob, dilation=ep.dilation,
+                                                  shape=shape)
+        g.new_kspec[name] = g.kspec[name]
+    node = finish[0] if finish is not None else None
+    threads = g.task_threads(len(out_blocks))
+    g.fwd[name] = [g.key(Op.CONV, name, j) for j in range(len(out_blocks))]
+    for j, (key, block) in enumerate(zip(g.fwd[name], out_blocks)):
+        column = [g.kspec[name][i][j] for i in range(len(in_blocks))]
+        bias = (tasks.take_maps, finish[1], block) if finish is not None and finish[1] is not None else None
+        g.dsk[key] = call(tasks.conv_fft_forward, g.xspec[name], column, bias, edge=ep, threads=threads, node=node)
+
+
+def backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
+    """Gradient spectra per output block, kernel gradients per (input block, output block) into ``g.gw`` and,
+    unless the input is a network input, the input gradient of each input block (padded to its node)."""
+    spec, ep = g.plan.spec, g.plan.edges[name]
+    edge = spec.edges[name]
+    in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
+    shape = ep.transform_shape
+    gspec = [g.key(Op.GRAD_SPECTRA, name, j) for j in range(len(out_blocks))]
+    for key, grad in zip(gspec, gy):
+        g.dsk[key] = call(tasks.grad_output_spectra, grad, shape=shape, kernel_size=edge.size, dilation=ep.dilation)
+    grads = []
+    threads = g.task_threads(len(in_blocks))
+    for i in range(len(in_blocks) if spec.nodes[edge.input].type != "input" else 0):  # inputs need no gradient
+        key = g.key(Op.GRAD_INPUT, name, i)
+        g.dsk[key] = call(tasks.conv_fft_grad_input, gspec, g.kspec[name][i], shape=shape, need=ep.need,
+                          lo=ep.crop_lo, full=ep.in_extent, threads=threads)
+        grads.append(key)
+    gw = [[g.key(Op.GRAD_KERNEL, name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
+    for i in range(len(in_blocks)):
+        for j in range(len(out_blocks)):
+            g.dsk[gw[i][j]] = call(tasks.conv_fft_grad_kernel, g.xspec[name][i], gspec[j], shape=shape,
+                                   kernel_size=edge.size, dilation=ep.dilation)
+    g.gw[name] = gw
+    return grads
