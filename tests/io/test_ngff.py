@@ -58,6 +58,20 @@ def test_label_attributes_validate_as_an_image_and_a_label_image():
         ngff.image_attributes("seg", 4, ImageMeta(labels=True, method="mean"))
 
 
+def test_the_image_around_a_label_image_names_its_arrays_and_validates():
+    label = ngff.image_attributes("segmentation", 3, ImageMeta(Resolution((40.0, 4.0, 4.0)), (1.0, 2.0, 3.0),
+                                                               {"made": "here"}, labels=True), [(1, 2, 2)])
+    assert label["ome"]["image-label"] == {"source": {"image": "../../"}}  # its image holds its labels group
+    parent = ngff.parent_attributes(label, "labels/segmentation")
+    validate(parent)
+    assert [d["path"] for d in parent["ome"]["multiscales"][0]["datasets"]] == ["labels/segmentation/0",
+                                                                                "labels/segmentation/1"]
+    assert "image-label" not in parent["ome"] and parent["znn"] == {"made": "here"}
+    assert ngff.label_names(ngff.labels_attributes(["segmentation"])) == ["segmentation"]
+    assert ngff.label_names(parent) is None
+    assert ngff.origin_of(parent) == (1.0, 2.0, 3.0)
+
+
 def test_scale_and_translation_of_each_level():
     meta = ImageMeta(Resolution((40.0, 4.0, 4.0), "nanometer"), origin=(5.0, 10.0, 10.0))
     datasets = ngff.image_attributes("o", 4, meta, [(1, 2, 2), (1, 2, 2)])["ome"]["multiscales"][0]["datasets"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 
 from znn.cli.args import (
     Handler,
@@ -15,6 +16,7 @@ from znn.cli.args import (
     method_settings,
     non_negative_triple,
     parse_triple,
+    pyramid,
 )
 from znn.ops.segment import DIMS, OUT_TYPES, Method
 from znn.pipeline.jobs.segment import DEFAULT_BLOCK, DEFAULT_HALO, SegmentJob, segment_job
@@ -35,7 +37,8 @@ def register(sub: Subparsers) -> dict[str, Handler]:
     p = sub.add_parser("segment", help="boundary or affinity map -> uint64 zarr label volume (watershed, blockwise)",
                        description=DESCRIPTION)
     p.add_argument("pred", help="prediction volume (tif, h5[:/dataset], zarr[/array]), e.g. the output of znn forward")
-    p.add_argument("out", help="zarr store for the labels (seg.zarr: array seg.zarr/labels; or seg.zarr/name)")
+    p.add_argument("out", help="zarr store for the labels (seg.zarr: an OME-Zarr image with its label image at "
+                               "seg.zarr/labels/segmentation; or a group in one, seg.zarr/name)")
     p.add_argument("--type", dest="out_type", choices=OUT_TYPES, default="boundary",
                    help="what the prediction holds (default boundary)")
     p.add_argument("--dims", choices=DIMS, default=None,
@@ -50,6 +53,10 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                         "along z in 2d); a block's result equals the whole volume's where objects fit in the halo")
     p.add_argument("--num-threads", type=count, default=0, help="threads or local workers (default 0: every core)")
     p.add_argument("--fresh", action="store_true", help="ignore finished blocks and recompute everything")
+    p.add_argument("--pyramid", nargs="?", const="auto", type=pyramid, default=0, metavar="LEVELS",
+                   help="also write downsampled levels of the label image for viewers (the most frequent id of each "
+                        "2x window, never an average; made after the blocks): LEVELS of them, or without a number "
+                        "until a level is at most 256 voxels per axis")
     add_scheduler_argument(p)
     add_quiet_argument(p)
     return {"segment": _cmd_segment}
@@ -58,9 +65,11 @@ def register(sub: Subparsers) -> dict[str, Handler]:
 def _cmd_segment(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     method = Method.of(args.out_type, args.dims, args.nonboundary, **method_settings(args))
+    # progress and notes go to stdout (none under --quiet): a failure's message is then the only line on stderr
     result = segment_job(SegmentJob(args.pred, args.out, method, args.block, args.halo, args.scheduler,
-                                    args.num_threads, args.fresh, not args.quiet))
+                                    args.num_threads, args.fresh, not args.quiet, args.pyramid, sys.stdout))
+    levels = f", pyramid of {len(result.pyramid)} level(s)" if result.pyramid else ""
     print(f"{result.array}: {result.blocks_total} blocks, {result.blocks_skipped} skipped (already done), "
           f"{result.blocks_run} run, {result.faces} faces matched ({result.joined} ids joined across faces) in "
-          f"{result.seconds:.1f} s", flush=True)
+          f"{result.seconds:.1f} s{levels}", flush=True)
     return 0

@@ -11,6 +11,15 @@ that keeps its ids (``mode`` or ``stride``; never ``mean``)::
     out.zarr/output/0           (c, z, y, x) full resolution, dimension_names ["c", "z", "y", "x"]
     out.zarr/output/1, 2, ...   downsampled levels (``write_pyramid``)
 
+A segmentation is laid out as NGFF readers (ome-zarr-py, napari) look for labels: an image group holding the group
+``labels`` (attribute ``"labels": [names]``) whose members are the label images. `znn segment` writes its own
+image-shaped store, whose image is the label volume itself (its datasets are the label image's arrays, so nothing
+is stored twice)::
+
+    seg.zarr/zarr.json                 {"ome": {"multiscales": [{"datasets": [{"path": "labels/segmentation/0"}...
+    seg.zarr/labels/zarr.json          {"ome": {"version": "0.5", "labels": ["segmentation"]}}
+    seg.zarr/labels/segmentation/      the label image ("image-label", source "../../"), levels 0, 1, ...
+
 The API (every function takes plain paths, so it also serves writers outside dense inference):
 
 - :class:`Resolution` (voxel size z,y,x and a unit) and :func:`parse_resolution` (``"40,4,4 nm"``), the value of
@@ -26,14 +35,18 @@ The API (every function takes plain paths, so it also serves writers outside den
   :func:`resolution_of` (the voxel size in an image group's attributes), :func:`resolution_of_h5` (an h5
   dataset's ``resolution`` (nm, as CREMI writes it) or ``element_size_um`` (micrometer, ilastik/Fiji) attribute;
   :func:`h5_attributes` writes both); :func:`znn.io.volume.volume_resolution` reads them for any volume path;
+- :func:`labels_attributes` (a ``labels`` group's attributes), :func:`label_names` (the names one lists) and
+  :func:`parent_attributes` (the image attributes of a group whose image is the label image below it);
+- :func:`origin_of` (where voxel 0 of an image's level 0 lies, in voxels: its translation over its scale);
 - :func:`provenance`: the ``"znn"`` attribute (znn version, sha256 of the network file and checkpoint, job file,
   output transform and any other fields).
 
-Used for a label image (``znn segment``)::
+Used for a label image (``znn segment``, through :func:`znn.io.stores.create_label_array`, which also writes the
+``labels`` group and the image around it)::
 
     meta = ImageMeta(resolution, provenance=provenance(job=job_path, method="watershed"), labels=True)
-    path = create_image(store, "segmentation", (1, Z, Y, X), chunks, "uint64", meta)   # then fill path's level 0
-    write_pyramid(store, "segmentation", levels=3)                                      # mode downsampling
+    path = create_image(store, "labels/segmentation", (Z, Y, X), chunks, "uint64", meta)  # then fill level 0
+    write_pyramid(store, "labels/segmentation", levels=3)                                 # mode downsampling
 """
 
 from __future__ import annotations
@@ -53,6 +66,7 @@ from znn.ops.downsample import downsample
 
 __all__ = ["NGFF_VERSION", "Resolution", "parse_resolution", "ImageMeta", "axes", "image_attributes",
            "write_image_metadata", "create_image", "level_zero", "multiscale", "resolution_of", "resolution_of_h5",
+           "origin_of", "labels_attributes", "label_names", "parent_attributes", "LABEL_SOURCE",
            "h5_attributes", "pyramid_factors", "write_pyramid", "drop_pyramid", "provenance", "file_sha256",
            "znn_version", "AXIS_NAMES", "UNITS"]
 
@@ -69,6 +83,8 @@ DEFAULT_UNIT = "nanometer"  # electron microscopy: a resolution written without 
 LABEL_METHODS = ("mode", "stride")  # downsampling that keeps label ids (an average of two ids is a third id)
 AUTO_TOP = 256  # an automatic pyramid stops once a level is at most this many voxels along every axis
 MAX_LEVELS = 16
+#: where a label image's image is, relative to it: the image group holding its ``labels`` group (NGFF's default)
+LABEL_SOURCE = "../../"
 
 
 # ---------------------------------------------------------------------------------------------------- resolution
@@ -177,8 +193,36 @@ def image_attributes(name: str, ndim: int, meta: ImageMeta,
         "metadata": {"description": description, "method": f"znn.ops.downsample.downsample_{method}",
                      "version": znn_version()}}]}
     if meta.labels:
-        ome["image-label"] = {}
+        ome["image-label"] = {"source": {"image": LABEL_SOURCE}}
     return {"ome": ome, "znn": dict(meta.provenance)}
+
+
+def labels_attributes(names: Sequence[str]) -> dict[str, Any]:
+    """The attributes of an image's ``labels`` group listing its label images ``names`` (NGFF "labels")."""
+    return {"ome": {"version": NGFF_VERSION, "labels": list(names)}}
+
+
+def label_names(attrs: Mapping[str, Any]) -> list[str] | None:
+    """The label images a ``labels`` group's attributes list (0.5: under ``"ome"``; older: at the top); None for
+    any other group."""
+    ome = attrs.get("ome")
+    names = (ome if isinstance(ome, Mapping) else attrs).get("labels")
+    if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
+        return None
+    return list(names)
+
+
+def parent_attributes(label_attrs: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+    """The image attributes of a group whose image is the label image at ``prefix`` below it (``labels/<name>``):
+    the label image's multiscales with every dataset path under ``prefix``, so both name the same arrays (an NGFF
+    reader wants an image to hold the labels; a segmentation has no other image to offer)."""
+    found = multiscale(label_attrs)
+    if found is None:
+        raise VolumeError(f"{prefix}: not an OME-Zarr label image (no 'ome' multiscales attribute)")
+    datasets = [{**d, "path": f"{prefix}/{d['path']}"} for d in found["datasets"]]
+    znn = label_attrs.get("znn")
+    return {"ome": {"version": NGFF_VERSION, "multiscales": [{**found, "datasets": datasets}]},
+            "znn": dict(znn) if isinstance(znn, Mapping) else {}}
 
 
 def write_image_metadata(group: Any, meta: ImageMeta, ndim: int, factors: Sequence[Sequence[int]] = ()) -> None:
@@ -296,21 +340,30 @@ def h5_attributes(resolution: Resolution | None) -> dict[str, list[float]]:
     return {"resolution": nanometers, "element_size_um": [v / 1e3 for v in nanometers]}
 
 
+def origin_of(attrs: Mapping[str, Any], dataset: str | None = None) -> tuple[float, float, float]:
+    """Where voxel 0 of ``dataset`` (default: level 0) of an image group's attributes lies along z, y, x, in its
+    voxels (its translation over its voxel size; 0 along axes without one): the ``origin`` of :class:`ImageMeta`."""
+    found = multiscale(attrs) or {}
+    datasets = found.get("datasets") or [{}]
+    chosen = next((d for d in datasets if d.get("path") == dataset), datasets[0])
+    translation = _transform(chosen.get("coordinateTransformations"), "translation") or [0.0] * 3
+    resolution = resolution_of(attrs, chosen.get("path"))
+    sizes = resolution.zyx if resolution else (1.0, 1.0, 1.0)
+    spatial = translation[-3:]
+    origin = [0.0] * (3 - len(spatial)) + [t / s for t, s in zip(spatial, sizes[-len(spatial):])]
+    return origin[0], origin[1], origin[2]
+
+
 def _meta_of(attrs: Mapping[str, Any]) -> ImageMeta:
     """The :class:`ImageMeta` that :func:`image_attributes` made ``attrs`` from (level 0's resolution and origin)."""
     found = multiscale(attrs) or {}
     resolution = resolution_of(attrs)
-    level0 = (found.get("datasets") or [{}])[0]
-    translation = _transform(level0.get("coordinateTransformations"), "translation") or [0.0] * 3
-    sizes = resolution.zyx if resolution else (1.0, 1.0, 1.0)
-    origin = [t / s for t, s in zip(translation[-3:], sizes[-len(translation[-3:]):])]
-    origin = [0.0] * (3 - len(origin)) + origin
+    origin = origin_of(attrs)
     ome = attrs.get("ome")
     labels = "image-label" in (ome if isinstance(ome, Mapping) else attrs)
     method = found.get("type") if found.get("type") in ("mean", *LABEL_METHODS) else None
     znn = attrs.get("znn")
-    return ImageMeta(resolution, (origin[0], origin[1], origin[2]), dict(znn) if isinstance(znn, Mapping) else {},
-                     labels, method)
+    return ImageMeta(resolution, origin, dict(znn) if isinstance(znn, Mapping) else {}, labels, method)
 
 
 # ---------------------------------------------------------------------------------------------------- pyramids

@@ -7,7 +7,8 @@ downsampled levels ``1``, ``2``, ... Blocks are written through :class:`~znn.io.
 chunk a temporary file renamed into place), so a writer killed mid-write never leaves a half-written chunk. This
 module is the one place dense inference creates, opens and writes those images, and the one place it writes h5
 exports. The label volume of `znn segment` is created here too (:func:`create_label_array`: an OME-Zarr label
-image), with the small side files a blockwise segmentation keeps beside it (:func:`write_side_arrays`).
+image at ``labels/segmentation`` of an image-shaped group, as NGFF readers look for it; :func:`write_label_pyramid`),
+with the small side files a blockwise segmentation keeps (:func:`write_side_arrays`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from __future__ import annotations
 import io
 import json
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,16 +25,29 @@ import numpy as np
 
 from znn.errors import OutputError
 from znn.io.atomic_store import AtomicLocalStore, atomic_write_bytes, clear_partial
-from znn.io.ngff import ImageMeta, create_image, drop_pyramid, h5_attributes, level_zero, write_pyramid
+from znn.io.ngff import (
+    ImageMeta,
+    create_image,
+    drop_pyramid,
+    h5_attributes,
+    labels_attributes,
+    level_zero,
+    parent_attributes,
+    write_pyramid,
+)
 from znn.io.paths import check_writable
 
 __all__ = ["ArrayLayout", "arrays_match", "check_output_store", "check_h5_export", "create_arrays", "write_region",
-           "read_region", "create_label_array", "write_side_arrays", "read_side_arrays", "export_volume",
-           "clear_partial", "ImageMeta", "update_metadata", "drop_pyramid", "write_pyramid", "LABEL_DTYPE"]
+           "read_region", "create_label_array", "label_image_path", "refresh_label_parent", "write_label_pyramid",
+           "drop_label_pyramid", "LABELS_GROUP", "LABEL_IMAGE", "write_side_arrays", "read_side_arrays",
+           "export_volume", "clear_partial", "ImageMeta", "update_metadata", "drop_pyramid", "write_pyramid",
+           "LABEL_DTYPE"]
 
 LEVEL0 = "0"  # the full-resolution array inside each output image
 #: the dtype of every label volume written (segment ids; 0 = no segment)
 LABEL_DTYPE = "uint64"
+LABELS_GROUP = "labels"  # NGFF: an image's label images are the members of its group "labels"
+LABEL_IMAGE = "segmentation"  # the name of the label image a segmentation writes there
 
 
 @dataclass(frozen=True)
@@ -135,14 +149,68 @@ def read_region(store: str | Path, name: str, region: tuple[slice, ...]) -> np.n
     return np.asarray(_opened_for_writing(str(store), name)[region])
 
 
-def create_label_array(store: str | Path, name: str, shape: tuple[int, int, int],
+def label_image_path(group: str) -> str:
+    """The path inside the store of the label image of the segmentation at ``group`` (``""``: the store's root)."""
+    return "/".join(part for part in (group, LABELS_GROUP, LABEL_IMAGE) if part)
+
+
+def create_label_array(store: str | Path, group: str, shape: tuple[int, int, int],
                        chunks: tuple[int, int, int], meta: ImageMeta | None = None) -> str:
-    """Create (or replace) the ``(z, y, x)`` uint64 label volume ``name`` of ``store``, filled with 0 (no segment),
-    whose chunks are the blocks that write it: an OME-Zarr label image with the voxel size and provenance of
-    ``meta``; returns its volume path. Every label volume is made here."""
+    """Create (or replace) the ``(z, y, x)`` uint64 label volume of the segmentation at ``group`` of ``store``
+    (``""``: the store itself), filled with 0 (no segment), whose chunks are the blocks that write it: an OME-Zarr
+    label image with the voxel size, origin and provenance of ``meta``, laid out where NGFF readers look for labels
+    (``group/labels/segmentation``, listed by ``group/labels``, inside the image ``group``: :mod:`znn.io.ngff`).
+    Whatever ``group`` held is replaced (an older layout too, whose ``group/labels`` was the label image itself).
+    Returns the label image's volume path. Every label volume is made here."""
     labels = ImageMeta(meta.resolution, meta.origin, meta.provenance, labels=True) if meta else ImageMeta(labels=True)
-    create_arrays(store, {name: ArrayLayout(tuple(shape), tuple(chunks))}, LABEL_DTYPE, labels)
-    return f"{store}/{name}"
+    _empty_group(store, group)
+    path = create_arrays(store, {label_image_path(group): ArrayLayout(tuple(shape), tuple(chunks))}, LABEL_DTYPE,
+                         labels)[label_image_path(group)]
+    _put_attrs(store, "/".join(part for part in (group, LABELS_GROUP) if part), labels_attributes([LABEL_IMAGE]))
+    refresh_label_parent(store, group)
+    return path
+
+
+def _empty_group(store: str | Path, group: str) -> None:
+    """``group`` of ``store`` made an empty group; the store's root keeps its other members (other images)."""
+    import zarr
+
+    root = zarr.open_group(AtomicLocalStore(str(store)), mode="a")
+    if group:
+        root.create_group(group, overwrite=True)
+    elif LABELS_GROUP in root:
+        del root[LABELS_GROUP]
+
+
+def _put_attrs(store: str | Path, path: str, attrs: Mapping[str, Any]) -> None:
+    import zarr
+
+    zarr.open_group(AtomicLocalStore(str(store)), path=path, mode="a").attrs.put(dict(attrs))
+
+
+def refresh_label_parent(store: str | Path, group: str) -> None:
+    """(Re)write the image attributes of the segmentation's group from those of its label image (its levels)."""
+    import zarr
+    from zarr.storage import LocalStore
+
+    label = zarr.open_group(LocalStore(str(store), read_only=True), path=label_image_path(group), mode="r")
+    _put_attrs(store, group, parent_attributes(label.attrs.asdict(), f"{LABELS_GROUP}/{LABEL_IMAGE}"))
+
+
+def write_label_pyramid(store: str | Path, group: str, levels: int | None,
+                        run: Callable[[dict[Any, Any], list[Any]], Any] | None = None) -> list[str]:
+    """The downsampled levels of the segmentation at ``group`` (:func:`znn.io.ngff.write_pyramid` with the label
+    image's method, ``mode``: each voxel the most frequent id of its window, never an average), recorded in both
+    the label image and its group; returns their volume paths."""
+    made = write_pyramid(store, label_image_path(group), levels, run=run)
+    refresh_label_parent(store, group)
+    return made
+
+
+def drop_label_pyramid(store: str | Path, group: str) -> None:
+    """Remove the downsampled levels of the segmentation at ``group`` (its level 0 is about to change)."""
+    drop_pyramid(store, label_image_path(group))
+    refresh_label_parent(store, group)
 
 
 def write_side_arrays(store: str | Path, name: str, arrays: Mapping[str, np.ndarray]) -> None:

@@ -24,7 +24,7 @@ import shutil
 import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeGuard, cast
 
@@ -115,6 +115,7 @@ class ZarrBackend(VolumeBackend, Protocol):
 
     def create(self, vp: VolumePath, shape: tuple[int, ...], dtype: np.dtype[Any], chunks: tuple[int, ...] | None,
                overwrite: bool) -> zarr.Array[Any]: ...
+    def origin(self, vp: VolumePath) -> tuple[float, float, float]: ...
 
 
 def parse_volume_path(path: str | os.PathLike[str] | VolumePath) -> VolumePath:
@@ -205,6 +206,18 @@ def volume_shape_dtype(path: str | os.PathLike[str] | VolumePath) -> tuple[tuple
         z = vp.z_slice(shape)
         shape = (*shape[:-3], z.stop - z.start, *shape[-2:])
     return shape, dtype
+
+
+def volume_origin(path: str | os.PathLike[str] | VolumePath) -> tuple[float, float, float]:
+    """Where the volume's voxel 0 lies along z, y, x, in its voxels: an OME-Zarr image's translation over its scale
+    (:func:`znn.io.ngff.origin_of`), plus the first slice of a z range; 0 for tif and h5, which record none here.
+    A volume derived voxel for voxel (a segmentation of a prediction) takes it, so viewers overlay the two."""
+    vp = _existing(path)
+    origin = cast(ZarrBackend, _backend("zarr")).origin(vp) if vp.format == "zarr" else (0.0, 0.0, 0.0)
+    if vp.zrange is None:
+        return origin
+    start = vp.z_slice(volume_shape_dtype(replace(vp, zrange=None))[0]).start
+    return origin[0] + start, origin[1], origin[2]
 
 
 def volume_resolution(path: str | os.PathLike[str] | VolumePath) -> Resolution | None:

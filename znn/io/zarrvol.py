@@ -25,7 +25,7 @@ from zarr.errors import BaseZarrError, NodeNotFoundError, ZarrUserWarning
 from zarr.storage import LocalStore
 
 from znn.errors import VolumeError, ZnnError
-from znn.io.ngff import ImageMeta, Resolution, create_image, level_zero, resolution_of
+from znn.io.ngff import ImageMeta, Resolution, create_image, level_zero, origin_of, resolution_of
 from znn.io.volume import (
     Chunks,
     VolumePath,
@@ -35,7 +35,7 @@ from znn.io.volume import (
     storage_chunks,
 )
 
-__all__ = ["read", "open", "shape_dtype", "write", "create", "resolution", "ZarrBlockReader", "ZARR_ERRORS"]
+__all__ = ["read", "open", "shape_dtype", "write", "create", "resolution", "origin", "ZarrBlockReader", "ZARR_ERRORS"]
 
 # What zarr raises for a damaged or foreign store: metadata that is not JSON or not valid zarr (ValueError, which
 # zarr's own errors are, TypeError or KeyError, depending on the step that meets it), a chunk its codec cannot
@@ -56,9 +56,9 @@ def _reading(vp: VolumePath) -> Iterator[None]:
 
 def _volumes(group: zarr.Group) -> list[str]:
     """Paths (from the store root) of the volumes under ``group``: its OME-Zarr images (read at level 0) and the
-    arrays outside them."""
+    arrays outside them; the label images inside an image (a segmentation store's) are part of it."""
     images, arrays = [], []
-    with warnings.catch_warnings():  # a store also holds folders of ours (run manifest, partial writes): not nodes
+    with warnings.catch_warnings():  # the stores of older runs hold our folders (run manifest, partial writes)
         warnings.simplefilter("ignore", ZarrUserWarning)
         members = list(group.members(max_depth=None))
     for _, member in members:
@@ -67,7 +67,7 @@ def _volumes(group: zarr.Group) -> list[str]:
         elif level_zero(member.attrs.asdict()) is not None:
             images.append(member.path)
     inside = tuple(f"{image}/" for image in images)
-    return sorted(images + [a for a in arrays if not a.startswith(inside)])
+    return sorted([i for i in images if not i.startswith(inside)] + [a for a in arrays if not a.startswith(inside)])
 
 
 def _store_volumes(vp: VolumePath) -> list[str]:
@@ -109,15 +109,30 @@ def _level(store: LocalStore, image: zarr.Group, level: str, vp: VolumePath) -> 
                           f"{type(err).__name__}: {err})") from err
 
 
+def _image_attrs(vp: VolumePath) -> tuple[dict[str, Any], str] | None:
+    """The attributes of the group holding the array ``vp`` means, and the array's name there (None: an array at
+    the store's root, in no image)."""
+    z = _array(vp)
+    parent, _, name = z.path.rpartition("/")
+    if not name:
+        return None
+    group = zarr.open_group(LocalStore(vp.file, read_only=True), path=parent, mode="r")
+    return group.attrs.asdict(), name
+
+
 def resolution(vp: VolumePath) -> Resolution | None:
     """The voxel size of the array ``vp`` means, from the OME-Zarr metadata of the image holding it (None: none)."""
     with _reading(vp):
-        z = _array(vp)
-        parent, _, name = z.path.rpartition("/")
-        if not name:  # an array at the store's root is in no image
-            return None
-        group = zarr.open_group(LocalStore(vp.file, read_only=True), path=parent, mode="r")
-        return resolution_of(group.attrs.asdict(), name)
+        found = _image_attrs(vp)
+        return None if found is None else resolution_of(found[0], found[1])
+
+
+def origin(vp: VolumePath) -> tuple[float, float, float]:
+    """Where voxel 0 of the array ``vp`` means lies, in its voxels, from the translation of the image holding it (0
+    without one)."""
+    with _reading(vp):
+        found = _image_attrs(vp)
+        return (0.0, 0.0, 0.0) if found is None else origin_of(found[0], found[1])
 
 
 def _checked(z: zarr.Array[Any], vp: VolumePath) -> zarr.Array[Any]:

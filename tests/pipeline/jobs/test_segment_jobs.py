@@ -119,14 +119,15 @@ def test_the_label_volume_is_an_ome_zarr_label_image_with_the_predictions_voxel_
     assert main(["segment", image, str(tmp_path / "seg.zarr"), "--block", "3,32,32", "--halo", "0,24,24",
                  "--quiet"]) == 0
     capsys.readouterr()
-    attrs = group_attrs(tmp_path / "seg.zarr" / "labels")
+    attrs = group_attrs(tmp_path / "seg.zarr" / "labels" / "segmentation")
     validate(attrs)
     validate(attrs, model="label", strict=False)  # strict asks for a colour per id, which a segmentation has not
+    validate(group_attrs(tmp_path / "seg.zarr"))  # the store is an image, whose levels are the label image's
     scale = attrs["ome"]["multiscales"][0]["datasets"][0]["coordinateTransformations"][0]["scale"]
     assert scale == [40.0, 4.0, 4.0] and "image-label" in attrs["ome"]
     assert attrs["znn"]["prediction"].endswith("res.zarr/output") and "seed_threshold" in attrs["znn"]["method"]
     reader = pytest.importorskip("ome_zarr.reader")
     from ome_zarr.io import parse_url
 
-    nodes = list(reader.Reader(parse_url(str(tmp_path / "seg.zarr" / "labels")))())
+    nodes = list(reader.Reader(parse_url(str(tmp_path / "seg.zarr" / "labels" / "segmentation")))())
     assert nodes and nodes[0].data[0].shape == values.shape[1:] and nodes[0].data[0].dtype == np.uint64

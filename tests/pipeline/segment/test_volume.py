@@ -21,7 +21,7 @@ from znn.io.volume import read_volume, write_volume
 from znn.ops.segment import Method, same_partition, segment
 from znn.pipeline.dense.manifest import MANIFEST_DIR
 from znn.pipeline.jobs.segment import SegmentJob, segment_job
-from znn.pipeline.segment.volume import SegmentRequest, segment_volume
+from znn.pipeline.segment.volume import SegmentRequest, resume_folder, segment_volume
 
 # (name, map type, dims, volume, block, halo, cell spacing): each volume is 4 or 8 blocks, every cell within about
 # one spacing of its point, the halo at least twice that (so that every segment a core or a slab touches, with its
@@ -85,7 +85,7 @@ def test_objects_larger_than_the_halo_are_joined_across_faces(tmp_path):
 
 # ------------------------------------------------------------------------------------------------ resume
 def _done(store: Path) -> int:
-    done = store / MANIFEST_DIR / "done"
+    done = resume_folder(store) / MANIFEST_DIR / "done"
     return len([p for p in done.iterdir() if p.name.startswith("0_")]) if done.is_dir() else 0
 
 
@@ -120,7 +120,7 @@ def test_reruns_skip_changes_redo_and_an_interrupted_relabelling_is_safe(tmp_pat
     first = segment_job(job)
     want = read_volume(first.array)
     # a relabelling killed after writing chunks and before recording them: the chunks are relabelled again
-    for marker in (tmp_path / "seg.zarr" / MANIFEST_DIR / "done").glob("1_*"):
+    for marker in (resume_folder(tmp_path / "seg.zarr") / MANIFEST_DIR / "done").glob("1_*"):
         marker.unlink()
     rerun = segment_job(job)
     assert rerun.blocks_run == 0 and rerun.blocks_skipped == 8

@@ -2,15 +2,18 @@
 
 PRED is any volume path (tif, h5[:/dataset], zarr[/array], with an optional z range), as `znn forward` writes it:
 a boundary map ``(Z, Y, X)``, ``(1, Z, Y, X)`` or ZNN's two-channel ``(2, Z, Y, X)`` (channel 1 = boundary), or an
-affinity map ``(3, Z, Y, X)``. OUT is a zarr store (``seg.zarr``: the labels go to ``seg.zarr/labels``) or an
-array in one (``seg.zarr/name``). The method is :mod:`znn.ops.segment`'s; the blockwise run
-:mod:`znn.pipeline.segment.volume`'s (resumable: a rerun skips finished blocks).
+affinity map ``(3, Z, Y, X)``. OUT is a zarr store (``seg.zarr``) or a group in one (``seg.zarr/name``): an
+OME-Zarr image holding its label image at ``labels/segmentation``, where NGFF readers look for labels (any reader
+opens ``seg.zarr``, ``seg.zarr/labels`` or ``seg.zarr/labels/segmentation`` alike). The method is
+:mod:`znn.ops.segment`'s; the blockwise run :mod:`znn.pipeline.segment.volume`'s (resumable: a rerun skips finished
+blocks); ``pyramid`` adds downsampled levels (most frequent id of each window).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
 from znn.errors import OutputError, VolumeError
 from znn.io.paths import check_apart
@@ -18,7 +21,7 @@ from znn.io.stores import check_output_store
 from znn.io.volume import parse_volume_path
 from znn.ops.segment import Method
 from znn.pipeline.run.schedulers import Runner, resolve_scheduler
-from znn.pipeline.segment.volume import LABELS, SegmentRequest, SegmentResult, prediction_shape, segment_volume
+from znn.pipeline.segment.volume import SegmentRequest, SegmentResult, prediction_shape, segment_volume
 from znn.types import Triple
 
 __all__ = ["SegmentJob", "segment_job", "output_place", "DEFAULT_BLOCK", "DEFAULT_HALO"]
@@ -40,18 +43,21 @@ class SegmentJob:
     num_threads: int = 0
     fresh: bool = False
     progress: bool = True
+    pyramid: int | str = 0
+    notes: TextIO | None = None  # where progress and notes go (None: stderr)
 
 
 def output_place(out: str) -> tuple[Path, str]:
-    """The zarr store and array name of the output path ``out``; OutputError unless it names a zarr store."""
+    """The zarr store and group (``""``: the store itself) of the output path ``out``; OutputError unless it names a
+    zarr store."""
     try:
         vp = parse_volume_path(out)
     except VolumeError:
         vp = None
     if vp is None or vp.format != "zarr" or vp.zrange is not None:
         raise OutputError(f"OUT {out}: a segmentation is written as a zarr label volume; name a store such as "
-                          "seg.zarr (the labels go to seg.zarr/labels) or an array in one, seg.zarr/name")
-    return vp.file, vp.key or LABELS
+                          "seg.zarr (the labels go to seg.zarr/labels/segmentation) or a group in one, seg.zarr/name")
+    return vp.file, vp.key or ""
 
 
 def segment_job(job: SegmentJob) -> SegmentResult:
@@ -63,4 +69,4 @@ def segment_job(job: SegmentJob) -> SegmentResult:
     prediction_shape(job.pred, job.method)  # the prediction's dtype and channels, before the store is touched
     scheduler = job.scheduler if isinstance(job.scheduler, Runner) else resolve_scheduler(job.scheduler)
     return segment_volume(SegmentRequest(job.pred, store, job.method, job.block, job.halo, name, scheduler,
-                                         job.num_threads, job.fresh, job.progress))
+                                         job.num_threads, job.fresh, job.progress, job.pyramid, job.notes))

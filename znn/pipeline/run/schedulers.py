@@ -279,10 +279,11 @@ def _job_scheduler(job: Any) -> str | None:
     return str(value) if value else None
 
 
-def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runner:
+def make_runner(scheduler: str | Any = "threads", num_threads: int = 0,
+                note: Callable[[str], None] | None = None) -> Runner:
     """A runner for ``scheduler``: ``synchronous``, ``threads``, ``local`` (a multi-process cluster on
     127.0.0.1 with ``num_threads`` single-threaded workers), a scheduler address (``tcp://host:8786``) or a
-    ``distributed.Client``."""
+    ``distributed.Client``. ``note`` says what was started (a local cluster's address; default: on stderr)."""
     n = cores(num_threads)
     if scheduler in (None, ""):
         scheduler = "threads"
@@ -297,13 +298,17 @@ def make_runner(scheduler: str | Any = "threads", num_threads: int = 0) -> Runne
     if isinstance(scheduler, Client):
         return Runner("distributed", len(scheduler.scheduler_info().get("workers", {})), scheduler)
     if scheduler == "local":
-        return local_runner(n)
+        return local_runner(n, note=note)
     try:
         client = Client(scheduler, timeout=dask.config.get("znn.connect-timeout", "10s"))
     except (OSError, TimeoutError) as exc:
         raise ConfigError(f"cannot reach the dask scheduler at {scheduler} ({exc}); start one with "
                           "`dask scheduler` (see workflows/cluster/) or use scheduler = local") from None
     return Runner("distributed", len(client.scheduler_info().get("workers", {})), client, _owns_client=True)
+
+
+def _on_stderr(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
 
 
 def worker_settings() -> dict[str, Any]:
@@ -321,7 +326,7 @@ def worker_settings() -> dict[str, Any]:
     return {key: value for key, value in WORKER_SETTINGS.items() if not user_set(key)}
 
 
-def local_runner(n: int, tuned: bool = True) -> Runner:
+def local_runner(n: int, tuned: bool = True, note: Callable[[str], None] | None = None) -> Runner:
     """A LocalCluster of ``n`` single-threaded worker processes; scheduler and dashboard on 127.0.0.1 (dask config
     ``znn.local.host`` to listen elsewhere). ``tuned=False`` leaves out :data:`WORKER_SETTINGS` (dask's defaults:
     ``znn bench scaling --settings`` compares the two)."""
@@ -336,8 +341,8 @@ def local_runner(n: int, tuned: bool = True) -> Runner:
         cluster = LocalCluster(n_workers=n, threads_per_worker=1,
                                host=host, dashboard_address=f"{host}:0", processes=True)
     client = Client(cluster)
-    print(f"local dask cluster: {n} single-threaded worker process(es), scheduler {cluster.scheduler_address}, "
-          f"dashboard {client.dashboard_link}", file=sys.stderr, flush=True)
+    (note or _on_stderr)(f"local dask cluster: {n} single-threaded worker process(es), scheduler "
+                         f"{cluster.scheduler_address}, dashboard {client.dashboard_link}")
     return Runner("distributed", n, client, cluster, _owns_client=True)
 
 
