@@ -61,3 +61,15 @@ def proc_bytes(path: str, key: str) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def available_memory() -> int:
+    """Bytes this machine can give a new process now: MemAvailable (Linux ``/proc/meminfo``; on a machine shared
+    with other work, less than its total), else the physical memory; 0 where neither is known."""
+    found = proc_bytes("/proc/meminfo", "MemAvailable")
+    if found:
+        return found
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return 0
