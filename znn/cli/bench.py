@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from znn.bench import forward, net, ops, scaling
-from znn.bench.common import Row, write_rows
+from znn.bench.common import Row, machine_line, write_json, write_rows
 from znn.cli.args import (
     Handler,
     Subparsers,
@@ -21,6 +19,7 @@ from znn.cli.args import (
     positive_int,
     positive_number,
 )
+from znn.pipeline.run.schedulers import resolve_scheduler
 from znn.types import Triple
 
 MODES = ["optimize", "fft", "direct"]
@@ -77,6 +76,7 @@ def _ops_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_ops(args: argparse.Namespace) -> list[Row]:
     outsz2d = args.outsz2d if args.outsz2d[0] == 1 else (1, *args.outsz2d[1:])
     layers = tuple(args.layers) if args.layers else None
+    print(machine_line(), flush=True)
     request = ops.OpsRequest(layers, outsz2d, args.outsz, args.threads, args.repeat, args.dtype,
                              tuple(args.modes), not args.no_torch, args.max_direct_gflop, args.wisdom)
     rows = ops.run_ops_bench(request, progress=lambda r: _progress(
@@ -105,12 +105,13 @@ def _net_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_net(args: argparse.Namespace) -> dict[str, Any]:
+    print(machine_line(), flush=True)
     request = net.NetRequest(args.network, args.outsz, args.threads, args.repeat, args.mode, not args.no_torch,
                              args.dtype, args.seed, args.eta)
     report = net.run_net_bench(request, progress=lambda s: _progress(f"  {s}"))
     print(net.format_report(report))
     if args.json:
-        Path(args.json).write_text(json.dumps(report, indent=1, default=str))
+        write_json(args.json, report)
     return report
 
 
@@ -147,6 +148,7 @@ def _forward_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_forward(args: argparse.Namespace) -> list[Row]:
+    print(machine_line(resolve_scheduler(args.scheduler, None)), flush=True)
     request = forward.ForwardBenchRequest(tuple(args.nets), args.outsz, args.threads, args.repeat, args.modes,
                                           args.memory, not args.no_torch, block_threads=args.block_threads,
                                           scheduler=args.scheduler, ort=not args.no_ort, time_cap=args.time_cap,
@@ -183,6 +185,7 @@ def _scaling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_scaling(args: argparse.Namespace) -> list[Row]:
+    print(machine_line(args.scheduler), flush=True)  # without --scheduler: a local cluster
     request = scaling.ScalingRequest(args.net, args.outsz, args.blocks, tuple(args.workers), args.repeat, args.modes,
                                      not args.no_cache, args.scheduler, workdir=args.workdir,
                                      settings=tuple(args.settings))
