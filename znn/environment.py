@@ -79,11 +79,16 @@ def physical_cores() -> int | None:
     return len(cores) or None
 
 
+def cores(num_threads: int = 0) -> int:
+    """``num_threads`` with ZNN's meaning (the ``num_threads`` key, ``--threads``): 0 or less means every core."""
+    return num_threads if num_threads > 0 else (os.cpu_count() or 1)
+
+
 @lru_cache(maxsize=None)
 def machine() -> dict[str, Any]:
     """The machine a figure was measured on: CPU model, logical cores (``os.cpu_count``, what ``num_threads = 0``
     uses), physical cores (None: unknown) and SIMD level. Benchmarks stamp their tables and JSON with it."""
-    return {"cpu": cpu_model(), "logical_cores": os.cpu_count() or 1, "physical_cores": physical_cores(),
+    return {"cpu": cpu_model(), "logical_cores": cores(), "physical_cores": physical_cores(),
             "isa": isa_level()}
 
 

@@ -19,10 +19,12 @@ from znn.cli.args import (
     positive_int,
     positive_number,
 )
+from znn.io.config import JOB_CONV_MODES
+from znn.ops.conv import MODES as CONV_MODES
 from znn.pipeline.run.schedulers import resolve_scheduler
 from znn.types import Triple
 
-MODES = ["optimize", "fft", "direct"]
+MODES = list(JOB_CONV_MODES)
 
 
 def register(sub: Subparsers) -> dict[str, Handler]:
@@ -65,7 +67,7 @@ def _ops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for every side (default 2)")
     parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs per method, median reported")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--modes", nargs="+", choices=["direct", "fft"], default=["direct", "fft"])
+    parser.add_argument("--modes", nargs="+", choices=CONV_MODES, default=list(CONV_MODES))
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--max-direct-gflop", type=non_negative_number, default=ops.DEFAULT_MAX_DIRECT_GFLOP,
                         help="skip direct mode for layers costing more (default %(default)s)")
@@ -95,7 +97,7 @@ def _net_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--outsz", type=parse_triple, required=True, help="output patch z,y,x")
     parser.add_argument("--threads", type=int, default=0, help="workers and PyTorch threads (0: every core)")
     parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs, median reported (default 5)")
-    parser.add_argument("--mode", choices=["fft", "direct", "optimize"], default="fft",
+    parser.add_argument("--mode", choices=MODES, default="fft",
                         help="conv mode of every layer; optimize measures each layer once and remembers")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from znn import environment
+from znn.environment import cores
 from znn.errors import ZnnFileNotFoundError
 from znn.io.config import Job
 from znn.io.specfile import VolumeSet
@@ -47,7 +48,7 @@ from znn.pipeline.dense.plan import (
     plan_dense,
 )
 from znn.pipeline.dense.volume import DenseRequest, InferenceResult, infer_volume
-from znn.pipeline.run.schedulers import Runner, cores, make_runner, resolve_scheduler
+from znn.pipeline.run.schedulers import Runner, make_runner, resolve_scheduler
 from znn.text import format_bytes
 from znn.types import Triple
 
