@@ -54,8 +54,8 @@ def test_znn_plan_with_more_memory_than_the_machine_plans_for_the_machine(small_
     assert main(["plan", str(job), "--memory", "100GB"]) == 0
     out = capsys.readouterr().out
     assert "budget 3.6 GiB = baseline" in out, out
-    assert _notes(caplog) == ["memory 93.1 GiB is more than this machine's 4.0 GiB available; planning for 3.6 GiB "
-                              "(available less 10%)"]
+    assert _notes(caplog) == ["memory 93.1 GiB is more than this machine can give: 4.0 GiB available less 10%; "
+                              "planning for 3.6 GiB"]
 
 
 def test_plan_job_budget_is_the_cap_and_a_smaller_budget_is_kept(small_machine, job, caplog):
@@ -87,7 +87,9 @@ def test_the_cap_is_shared_by_a_local_clusters_workers_and_not_applied_to_a_remo
 
     budget, note = capped_memory(MORE, "local", 2)
     assert budget == CAP // 2
-    assert note is not None and "per worker process (2 workers)" in note
+    assert note == ("memory 93.1 GiB per worker process x 2 workers is more than this machine can give: 4.0 GiB "
+                    "available less 10%; planning for 1.8 GiB per worker process")
+    assert capped_memory(CAP // 2 + 1, "threads", 2) == (CAP // 2 + 1, None)  # all of it for one process
     assert capped_memory(MORE, "tcp://10.0.0.1:8786", 2) == (MORE, None)  # its machines are not this one
     assert capped_memory(None, "local", 2) == (CAP // 2, None)
 

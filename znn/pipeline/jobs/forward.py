@@ -140,9 +140,11 @@ def capped_memory(memory: int | None, scheduler: str, workers: int) -> tuple[int
     share = _usable(available) // (workers if scheduler == "local" else 1)
     if memory is None or memory <= share:
         return (share if memory is None else memory), None
-    per = f" per worker process ({workers} workers)" if scheduler == "local" else ""
-    return share, (f"memory {format_bytes(memory)} is more than this machine's {format_bytes(available)} "
-                   f"available; planning for {format_bytes(share)}{per} (available less 10%)")
+    asked, planned = f"memory {format_bytes(memory)}", format_bytes(share)
+    if scheduler == "local":
+        asked, planned = f"{asked} per worker process x {workers} workers", f"{planned} per worker process"
+    return share, (f"{asked} is more than this machine can give: {format_bytes(available)} available less 10%; "
+                   f"planning for {planned}")
 
 
 def _memory_budget(job: Job, scheduler: str, memory: int | None, baseline: int | None = None) -> MemoryBudget:
