@@ -64,7 +64,7 @@ def rows_table(columns: Sequence[Column], rows: Sequence[Row],
 
 
 def machine_line(cluster: str | None = None) -> str:
-    """The first line of every benchmark's output: the machine its figures were measured on (figures mean little
+    """The first line of every benchmark's table: the machine its figures were measured on (figures mean little
     without it). ``cluster``: the scheduler's address when the work ran on a cluster, whose workers may be other
     machines."""
     m = machine()

@@ -78,11 +78,11 @@ def _ops_arguments(parser: argparse.ArgumentParser) -> None:
 def _run_ops(args: argparse.Namespace) -> list[Row]:
     outsz2d = args.outsz2d if args.outsz2d[0] == 1 else (1, *args.outsz2d[1:])
     layers = tuple(args.layers) if args.layers else None
-    print(machine_line(), flush=True)
     request = ops.OpsRequest(layers, outsz2d, args.outsz, args.threads, args.repeat, args.dtype,
                              tuple(args.modes), not args.no_torch, args.max_direct_gflop, args.wisdom)
     rows = ops.run_ops_bench(request, progress=lambda r: _progress(
         f"  {r['layer']}: best {r['best_mode']} {r['best_ms']} ms, torch {r['torch_ms']} ms"))
+    print(machine_line())  # after the run: a mistake is one line on stderr, nothing here
     print(ops.format_table(rows))
     if args.json:
         ops.write_json(rows, args.json)
@@ -107,10 +107,10 @@ def _net_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_net(args: argparse.Namespace) -> dict[str, Any]:
-    print(machine_line(), flush=True)
     request = net.NetRequest(args.network, args.outsz, args.threads, args.repeat, args.mode, not args.no_torch,
                              args.dtype, args.seed, args.eta)
     report = net.run_net_bench(request, progress=lambda s: _progress(f"  {s}"))
+    print(machine_line())
     print(net.format_report(report))
     if args.json:
         write_json(args.json, report)
@@ -150,12 +150,12 @@ def _forward_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_forward(args: argparse.Namespace) -> list[Row]:
-    print(machine_line(resolve_scheduler(args.scheduler, None)), flush=True)
     request = forward.ForwardBenchRequest(tuple(args.nets), args.outsz, args.threads, args.repeat, args.modes,
                                           args.memory, not args.no_torch, block_threads=args.block_threads,
                                           scheduler=args.scheduler, ort=not args.no_ort, time_cap=args.time_cap,
                                           alternatives=not args.no_alternatives)
     rows = forward.run_forward_bench(request, progress=lambda r: _progress(forward.progress_line(r)))
+    print(machine_line(resolve_scheduler(args.scheduler, None)))
     print(forward.format_table(rows))
     if args.json:
         write_rows(args.json, rows)
@@ -187,11 +187,11 @@ def _scaling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def _run_scaling(args: argparse.Namespace) -> list[Row]:
-    print(machine_line(args.scheduler), flush=True)  # without --scheduler: a local cluster
     request = scaling.ScalingRequest(args.net, args.outsz, args.blocks, tuple(args.workers), args.repeat, args.modes,
                                      not args.no_cache, args.scheduler, workdir=args.workdir,
                                      settings=tuple(args.settings))
     rows = scaling.run_scaling_bench(request)
+    print(machine_line(args.scheduler))  # without --scheduler: a local cluster
     print(scaling.format_table(rows))
     if args.json:
         write_rows(args.json, rows)
