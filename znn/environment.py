@@ -3,13 +3,15 @@ write into it (:mod:`znn.pipeline.run.schedulers` tells a variable the user set 
 left behind). ``znn/__init__`` imports this module first, so the snapshot is taken at ``import znn``.
 
 Also what the per-user caches (autotuned conv modes, FFTW wisdom) are keyed by and where they live: the CPU
-(:func:`cpu_model`, :func:`cpu_flags`) and the folder (:func:`cache_dir`)."""
+(:func:`cpu_model`, :func:`cpu_flags`) and the folder (:func:`cache_dir`); the machine every benchmark names
+(:func:`machine`); and the memory the machine has available now (:func:`available_memory`)."""
 
 import hashlib
 import os
 import platform
 from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 STARTING_ENVIRONMENT = dict(os.environ)
 
@@ -25,15 +27,17 @@ def cache_dir() -> Path:
     return Path(platformdirs.user_cache_dir("znn", appauthor=False))
 
 
-def _cpuinfo_field(name: str) -> str | None:
+def _cpuinfo() -> list[tuple[str, str]]:
+    """The ``name: value`` lines of Linux ``/proc/cpuinfo`` (one block per logical CPU); empty elsewhere."""
     try:
         with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.split(":", 1)[0].strip() == name:
-                    return line.split(":", 1)[1].strip()
+            return [(name.strip(), value.strip()) for name, sep, value in (line.partition(":") for line in f) if sep]
     except OSError:
-        pass
-    return None
+        return []
+
+
+def _cpuinfo_field(name: str) -> str | None:
+    return next((value for key, value in _cpuinfo() if key == name), None)
 
 
 @lru_cache(maxsize=None)
@@ -50,6 +54,44 @@ def cpu_flags() -> str:
     return hashlib.sha256(" ".join(sorted(flags.split())).encode()).hexdigest()[:16]
 
 
+# The widest SIMD instruction set a CPU flag (x86 ``flags``, ARM ``Features``) shows, widest first.
+_ISA_LEVELS = (("avx512f", "AVX-512"), ("avx2", "AVX2"), ("avx", "AVX"), ("sse4_2", "SSE4.2"), ("sve", "SVE"),
+               ("asimd", "NEON"))
+
+
+def isa_level() -> str:
+    """The widest SIMD instruction set the CPU offers (``AVX-512``, ``AVX2``, ...: what FFTW and BLAS kernels run
+    at), from Linux ``/proc/cpuinfo``; elsewhere the architecture's name (``arm64``, ``x86_64``)."""
+    flags = set((_cpuinfo_field("flags") or _cpuinfo_field("Features") or "").split())
+    found = next((level for flag, level in _ISA_LEVELS if flag in flags), None)
+    return found or platform.machine() or "unknown"
+
+
+def physical_cores() -> int | None:
+    """Cores without their hyperthreads: distinct (``physical id``, ``core id``) of Linux ``/proc/cpuinfo``; None
+    where it does not say (another OS, a VM or ARM kernel that leaves the ids out)."""
+    cores, package = set(), ""
+    for key, value in _cpuinfo():
+        if key == "physical id":
+            package = value
+        elif key == "core id":
+            cores.add((package, value))
+    return len(cores) or None
+
+
+def cores(num_threads: int = 0) -> int:
+    """``num_threads`` with ZNN's meaning (the ``num_threads`` key, ``--threads``): 0 or less means every core."""
+    return num_threads if num_threads > 0 else (os.cpu_count() or 1)
+
+
+@lru_cache(maxsize=None)
+def machine() -> dict[str, Any]:
+    """The machine a figure was measured on: CPU model, logical cores (``os.cpu_count``, what ``num_threads = 0``
+    uses), physical cores (None: unknown) and SIMD level. Benchmarks stamp their tables and JSON with it."""
+    return {"cpu": cpu_model(), "logical_cores": cores(), "physical_cores": physical_cores(),
+            "isa": isa_level()}
+
+
 def proc_bytes(path: str, key: str) -> int:
     """The ``key:`` line of a Linux ``/proc`` file (``/proc/self/status``, ``/proc/meminfo``) in bytes; 0 where the
     file or the line is missing (another OS, a process that is gone)."""
@@ -61,3 +103,15 @@ def proc_bytes(path: str, key: str) -> int:
     except (OSError, ValueError, IndexError):
         pass
     return 0
+
+
+def available_memory() -> int:
+    """Bytes this machine can give a new process now: MemAvailable (Linux ``/proc/meminfo``; on a machine shared
+    with other work, less than its total), else the physical memory; 0 where neither is known."""
+    found = proc_bytes("/proc/meminfo", "MemAvailable")
+    if found:
+        return found
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # no sysconf (Windows), or no such name
+        return 0

@@ -102,10 +102,24 @@ def test_sample_sections_take_a_resolution(tmp_path: Path):
         load_spec(path)
 
 
-def test_zero_threads_means_all_cores(tmp_path: Path):
+def test_zero_threads_means_all_cores(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """One rule (znn.environment.cores) for the job key, the schedulers and ``--threads``."""
+    from znn import environment
+    from znn.pipeline.run import schedulers
+
+    monkeypatch.setattr(environment.os, "cpu_count", lambda: 7)
     path = tmp_path / "job.cfg"
-    path.write_text("[parameters]\nnum_threads = 0\n")
-    assert load_job(path).threads >= 1
+    for given, meant in ((0, 7), (-1, 7), (3, 3)):
+        path.write_text(f"[parameters]\nnum_threads = {given}\n")
+        assert load_job(path).threads == environment.cores(given) == schedulers.cores(given) == meant
+
+
+def test_conv_mode_keys_are_the_kernels_modes_and_optimize():
+    from znn.io.config import JOB_CONV_MODES
+    from znn.ops.conv import MODES
+    from znn.pipeline.graph.plan import CONV_MODES
+
+    assert set(MODES) == set(CONV_MODES) and JOB_CONV_MODES == (*MODES, "optimize")
 
 
 def test_require_names_the_missing_key(tmp_path: Path):

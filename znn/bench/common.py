@@ -1,4 +1,5 @@
-"""What every benchmark shares: PyTorch when it is installed, the table of rows, and the rows as JSON."""
+"""What every benchmark shares: PyTorch when it is installed, the machine its figures come from, the table of
+rows, and the rows as JSON (stamped with the machine)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from znn.environment import machine
 from znn.text import format_table
 
 Row = dict[str, Any]
@@ -61,11 +63,29 @@ def rows_table(columns: Sequence[Column], rows: Sequence[Row],
     return format_table([col.title for col in columns], body, right=True, rule=False)
 
 
+def machine_line(cluster: str | None = None) -> str:
+    """The first line of every benchmark's table: the machine its figures were measured on (figures mean little
+    without it). ``cluster``: the scheduler's address when the work ran on a cluster, whose workers may be other
+    machines."""
+    m = machine()
+    physical = f" ({m['physical_cores']} physical)" if m["physical_cores"] else ""
+    line = f"machine: {m['cpu']}, {m['logical_cores']} logical cores{physical}, {m['isa']}"
+    if cluster is not None and "://" in cluster:
+        line += f"; the workers of the cluster at {cluster} may be other machines"
+    return line
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
+    """``payload`` as JSON at ``path``, with the machine it was measured on first (``"machine"``: see
+    :func:`znn.environment.machine`)."""
+    Path(path).write_text(json.dumps({"machine": machine(), **payload}, indent=1, default=str))
+
+
 def write_rows(path: str | Path, rows: Sequence[Row], meta: dict[str, Any] | None = None) -> None:
-    """``{"rows": [...]}`` (with ``meta`` first when given) as JSON at ``path``."""
+    """``{"machine": {...}, "rows": [...]}`` (with ``meta`` before the rows when given) as JSON at ``path``."""
     payload: dict[str, Any] = {} if meta is None else {"meta": meta}
     payload["rows"] = list(rows)
-    Path(path).write_text(json.dumps(payload, indent=1))
+    write_json(path, payload)
 
 
 def mode_names(modes: str | Mapping[str, str]) -> str:

@@ -50,8 +50,9 @@ from znn.bench.engines import (
     relative_difference,
     run_engine,
 )
-from znn.bench.growth import Point, largest_fit, machine_memory, skip_reason
+from znn.bench.growth import Point, largest_fit, skip_reason
 from znn.bench.scaling import DenseWork, block_grid_shape, measure, synthetic_volume
+from znn.environment import available_memory
 from znn.network import Network
 from znn.pipeline.dense import memplan
 from znn.pipeline.run.schedulers import Runner, make_runner, resolve_scheduler
@@ -125,7 +126,7 @@ def run_forward_bench(request: ForwardBenchRequest = ForwardBenchRequest(),
         request = replace(request, block_threads=1)  # single-threaded worker processes, one block each
     try:
         with tempfile.TemporaryDirectory(prefix="znn-bench-forward-") as tmp:
-            bench = _Bench(request, where, runner, Path(tmp), request.machine_memory or machine_memory())
+            bench = _Bench(request, where, runner, Path(tmp), request.machine_memory or available_memory())
             bench.peers = _peers(request, bench.notes)
             rows = [row for name in request.nets for row in _net_rows(bench, name, progress)]
             return rows + [{"kind": "note", "text": text} for text in bench.notes]

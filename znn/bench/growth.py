@@ -14,9 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from znn.bench.common import Row
-from znn.environment import proc_bytes
 
-__all__ = ["Point", "extrapolate", "skip_reason", "largest_fit", "machine_memory"]
+__all__ = ["Point", "extrapolate", "skip_reason", "largest_fit"]
 
 
 @dataclass(frozen=True)
@@ -71,11 +70,3 @@ def largest_fit(rows: Sequence[Row], memory: int) -> Row | None:
     if not fits:
         return None
     return max(fits, key=lambda r: (math.prod(r["outsz"]), r["vox_s"]))
-
-
-def machine_memory() -> int:
-    """Bytes this machine can give a benchmark process now: MemAvailable (Linux ``/proc/meminfo``; on a machine
-    shared with other work, less than its total), else the physical memory."""
-    import os
-
-    return proc_bytes("/proc/meminfo", "MemAvailable") or int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))

@@ -358,9 +358,10 @@ def _peak(fn: Callable[[], Any]) -> int:
 
 
 def _machine() -> dict[str, Any]:
+    from znn.environment import machine
     from znn.pipeline.forward.autotune import machine_id
 
-    return {"id": machine_id(), "python": platform.python_version()}
+    return {**machine(), "id": machine_id(), "python": platform.python_version()}
 
 
 class _TorchSide:

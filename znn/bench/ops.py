@@ -29,6 +29,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from znn.bench.common import Column, Row, import_torch, rows_table, write_rows
+from znn.ops.conv import MODES as CONV_MODES
 from znn.ops.conv import conv_backward_direct, conv_forward_direct
 from znn.ops.conv_fft import Spectra, conv_backward_fft, conv_forward_fft
 from znn.ops.fft import check_conv_shapes, fft_shape, load_wisdom, save_wisdom
@@ -133,7 +134,7 @@ class OpsRequest:
     threads: int = 2
     repeat: int = 5
     dtype: str = "float32"
-    modes: Sequence[str] = ("direct", "fft")
+    modes: Sequence[str] = CONV_MODES
     torch: bool = True
     max_direct_gflop: float = DEFAULT_MAX_DIRECT_GFLOP
     wisdom: str | Path | None = None
@@ -182,7 +183,7 @@ def _interleaved(runners: Runs, repeat: int) -> dict[str, list[tuple[float, floa
 
 def _best(row: Row, layer: Layer) -> None:
     """Add the fastest of our modes and how it compares with PyTorch's time to ``row``."""
-    ours = {m: row[f"{m}_ms"] for m in ("direct", "fft") if row[f"{m}_ms"] is not None}
+    ours = {m: row[f"{m}_ms"] for m in CONV_MODES if row[f"{m}_ms"] is not None}
     best = min(ours, key=lambda m: ours[m]) if ours else None
     row["best_mode"] = best
     row["best_ms"] = ours[best] if best else None
@@ -205,7 +206,7 @@ def _bench_layer(layer: Layer, request: OpsRequest, torch: Any | None) -> Row:
         "fft_shape": list(fft_shape(insz, layer.kernel, (1, 1, 1))), "threads": request.threads,
         "dtype": np.dtype(request.dtype).name, "repeat": request.repeat, "gflop_direct": round(gflop, 2),
     }
-    for name in ("direct", "fft", "torch"):
+    for name in (*CONV_MODES, "torch"):
         runs = times.get(name)
         row[f"{name}_fwd_ms"] = round(1e3 * statistics.median(r[0] for r in runs), 1) if runs else None
         row[f"{name}_ms"] = round(1e3 * statistics.median(r[1] for r in runs), 1) if runs else None

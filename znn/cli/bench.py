@@ -4,13 +4,11 @@
 from __future__ import annotations
 
 import argparse
-import json
 import sys
-from pathlib import Path
 from typing import Any
 
 from znn.bench import forward, net, ops, scaling
-from znn.bench.common import Row, write_rows
+from znn.bench.common import Row, machine_line, write_json, write_rows
 from znn.cli.args import (
     Handler,
     Subparsers,
@@ -21,9 +19,12 @@ from znn.cli.args import (
     positive_int,
     positive_number,
 )
+from znn.io.config import JOB_CONV_MODES
+from znn.ops.conv import MODES as CONV_MODES
+from znn.pipeline.run.schedulers import resolve_scheduler
 from znn.types import Triple
 
-MODES = ["optimize", "fft", "direct"]
+MODES = list(JOB_CONV_MODES)
 
 
 def register(sub: Subparsers) -> dict[str, Handler]:
@@ -66,7 +67,7 @@ def _ops_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=positive_int, default=2, help="threads for every side (default 2)")
     parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs per method, median reported")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
-    parser.add_argument("--modes", nargs="+", choices=["direct", "fft"], default=["direct", "fft"])
+    parser.add_argument("--modes", nargs="+", choices=CONV_MODES, default=list(CONV_MODES))
     parser.add_argument("--no-torch", action="store_true", help="do not time PyTorch")
     parser.add_argument("--max-direct-gflop", type=non_negative_number, default=ops.DEFAULT_MAX_DIRECT_GFLOP,
                         help="skip direct mode for layers costing more (default %(default)s)")
@@ -81,6 +82,7 @@ def _run_ops(args: argparse.Namespace) -> list[Row]:
                              tuple(args.modes), not args.no_torch, args.max_direct_gflop, args.wisdom)
     rows = ops.run_ops_bench(request, progress=lambda r: _progress(
         f"  {r['layer']}: best {r['best_mode']} {r['best_ms']} ms, torch {r['torch_ms']} ms"))
+    print(machine_line())  # after the run: a mistake is one line on stderr, nothing here
     print(ops.format_table(rows))
     if args.json:
         ops.write_json(rows, args.json)
@@ -99,7 +101,7 @@ def _net_arguments(parser: argparse.ArgumentParser) -> None:
                         help="build the step as for this many workers while running it on --threads (a small "
                              "machine shows the parallelism a large one would get); default: --threads")
     parser.add_argument("--repeat", type=positive_int, default=5, help="timed runs, median reported (default 5)")
-    parser.add_argument("--mode", choices=["fft", "direct", "optimize"], default="fft",
+    parser.add_argument("--mode", choices=MODES, default="fft",
                         help="conv mode of every layer; optimize measures each layer once and remembers")
     parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
     parser.add_argument("--seed", type=int, default=0)
@@ -112,12 +114,12 @@ def _run_net(args: argparse.Namespace) -> list[dict[str, Any]]:
     request = net.NetRequest(args.network, args.outsz, args.threads[0], args.repeat, args.mode, not args.no_torch,
                              args.dtype, args.seed, args.eta, plan_workers=args.plan_workers)
     reports = net.run_net_benches(request, args.threads, progress=lambda s: _progress(f"  {s}"))
+    print(machine_line())
     print("\n\n".join(net.format_report(r) for r in reports))
     if len(reports) > 1:
         print("\n" + net.format_summary(reports))
     if args.json:  # one report, or every run's under "runs"
-        document: Any = reports[0] if len(reports) == 1 else {"runs": reports}
-        Path(args.json).write_text(json.dumps(document, indent=1, default=str))
+        write_json(args.json, reports[0] if len(reports) == 1 else {"runs": reports})
     return reports
 
 
@@ -159,6 +161,7 @@ def _run_forward(args: argparse.Namespace) -> list[Row]:
                                           scheduler=args.scheduler, ort=not args.no_ort, time_cap=args.time_cap,
                                           alternatives=not args.no_alternatives)
     rows = forward.run_forward_bench(request, progress=lambda r: _progress(forward.progress_line(r)))
+    print(machine_line(resolve_scheduler(args.scheduler, None)))
     print(forward.format_table(rows))
     if args.json:
         write_rows(args.json, rows)
@@ -194,6 +197,7 @@ def _run_scaling(args: argparse.Namespace) -> list[Row]:
                                      not args.no_cache, args.scheduler, workdir=args.workdir,
                                      settings=tuple(args.settings))
     rows = scaling.run_scaling_bench(request)
+    print(machine_line(args.scheduler))  # without --scheduler: a local cluster
     print(scaling.format_table(rows))
     if args.json:
         write_rows(args.json, rows)

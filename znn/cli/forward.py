@@ -33,7 +33,8 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                    help="output transform over channels (auto: softmax for softmax-trained boundary nets, sigmoid for "
                         "affinity/binomial nets, none for square loss)")
     p.add_argument("--memory", type=memory, help="memory budget, e.g. 8GB (plans forward_outsz = auto and decides "
-                                                   "whether kernel spectra are cached)")
+                                                   "whether kernel spectra are cached; at most available memory "
+                                                   "less 10%%)")
     p.add_argument("--outsz", type=triple_or_auto, help="output block z,y,x (or auto); overrides forward_outsz")
     p.add_argument("--fresh", action="store_true", help="ignore finished blocks and recompute everything")
     p.add_argument("--pyramid", nargs="?", const="auto", type=pyramid, metavar="LEVELS",
@@ -46,7 +47,7 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                        description="Predict the peak memory of dense inference for candidate FFT-friendly output "
                        "patches and pick the largest that fits --memory.")
     q.add_argument("job", help="a .cfg job file")
-    q.add_argument("--memory", type=memory, help="memory budget, e.g. 8GB (default: available memory)")
+    q.add_argument("--memory", type=memory, help="memory budget, e.g. 8GB (default and most: available memory less 10%%)")
     add_scheduler_argument(q)
     return {"forward": _cmd_forward, "plan": _cmd_plan}
 
@@ -75,6 +76,7 @@ def _cmd_forward(args: argparse.Namespace) -> int:
 
 
 def _cmd_plan(args: argparse.Namespace) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")  # the note when --memory is capped
     job = load_job(args.job)
     try:
         plan = plan_job(job, args.memory, scheduler=args.scheduler)

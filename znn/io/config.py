@@ -13,13 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from znn.environment import cores
 from znn.errors import ConfigError, closest
 from znn.io.inifile import IniFile, parse_ini, read_ini
 from znn.io.ngff import MAX_LEVELS, Resolution, parse_resolution
+from znn.ops.conv import MODES as CONV_MODES
 from znn.types import Triple, parse_triple
 
 SECTION = "parameters"
-CONV_MODES = ("fft", "direct", "optimize")
+# What train_conv_mode and forward_conv_mode take: a kernel's conv mode, or optimize (timed per layer).
+JOB_CONV_MODES = (*CONV_MODES, "optimize")
 COST_FUNCTIONS = ("auto", "square_loss", "binomial_cross_entropy", "softmax_loss")
 MALIS_NORMS = ("none", "frac", "num", "pair")
 REBALANCE_MODES = ("none", "global", "patch")
@@ -146,8 +149,8 @@ KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "train_range": (parse_range, None, "sample ids like 1-3,6"),
     "test_range": (parse_range, None, "sample ids like 1-3,6"),
     "forward_range": (parse_range, None, "sample ids like 1-3,6"),
-    "train_conv_mode": (_choice(CONV_MODES), "fft", " / ".join(CONV_MODES)),
-    "forward_conv_mode": (_choice(CONV_MODES), "fft", " / ".join(CONV_MODES)),
+    "train_conv_mode": (_choice(JOB_CONV_MODES), "fft", " / ".join(JOB_CONV_MODES)),
+    "forward_conv_mode": (_choice(JOB_CONV_MODES), "fft", " / ".join(JOB_CONV_MODES)),
     "cost_fn": (_choice(COST_FUNCTIONS), "auto", " / ".join(COST_FUNCTIONS)),
     "is_malis": (_bool, False, "yes or no"),
     "malis_norm_type": (_choice(MALIS_NORMS), "none", " / ".join(MALIS_NORMS)),
@@ -252,9 +255,8 @@ class Job:
 
     @property
     def threads(self) -> int:
-        """num_threads with ZNN's meaning: 0 or less = all cores."""
-        n = int(self.values["num_threads"])
-        return n if n > 0 else (os.cpu_count() or 1)
+        """num_threads with ZNN's meaning: 0 or less = all cores (:func:`znn.environment.cores`)."""
+        return cores(int(self.values["num_threads"]))
 
 
 def load_job(path: str | Path, overrides: Mapping[str, str] | None = None) -> Job:

@@ -45,7 +45,9 @@ __all__ = [
     "check_conv_shapes",
 ]
 
-MODES = ("direct", "fft")
+# Every conv mode a kernel has, the one list: the network plan (znn.pipeline.graph.plan), job keys and commands
+# take theirs from it.
+MODES = ("fft", "direct")
 
 # Bytes of gathered columns per tile (each thread holds one): the whole column matrix of a 2D layer with
 # 40x40 kernels would be gigabytes.

@@ -13,11 +13,12 @@ from dataclasses import dataclass
 
 from znn.errors import ConfigError
 from znn.ops import fft as fftops
+from znn.ops.conv import MODES as CONV_MODES  # noqa: F401  (re-exported: the one list of conv modes)
 from znn.pipeline.graph.blocks import MapBlock, even_split, map_blocks, slab_count, voxels_of
 from znn.spec import ONE_TO_ONE, Layout, NetworkSpec
 from znn.types import Triple
 
-CONV_MODES = ("fft", "direct")
+__all__ = ["CONV_MODES", "EdgePlan", "NetPlan", "make_plan"]
 
 
 @dataclass(frozen=True)

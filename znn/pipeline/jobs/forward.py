@@ -15,11 +15,14 @@ the output transform and znn's version.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from znn import environment
+from znn.environment import cores
 from znn.errors import ZnnFileNotFoundError
 from znn.io.config import Job
 from znn.io.specfile import VolumeSet
@@ -45,11 +48,14 @@ from znn.pipeline.dense.plan import (
     plan_dense,
 )
 from znn.pipeline.dense.volume import DenseRequest, InferenceResult, infer_volume
-from znn.pipeline.run.schedulers import Runner, cores, make_runner, resolve_scheduler
+from znn.pipeline.run.schedulers import Runner, make_runner, resolve_scheduler
+from znn.text import format_bytes
 from znn.types import Triple
 
 __all__ = ["load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup", "default_memory",
-           "check_forward_places", "output_resolution", "output_image"]
+           "capped_memory", "check_forward_places", "output_resolution", "output_image"]
+
+log = logging.getLogger("znn.forward")
 
 
 def load_forward_network(job: Job) -> Network:
@@ -112,20 +118,41 @@ def output_image(job: Job, net: Network, sample_id: int, transform: str) -> Imag
 
 
 def default_memory() -> int:
-    """Memory the planner may use when none is given: what the OS reports available, less 10%."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(int(line.split()[1]) * 1024 * 0.9)
-    except OSError:
-        pass
-    return 8 << 30
+    """Memory the planner may use when none is given: what the OS reports available, less 10% (8 GiB where the OS
+    does not say)."""
+    return _usable(environment.available_memory()) or 8 << 30
+
+
+def _usable(available: int) -> int:
+    """What the planner may take of ``available`` bytes: 10% stays free for what the memory model leaves out."""
+    return int(available * 0.9)
+
+
+def capped_memory(memory: int | None, scheduler: str, workers: int) -> tuple[int, str | None]:
+    """The budget one process of a run on ``scheduler`` plans for: ``memory`` (None: the default), but no more than
+    this machine's available memory less 10%, split among the ``workers`` processes of a ``local`` cluster (a block
+    planned for memory the machine does not have gets the process killed by the kernel); and the one line that
+    says so when ``memory`` was more. Not capped where the run is elsewhere (a scheduler's address) or the OS does
+    not say what is available."""
+    available = environment.available_memory()
+    if "://" in scheduler or not available:
+        return (default_memory() if memory is None else memory), None
+    share = _usable(available) // (workers if scheduler == "local" else 1)
+    if memory is None or memory <= share:
+        return (share if memory is None else memory), None
+    asked, planned = f"memory {format_bytes(memory)}", format_bytes(share)
+    if scheduler == "local":
+        asked, planned = f"{asked} per worker process x {workers} workers", f"{planned} per worker process"
+    return share, (f"{asked} is more than this machine can give: {format_bytes(available)} available less 10%; "
+                   f"planning for {planned}")
 
 
 def _memory_budget(job: Job, scheduler: str, memory: int | None, baseline: int | None = None) -> MemoryBudget:
-    """``memory`` (default: what is available) for the blocks one process holds on ``scheduler``: one per thread
-    in-process; one per (single-threaded) worker process on a cluster, whose memory the plan is for."""
-    budget = memory if memory is not None else default_memory()
+    """``memory`` (default: what is available; never more) for the blocks one process holds on ``scheduler``: one
+    per thread in-process; one per (single-threaded) worker process on a cluster, whose memory the plan is for."""
+    budget, note = capped_memory(memory, scheduler, cores(job.num_threads))
+    if note is not None:
+        log.warning(note)
     return MemoryBudget(budget, cores(job.num_threads), scheduler == "threads", baseline)
 
 

@@ -30,6 +30,7 @@ from distributed.diagnostics.plugin import WorkerPlugin
 from threadpoolctl import threadpool_limits
 
 from znn.environment import STARTING_ENVIRONMENT
+from znn.environment import cores as cores  # re-exported: the one "0 threads = every core" rule
 from znn.errors import ConfigError
 
 SCHEDULERS = ("synchronous", "threads", "local")
@@ -60,11 +61,6 @@ _UNSET_VARIABLES = [key[len(_PRE_SPAWN):] for key, value in WORKER_SETTINGS.item
 # does os.environ.update), so after a cluster with dask's defaults this process holds MALLOC_TRIM_THRESHOLD_=65536,
 # and the workers of every later cluster would inherit it: only a value the process had when znn was imported is
 # the user's.
-
-
-def cores(num_threads: int = 0) -> int:
-    """``num_threads`` with ZNN's meaning: 0 or less means every core."""
-    return num_threads if num_threads > 0 else (os.cpu_count() or 1)
 
 
 @dataclass
