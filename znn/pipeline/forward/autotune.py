@@ -80,7 +80,7 @@ class LayerProblem:
     # per worker (``cached_spectra``) or made per block
     evaluator: str = "graph"
     cached_spectra: bool = True
-    threads: int = 1  # threads per block of the phase evaluator (the graph's tasks are single-threaded)
+    threads: int = 1  # threads per block of the phase evaluator (graph tasks are timed on one thread each)
 
     def __post_init__(self) -> None:
         if not self.in_blocks:

@@ -6,10 +6,12 @@ on the command line, else the job file's ``scheduler`` key, else dask's configur
 ``scheduler-address``), else ``threads``. A cluster started here (``local``) listens on 127.0.0.1 (dask config
 ``znn.local.host`` changes that); TLS comes from dask's ``distributed.comm.tls`` settings for ``tls://`` addresses.
 
-This is the one place that sets thread counts. When dask runs tasks in parallel, BLAS and FFTW inside each task
-run single-threaded, so cores are never oversubscribed (threadpoolctl for BLAS; the ops' FFTs default to one
-thread). Workers of a cluster started here get the same limits through their environment, and dask settings for
-long single-threaded tasks (:data:`WORKER_SETTINGS`).
+This is where the limits of the process are set: when dask runs tasks in parallel, BLAS inside each task runs
+single-threaded (threadpoolctl), so cores are never oversubscribed. How many threads one task's own kernels use is
+the graph's decision, from the workers its plan was split for (``Graph.task_threads``: a stage with fewer tasks
+than cores gives each several; the kernels split their work over Python threads, never BLAS's). Workers of a
+cluster started here get the same limits through their environment, and dask settings for long single-threaded
+tasks (:data:`WORKER_SETTINGS`).
 """
 
 from __future__ import annotations
