@@ -157,3 +157,9 @@ def add_quiet_argument(parser: argparse.ArgumentParser) -> None:
 def log(text: str) -> None:
     """Progress and notes go to stderr; results to stdout."""
     print(text, file=sys.stderr, flush=True)
+
+
+def notes(quiet: bool) -> Callable[[str], None]:
+    """Where a command's notes go: :func:`log`, or nowhere under ``--quiet`` (a failure's message is then the
+    only line on stderr)."""
+    return (lambda text: None) if quiet else log

@@ -12,7 +12,8 @@ from znn.cli.args import (
     add_quiet_argument,
     add_scheduler_argument,
     count,
-    log,
+    notes,
+    positive_int,
     positive_number,
 )
 from znn.io.config import load_job
@@ -31,6 +32,9 @@ def register(sub: Subparsers) -> dict[str, Handler]:
     add_scheduler_argument(p)
     p.add_argument("--max-iter", type=count, help="stop at this iteration instead of the job's Max_iter")
     p.add_argument("--minutes", type=positive_number, help="stop (and save) after this many minutes of training")
+    p.add_argument("--replicas", type=positive_int, help="data-parallel replicas on a dask.distributed cluster "
+                   "(--scheduler local or an address): each step averages the gradients of this many patches "
+                   "(default: the job's replicas, 1)")
     add_quiet_argument(p)
     q = sub.add_parser("quickstart", help="train and evaluate a small network on synthetic EM data (no download)",
                        description="Make a synthetic EM-like volume, train the workflows/quickstart network on it "
@@ -46,12 +50,12 @@ def register(sub: Subparsers) -> dict[str, Handler]:
 def _cmd_train(args: argparse.Namespace) -> int:
     job = load_job(args.job)
     train_job(job, args.seed, args.scheduler, args.max_iter,
-              None if args.minutes is None else 60 * args.minutes, not args.quiet, log)
+              None if args.minutes is None else 60 * args.minutes, not args.quiet, notes(args.quiet), args.replicas)
     return 0
 
 
 def _cmd_quickstart(args: argparse.Namespace) -> int:
     report = quickstart(Path(args.out), minutes=args.minutes, max_iter=args.max_iter, scheduler=args.scheduler,
-                        progress=not args.quiet, log=log)
+                        progress=not args.quiet, log=notes(args.quiet))
     print(report.text())
     return 0

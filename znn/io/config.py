@@ -185,6 +185,7 @@ EXTRA_KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "seed": (int, 0, "an integer random seed"),
     "output_format": (_choice(OUTPUT_FORMATS), "zarr", " / ".join(OUTPUT_FORMATS)),
     "spectra_cache": (_bool, True, "yes or no"),
+    "replicas": (_count(1), 1, "an integer >= 1 (data-parallel training replicas, on a dask.distributed cluster)"),
     "resolution": (_resolution, None, "the input's voxel size z,y,x with a unit, like 40,4,4 nm (nm, um, mm, "
                                       "angstrom; written into the outputs' OME-Zarr metadata)"),
     "pyramid": (parse_pyramid, 0, "no, auto, or a number of downsampled output levels like 3"),

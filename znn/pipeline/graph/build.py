@@ -32,7 +32,7 @@ from znn.pipeline.graph.direct_edges import Finish
 from znn.pipeline.graph.plan import NetPlan
 from znn.spec import NodeGroup
 
-__all__ = ["Graph", "Hyper", "Loss", "forward_graph", "step_graph", "task_priorities", "layer_depths"]
+__all__ = ["Graph", "Hyper", "Loss", "edge_hyper", "forward_graph", "step_graph", "task_priorities", "layer_depths"]
 
 Loss = Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]
 
@@ -246,7 +246,7 @@ def _updates(g: Graph, net: Network, hyper: Hyper, pre: Mapping[str, list[Any]])
     spec = g.plan.spec
     results: dict[str, dict[str, Key]] = {"kernels": {}, "biases": {}}
     for name in spec.conv_edges():
-        h = _edge_hyper(spec.edges[name].options, hyper)
+        h = edge_hyper(spec.edges[name].options, hyper)
         k = g.key(Op.UPDATE, name)
         g.dsk[k] = call(tasks.kernel_gradient_update, g.params[name], net.kernel_momentum[name], g.gw[name],
                         eta=h.eta, momentum=h.momentum, weight_decay=h.weight_decay, patch_size=h.patch_size)
@@ -260,7 +260,7 @@ def _updates(g: Graph, net: Network, hyper: Hyper, pre: Mapping[str, list[Any]])
     return results
 
 
-def _edge_hyper(options: Mapping[str, str], hyper: Hyper) -> Hyper:
+def edge_hyper(options: Mapping[str, str], hyper: Hyper) -> Hyper:
     """Per-edge `eta`, `momentum`, `weight_decay` of the .znn file override the job's."""
     values = {k: float(options[k]) if k in options else getattr(hyper, k) for k in ("eta", "momentum", "weight_decay")}
     return Hyper(values["eta"], values["momentum"], values["weight_decay"], hyper.patch_size)

@@ -9,6 +9,7 @@ the job's scheduler and the :class:`~znn.pipeline.train.trainer.Trainer`. ``znn 
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from znn.errors import ShapeError
+from znn.errors import ConfigError, ShapeError
 from znn.io.config import Job
 from znn.io.locks import RunLock, lock_beside
 from znn.io.netfile import load_network
@@ -26,8 +27,9 @@ from znn.io.specfile import load_spec
 from znn.network import Network
 from znn.ops import metrics
 from znn.pipeline.run.progress import Progress
-from znn.pipeline.run.schedulers import make_runner, resolve_scheduler
+from znn.pipeline.run.schedulers import Runner, make_runner, resolve_scheduler
 from znn.pipeline.train.engine import Engine
+from znn.pipeline.train.replicas import ReplicaEngine, worker_threads
 from znn.pipeline.train.sampler import Patch, PatchSampler, SamplerOptions
 from znn.pipeline.train.trainer import (
     Objective,
@@ -85,7 +87,7 @@ class PatchEvaluator:
         return metrics.evaluate(pred, labels, self.out_type, mask=mask, one_channel=one_channel)["rand_error"]
 
 
-def _announce(log: Callable[[str], None], job: Job, engine: Engine, train: list[SampleData],
+def _announce(log: Callable[[str], None], job: Job, engine: Engine | ReplicaEngine, train: list[SampleData],
               test: list[SampleData]) -> None:
     layout = engine.plan.layout
     log(f"network {job.fnet_spec}: FOV {','.join(map(str, layout.fov))}, output patch "
@@ -116,19 +118,22 @@ def _network(job: Job, prefix: Path, seed: str | Path | None, log: Callable[[str
 
 def train_job(job: Job, seed: str | Path | None = None, scheduler: str | None = None,
               max_iter: int | None = None, time_limit: float | None = None, progress: bool = True,
-              log: Callable[[str], None] = print) -> Trainer:
-    """Train ``job`` until Max_iter (or ``max_iter``, or ``time_limit`` seconds); returns the finished trainer."""
+              log: Callable[[str], None] = print, replicas: int | None = None) -> Trainer:
+    """Train ``job`` until Max_iter (or ``max_iter``, or ``time_limit`` seconds); returns the finished trainer.
+    ``replicas`` (default: the job's ``replicas``): data-parallel replicas on a dask.distributed cluster."""
     prefix = Path(job.net_prefix or job.require("train_net_prefix"))
     # checkpoints go to prefix's folder: found unwritable now, not at the first save; one run per prefix
     check_writable(prefix.parent, "train_net_prefix folder", folder=True, fix=f"{job.path}: change train_net_prefix")
     with RunLock(lock_beside(prefix), f"train_net_prefix {prefix}"):
-        trainer = _train(job, prefix, seed, scheduler, (max_iter, time_limit), progress, log)
+        trainer = _train(job, prefix, seed, scheduler, (max_iter, time_limit), progress, log,
+                         int(replicas or job.replicas))
     _summary(trainer, log)
     return trainer
 
 
 def _train(job: Job, prefix: Path, seed: str | Path | None, scheduler: str | None,
-           limits: tuple[int | None, float | None], progress: bool, log: Callable[[str], None]) -> Trainer:
+           limits: tuple[int | None, float | None], progress: bool, log: Callable[[str], None],
+           replicas: int = 1) -> Trainer:
     """:func:`train_job` once its prefix is checked and locked; ``limits``: (max_iter, time_limit)."""
     max_iter, time_limit = limits
     net, curve, iteration = _network(job, prefix, seed, log)
@@ -136,8 +141,7 @@ def _train(job: Job, prefix: Path, seed: str | Path | None, scheduler: str | Non
     with make_runner(resolve_scheduler(scheduler, job), job.num_threads) as runner:
         if runner.distributed and runner.dashboard:
             log(f"dask dashboard: {runner.dashboard}")
-        engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
-                        spectra_cache=job.spectra_cache)
+        engine = _engine(job, net, runner, replicas, log)
         engine.steps = iteration  # dropout masks follow the step number, also after a resume
         train = load_samples(job, "train_range", net.dtype, net.spec)
         test = load_samples(job, "test_range", net.dtype, net.spec)
@@ -153,8 +157,9 @@ def _train(job: Job, prefix: Path, seed: str | Path | None, scheduler: str | Non
         except ShapeError as exc:
             raise ShapeError(f"{job.path}: {exc}") from None
 
-        def draw(it: int) -> Patch:
-            sampler.rng = np.random.default_rng([job.seed, it])  # the patch of step `it` depends on nothing else
+        def draw(it: int, replica: int = 0) -> Patch:
+            # the patch of step `it` depends on nothing else; replica 0's is the patch of one-replica training
+            sampler.rng = np.random.default_rng([job.seed, it] if replica == 0 else [job.seed, it, replica])
             return sampler.sample(1)[0]
 
         test_patches = None if tester is None else (lambda n: tester.validation_patches(n, seed=job.seed))
@@ -170,6 +175,26 @@ def _train(job: Job, prefix: Path, seed: str | Path | None, scheduler: str | Non
         with bar:
             trainer.run(stop_at, time_limit)
     return trainer
+
+
+def _engine(job: Job, net: Network, runner: Runner, replicas: int,
+            log: Callable[[str], None]) -> Engine | ReplicaEngine:
+    """The job's engine on ``runner``; with ``replicas`` > 1 a data-parallel one (its step planned for one
+    worker's threads)."""
+    if replicas == 1:
+        return Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
+                      spectra_cache=job.spectra_cache)
+    if not runner.distributed:
+        raise ConfigError(f"{job.path}: replicas = {replicas} needs a dask.distributed cluster; use --scheduler "
+                          "local or a scheduler address like tcp://host:8786, or replicas = 1")
+    threads = worker_threads(runner)
+    engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
+                    spectra_cache=job.spectra_cache, plan_workers=threads)
+    workers = len(runner.client.scheduler_info()["workers"])
+    log(f"data-parallel: {replicas} replicas on {workers} worker(s) of {threads} thread(s); each step averages the "
+        f"gradients of {replicas} patches (effective batch {replicas}; eta applies to the average)"
+        + ("" if workers >= replicas else f"; {replicas - workers} replica(s) share a worker"))
+    return ReplicaEngine(engine, replicas, token=f"{job.path}:{uuid.uuid4().hex}")
 
 
 def _summary(trainer: Trainer, log: Callable[[str], None]) -> None:

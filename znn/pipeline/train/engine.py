@@ -10,7 +10,7 @@ from dask.optimization import cull
 
 from znn.network import Network
 from znn.pipeline.graph import tasks
-from znn.pipeline.graph.build import Hyper, Loss, forward_graph, step_graph, task_priorities
+from znn.pipeline.graph.build import Hyper, Loss, edge_hyper, forward_graph, step_graph, task_priorities
 from znn.pipeline.graph.cache import SpectraCache
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.pipeline.run.schedulers import Runner, make_runner
@@ -83,12 +83,54 @@ class Engine:
 
     def gradients(self, inputs: Mapping[str, np.ndarray], loss: Loss) -> tuple[float, dict[str, np.ndarray]]:
         """The cost and the gradient of every kernel (by edge) and bias (by node), without updating."""
+        cost, _, grads = self.step_gradients(inputs, loss)
+        return cost, grads
+
+    def step_gradients(self, inputs: Mapping[str, np.ndarray], loss: Loss
+                       ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """The cost, the outputs of the forward pass and the gradient of every kernel (by edge) and bias (by
+        node), without updating: what a replica of data-parallel training computes for its patch."""
+        self._plan_transforms("step")
         g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, Hyper(0.0, 0.0, 0.0), seed=self.seed,
                             step=self.steps, cache=self.cache, threads=self._threads)
-        result = _get(self.runner, g.dsk, {"cost": res["cost"], "kernels": res["kernels"], "biases": res["biases"]},
-                      task_priorities(g))
+        wanted = {"cost": res["cost"], "outputs": res["outputs"], "kernels": res["kernels"], "biases": res["biases"]}
+        result = _get(self.runner, g.dsk, wanted, task_priorities(g))
         grads = {name: triple[2] for group in ("kernels", "biases") for name, triple in result[group].items()}
-        return float(result["cost"]), grads
+        outputs = {n: tasks.concat_maps(b) for n, b in result["outputs"].items()}
+        return float(result["cost"]), outputs, grads
+
+    def apply_gradients(self, grads: Mapping[str, np.ndarray], hyper: Hyper) -> None:
+        """One SGD update of every kernel and bias from ``grads`` (by edge and node, as :meth:`gradients` gives
+        them), with the per-edge eta, momentum and weight decay of the .znn file, as :meth:`train_step` does;
+        edges whose eta is 0 keep their kernels (and cached spectra)."""
+        net = self.net
+        for edge in net.spec.conv_edges():
+            h = edge_hyper(net.spec.edges[edge].options, hyper)
+            if h.eta == 0:
+                continue
+            net.kernels[edge], net.kernel_momentum[edge] = tasks.update(
+                net.kernels[edge], net.kernel_momentum[edge], grads[edge], h.eta, h.momentum, h.weight_decay,
+                h.patch_size)
+            self.cache.invalidate(edge)
+        for node in net.spec.bias_nodes():
+            net.biases[node], net.bias_momentum[node] = tasks.update(
+                net.biases[node], net.bias_momentum[node], grads[node], hyper.eta, hyper.momentum,
+                hyper.weight_decay, hyper.patch_size)
+        self.steps += 1
+
+    def set_parameters(self, kernels: Mapping[str, np.ndarray], biases: Mapping[str, np.ndarray]) -> None:
+        """Take these kernels and biases (a replica receiving the current weights); spectra of kernels that
+        changed are forgotten."""
+        for edge, kernel in kernels.items():
+            if self.net.kernels[edge] is not kernel and not np.array_equal(self.net.kernels[edge], kernel):
+                self.cache.invalidate(edge)
+            self.net.kernels[edge] = kernel
+        self.net.biases.update(biases)
+
+    def plan_transforms(self) -> None:
+        """Plan the FFTs of a training step here and share the wisdom with the cluster's workers (see
+        :meth:`_plan_transforms`)."""
+        self._plan_transforms("step")
 
     def _plan_transforms(self, kind: str) -> None:
         """On a cluster, plan every FFT in this process once (a pass on zeros) and share the wisdom, so workers

@@ -30,6 +30,7 @@ from znn.ops.sgd import anneal
 from znn.pipeline.graph.build import Hyper
 from znn.pipeline.train.curve import LearningCurve
 from znn.pipeline.train.engine import Engine
+from znn.pipeline.train.replicas import ClusterLost, ReplicaEngine
 from znn.spec import NetworkSpec
 
 if TYPE_CHECKING:
@@ -168,9 +169,10 @@ class PatchSource:
     """Where a run's patches come from. ``train(iteration)`` returns the patch of that iteration (drawn from the
     iteration number, so a run resumed from any checkpoint sees the patches an uninterrupted run would) and
     ``test(n)`` the validation patches (None: no validation); a patch has ``inputs``, ``targets``, ``masks``,
-    ``weights`` (dicts keyed by node group) and, for MALIS, ``segmentation``."""
+    ``weights`` (dicts keyed by node group) and, for MALIS, ``segmentation``. With data-parallel replicas,
+    ``train(iteration, replica)`` is replica ``replica``'s patch (replica 0's is the one-replica patch)."""
 
-    train: Callable[[int], Any]
+    train: Callable[..., Any]
     test: Callable[[int], Sequence[Any]] | None = None
 
 
@@ -197,7 +199,7 @@ class Trainer:
     """Runs the training loop for one job: ``engine`` steps through ``schedule`` on the patches of ``patches``,
     minimising ``objective``, saving checkpoints ``<prefix>_<iteration>.h5`` from ``start`` on."""
 
-    def __init__(self, engine: Engine, schedule: Schedule, objective: Objective, patches: PatchSource,
+    def __init__(self, engine: Engine | ReplicaEngine, schedule: Schedule, objective: Objective, patches: PatchSource,
                  prefix: Path, start: StartPoint = StartPoint(), log: Callable[[str], None] = print,
                  progress: Any = None):
         self.engine, self.schedule, self.prefix = engine, schedule, Path(prefix)
@@ -222,7 +224,12 @@ class Trainer:
             if time_limit is not None and time.perf_counter() - start > time_limit:
                 self.log(f"time limit of {time_limit:.0f} s reached at iteration {self.iteration}")
                 break
-            cost, pixel_error = self._step()
+            try:
+                cost, pixel_error = self._step()
+            except ClusterLost as exc:
+                raise TrainingError(f"step {self.iteration + 1}: {exc}; training stopped, "
+                                    f"{last_checkpoint(self.prefix)}. Start a scheduler and rerun the same command: "
+                                    "it resumes from there") from None
             self.iteration += 1
             window.append((cost, pixel_error))
             elapsed = self.elapsed_before + time.perf_counter() - start
@@ -240,7 +247,13 @@ class Trainer:
             self.save(self.elapsed_before + time.perf_counter() - start)
         return self.curve
 
+    @property
+    def replicas(self) -> int:
+        return int(getattr(self.engine, "replicas", 1))
+
     def _step(self) -> tuple[float, float]:
+        if self.replicas > 1:
+            return self._replicated_step()
         patch = self.train_patches(self.iteration)
         loss = self._loss(patch)
         hyper = self.schedule.hyper(self.iteration, self.patch_voxels)
@@ -250,6 +263,21 @@ class Trainer:
         self._check_finite(cost, patch, before)
         pixel_error, _ = self.evaluate(predictions(outputs, self.cost_fn), patch, False)
         return cost / self.patch_voxels, pixel_error
+
+    def _replicated_step(self) -> tuple[float, float]:
+        """One data-parallel step: a patch per replica, one update from their averaged gradients; the mean cost
+        per voxel and pixel error of the replicas' patches."""
+        assert isinstance(self.engine, ReplicaEngine)
+        patches = [self.train_patches(self.iteration, r) for r in range(self.replicas)]
+        hyper = self.schedule.hyper(self.iteration, self.patch_voxels)
+        net = self.engine.net
+        before = dict(net.kernels), dict(net.biases)
+        costs, outputs = self.engine.train_steps([p.inputs for p in patches], [self._loss(p) for p in patches],
+                                                 hyper)
+        worst = int(np.argmax([0 if math.isfinite(c) else 1 for c in costs]))
+        self._check_finite(costs[worst], patches[worst], before)
+        errors = [self.evaluate(predictions(out, self.cost_fn), p, False)[0] for out, p in zip(outputs, patches)]
+        return float(np.mean(costs)) / self.patch_voxels, float(np.mean(errors))
 
     def _loss(self, patch: Any) -> Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]:
         malis = None
