@@ -15,7 +15,7 @@ from znn.cli import main
 ROOT = Path(__file__).resolve().parents[2]
 
 COMMANDS = ["describe", "train", "quickstart", "forward", "plan", "segment", "evaluate", "run", "status", "bench",
-            "bench ops", "bench net", "bench forward", "bench scaling"]
+            "bench ops", "bench net", "bench forward", "bench scaling", "bench train"]
 
 # one mistake per command: a missing file, a bad z,y,x, a bad memory size, a bad number
 MISTAKES = {
@@ -32,6 +32,7 @@ MISTAKES = {
     "bench net": ["bench", "net", "missing.znn", "--outsz", "1,1,1"],
     "bench forward": ["bench", "forward", "--memory", "8XB"],
     "bench scaling": ["bench", "scaling", "--workers", "0"],
+    "bench train": ["bench", "train", "missing.znn", "--outsz", "1,1,1"],
 }
 
 

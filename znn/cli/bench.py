@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 from znn.bench import forward, net, ops, scaling
+from znn.bench import train as train_bench
 from znn.bench.common import Row, machine_line, write_json, write_rows
 from znn.cli.args import (
     Handler,
@@ -33,7 +34,8 @@ def register(sub: Subparsers) -> dict[str, Handler]:
     for name, module, add_arguments, run in (("ops", ops, _ops_arguments, _run_ops),
                                              ("net", net, _net_arguments, _run_net),
                                              ("forward", forward, _forward_arguments, _run_forward),
-                                             ("scaling", scaling, _scaling_arguments, _run_scaling)):
+                                             ("scaling", scaling, _scaling_arguments, _run_scaling),
+                                             ("train", train_bench, _train_arguments, _run_train)):
         p = kinds.add_parser(name, help=(module.__doc__ or "").strip().splitlines()[0])
         add_arguments(p)
         p.set_defaults(bench_run=run)
@@ -121,6 +123,33 @@ def _run_net(args: argparse.Namespace) -> list[dict[str, Any]]:
     if args.json:  # one report, or every run's under "runs"
         write_json(args.json, reports[0] if len(reports) == 1 else {"runs": reports})
     return reports
+
+
+# ---------------------------------------------------------------------------------------------- znn bench train
+
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("network", help="a .znn network file (or a .h5 checkpoint: its spec, random weights)")
+    parser.add_argument("--outsz", type=parse_triple, required=True, help="output patch z,y,x")
+    parser.add_argument("--replicas", type=positive_int, nargs="+", default=[1, 2],
+                        help="replica counts, each on a local cluster of that many single-threaded workers "
+                             "(default 1 2)")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per count (default 5)")
+    parser.add_argument("--mode", choices=MODES, default="fft", help="conv mode of every layer")
+    parser.add_argument("--dtype", choices=["float32", "float64"], default="float32")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--json", help="also write the rows to this JSON file")
+
+
+def _run_train(args: argparse.Namespace) -> list[Row]:
+    request = train_bench.TrainBenchRequest(args.network, args.outsz, tuple(args.replicas), args.steps, args.mode,
+                                            args.dtype, args.seed)
+    rows = train_bench.run_train_bench(request, progress=lambda s: _progress(f"  {s}"))
+    print(machine_line("local"))
+    print(train_bench.format_table(rows))
+    if args.json:
+        write_rows(args.json, rows)
+    return rows
 
 
 # ---------------------------------------------------------------------------------------------- znn bench forward
