@@ -178,7 +178,7 @@ def test_max_filter_values_equal_max_filter(monkeypatch, slab_bytes, threads, si
     a 1x1x1 window passes the maps through as they are."""
     from znn.ops import pooling
 
-    monkeypatch.setattr(pooling, "_MAX_FILTER_SLAB_BYTES", slab_bytes)
+    monkeypatch.setattr(pooling, "MAX_FILTER_SLAB_BYTES", slab_bytes)
     x = np.random.default_rng(1).standard_normal((3, 9, 10, 11)).astype(np.float32)
     got = pooling.max_filter_values(x, size, dilation, threads)
     np.testing.assert_array_equal(got, pooling.max_filter(x, size, dilation)[0])

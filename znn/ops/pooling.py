@@ -23,7 +23,7 @@ from znn.ops.pointwise import as_triple, check_volume, output_array
 from znn.types import Triple
 
 # Bytes of one slab of :func:`max_filter_values`'s output: its running maxima stay in a core's cache.
-_MAX_FILTER_SLAB_BYTES = 256 << 10
+MAX_FILTER_SLAB_BYTES = 256 << 10
 
 __all__ = ["max_filter", "max_filter_backward", "max_pool", "max_pool_backward"]
 
@@ -162,7 +162,7 @@ def max_filter_values(x: np.ndarray, size: Sequence[int], dilation: Sequence[int
     out_shape = [n - (w - 1) * d for n, w, d in zip(x.shape[1:], size, dilation)]
     out = output_array(out, [maps, *out_shape], x.dtype, x)
     plane = max(1, math.prod(x.shape[2:]) * x.itemsize)
-    depth = max(1, min(out_shape[0], _MAX_FILTER_SLAB_BYTES // plane))
+    depth = max(1, min(out_shape[0], MAX_FILTER_SLAB_BYTES // plane))
     slabs = -(-out_shape[0] // depth)
 
     def work(lo: int, hi: int) -> None:

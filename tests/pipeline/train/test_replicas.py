@@ -178,7 +178,9 @@ def test_a_lost_scheduler_stops_with_the_last_checkpoint_and_a_rerun_resumes(tmp
     try:
         command = [sys.executable, "-m", "znn.cli", "train", str(job), "--scheduler", f"tcp://127.0.0.1:{port}",
                    "--replicas", "2", "--quiet"]
-        train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path)
+        # the client gives up reconnecting after znn.connect-timeout (10 s by default)
+        env = {**os.environ, "DASK_ZNN__CONNECT_TIMEOUT": "2s"}
+        train = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=tmp_path, env=env)
         deadline = time.monotonic() + 120
         while not current.exists() and time.monotonic() < deadline and train.poll() is None:
             time.sleep(0.1)

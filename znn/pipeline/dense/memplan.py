@@ -198,7 +198,7 @@ def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) 
     """(transient bytes, kernel spectra bytes) of edge ``name`` in :class:`znn.pipeline.forward.phases.PhaseForward`,
     its output included: an FFT conv holds its output, one group of tiles' spectra and each thread's tile buffers
     (the input is read in place); a max filter its output and each thread's slab of running maxima."""
-    from znn.ops.pooling import _MAX_FILTER_SLAB_BYTES
+    from znn.ops.pooling import MAX_FILTER_SLAB_BYTES
 
     ep, edge = plan.edges[name], plan.spec.edges[name]
     _, n_out, in_bytes, out_bytes = _edge_sizes(plan, name, itemsize)
@@ -211,7 +211,7 @@ def _edge_working_phases(plan: NetPlan, name: str, itemsize: int, cached: bool) 
     if edge.type == "conv":  # its output, and per thread a tile's gathered columns and partial sums
         return int(out_bytes + _TILE_THREADS * (DIRECT_TILE_BYTES + 2 * n_out * TILE_VOXELS * itemsize)), 0
     if edge.type == "max_filter":
-        return int(out_bytes + _TILE_THREADS * 2 * min(in_bytes, _MAX_FILTER_SLAB_BYTES)), 0
+        return int(out_bytes + _TILE_THREADS * 2 * min(in_bytes, MAX_FILTER_SLAB_BYTES)), 0
     return _edge_working(plan, name, itemsize, cached)
 
 

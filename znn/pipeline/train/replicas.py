@@ -70,33 +70,34 @@ class StepReport:
         return max(0.0, self.wall_s - self.compute_s)
 
 
-_REPLICAS: dict[str, Engine] = {}  # on a worker: its replica of each run
+_REPLICAS: dict[str, tuple[Engine, threading.Lock]] = {}  # on a worker: its replica of the run, and its lock
 _REPLICAS_LOCK = threading.Lock()
 
 
-def _replica(setup: ReplicaSetup) -> Engine:
+def _replica(setup: ReplicaSetup) -> tuple[Engine, threading.Lock]:
     with _REPLICAS_LOCK:
-        engine = _REPLICAS.get(setup.token)
-        if engine is None:
+        found = _REPLICAS.get(setup.token)
+        if found is None:
             net = Network.initialise(setup.spec, seed=setup.seed, dtype=np.dtype(setup.dtype))
             runner = make_runner("threads", setup.plan_workers)
             engine = Engine(net, setup.output_patch, setup.modes, runner, seed=setup.seed,
                             spectra_cache=setup.spectra_cache, plan_workers=setup.plan_workers)
             _REPLICAS.clear()  # one run at a time per worker: an earlier run's replica is not needed again
-            _REPLICAS[setup.token] = engine
-        return engine
+            found = _REPLICAS[setup.token] = (engine, threading.Lock())
+        return found
 
 
 def replica_gradients(setup: ReplicaSetup, weights: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
                       inputs: Mapping[str, np.ndarray], loss: Loss, step: int) -> dict[str, Any]:
     """On a worker: the cost, outputs and gradients of one patch on this worker's replica, at ``weights``
     (kernels, biases) and step number ``step`` (dropout draws follow it); ``seconds`` it took."""
-    t0 = time.perf_counter()
-    engine = _replica(setup)
-    engine.set_parameters(*weights)
-    engine.steps = step
-    cost, outputs, grads = engine.step_gradients(inputs, loss)
-    return {"cost": cost, "outputs": outputs, "grads": grads, "seconds": time.perf_counter() - t0}
+    engine, lock = _replica(setup)
+    with lock:  # replicas sharing a worker of several threads take turns (each step uses all of its threads)
+        t0 = time.perf_counter()
+        engine.set_parameters(*weights)
+        engine.steps = step
+        cost, outputs, grads = engine.step_gradients(inputs, loss)
+        return {"cost": cost, "outputs": outputs, "grads": grads, "seconds": time.perf_counter() - t0}
 
 
 def add_gradients(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
