@@ -50,6 +50,7 @@ def test_every_key_is_read(tmp_path: Path):
         "train_net": "exp/old", "forward_net": "exp/net_current.h5", "output_prefix": "exp/out", "is_stdio": "no",
         "is_debug": "yes", "is_check": "yes", "scheduler": "tcp://127.0.0.1:8786", "seed": "42",
         "output_format": "h5", "spectra_cache": "no", "resolution": "0.05,0.004,0.004 um", "pyramid": "3",
+        "replicas": "4",
     }
     assert set(values) == set(ALL_KEYS)
     path = tmp_path / "job.cfg"
@@ -68,6 +69,7 @@ def test_every_key_is_read(tmp_path: Path):
     assert job.is_data_aug is False and job.is_bd_mirror is False and job.is_stdio is False
     assert job.scheduler == "tcp://127.0.0.1:8786" and job.seed == 42 and job.output_format == "h5"
     assert job.spectra_cache is False and job.is_debug and job.is_check
+    assert job.replicas == 4
     assert job.resolution == Resolution((0.05, 0.004, 0.004), "micrometer") and job.pyramid == 3
 
 
