@@ -74,6 +74,25 @@ def test_replicas_equal_sgd_on_the_averaged_gradients_of_their_patches(local_cli
     assert all(r.bytes_sent > 0 and 0 <= r.comm_s <= r.wall_s for r in replicas.reports)
 
 
+def test_a_validation_pass_runs_on_a_worker_and_equals_the_driver_s(local_client):
+    """ReplicaEngine.forward is one task on a replica's worker, at the current weights (after a step too): the
+    same outputs as the driver's engine gives in this process."""
+    from distributed import get_task_stream
+
+    net = Network.initialise(parse_network(TWO_INPUTS), seed=2, dtype=np.float32)
+    replicas = _replicas(local_client, net, 2)
+    patch = _patches(replicas.engine, 1, first=5)[0]
+    hyper = Hyper(0.05, 0.9, 0.001, patch_size=float(np.prod(OUTSZ)))
+    for _ in range(2):
+        with get_task_stream(local_client) as stream:
+            got = replicas.forward(patch)
+        assert [t["key"] for t in stream.data if "replica_forward" in str(t["key"])], stream.data
+        local = Engine(replicas.net.copy(), OUTSZ, "fft", make_runner("synchronous"), plan_workers=1)
+        for node, want in local.forward(patch).items():
+            np.testing.assert_allclose(got[node], want, rtol=1e-5, atol=1e-6, err_msg=node)
+        replicas.train_steps(_patches(replicas.engine, 2, first=20), [_square_loss] * 2, hyper)
+
+
 def test_replicas_need_a_cluster(tmp_path):
     with pytest.raises(ConfigError, match="replicas = 2 needs a dask.distributed cluster"):
         run(make_job(tmp_path, replicas="2"))

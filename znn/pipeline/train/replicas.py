@@ -100,6 +100,16 @@ def replica_gradients(setup: ReplicaSetup, weights: tuple[dict[str, np.ndarray],
         return {"cost": cost, "outputs": outputs, "grads": grads, "seconds": time.perf_counter() - t0}
 
 
+def replica_forward(setup: ReplicaSetup, weights: tuple[dict[str, np.ndarray], dict[str, np.ndarray]],
+                    inputs: Mapping[str, np.ndarray], training: bool, step: int) -> dict[str, np.ndarray]:
+    """On a worker: the outputs of one patch on this worker's replica at ``weights`` (a validation pass)."""
+    engine, lock = _replica(setup)
+    with lock:
+        engine.set_parameters(*weights)
+        engine.steps = step
+        return engine.forward(inputs, training)
+
+
 def add_gradients(a: Mapping[str, np.ndarray], b: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     """One node of the reduction tree: the sum of two replicas' (or subtrees') gradients, in their dtype."""
     return {name: np.add(a[name], b[name]) for name in a}
@@ -130,6 +140,8 @@ class ReplicaEngine:
                                   engine.cache.enabled)
         self.reports: list[StepReport] = []
         self._setup_future: Any = None
+        self._weights_future: Any = None
+        self._weights_step = -1
         self.placement: list[str] = []
 
     # the parts of Engine the trainer reads
@@ -154,8 +166,32 @@ class ReplicaEngine:
         self.engine.steps = value
 
     def forward(self, inputs: Mapping[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
-        outputs: dict[str, np.ndarray] = _on_cluster(lambda: self.engine.forward(inputs, training))
-        return outputs
+        """A validation pass, as one task on a replica's worker: the driver's own graph would carry the kernels
+        and their cached spectra to the cluster with every patch (hundreds of MiB a test pass)."""
+        def run() -> dict[str, np.ndarray]:
+            patch = {k: np.asarray(v, self.engine.net.dtype) for k, v in inputs.items()}
+            task = self.client.submit(replica_forward, self._setup(), self._weights(), patch, training,
+                                      self.engine.steps, pure=False)
+            outputs: dict[str, np.ndarray] = task.result()
+            return outputs
+        result: dict[str, np.ndarray] = _on_cluster(run)
+        return result
+
+    def _setup(self) -> Any:
+        """The replicas' setup on every worker, scattered once (with the driver's FFTW wisdom planned first)."""
+        if self._setup_future is None:
+            self.engine.plan_transforms()  # the driver's FFTW wisdom, shared with every worker
+            self._setup_future = self.client.scatter(self.setup, broadcast=True, hash=False)
+        return self._setup_future
+
+    def _weights(self) -> Any:
+        """The current kernels and biases on every worker: broadcast once per step (they change only there)."""
+        if self._weights_future is None or self._weights_step != self.engine.steps:
+            net = self.engine.net
+            self._weights_future = self.client.scatter((dict(net.kernels), dict(net.biases)), broadcast=True,
+                                                       hash=False)
+            self._weights_step = self.engine.steps
+        return self._weights_future
 
     def train_step(self, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper
                    ) -> tuple[float, dict[str, np.ndarray]]:
@@ -175,15 +211,11 @@ class ReplicaEngine:
               ) -> tuple[list[float], list[dict[str, np.ndarray]]]:
         t0 = time.perf_counter()
         client, net = self.client, self.engine.net
-        if self._setup_future is None:
-            self.engine.plan_transforms()  # the driver's FFTW wisdom, shared with every worker
-            self._setup_future = client.scatter(self.setup, broadcast=True, hash=False)
-        weights = (dict(net.kernels), dict(net.biases))
-        weights_future = client.scatter(weights, broadcast=True, hash=False)
+        setup_future, weights_future = self._setup(), self._weights()
         workers = sorted(client.scheduler_info()["workers"])
         self.placement = [workers[r % len(workers)] for r in range(len(inputs))]
         step = self.engine.steps
-        results = [client.submit(replica_gradients, self._setup_future, weights_future,
+        results = [client.submit(replica_gradients, setup_future, weights_future,
                                  {k: np.asarray(v, net.dtype) for k, v in x.items()}, loss, step,
                                  workers=[where], allow_other_workers=True, pure=False)
                    for x, loss, where in zip(inputs, losses, self.placement)]
@@ -195,7 +227,8 @@ class ReplicaEngine:
         total, parts = client.gather([grads[0], summary])
         n = len(inputs)
         self.engine.apply_gradients({k: (g / n).astype(g.dtype, copy=False) for k, g in total.items()}, hyper)
-        sent = _nbytes(weights) * len(workers) + sum(_nbytes(x) for x in inputs) + _nbytes(total) * n
+        sent = _nbytes(dict(net.kernels)) + _nbytes(dict(net.biases))
+        sent = sent * len(workers) + sum(_nbytes(x) for x in inputs) + _nbytes(total) * n
         self.reports.append(StepReport(time.perf_counter() - t0, max(p["seconds"] for p in parts), sent))
         return [float(p["cost"]) for p in parts], [p["outputs"] for p in parts]
 
