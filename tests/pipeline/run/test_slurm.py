@@ -63,7 +63,8 @@ def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, tmp_path
         seen["sinfo"], seen["jobs"] = slurm.sinfo(), wait_for_jobs(slurm, 2, timeout=30)
         assert command[:3] == ["znn", "forward", str(job)] and command[3] == "--scheduler"
         seen["address"] = command[4]
-        done = run_znn([*command[1:3], *command[5:]], command[4], cwd=job.parent)  # this checkout's znn, whatever `znn` is on PATH
+        # this checkout's znn in a fresh interpreter, whatever `znn` on PATH is
+        done = run_znn([*command[1:3], *command[5:]], command[4], cwd=job.parent)
         print(done.stdout, done.stderr, file=sys.stderr)
         return done.returncode
 
