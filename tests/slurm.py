@@ -229,9 +229,10 @@ def _stop(proc: subprocess.Popen[bytes], timeout: float = 10) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-def _kill_strays(marker: str) -> list[int]:
-    """SIGKILL every process whose environment holds ``marker`` (jobs and slurmstepd left behind); their pids."""
-    killed = []
+def _kill_strays(markers: Sequence[str]) -> list[int]:
+    """SIGKILL every process whose environment holds one of ``markers`` (slurmstepd and job processes left
+    behind: the daemons' environment, or the submitter's that sbatch hands its jobs); their pids."""
+    wanted, killed = {marker.encode() for marker in markers}, []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
@@ -239,7 +240,7 @@ def _kill_strays(marker: str) -> list[int]:
             environ = (entry / "environ").read_bytes()
         except OSError:
             continue
-        if marker.encode() in environ.split(b"\0"):
+        if wanted & set(environ.split(b"\0")):
             with contextlib.suppress(ProcessLookupError, PermissionError):
                 os.kill(int(entry.name), signal.SIGKILL)
                 killed.append(int(entry.name))
@@ -262,7 +263,6 @@ def start_slurm(timeout: float = 60, install: bool = True) -> Iterator[Slurm]:
     hardware = _node_hardware(binaries["slurmd"])
     conf = root / "slurm.conf"
     conf.write_text(slurm_conf(root, node, hardware, (_free_port(), _free_port())))
-    marker = f"ZNN_TEST_SLURM={root}"
     env = {**os.environ, "SLURM_CONF": str(conf), "ZNN_TEST_SLURM": str(root),
            "PATH": os.pathsep.join([os.environ.get("PATH", ""), SBIN_PATH])}
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_", "SINFO_")) and k != "SLURM_CONF"]:
@@ -290,10 +290,10 @@ def start_slurm(timeout: float = 60, install: bool = True) -> Iterator[Slurm]:
         yield slurm
     finally:
         if slurm.procs.get("slurmctld") is not None and slurm.procs["slurmctld"].poll() is None:
-            slurm.cancel_all()
+            slurm.cancel_all(timeout=15)
         for name in reversed(list(slurm.procs)):
             _stop(slurm.procs[name])
-        strays = _kill_strays(marker)
+        strays = _kill_strays([f"ZNN_TEST_SLURM={root}", f"SLURM_CONF={conf}"])
         if strays:
             print(f"SLURM: killed {len(strays)} leftover job process(es): {strays}", file=sys.stderr)
         shutil.rmtree(root, ignore_errors=True)
@@ -397,7 +397,12 @@ def start_slurm_dask(slurm: Slurm, log_dir: Path, jobs: int = 2, timeout: float 
         client = Client(cluster, timeout=f"{timeout}s")
         cluster.scale(jobs=jobs)
         running = wait_for_jobs(slurm, jobs, timeout)
-        client.wait_for_workers(jobs, timeout=timeout)
+        try:
+            client.wait_for_workers(jobs, timeout=timeout)
+        except TimeoutError:
+            logs = "\n".join(f"--- {path.name}\n" + "\n".join(path.read_text(errors="replace").splitlines()[-15:])
+                             for path in sorted(log_dir.glob("*.err")))
+            raise TimeoutError(f"{jobs} workers did not join in {timeout} s: {running}\n{logs}") from None
         return SlurmDask(cluster, client, cluster.scheduler_address, running, slurm.sinfo())
     except BaseException:
         if client is not None:
