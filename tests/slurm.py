@@ -12,11 +12,11 @@ command against it in a fresh interpreter::
 
     def test_train_on_slurm(tmp_path, slurm_dask_cluster):
         cluster = slurm_dask_cluster(jobs=2)             # 2 batch jobs, one worker each, both joined
-        run_znn(["train", str(job), "--replicas", "2"], cluster.scheduler_address, cwd=tmp_path)
+        run_znn(["train", str(job), "--replicas", "2"], cluster.address, cwd=tmp_path)  # adds --scheduler
 
 The packages are Debian's `slurm-wlm` and `munge`; `.ci/install-slurm` installs them (as root, with apt-get) when
-`slurmctld` is missing. The fixture runs that script once if the binaries are absent, and skips with its reason
-only when they still are.
+`slurmctld` is missing. The fixture runs that script once if the binaries are absent (not with
+ZNN_TEST_SLURM_INSTALL=0), and skips with its reason only when they still are.
 """
 
 from __future__ import annotations
@@ -68,7 +68,7 @@ def ensure_binaries(install: bool = True) -> dict[str, str]:
     try:
         return find_binaries()
     except SlurmUnavailable as missing:
-        if not install or not INSTALL_SCRIPT.exists():
+        if not install or os.environ.get("ZNN_TEST_SLURM_INSTALL") == "0" or not INSTALL_SCRIPT.exists():
             raise
         try:
             done = subprocess.run(["bash", str(INSTALL_SCRIPT)], stdin=subprocess.DEVNULL, capture_output=True,
@@ -83,10 +83,13 @@ def ensure_binaries(install: bool = True) -> dict[str, str]:
                                    f"(exit {done.returncode}): {tail}") from None
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+def _free_ports(count: int) -> list[int]:
+    """``count`` different ports free on 127.0.0.1 (all bound at once, then released)."""
+    with contextlib.ExitStack() as stack:
+        socks = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in socks:
+            sock.bind(("127.0.0.1", 0))
+        return [int(sock.getsockname()[1]) for sock in socks]
 
 
 def _node_hardware(slurmd: str) -> dict[str, str]:
@@ -262,7 +265,8 @@ def start_slurm(timeout: float = 60, install: bool = True) -> Iterator[Slurm]:
     node = socket.gethostname().split(".")[0]
     hardware = _node_hardware(binaries["slurmd"])
     conf = root / "slurm.conf"
-    conf.write_text(slurm_conf(root, node, hardware, (_free_port(), _free_port())))
+    ctld_port, slurmd_port = _free_ports(2)
+    conf.write_text(slurm_conf(root, node, hardware, (ctld_port, slurmd_port)))
     env = {**os.environ, "SLURM_CONF": str(conf), "ZNN_TEST_SLURM": str(root),
            "PATH": os.pathsep.join([os.environ.get("PATH", ""), SBIN_PATH])}
     for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_", "SINFO_")) and k != "SLURM_CONF"]:
@@ -378,8 +382,11 @@ class SlurmDask:
         self.cluster.close(timeout=30)
 
 
-def start_slurm_dask(slurm: Slurm, log_dir: Path, jobs: int = 2, timeout: float = 60) -> SlurmDask:
+def start_slurm_dask(slurm: Slurm, log_dir: Path, jobs: int = 2, timeout: float = 60,
+                     **overrides: Any) -> SlurmDask:
     """Submit ``jobs`` worker jobs through dask-jobqueue and wait until they run and their workers joined.
+
+    ``overrides`` replace `jobqueue_settings` as SLURMCluster keywords (``walltime="01:00:00"``, ``memory="4GiB"``).
 
     Needs SLURM_CONF=slurm.conf in this process's environment (dask-jobqueue runs sbatch and scancel with it)."""
     from dask_jobqueue import SLURMCluster
@@ -390,7 +397,7 @@ def start_slurm_dask(slurm: Slurm, log_dir: Path, jobs: int = 2, timeout: float 
     log_dir.mkdir(parents=True, exist_ok=True)
     # keyword arguments, not a dask.config.set around the constructor: the jobs are made later, at scale()
     settings = jobqueue_settings(slurm, log_dir, jobs)
-    kwargs = {key.replace("-", "_"): value for key, value in settings.items()}
+    kwargs = {**{key.replace("-", "_"): value for key, value in settings.items()}, **overrides}
     cluster = SLURMCluster(job_name=kwargs.pop("name"), **kwargs)  # cores=1, processes=1, memory=..., python=...
     client = None
     try:

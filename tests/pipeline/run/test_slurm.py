@@ -13,6 +13,7 @@ from typing import Any
 
 import dask
 import numpy as np
+import pytest
 import yaml
 
 from tests.pipeline.run.test_cluster import TINY3D, _forward_job
@@ -33,7 +34,10 @@ def _tiny_job(folder: Path) -> Path:
     return _forward_job(folder, net, vol)  # blocks of 4x8x8: 32 of them
 
 
-def _local_output(folder: Path) -> np.ndarray:
+@pytest.fixture(scope="module")
+def local_output(tmp_path_factory: pytest.TempPathFactory) -> np.ndarray:
+    """The tiny job's output on a local cluster (`--scheduler local`, 2 worker processes), what SLURM must give."""
+    folder = tmp_path_factory.mktemp("local") / "job"
     job = _tiny_job(folder)
     run_znn(["forward", str(job), "--quiet"], "local", cwd=folder)
     return read_volume(folder / OUTPUT)
@@ -47,7 +51,7 @@ def _load_script() -> ModuleType:
     return module
 
 
-def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, tmp_path, monkeypatch, capsys):
+def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, local_output, tmp_path, monkeypatch, capsys):
     """workflows/cluster/jobqueue_forward.py, unchanged, with workflows/cluster/dask-config/jobqueue.yaml and only
     its site lines (cores, memory, the environment, 127.0.0.1) replaced: 2 SLURM jobs, one worker each."""
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
@@ -81,11 +85,11 @@ def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, tmp_path
     running = [line for line in seen["jobs"] if " znn-worker RUNNING cpus=1 " in line]
     assert len(running) == 2, seen["jobs"]
     got = read_volume(job.parent / OUTPUT)
-    np.testing.assert_array_equal(got, _local_output(tmp_path / "local"))
+    np.testing.assert_array_equal(got, local_output)
     slurm.wait_idle(30)  # the script's cluster cancelled its jobs on the way out
 
 
-def test_slurm_dask_cluster_fixture_runs_znn_commands_on_its_jobs(slurm_dask_cluster, tmp_path, capsys):
+def test_slurm_dask_cluster_fixture_runs_znn_commands_on_its_jobs(slurm_dask_cluster, local_output, tmp_path, capsys):
     """The fixture (and run_znn) a test of `znn train JOB --scheduler ADDRESS --replicas 2` would use: both SLURM
     jobs' workers run blocks, and the output equals a local cluster's."""
     from distributed import get_task_stream
@@ -101,4 +105,4 @@ def test_slurm_dask_cluster_fixture_runs_znn_commands_on_its_jobs(slurm_dask_clu
     with get_task_stream(cluster.client) as stream:
         run_znn(["forward", str(job), "--quiet"], cluster.address, cwd=job.parent)
     assert {task["worker"] for task in stream.data} == set(seen), "a worker ran no block"
-    np.testing.assert_array_equal(read_volume(job.parent / OUTPUT), _local_output(tmp_path / "local"))
+    np.testing.assert_array_equal(read_volume(job.parent / OUTPUT), local_output)
