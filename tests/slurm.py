@@ -259,18 +259,18 @@ def start_slurm(timeout: float = 60, install: bool = True) -> Iterator[Slurm]:
     if os.geteuid() != 0:
         raise SlurmUnavailable("slurmd must run as root to start jobs (SlurmUser=root); the tests run as "
                                f"uid {os.geteuid()}")
+    node = socket.gethostname().split(".")[0]
+    hardware = _node_hardware(binaries["slurmd"])
     root = Path(tempfile.mkdtemp(prefix="znn-slurm-"))  # short: munged's unix socket path must fit 108 bytes
     for sub in ("munge", "state", "spool", "run", "log"):
         (root / sub).mkdir(mode=0o700)
-    node = socket.gethostname().split(".")[0]
-    hardware = _node_hardware(binaries["slurmd"])
     conf = root / "slurm.conf"
     ctld_port, slurmd_port = _free_ports(2)
     conf.write_text(slurm_conf(root, node, hardware, (ctld_port, slurmd_port)))
     env = {**os.environ, "SLURM_CONF": str(conf), "ZNN_TEST_SLURM": str(root),
            "PATH": os.pathsep.join([os.environ.get("PATH", ""), SBIN_PATH])}
-    for key in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_", "SINFO_")) and k != "SLURM_CONF"]:
-        del env[key]  # a test run inside a SLURM job must not hand its job's settings to these clients
+    for name in [k for k in env if k.startswith(("SLURM_", "SBATCH_", "SQUEUE_", "SINFO_")) and k != "SLURM_CONF"]:
+        del env[name]  # a test run inside a SLURM job must not hand its job's settings to these clients
     slurm = Slurm(root, conf, env, node, int(hardware["CPUs"]), int(hardware["RealMemory"]), binaries)
     key = root / "munge" / "munge.key"
     key.write_bytes(os.urandom(1024))

@@ -51,7 +51,7 @@ def _load_script() -> ModuleType:
     return module
 
 
-def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, local_output, tmp_path, monkeypatch, capsys):
+def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, local_output, tmp_path, monkeypatch):
     """workflows/cluster/jobqueue_forward.py, unchanged, with workflows/cluster/dask-config/jobqueue.yaml and only
     its site lines (cores, memory, the environment, 127.0.0.1) replaced: 2 SLURM jobs, one worker each."""
     monkeypatch.setenv("SLURM_CONF", str(slurm.conf))
@@ -77,9 +77,8 @@ def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, local_ou
     with dask.config.set({f"jobqueue.slurm.{key}": value for key, value in settings.items()}):
         script = _load_script()
         assert script.main(["slurm", str(job), "--jobs", "2", "--min-workers", "2", "--wait", "90"]) == 0
-    with capsys.disabled():
-        print(f"\nsinfo: {seen['sinfo']}\nsqueue (dask-jobqueue's jobs):\n  " + "\n  ".join(seen["jobs"]))
-        print(f"znn forward --scheduler {seen['address']}")
+    print(f"\nsinfo: {seen['sinfo']}\nsqueue (dask-jobqueue's jobs):\n  " + "\n  ".join(seen["jobs"]))  # pytest -s
+    print(f"znn forward --scheduler {seen['address']}")
     assert seen["address"].startswith("tcp://127.0.0.1:")
     assert " idle" not in seen["sinfo"] and seen["sinfo"].startswith(slurm.node)  # mixed or allocated
     running = [line for line in seen["jobs"] if " znn-worker RUNNING cpus=1 " in line]
@@ -89,14 +88,13 @@ def test_jobqueue_forward_on_slurm_equals_a_local_cluster(slurm: Slurm, local_ou
     slurm.wait_idle(30)  # the script's cluster cancelled its jobs on the way out
 
 
-def test_slurm_dask_cluster_fixture_runs_znn_commands_on_its_jobs(slurm_dask_cluster, local_output, tmp_path, capsys):
+def test_slurm_dask_cluster_fixture_runs_znn_commands_on_its_jobs(slurm_dask_cluster, local_output, tmp_path):
     """The fixture (and run_znn) a test of `znn train JOB --scheduler ADDRESS --replicas 2` would use: both SLURM
     jobs' workers run blocks, and the output equals a local cluster's."""
     from distributed import get_task_stream
 
     cluster = slurm_dask_cluster(jobs=2)
-    with capsys.disabled():
-        print(f"\nsinfo: {cluster.sinfo}\nsqueue:\n  " + "\n  ".join(cluster.jobs))
+    print(f"\nsinfo: {cluster.sinfo}\nsqueue:\n  " + "\n  ".join(cluster.jobs))  # pytest -s shows them
     assert len(cluster.jobs) == 2 and all(" RUNNING " in line for line in cluster.jobs)
     job_ids = {line.split()[0] for line in cluster.jobs}
     seen = cluster.client.run(lambda: __import__("os").environ.get("SLURM_JOB_ID"))
