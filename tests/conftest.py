@@ -9,6 +9,7 @@ import atexit
 import os
 import shutil
 import tempfile
+from typing import Any
 
 os.environ.setdefault("ZNN_FFTW_PLANNER", "FFTW_ESTIMATE")
 os.environ["ZNN_CACHE_DIR"] = tempfile.mkdtemp(prefix="znn-test-cache-")
@@ -28,3 +29,44 @@ def local_client():
     yield client
     client.close()
     cluster.close()
+
+
+# ------------------------------------------------------------------------------------------------ SLURM (issue #21)
+@pytest.fixture(scope="session")
+def slurm():
+    """A real one-node SLURM cluster (munged, slurmctld, slurmd on 127.0.0.1; see tests/slurm.py), stopped with
+    every job after the session. Skips, with the reason, when SLURM is not installed and cannot be installed."""
+    import contextlib
+
+    from tests.slurm import SlurmUnavailable, start_slurm
+
+    with contextlib.ExitStack() as stack:
+        try:
+            running = stack.enter_context(start_slurm())
+        except SlurmUnavailable as why:
+            pytest.skip(f"no SLURM to test with: {why}")
+        yield running
+
+
+@pytest.fixture
+def slurm_dask_cluster(slurm, tmp_path, monkeypatch):
+    """A factory: ``slurm_dask_cluster(jobs=2)`` submits ``jobs`` dask-jobqueue batch jobs (one single-threaded
+    worker each) to the `slurm` fixture's cluster, waits until they run and their workers joined, and returns a
+    tests.slurm.SlurmDask (``.address`` for ``--scheduler``, ``.jobs``: the squeue lines, ``.sinfo``); keywords
+    such as ``walltime="01:00:00"`` go to SLURMCluster. Everything is cancelled when the test ends, and the node is
+    idle again for the next one. For a command: ``tests.slurm.run_znn(["train", JOB, "--replicas", "2"],
+    slurm_dask_cluster(jobs=2).address, cwd=tmp_path)``."""
+    from tests.slurm import SlurmDask, start_slurm_dask
+
+    monkeypatch.setenv("SLURM_CONF", str(slurm.conf))  # the sbatch and scancel of dask-jobqueue
+    started: list[SlurmDask] = []
+
+    def start(jobs: int = 2, timeout: float = 60, **overrides: Any) -> SlurmDask:
+        started.append(start_slurm_dask(slurm, tmp_path / f"slurm-dask-{len(started)}", jobs, timeout, **overrides))
+        return started[-1]
+
+    yield start
+    for one in reversed(started):
+        one.close()
+    slurm.cancel_all()
+    slurm.wait_idle()
