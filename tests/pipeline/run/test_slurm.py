@@ -104,3 +104,30 @@ def test_slurm_dask_cluster_fixture_runs_znn_commands_on_its_jobs(slurm_dask_clu
         run_znn(["forward", str(job), "--quiet"], cluster.address, cwd=job.parent)
     assert {task["worker"] for task in stream.data} == set(seen), "a worker ran no block"
     np.testing.assert_array_equal(read_volume(job.parent / OUTPUT), local_output)
+
+
+def test_data_parallel_training_on_slurm_equals_a_local_cluster(slurm_dask_cluster, local_client, tmp_path):
+    """`znn train JOB --replicas 2 --scheduler ADDRESS` with the two replicas in SLURM jobs' workers: the same
+    checkpoint as the same run on a local cluster of two single-threaded workers (to float32 rounding)."""
+    from distributed import get_task_stream
+
+    from tests.pipeline.train.test_train import make_job
+    from znn.io.checkpoint import load_checkpoint
+
+    runs = {}
+    cluster = slurm_dask_cluster(jobs=2)
+    for name, address, client in (("slurm", cluster.address, cluster.client),
+                                  ("local", local_client.scheduler.address, local_client)):
+        job = make_job(tmp_path / name, Max_iter="4", Num_iter_per_test="2", Num_iter_per_save="2")
+        with get_task_stream(client) as stream:
+            done = run_znn(["train", str(job), "--replicas", "2"], address, cwd=job.parent)
+        print(f"\n{name}:\n{done.stdout}{done.stderr}")  # pytest -s shows the run's notes
+        replica_workers = {t["worker"] for t in stream.data if "replica_gradients" in str(t["key"])}
+        assert len(replica_workers) == 2, stream.data  # each worker (each SLURM job) held a replica
+        runs[name] = load_checkpoint(job.parent / "out" / "net_current.h5")
+    print(f"sinfo: {cluster.sinfo}\nsqueue:\n  " + "\n  ".join(cluster.jobs))
+    slurm_net, local_net = runs["slurm"], runs["local"]
+    for edge, kernel in local_net.kernels.items():
+        np.testing.assert_allclose(slurm_net.kernels[edge], kernel, rtol=1e-6, atol=1e-7, err_msg=edge)
+    for node, bias in local_net.biases.items():
+        np.testing.assert_allclose(slurm_net.biases[node], bias, rtol=1e-6, atol=1e-7, err_msg=node)

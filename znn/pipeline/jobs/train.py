@@ -167,7 +167,7 @@ def _train(job: Job, prefix: Path, seed: str | Path | None, scheduler: str | Non
         schedule = Schedule.from_job(job)
         prefix.parent.mkdir(parents=True, exist_ok=True)  # only now that the job has proved readable
         stop_at = schedule.max_iter if max_iter is None else max_iter
-        bar = Progress(stop_at, "iterations", "train", initial=min(iteration, stop_at), rate_fields=(),
+        bar = Progress(stop_at, "iterations", "train", initial=min(iteration, stop_at), rate_fields=("samples",),
                        every_percent=5, enabled=progress)
         objective = Objective(job.cost, evaluator, job.malis_norm_type if job.is_malis else None)
         trainer = Trainer(engine, schedule, objective, PatchSource(draw, test_patches), prefix,
@@ -190,10 +190,13 @@ def _engine(job: Job, net: Network, runner: Runner, replicas: int,
     threads = worker_threads(runner)
     engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
                     spectra_cache=job.spectra_cache, plan_workers=threads)
-    workers = len(runner.client.scheduler_info()["workers"])
+    addresses = sorted(runner.client.scheduler_info()["workers"])
+    workers = len(addresses)
     log(f"data-parallel: {replicas} replicas on {workers} worker(s) of {threads} thread(s); each step averages the "
         f"gradients of {replicas} patches (effective batch {replicas}; eta applies to the average)"
         + ("" if workers >= replicas else f"; {replicas - workers} replica(s) share a worker"))
+    # where ReplicaEngine places them while the cluster stays as it is (it re-places them on each step)
+    log("replicas held by: " + ", ".join(f"{r} on {addresses[r % workers]}" for r in range(replicas)))
     return ReplicaEngine(engine, replicas, token=f"{job.path}:{uuid.uuid4().hex}")
 
 

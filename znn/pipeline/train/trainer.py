@@ -211,6 +211,15 @@ class Trainer:
         self.progress = progress
         self.elapsed_before = self.curve.train["elapsed"][-1] if self.curve.train["elapsed"] else 0.0
 
+    def _show_progress(self, cost: float) -> None:
+        """One iteration on the progress line: its cost and the patches per second (per replica too when
+        data-parallel: a replica much slower than ``samples/s / replicas`` is a worker to look at)."""
+        replicas = getattr(self.engine, "replicas", 1)
+        fields: dict[str, Any] = {"samples": replicas, "cost": f"{cost:.4f}"}
+        if replicas > 1:
+            fields["per replica"] = f"{self.progress.rate('samples') / replicas:.2f} samples/s"
+        self.progress.update(1, **fields)
+
     @property
     def patch_voxels(self) -> int:
         return int(np.prod(self.engine.plan.output_patch))
@@ -240,7 +249,7 @@ class Trainer:
             if self.test_patches is not None and self.iteration % self.schedule.test_every == 0:
                 self.curve.add("test", self.iteration, *self.validate(), elapsed)
             if self.progress is not None:
-                self.progress.update(1, cost=f"{cost:.4f}")
+                self._show_progress(cost)
             if self.iteration % self.schedule.save_every == 0:
                 self.save(elapsed)
         if self.iteration % self.schedule.save_every != 0:
