@@ -131,3 +131,34 @@ def test_the_label_volume_is_an_ome_zarr_label_image_with_the_predictions_voxel_
 
     nodes = list(reader.Reader(parse_url(str(tmp_path / "seg.zarr" / "labels" / "segmentation")))())
     assert nodes and nodes[0].data[0].shape == values.shape[1:] and nodes[0].data[0].dtype == np.uint64
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    """The same segments (ids may differ): every id of one meets exactly one id of the other."""
+    pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+    return pairs.shape[1] == len(np.unique(a)) == len(np.unique(b))
+
+
+def test_evaluate_and_segment_give_one_segmentation_of_an_affinity_map(tmp_path, capsys):
+    """`znn evaluate --type affinity --segment watershed` and `znn segment --type affinity` (one block or several)
+    run one method with one set of defaults: the same partition, the same scores."""
+    from tests.ops.test_segment import affinity_map
+    from znn.ops.segment import Method, segment
+
+    labels = cells((12, 48, 48), 10, 3, flat=False)
+    aff = affinity_map(labels, 3)
+    write_volume(tmp_path / "pred.zarr", aff)
+    write_volume(tmp_path / "labels.tif", labels.astype(np.uint16))
+    whole = segment(aff, Method.of("affinity"))
+    evaluated = evaluate_files(EvaluateRequest(str(tmp_path / "pred.zarr"), str(tmp_path / "labels.tif"), "affinity",
+                                               segment="watershed"))
+    for block in ("12,48,48", "6,48,48", "12,24,24"):
+        store = tmp_path / f"seg-{block}.zarr"
+        assert main(["segment", str(tmp_path / "pred.zarr"), str(store), "--type", "affinity", "--block", block,
+                     "--quiet"]) == 0
+        assert _same_partition(read_volume(store / "labels"), whole), block
+        scored = evaluate_files(EvaluateRequest(str(store / "labels"), str(tmp_path / "labels.tif"), "segmentation",
+                                                dims="3d"))
+        assert evaluated.segmented is not None
+        assert scored.scores == pytest.approx({k: evaluated.segmented[k] for k in scored.scores}), block
+    capsys.readouterr()
