@@ -57,6 +57,13 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                    help="also write downsampled levels of the label image for viewers (the most frequent id of each "
                         "2x window, never an average; made after the blocks): LEVELS of them, or without a number "
                         "until a level is at most 256 voxels per axis")
+    p.add_argument("--choose-on", metavar="LABELS", default=None,
+                   help="ground truth (segmentation, 0 = boundary, or 0/255 labels; a z range like labels.tif[10:15] "
+                        "picks slices) on which to choose the seed threshold: each of a grid segments the part of "
+                        "PRED it covers (--choose-pred) and the lowest adapted Rand error wins; the table is printed. "
+                        "Choose on a validation split, never on the slices you report")
+    p.add_argument("--choose-pred", metavar="PART", default=None,
+                   help="the part of the prediction LABELS covers, e.g. pred.zarr/output[0:5] (default PRED)")
     add_scheduler_argument(p)
     add_quiet_argument(p)
     return {"segment": _cmd_segment}
@@ -67,7 +74,8 @@ def _cmd_segment(args: argparse.Namespace) -> int:
     method = Method.of(args.out_type, args.dims, args.nonboundary, **method_settings(args))
     # progress and notes go to stdout (none under --quiet): a failure's message is then the only line on stderr
     result = segment_job(SegmentJob(args.pred, args.out, method, args.block, args.halo, args.scheduler,
-                                    args.num_threads, args.fresh, not args.quiet, args.pyramid, sys.stdout))
+                                    args.num_threads, args.fresh, not args.quiet, args.pyramid, sys.stdout,
+                                    args.choose_on, args.choose_pred))
     levels = f", pyramid of {len(result.pyramid)} level(s)" if result.pyramid else ""
     print(f"{result.array}: {result.blocks_total} blocks, {result.blocks_skipped} skipped (already done), "
           f"{result.blocks_run} run, {result.faces} faces matched ({result.joined} ids joined across faces) in "

@@ -162,3 +162,31 @@ def test_evaluate_and_segment_give_one_segmentation_of_an_affinity_map(tmp_path,
         assert evaluated.segmented is not None
         assert scored.scores == pytest.approx({k: evaluated.segmented[k] for k in scored.scores}), block
     capsys.readouterr()
+
+
+def test_segment_chooses_the_seed_threshold_on_labels(tmp_path, capsys):
+    """--choose-on LABELS --choose-pred PART: each seed threshold of the grid segments PART, the lowest adapted
+    Rand error wins (its table printed), and the whole prediction is segmented with it."""
+    from znn.ops.segment import Method, segment
+    from znn.pipeline.jobs.choose import SEED_GRID
+
+    pred, labels = volumes(tmp_path)
+    store = tmp_path / "seg.zarr"
+    assert main(["segment", str(pred), str(store), "--choose-on", f"{labels}[0:2]", "--choose-pred", f"{pred}[0:2]",
+                 "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in map(str, SEED_GRID)]
+    assert [float(r[0]) for r in rows] == list(SEED_GRID)
+    chosen = [r for r in rows if r[-1] == "chosen"]
+    assert len(chosen) == 1 and float(chosen[0][1]) == min(float(r[1]) for r in rows)
+    threshold = float(chosen[0][0])
+    assert f"seed threshold chosen on {labels}[0:2]" in out
+    want = segment(read_volume(pred), Method.of("boundary", seed_threshold=threshold))
+    assert _same_partition(read_volume(store / "labels"), want)
+    # the labels must cover the part given
+    assert main(["segment", str(pred), str(tmp_path / "b.zarr"), "--choose-on", f"{labels}[0:2]"]) == 2
+    err = capsys.readouterr().err
+    assert "has spatial shape (3, 64, 64)" in err and "give --choose-pred the part of the prediction" in err
+    assert not (tmp_path / "b.zarr").exists()
+    assert main(["segment", str(pred), str(tmp_path / "c.zarr"), "--choose-pred", str(pred)]) == 2
+    assert "add --choose-on LABELS" in capsys.readouterr().err

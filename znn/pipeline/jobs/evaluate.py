@@ -30,7 +30,7 @@ from znn.ops.metrics import METRICS, evaluate, evaluate_segmentation
 from znn.ops.segment import Method, segment
 from znn.text import format_table
 
-__all__ = ["EvaluateRequest", "EvaluateReport", "evaluate_files", "as_prediction", "PRED_TYPES", "SEGMENT_METHODS"]
+__all__ = ["EvaluateRequest", "EvaluateReport", "evaluate_files", "read_inputs", "as_prediction", "PRED_TYPES", "SEGMENT_METHODS"]
 
 
 BOUNDARY_TYPES = ("boundary", "affinity")
@@ -84,7 +84,7 @@ def evaluate_files(req: EvaluateRequest) -> EvaluateReport:
     if req.json_out:
         _check_json_place(req)
     method = req.method() if req.segment == "watershed" and req.out_type != "segmentation" else None
-    pred, labels, mask = _read_inputs(req)
+    pred, labels, mask = read_inputs(req)
     dims = req.dims or ("3d" if req.out_type == "affinity" else "2d")
     size = "x".join(map(str, labels.shape))
     if req.out_type == "segmentation":
@@ -107,7 +107,7 @@ def _describe(method: Method) -> str:
     return text + (f", merge threshold {method.merge_threshold:g}" if method.out_type == "affinity" else "")
 
 
-def _read_inputs(req: EvaluateRequest) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+def read_inputs(req: EvaluateRequest) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Prediction ``(C, Z, Y, X)``, labels and mask ``(Z, Y, X)``, cropped when asked, their shapes checked."""
     labels = _zyx(_finite_volume(req.labels, "labels"), req.labels, "labels")
     pred = as_prediction(_finite_volume(req.pred, "prediction"), labels.shape, req.pred)

@@ -195,7 +195,8 @@ def _segment(step: Step, scheduler: str | None, progress: bool, log: Log) -> Non
     o = step.options  # the step is `znn segment PRED OUT` with the step's keys as its options
     method = Method.of(o.get("type", "boundary"), o.get("dims"), o.get("nonboundary", False), **_method_settings(o))
     r = segment_job(SegmentJob(o["pred"], o["out"], method, o.get("block", DEFAULT_BLOCK), o.get("halo", DEFAULT_HALO),
-                               scheduler, progress=progress))
+                               scheduler, progress=progress, choose_on=o.get("choose_on"),
+                               choose_pred=o.get("choose_pred")))
     log(f"{r.array}: {r.blocks_total} blocks, {r.blocks_skipped} skipped (already done), {r.blocks_run} run")
 
 

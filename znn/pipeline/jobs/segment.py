@@ -11,11 +11,12 @@ blocks); ``pyramid`` adds downsampled levels (most frequent id of each window).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TextIO
 
-from znn.errors import OutputError, VolumeError
+from znn.errors import ConfigError, OutputError, VolumeError
 from znn.io.paths import check_apart
 from znn.io.stores import check_output_store
 from znn.io.volume import parse_volume_path
@@ -45,6 +46,8 @@ class SegmentJob:
     progress: bool = True
     pyramid: int | str = 0
     notes: TextIO | None = None  # where progress and notes go (None: stderr)
+    choose_on: str | None = None  # labels to choose the seed threshold on (see znn.pipeline.jobs.choose)
+    choose_pred: str | None = None  # the part of the prediction those labels cover (None: all of pred)
 
 
 def output_place(out: str) -> tuple[Path, str]:
@@ -62,11 +65,26 @@ def output_place(out: str) -> tuple[Path, str]:
 
 def segment_job(job: SegmentJob) -> SegmentResult:
     """Check the places and the prediction before any work, then segment blockwise."""
+    if job.choose_pred is not None and job.choose_on is None:
+        raise ConfigError(f"--choose-pred {job.choose_pred}: the part of the prediction to choose the seed threshold "
+                          "on needs its labels; add --choose-on LABELS")
     store, name = output_place(job.out)
     fix = "name another OUT"
     check_apart([("OUT", store)], [("PRED", job.pred)], fix)
     check_output_store(store, "OUT", fix)
     prediction_shape(job.pred, job.method)  # the prediction's dtype and channels, before the store is touched
+    method = job.method if job.choose_on is None else _chosen(job)
     scheduler = job.scheduler if isinstance(job.scheduler, Runner) else resolve_scheduler(job.scheduler)
-    return segment_volume(SegmentRequest(job.pred, store, job.method, job.block, job.halo, name, scheduler,
+    return segment_volume(SegmentRequest(job.pred, store, method, job.block, job.halo, name, scheduler,
                                          job.num_threads, job.fresh, job.progress, job.pyramid, job.notes))
+
+
+def _chosen(job: SegmentJob) -> Method:
+    """The job's method with the seed threshold that segments ``choose_pred`` best against ``choose_on``; the
+    table of every threshold's scores goes to the notes (it is a result: also under --quiet)."""
+    from znn.pipeline.jobs.choose import choose_seed_threshold
+
+    assert job.choose_on is not None
+    choice = choose_seed_threshold(job.method, job.choose_pred or job.pred, job.choose_on)
+    print(choice.text(), file=job.notes or sys.stderr, flush=True)
+    return choice.method

@@ -22,7 +22,7 @@ A workflow is a YAML mapping::
 
 A ``segment`` step is `znn segment PRED OUT` (keys ``pred``, ``out`` and the options: ``type``, ``dims``,
 ``block``, ``halo`` as ``z,y,x``, ``seed_threshold``, ``min_size``, ``sigma``, ``merge_threshold``,
-``nonboundary``); an ``evaluate`` step may score its labels with ``type: segmentation``, or segment a prediction
+``nonboundary``, and ``choose_on`` / ``choose_pred`` as `--choose-on` / `--choose-pred`); an ``evaluate`` step may score its labels with ``type: segmentation``, or segment a prediction
 itself with ``segment: watershed`` (and the same method keys).
 
 Paths are relative to the workflow file. ``over`` lists the values of a fan-out: a scalar binds ``{item}``, a
@@ -166,7 +166,8 @@ KEYS: dict[str, dict[str, tuple[Callable[[Any], Any], bool]]] = {
                 "memory": (_memory, False)},
     "segment": {"pred": (_text, True), "out": (_text, True), "type": (_choice(*OUT_TYPES), False),
                 "dims": (_choice(*SEGMENT_DIMS), False), "nonboundary": (_flag, False), "block": (_triple(1), False),
-                "halo": (_triple(0), False), **METHOD_KEYS},
+                "halo": (_triple(0), False), "choose_on": (_text, True), "choose_pred": (_text, True),
+                **METHOD_KEYS},
     "evaluate": {"pred": (_text, True), "labels": (_text, True), "out": (_text, True), "mask": (_text, True),
                  "type": (_choice(*PRED_TYPES), False), "threshold": (_probability, False),
                  "dims": (_choice(*SEGMENT_DIMS), False), "nonboundary": (_flag, False), "crop": (_flag, False),
