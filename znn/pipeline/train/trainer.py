@@ -217,7 +217,9 @@ class Trainer:
         replicas = getattr(self.engine, "replicas", 1)
         fields: dict[str, Any] = {"samples": replicas, "cost": f"{cost:.4f}"}
         if replicas > 1:
-            fields["per replica"] = f"{self.progress.rate('samples') / replicas:.2f} samples/s"
+            elapsed = max(self.progress.elapsed, 1e-9)  # the rate with this step's patches counted
+            per_replica = (self.progress.rate("samples") * elapsed + replicas) / elapsed / replicas
+            fields["per replica"] = f"{per_replica:.2f} samples/s"
         self.progress.update(1, **fields)
 
     @property
