@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, replace
 
-from znn.errors import ShapeError
 from znn.ops.metrics import evaluate_segmentation
 from znn.ops.segment import Method, segment
 from znn.pipeline.jobs.evaluate import EvaluateRequest, read_inputs
@@ -48,13 +47,8 @@ def choose_seed_threshold(method: Method, pred: str, labels: str, grid: tuple[fl
     scores best against ``labels`` (same shape); ``method``'s other settings are kept."""
     req = EvaluateRequest(pred, labels, method.out_type, dims=method.resolved_dims, mask=mask,
                           nonboundary=method.nonboundary)
-    try:
-        prediction, truth, valid = read_inputs(req)
-    except ShapeError as exc:
-        if "pass --crop" not in str(exc):
-            raise
-        raise ShapeError(str(exc).split("; pass --crop")[0] + "; give --choose-pred the part of the prediction "
-                         "the labels cover, e.g. pred.zarr/output[10:15] for labels.tif[10:15]") from None
+    prediction, truth, valid = read_inputs(req, shape_fix="give --choose-pred the part of the prediction the labels "
+                                           "cover, e.g. pred.zarr/output[10:15] for labels.tif[10:15]")
     dims = method.resolved_dims
     rows = []
     for threshold in grid:

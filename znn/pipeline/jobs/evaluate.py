@@ -30,13 +30,15 @@ from znn.ops.metrics import METRICS, evaluate, evaluate_segmentation
 from znn.ops.segment import Method, segment
 from znn.text import format_table
 
-__all__ = ["EvaluateRequest", "EvaluateReport", "evaluate_files", "read_inputs", "as_prediction", "PRED_TYPES", "SEGMENT_METHODS"]
+__all__ = ["EvaluateRequest", "EvaluateReport", "evaluate_files", "read_inputs", "as_prediction", "PRED_TYPES",
+           "SEGMENT_METHODS"]
 
 
 BOUNDARY_TYPES = ("boundary", "affinity")
 PRED_TYPES = (*BOUNDARY_TYPES, "segmentation")
 SEGMENT_DIMS = ("2d", "3d")
 SEGMENT_METHODS = ("threshold", "watershed")
+CROP_FIX = "pass --crop to compare the central common region"  # what differing shapes call for
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,9 @@ def _describe(method: Method) -> str:
     return text + (f", merge threshold {method.merge_threshold:g}" if method.out_type == "affinity" else "")
 
 
-def read_inputs(req: EvaluateRequest) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-    """Prediction ``(C, Z, Y, X)``, labels and mask ``(Z, Y, X)``, cropped when asked, their shapes checked."""
+def read_inputs(req: EvaluateRequest, shape_fix: str = CROP_FIX) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """Prediction ``(C, Z, Y, X)``, labels and mask ``(Z, Y, X)``, cropped when asked, their shapes checked;
+    ``shape_fix``: what the error of differing shapes tells the user to do."""
     labels = _zyx(_finite_volume(req.labels, "labels"), req.labels, "labels")
     pred = as_prediction(_finite_volume(req.pred, "prediction"), labels.shape, req.pred)
     mask = _zyx(_finite_volume(req.mask, "mask"), req.mask, "mask") if req.mask else None
@@ -116,7 +119,7 @@ def read_inputs(req: EvaluateRequest) -> tuple[np.ndarray, np.ndarray, np.ndarra
         shape = tuple(min(s) for s in zip(pred.shape[1:], labels.shape, *([mask.shape] if mask is not None else [])))
         pred, labels = center_crop(pred, shape), center_crop(labels, shape)
         mask = center_crop(mask, shape) if mask is not None else None
-    _check_shapes(req, pred, labels, mask)
+    _check_shapes(req, pred, labels, mask, shape_fix)
     return pred, labels, mask
 
 
@@ -131,12 +134,12 @@ def _finite_volume(path: str, what: str) -> np.ndarray:
     return volume
 
 
-def _check_shapes(req: EvaluateRequest, pred: np.ndarray, labels: np.ndarray, mask: np.ndarray | None) -> None:
+def _check_shapes(req: EvaluateRequest, pred: np.ndarray, labels: np.ndarray, mask: np.ndarray | None,
+                  shape_fix: str) -> None:
     if pred.shape[1:] != labels.shape or (mask is not None and mask.shape != labels.shape):
         extra = f", mask {req.mask} {mask.shape}" if mask is not None else ""
         raise ShapeError(f"prediction {req.pred} has spatial shape {pred.shape[1:]} (channels {pred.shape[0]}) but "
-                         f"labels {req.labels} have shape {labels.shape}{extra}; pass --crop to compare the "
-                         "central common region")
+                         f"labels {req.labels} have shape {labels.shape}{extra}; {shape_fix}")
     channels = pred.shape[0]
     if req.out_type == "segmentation" and channels != 1:
         raise ShapeError(f"{req.pred} has {channels} channels; a segmentation is one (Z, Y, X) volume of ids")

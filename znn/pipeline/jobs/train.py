@@ -181,15 +181,14 @@ def _engine(job: Job, net: Network, runner: Runner, replicas: int,
             log: Callable[[str], None]) -> Engine | ReplicaEngine:
     """The job's engine on ``runner``; with ``replicas`` > 1 a data-parallel one (its step planned for one
     worker's threads)."""
-    if replicas == 1:
-        return Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
-                      spectra_cache=job.spectra_cache)
-    if not runner.distributed:
+    if replicas > 1 and not runner.distributed:
         raise ConfigError(f"{job.path}: replicas = {replicas} needs a dask.distributed cluster; use --scheduler "
                           "local or a scheduler address like tcp://host:8786, or replicas = 1")
-    threads = worker_threads(runner)
+    threads = worker_threads(runner) if replicas > 1 else None  # None: the runner's workers
     engine = Engine(net, job.train_outsz, job.train_conv_mode, runner, seed=job.seed,
                     spectra_cache=job.spectra_cache, plan_workers=threads)
+    if replicas == 1:
+        return engine
     addresses = sorted(runner.client.scheduler_info()["workers"])
     workers = len(addresses)
     log(f"data-parallel: {replicas} replicas on {workers} worker(s) of {threads} thread(s); each step averages the "

@@ -214,7 +214,7 @@ class Trainer:
     def _show_progress(self, cost: float) -> None:
         """One iteration on the progress line: its cost and the patches per second (per replica too when
         data-parallel: a replica much slower than ``samples/s / replicas`` is a worker to look at)."""
-        replicas = getattr(self.engine, "replicas", 1)
+        replicas = self.replicas
         fields: dict[str, Any] = {"samples": replicas, "cost": f"{cost:.4f}"}
         if replicas > 1:
             elapsed = max(self.progress.elapsed, 1e-9)  # the rate with this step's patches counted
