@@ -16,7 +16,7 @@ the output transform and znn's version.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,10 +25,11 @@ from znn import environment
 from znn.environment import cores
 from znn.errors import ZnnFileNotFoundError
 from znn.io.config import Job
-from znn.io.specfile import VolumeSet
 from znn.io.locks import RunLock, lock_beside
 from znn.io.ngff import ImageMeta, Resolution, provenance
 from znn.io.paths import check_apart, check_writable
+from znn.io.sample_nodes import bind_sample
+from znn.io.specfile import SampleSpec, VolumeSet, load_spec
 from znn.io.stores import check_h5_export, check_output_store
 from znn.io.volume import parse_volume_path
 from znn.network import Network
@@ -52,8 +53,9 @@ from znn.pipeline.run.schedulers import Runner, make_runner, resolve_scheduler
 from znn.text import format_bytes
 from znn.types import Triple
 
-__all__ = ["load_forward_network", "sample_inputs", "forward_job", "plan_job", "ForwardSetup", "default_memory",
-           "capped_memory", "check_forward_places", "output_resolution", "output_image"]
+__all__ = ["load_forward_network", "ForwardSample", "forward_samples", "sample_inputs", "forward_job", "plan_job",
+           "ForwardSetup", "default_memory", "capped_memory", "check_forward_places", "output_resolution",
+           "job_provenance", "output_image"]
 
 log = logging.getLogger("znn.forward")
 
@@ -75,46 +77,73 @@ def load_forward_network(job: Job) -> Network:
     return load_checkpoint(path, spec, dtype=np.dtype(job.dtype))
 
 
-def _sample_images(job: Job, net: Network, sample_id: int) -> dict[str, VolumeSet]:
-    """The ``[imageN]`` section feeding each network input node of sample ``sample_id``."""
-    from znn.io.sample_nodes import bind_sample
-    from znn.io.specfile import load_spec
+@dataclass(frozen=True)
+class ForwardSample:
+    """One sample of a forward job, bound to the network's input nodes once: planning, the place checks and the
+    outputs' metadata all read this, so the sample file is read once per run and each sample bound once."""
 
-    samples = load_spec(job.require("fdata_spec"))
-    sample = bind_sample(samples, sample_id, net.spec)
-    return {node: samples.images[image_id] for node, image_id in zip(net.spec.inputs, sample.inputs)}
+    id: int
+    inputs: dict[str, list[InputFile]]  # per network input node, its files (checked to exist)
+    resolution: Resolution | None  # the outputs' voxel size (see :func:`output_resolution`; None: unknown)
+
+
+def forward_samples(job: Job, net: Network, sample_ids: Sequence[int]) -> list[ForwardSample]:
+    """Samples ``sample_ids`` of the job's ``fdata_spec``, read once and each bound to ``net``'s input nodes."""
+    spec = load_spec(job.require("fdata_spec"))
+    samples = []
+    for sample_id in sample_ids:
+        images = _sample_images(spec, net, sample_id)
+        samples.append(ForwardSample(sample_id, _input_files(images), output_resolution(job, images)))
+    return samples
+
+
+def _sample_images(spec: SampleSpec, net: Network, sample_id: int) -> dict[str, VolumeSet]:
+    """The ``[imageN]`` section feeding each network input node of sample ``sample_id``, its files checked to
+    exist."""
+    sample = bind_sample(spec, sample_id, net.spec)
+    images = {node: spec.images[image_id] for node, image_id in zip(net.spec.inputs, sample.inputs)}
+    for section in images.values():
+        section.check_files()
+    return images
+
+
+def _input_files(images: Mapping[str, VolumeSet]) -> dict[str, list[InputFile]]:
+    return {node: [InputFile(str(f), pp) for f, pp in zip(section.fnames, section.pp_types)]
+            for node, section in images.items()}
 
 
 def sample_inputs(job: Job, net: Network, sample_id: int) -> dict[str, list[InputFile]]:
     """Input files of sample ``sample_id`` per network input node (the sample's keys name the nodes, ``input = 1``,
     ``input-r = 2``, or number them ``input1, input2, ...`` in the network's order; see
     :mod:`znn.io.sample_nodes`); errors name the spec file, section and key, and list the network's nodes."""
-    result: dict[str, list[InputFile]] = {}
-    for node, images in _sample_images(job, net, sample_id).items():
-        images.check_files()
-        result[node] = [InputFile(str(f), pp) for f, pp in zip(images.fnames, images.pp_types)]
-    return result
+    return _input_files(_sample_images(load_spec(job.require("fdata_spec")), net, sample_id))
 
 
-def output_resolution(job: Job, net: Network, sample_id: int) -> Resolution | None:
-    """The voxel size of sample ``sample_id``'s outputs: its first input section's ``resolution``, else the job's,
-    else the first input volume's own (None: unknown)."""
+def output_resolution(job: Job, images: Mapping[str, VolumeSet]) -> Resolution | None:
+    """The voxel size of a sample's outputs, of its ``images`` per input node: the first input section's
+    ``resolution``, else the job's, else the first input volume's own (None: unknown)."""
     from znn.io.volume import volume_resolution
 
-    first = next(iter(_sample_images(job, net, sample_id).values()))
+    first = next(iter(images.values()))
     found: Resolution | None = first.resolution or job.resolution
     if found is None and first.fnames and "://" not in str(first.fnames[0]):
         found = volume_resolution(first.fnames[0])
     return found
 
 
-def output_image(job: Job, net: Network, sample_id: int, transform: str) -> ImageMeta:
-    """The OME-Zarr metadata of sample ``sample_id``'s outputs: voxel size and provenance (the dense run adds the
+def job_provenance(job: Job) -> dict[str, Any]:
+    """What every output of the job records of where it came from: the network file, the checkpoint (each hashed
+    once per run) and the job file; :func:`output_image` adds the sample's part."""
+    return provenance(network=job.fnet_spec, checkpoint=job.forward_net, job=job.path)
+
+
+def output_image(made_by: Mapping[str, Any], sample: ForwardSample, transform: str, dtype: str) -> ImageMeta:
+    """The OME-Zarr metadata of ``sample``'s outputs: voxel size and provenance, the job's (``made_by``, see
+    :func:`job_provenance`) with the sample, its inputs, the transform and ``dtype`` (the dense run adds the
     origin)."""
-    inputs = {node: [f.path for f in files] for node, files in sample_inputs(job, net, sample_id).items()}
-    made = provenance(network=job.fnet_spec, checkpoint=job.forward_net, job=job.path, sample=sample_id,
-                      inputs=inputs, transform=transform, dtype=job.dtype)
-    return ImageMeta(output_resolution(job, net, sample_id), provenance=made)
+    inputs = {node: [f.path for f in files] for node, files in sample.inputs.items()}
+    made = {**made_by, "sample": sample.id, "inputs": inputs, "transform": transform, "dtype": dtype}
+    return ImageMeta(sample.resolution, provenance=made)
 
 
 def default_memory() -> int:
@@ -204,6 +233,7 @@ class _ForwardRun:
     job: Job
     net: Network
     transform: str
+    made_by: dict[str, Any]  # the job's part of every output's provenance (:func:`job_provenance`)
     options: DenseOptions
     runner: Runner
     progress: Any
@@ -223,34 +253,33 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
     sample."""
     scheduler = resolve_scheduler(scheduler, job)
     net = load_forward_network(job)
-    samples = job.require("forward_range")
     job.require("output_prefix")
+    # every sample bound before any runs: a missing section or file of the last one must not wait for the others
+    samples = forward_samples(job, net, job.require("forward_range"))
     check_forward_places(job, net, samples)
     transform = resolve_transform(transform, net.spec, job.out_type, job.cost_fn)
     patch = outsz or job.forward_outsz
     budget = _memory_budget(job, scheduler, memory) if patch == "auto" or memory is not None else None
     options = DenseOptions(patch, job.is_bd_mirror, job.forward_conv_mode, bool(job.spectra_cache), memory=budget)
-    for sample in samples:  # a missing section or file of the last sample must not wait for the others to run
-        sample_inputs(job, net, sample)
     with make_runner(scheduler, job.num_threads) as runner:
-        run = _ForwardRun(job, net, transform, options, runner, progress, fresh, on_setup)
+        run = _ForwardRun(job, net, transform, job_provenance(job), options, runner, progress, fresh, on_setup)
         return [_forward_sample(run, sample) for sample in samples]
 
 
-def _forward_sample(run: _ForwardRun, sample: int) -> InferenceResult:
+def _forward_sample(run: _ForwardRun, sample: ForwardSample) -> InferenceResult:
     job, outputs = run.job, run.net.spec.outputs
     prefix = job.require("output_prefix")
-    store = _output_store(prefix, sample, outputs)
+    store = _output_store(prefix, sample.id, outputs)
     # the store's lock covers its exports too (infer_volume takes it again, re-entrantly)
     with RunLock(lock_beside(store), f"output store {store}"):
-        plan = plan_dense(run.net, sample_inputs(job, run.net, sample), run.options)
+        plan = plan_dense(run.net, sample.inputs, run.options)
         if run.on_setup is not None:
-            run.on_setup(ForwardSetup(sample, run.transform, plan))
-        image = output_image(job, run.net, sample, run.transform)
+            run.on_setup(ForwardSetup(sample.id, run.transform, plan))
+        image = output_image(run.made_by, sample, run.transform, job.dtype)
         result = infer_volume(DenseRequest(plan, store, run.transform, run.runner, job.num_threads, run.progress,
                                            run.fresh, image, job.pyramid))
         if job.output_format != "zarr":
-            export_outputs(result, output_paths(prefix, sample, job.output_format, outputs))
+            export_outputs(result, output_paths(prefix, sample.id, job.output_format, outputs))
     return result
 
 
@@ -259,13 +288,13 @@ def _output_store(prefix: str | Path, sample: int, outputs: Sequence[str]) -> Pa
     return Path(next(iter(output_paths(prefix, sample, "zarr", outputs).values()))).parent
 
 
-def check_forward_places(job: Job, net: Network, samples: Sequence[int]) -> None:
+def check_forward_places(job: Job, net: Network, samples: Sequence[ForwardSample]) -> None:
     """Before any work: every sample's output store (and h5/tif export) can be written where ``output_prefix``
     puts it, and none of them is, holds or lies inside a file the job reads (its volumes, network, job files)."""
     prefix, fmt, nodes = job.require("output_prefix"), job.output_format, net.spec.outputs
     fix = f"{job.path}: change output_prefix"
     outputs: list[tuple[str, str | Path]] = []
-    for sample in samples:
+    for sample in (s.id for s in samples):
         store = check_output_store(_output_store(prefix, sample, nodes), f"sample {sample} output store", fix)
         outputs.append((f"sample {sample} output store", store))
         if fmt != "zarr":
@@ -274,16 +303,16 @@ def check_forward_places(job: Job, net: Network, samples: Sequence[int]) -> None
                 if fmt == "h5":
                     check_h5_export(export, f"sample {sample} h5 export", fix)
                 outputs.append((f"sample {sample} {fmt} export", target))
-    check_apart(outputs, _forward_inputs(job, net, samples), fix)
+    check_apart(outputs, _forward_inputs(job, samples), fix)
 
 
-def _forward_inputs(job: Job, net: Network, samples: Sequence[int]) -> list[tuple[str, str | Path]]:
+def _forward_inputs(job: Job, samples: Sequence[ForwardSample]) -> list[tuple[str, str | Path]]:
     """Every file a forward job reads: its volumes (of every sample), its network and its job files."""
     files: list[tuple[str, str | Path]] = [(key, job.values[key]) for key in ("forward_net", "fnet_spec",
                                                                              "fdata_spec") if job.values.get(key)]
     if job.path is not None:
         files.append(("the job file", job.path))
     for sample in samples:
-        for node, inputs in sample_inputs(job, net, sample).items():
-            files += [(f"sample {sample}'s {node} volume", f.path) for f in inputs]
+        for node, inputs in sample.inputs.items():
+            files += [(f"sample {sample.id}'s {node} volume", f.path) for f in inputs]
     return files
