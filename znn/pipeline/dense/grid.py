@@ -11,7 +11,7 @@ from znn.spec import NetworkSpec
 from znn.types import Index, Triple
 
 #: one block of the output grid: ``(index, origin, write_lo, write_hi)`` (see :func:`block_grid`)
-Block = tuple[Index, Triple, Triple, Triple]
+OutputBlock = tuple[Index, Triple, Triple, Triple]
 
 # ---------------------------------------------------------------------------------------------------- geometry
 def _triple(values: Sequence[int]) -> Triple:
@@ -26,12 +26,12 @@ def output_shape(volume: Sequence[int], fov: Sequence[int], mirror: bool) -> Tri
     return _triple([int(v) - int(f) + 1 for v, f in zip(volume, fov)])
 
 
-def block_grid(out_shape: Sequence[int], patch: Sequence[int]) -> list[Block]:
+def block_grid(out_shape: Sequence[int], patch: Sequence[int]) -> list[OutputBlock]:
     """``(index, origin, write_lo, write_hi)`` of every block: the block computes ``patch`` voxels from ``origin``
     and writes ``[write_lo, write_hi)``, one chunk of the ``patch`` grid (the last one along an axis is computed
     shifted back so it stays inside the volume)."""
     counts = [math.ceil(o / p) for o, p in zip(out_shape, patch)]
-    blocks: list[Block] = []
+    blocks: list[OutputBlock] = []
     for index in np.ndindex(*counts):
         lo = _triple([i * p for i, p in zip(index, patch)])
         hi = _triple([min(a + p, o) for a, p, o in zip(lo, patch, out_shape)])

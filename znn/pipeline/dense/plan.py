@@ -19,7 +19,7 @@ import numpy as np
 from znn.errors import ConfigError, ShapeError
 from znn.network import Network
 from znn.pipeline.dense import memplan
-from znn.pipeline.dense.grid import Block, block_grid, input_offsets, output_shape
+from znn.pipeline.dense.grid import OutputBlock, block_grid, input_offsets, output_shape
 from znn.pipeline.dense.inputs import InputFile, as_4d, input_files
 from znn.pipeline.forward.evaluators import EVALUATORS
 from znn.spec import NetworkSpec
@@ -100,7 +100,7 @@ class DensePlan:
     out_shape: Triple
     fov: Triple
     input_offsets: dict[str, Triple]
-    grid: list[Block]
+    grid: list[OutputBlock]
     memory: memplan.MemoryPlan | None = None
 
     @property

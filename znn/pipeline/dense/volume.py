@@ -74,7 +74,7 @@ from znn.io.stores import (
 from znn.network import Network
 from znn.ops import wisdom
 from znn.ops.transform import OUTPUT_TRANSFORMS, apply_transform
-from znn.pipeline.dense.grid import Block
+from znn.pipeline.dense.grid import OutputBlock
 from znn.pipeline.dense.inputs import Source, open_sources, read_region
 from znn.pipeline.dense.manifest import Manifest, digest_of, weights_digest
 from znn.pipeline.dense.plan import BlockPlan, DensePlan
@@ -237,7 +237,7 @@ class _Prepared:
 
     ctx: _Context
     arrays: dict[str, str]
-    todo: list[Block]
+    todo: list[OutputBlock]
 
 
 def _prepare(request: DenseRequest) -> _Prepared:
@@ -325,7 +325,7 @@ def _infer_locked(request: DenseRequest) -> InferenceResult:
                            plan.block.modes, stats, pyramid)
 
 
-def _run_blocks(ctx: _Context, todo: list[Block], runner: Runner, reporter: Reporter,
+def _run_blocks(ctx: _Context, todo: list[OutputBlock], runner: Runner, reporter: Reporter,
                 stats: list[dict[str, Any]]) -> None:
     """Run the blocks ``todo`` on ``runner``, collecting each block's statistics into ``stats`` as it finishes."""
 
@@ -356,7 +356,7 @@ def _pyramid(request: DenseRequest, ctx: _Context, runner: Runner) -> dict[str, 
     return made
 
 
-def _block_graph(ctx: _Context, todo: list[Block]) -> tuple[dict[Any, Any], list[Any]]:
+def _block_graph(ctx: _Context, todo: list[OutputBlock]) -> tuple[dict[Any, Any], list[Any]]:
     """One task per block, all sharing one context entry (shipped once per worker on a cluster)."""
     name = "forward-block-" + ctx.token
     ctx_key = "forward-context-" + ctx.token
