@@ -1,9 +1,12 @@
-"""Small types shared by every layer: a (z, y, x) triple, a block index."""
+"""Small types shared by every layer: a (z, y, x) triple, a block index, a MALIS normalisation."""
 
 from __future__ import annotations
 
+from typing import Literal
+
 Triple = tuple[int, int, int]  # a (z, y, x) size, offset, stride or dilation
 Index = tuple[int, int, int]  # the (z, y, x) position of an output block in the block grid
+MalisNorm = Literal["none", "frac", "num", "pair"]  # how MALIS normalises its pair weights (znn.ops.malis)
 
 
 def parse_triple(text: str) -> Triple:

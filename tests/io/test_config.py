@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
+import types
+import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from tests.shared import REFERENCE, need
 from znn.errors import ConfigError, SpecFileError
-from znn.io.config import ALL_KEYS, load_job, parse_range
+from znn.io.config import ALL_KEYS, Job, load_job, parse_job, parse_range
 from znn.io.ngff import Resolution
 from znn.io.specfile import load_spec
 
@@ -71,6 +75,63 @@ def test_every_key_is_read(tmp_path: Path):
     assert job.spectra_cache is False and job.is_debug and job.is_check
     assert job.replicas == 4
     assert job.resolution == Resolution((0.05, 0.004, 0.004), "micrometer") and job.pyramid == 3
+    assert_typed(job)
+
+
+# --------------------------------------------------------------------------------------------- the typed Job
+def fits(value: Any, hint: Any) -> bool:
+    """Whether ``value`` is of the annotation ``hint`` (the few kinds Job's fields use)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        return any(fits(value, arg) for arg in args)
+    if origin is typing.Literal:
+        return value in args
+    if origin is list:
+        return isinstance(value, list) and all(fits(v, args[0]) for v in value)
+    if origin is tuple:
+        return isinstance(value, tuple) and len(value) == len(args) and all(map(fits, value, args))
+    if hint is int:  # a bool is an int to isinstance, not to a reader of the field
+        return isinstance(value, int) and not isinstance(value, bool)
+    return value is None if hint is type(None) else isinstance(value, hint)
+
+
+def assert_typed(job: Job) -> None:
+    """Every key's value is of its field's type: mypy trusts the fields, and the parsers behind them return Any."""
+    hints = typing.get_type_hints(Job)
+    wrong = {key: (getattr(job, key), hints[key]) for key in ALL_KEYS if not fits(getattr(job, key), hints[key])}
+    assert not wrong
+
+
+def test_job_has_one_field_per_key():
+    """A key added to ALL_KEYS needs its typed field (and a field its key): `job.key` is what the code reads."""
+    keys = {f.name for f in dataclasses.fields(Job)} - {"path", "ini"}
+    assert keys == set(ALL_KEYS), f"no field: {set(ALL_KEYS) - keys}; no key: {keys - set(ALL_KEYS)}"
+
+
+def test_defaults_are_of_the_fields_types():
+    assert_typed(parse_job("[parameters]\n"))
+
+
+def test_a_job_is_read_only_and_knows_only_its_keys():
+    job = parse_job("[parameters]\neta = 0.1\n")
+    with pytest.raises(AttributeError):
+        job.not_a_key  # noqa: B018
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        job.eta = 0.2  # type: ignore[misc]
+    with pytest.raises(TypeError):
+        job.values["eta"] = 0.2  # type: ignore[index]
+    assert job.values["eta"] == 0.1 and set(job.values) == set(ALL_KEYS)
+
+
+def test_overrides_are_checked_and_resolved_like_the_files_keys(tmp_path: Path):
+    path = tmp_path / "job.cfg"
+    path.write_text("[parameters]\neta = 0.1\noutput_prefix = out/pred\n")
+    job = load_job(path, {"eta": "0.2", "output_prefix": "elsewhere/", "forward_range": "1-2"})
+    assert job.eta == 0.2 and job.forward_range == [1, 2]
+    assert job.output_prefix == f"{tmp_path / 'elsewhere'}/"  # a folder prefix keeps its slash
+    assert_typed(job)
+    with pytest.raises(ConfigError, match="'fast' is not valid"):
+        load_job(path, {"eta": "fast"})
 
 
 @pytest.mark.parametrize("text, levels", [("no", 0), ("0", 0), ("auto", "auto"), ("yes", "auto"), ("2", 2)])

@@ -11,20 +11,21 @@ import os
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, get_args
 
 from znn.environment import cores
 from znn.errors import ConfigError, closest
 from znn.io.inifile import IniFile, parse_ini, read_ini
 from znn.io.ngff import MAX_LEVELS, Resolution, parse_resolution
 from znn.ops.conv import MODES as CONV_MODES
-from znn.types import Triple, parse_triple
+from znn.types import MalisNorm, Triple, parse_triple
 
 SECTION = "parameters"
 # What train_conv_mode and forward_conv_mode take: a kernel's conv mode, or optimize (timed per layer).
 JOB_CONV_MODES = (*CONV_MODES, "optimize")
 COST_FUNCTIONS = ("auto", "square_loss", "binomial_cross_entropy", "softmax_loss")
-MALIS_NORMS = ("none", "frac", "num", "pair")
+MALIS_NORMS: tuple[MalisNorm, ...] = get_args(MalisNorm)
 REBALANCE_MODES = ("none", "global", "patch")
 OUTPUT_FORMATS = ("zarr", "h5", "tif")
 MAX_RANGE = 100_000
@@ -136,7 +137,8 @@ def parse_pyramid(text: str) -> int | str:
     return levels
 
 
-# key: (parser, default, what a valid value looks like). Paths are resolved against the job file later.
+# key: (parser, default, what a valid value looks like); each key is a typed field of Job, named as the key (a test
+# checks the two agree). Paths are resolved against the job file later.
 KEYS: dict[str, tuple[Callable[[str], Any], Any, str]] = {
     "fnet_spec": (_text, None, "a path to a .znn network file"),
     "fdata_spec": (_text, None, "a path to a .spec sample file"),
@@ -209,23 +211,70 @@ def prefixed(prefix: str | os.PathLike[str], name: str) -> str:
     return f"{os.fspath(prefix)}_{name}"
 
 
-@dataclass
+@dataclass(frozen=True)
 class Job:
-    """A parsed job file. Attribute access gives typed values (defaults where a key is absent)."""
+    """A parsed job file: one typed attribute per key of :data:`ALL_KEYS`, named as the key (its default where the
+    file does not set it); ``path`` and ``ini`` are the file it came from. Paths are resolved against the job
+    file's folder; a prefix written with a trailing slash stays text (a folder, see :func:`prefixed`)."""
 
     path: Path | None
-    values: dict[str, Any]
     ini: IniFile
+    # ZNN's keys (KEYS)
+    fnet_spec: Path | None
+    fdata_spec: Path | None
+    num_threads: int
+    dtype: str
+    out_type: str
+    logging: bool
+    train_outsz: Triple
+    forward_outsz: Triple | str  # or "auto"
+    train_range: list[int] | None
+    test_range: list[int] | None
+    forward_range: list[int] | None
+    train_conv_mode: str
+    forward_conv_mode: str
+    cost_fn: str
+    is_malis: bool
+    malis_norm_type: MalisNorm
+    eta: float
+    anneal_factor: float
+    Num_iter_per_annealing: int
+    momentum: float
+    weight_decay: float
+    is_data_aug: bool
+    is_bd_mirror: bool
+    rebalance_mode: str
+    is_rebalance: bool
+    is_patch_rebalance: bool
+    Num_iter_per_show: int
+    Num_iter_per_test: int
+    test_num: int
+    Num_iter_per_save: int
+    Max_iter: int
+    train_net_prefix: Path | str | None
+    train_net: Path | str | None
+    forward_net: Path | None
+    output_prefix: Path | str | None
+    is_stdio: bool
+    is_debug: bool
+    is_check: bool
+    # this project's keys (EXTRA_KEYS)
+    scheduler: str
+    seed: int
+    output_format: str
+    spectra_cache: bool
+    replicas: int
+    resolution: Resolution | None
+    pyramid: int | str  # or "auto"
 
-    def __getattr__(self, key: str) -> Any:
-        values = self.__dict__.get("values", {})
-        if key in values:
-            return values[key]
-        raise AttributeError(key)
+    @property
+    def values(self) -> Mapping[str, Any]:
+        """Every key's value by name, read-only (for code that picks keys by name)."""
+        return MappingProxyType({key: getattr(self, key) for key in ALL_KEYS})
 
     def require(self, key: str) -> Any:
         """The value of ``key``, or a ConfigError saying the job needs it."""
-        value = self.values.get(key)
+        value = getattr(self, key)
         if value is None:
             raise ConfigError(f"{self.ini.at(SECTION)}: this command needs key {key!r} ({ALL_KEYS[key][2]})")
         return value
@@ -234,22 +283,22 @@ class Job:
     def rebalance(self) -> str:
         """Effective rebalancing mode, honouring the older is_rebalance / is_patch_rebalance keys."""
         if "rebalance_mode" in self.ini.sections[SECTION]:
-            return str(self.values["rebalance_mode"])
-        if self.values["is_patch_rebalance"]:
+            return self.rebalance_mode
+        if self.is_patch_rebalance:
             return "patch"
-        return "global" if self.values["is_rebalance"] else "none"
+        return "global" if self.is_rebalance else "none"
 
     @property
     def cost(self) -> str:
         """Effective cost function: auto = softmax for boundary, binomial cross-entropy for affinity."""
-        if self.values["cost_fn"] != "auto":
-            return str(self.values["cost_fn"])
-        return "softmax_loss" if self.values["out_type"] == "boundary" else "binomial_cross_entropy"
+        if self.cost_fn != "auto":
+            return self.cost_fn
+        return "softmax_loss" if self.out_type == "boundary" else "binomial_cross_entropy"
 
     @property
     def net_prefix(self) -> Path | None:
         """The checkpoint prefix; for a folder (``train_net_prefix = nets/``) the files ``net_*.h5`` inside it."""
-        prefix = self.values.get("train_net_prefix") or self.values.get("train_net")
+        prefix = self.train_net_prefix or self.train_net
         if prefix is None:
             return None
         return Path(prefix) / FOLDER_CHECKPOINT_STEM if is_folder_prefix(prefix) else Path(prefix)
@@ -257,7 +306,7 @@ class Job:
     @property
     def threads(self) -> int:
         """num_threads with ZNN's meaning: 0 or less = all cores (:func:`znn.environment.cores`)."""
-        return cores(int(self.values["num_threads"]))
+        return cores(self.num_threads)
 
 
 def load_job(path: str | Path, overrides: Mapping[str, str] | None = None) -> Job:
@@ -292,7 +341,7 @@ def _job(ini: IniFile) -> Job:
     for key in PATH_KEYS:
         if values[key]:
             values[key] = _resolve_path(ini, key, values[key])
-    return Job(ini.path, values, ini)
+    return Job(ini.path, ini, **values)
 
 
 def _resolve_path(ini: IniFile, key: str, text: str) -> Path | str:

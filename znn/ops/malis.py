@@ -26,7 +26,7 @@ the weights depend only on the order of the affinities: probabilities or logits 
 
 from __future__ import annotations
 
-from typing import Any, Literal, NamedTuple
+from typing import Any, NamedTuple, get_args
 
 import numpy as np
 from numpy.typing import NDArray
@@ -34,13 +34,13 @@ from scipy.sparse import coo_matrix
 from scipy.sparse.csgraph import minimum_spanning_tree
 
 from znn.errors import ConfigError, ShapeError, closest
-from znn.types import Triple
+from znn.types import MalisNorm, Triple
 
 __all__ = ["malis_weights", "MalisInfo", "affinity_edges", "NORM_TYPES"]
 
 Array = NDArray[Any]
-NormType = Literal["none", "frac", "num", "pair"]
-NORM_TYPES = ("none", "frac", "num", "pair")
+NormType = MalisNorm
+NORM_TYPES: tuple[NormType, ...] = get_args(NormType)
 
 
 class MalisInfo(NamedTuple):

@@ -358,8 +358,7 @@ def test_bundled_workflows_train_on_the_shared_data(tmp_path, workflow, data, tr
     folder = tmp_path / workflow
     shutil.copytree(ROOT / "workflows" / workflow, folder, symlinks=True, ignore=shutil.ignore_patterns("data"))
     (folder / "data").symlink_to(SHARED_DATA / data)
-    job = load_job(folder / "train.cfg")
-    job.values["train_net_prefix"] = tmp_path / "out" / "net"
+    job = load_job(folder / "train.cfg", {"train_net_prefix": str(tmp_path / "out" / "net")})
     trainer = train_job(job, max_iter=1, progress=False, log=lambda _: None)
     assert trainer.iteration == 1 and (tmp_path / "out" / "net_current.h5").is_file()
     from znn.pipeline.jobs.train import load_samples

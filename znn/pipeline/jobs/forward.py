@@ -308,8 +308,8 @@ def check_forward_places(job: Job, net: Network, samples: Sequence[ForwardSample
 
 def _forward_inputs(job: Job, samples: Sequence[ForwardSample]) -> list[tuple[str, str | Path]]:
     """Every file a forward job reads: its volumes (of every sample), its network and its job files."""
-    files: list[tuple[str, str | Path]] = [(key, job.values[key]) for key in ("forward_net", "fnet_spec",
-                                                                             "fdata_spec") if job.values.get(key)]
+    read = (("forward_net", job.forward_net), ("fnet_spec", job.fnet_spec), ("fdata_spec", job.fdata_spec))
+    files: list[tuple[str, str | Path]] = [(key, path) for key, path in read if path]
     if job.path is not None:
         files.append(("the job file", job.path))
     for sample in samples:

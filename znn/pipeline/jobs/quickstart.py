@@ -90,12 +90,10 @@ def quickstart(out: Path, minutes: float = 4.0, max_iter: int | None = None, sch
     log(f"writing synthetic EM volumes into {out / 'data'}")
     make_data(out / "data")
     job = load_job(out / "train.cfg")
-    if scheduler:
-        job.values["scheduler"] = scheduler
     trainer = train_job(job, scheduler=scheduler, max_iter=max_iter, time_limit=60 * minutes, progress=progress,
                         log=log)
     log("predicting the held-out volume")
-    result = forward_job(job, progress=progress, fresh=True)[0]
+    result = forward_job(job, progress=progress, fresh=True, scheduler=scheduler)[0]
     pred = next(iter(result.arrays.values()))
     log("segmenting it")
     labels = segment_job(SegmentJob(pred, str(result.store.parent / "seg_sample2.zarr"), scheduler=scheduler,
