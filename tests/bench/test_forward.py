@@ -1,10 +1,13 @@
 """`znn bench forward` on the tiny network at tiny patches (--repeat 1): each engine in its own process with its
 measured peak memory, the same outputs from znn, PyTorch and ONNX Runtime on the same weights, the largest patch
-that fits a budget, the plan's choice beside its alternatives, and the peers skipped with a note when absent."""
+that fits a budget, the plan's choice beside its alternatives, and the peers skipped with a note when absent. How a
+peer grows past the listed cubes is shown with fake children (:class:`FakeChildren`): a real engine can be made
+neither to fail at a chosen patch nor to grow its peak by a known law."""
 
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import subprocess
@@ -13,9 +16,11 @@ import sys
 import pytest
 
 from tests.shared import ROOT
-from znn.bench.common import installed
+from znn.bench import forward
+from znn.bench.common import installed, write_rows
+from znn.bench.engines import bench_net
 from znn.bench.forward import ForwardBenchRequest, format_table, run_forward_bench
-from znn.bench.growth import Point, extrapolate, largest_fit, skip_reason
+from znn.bench.growth import MAX_GROWN, Point, extrapolate, grain, largest_fit, next_side, skip_reason
 from znn.text import parse_bytes
 
 TINY = dict(nets=("tiny3d",), sides=(4,), threads=2, repeat=1, modes="fft", memory=parse_bytes("500MB"),
@@ -46,7 +51,7 @@ def test_a_cube_that_does_not_fit_the_memory_is_a_row_without_timings():
 
 @PEERS
 def test_znn_torch_and_onnx_runtime_agree_and_each_reports_its_peak_memory():
-    rows = run_forward_bench(ForwardBenchRequest(**TINY, alternatives=False))
+    rows = run_forward_bench(ForwardBenchRequest(**TINY, alternatives=False, grow=False))  # growth: further down
     (row,) = _kind(rows, "patch")
     for engine in ("znn", "torch", "ort"):
         assert row[f"{engine}_vox_s"] > 0 and 50 << 20 < row[f"{engine}_rss"] < 4 << 30, engine
@@ -64,6 +69,18 @@ def test_znn_torch_and_onnx_runtime_agree_and_each_reports_its_peak_memory():
     for title in ("ORT vox/s", "znn/ORT", "torch peak", "largest patch it fits into 476.8 MiB", "ONNX Runtime"):
         assert title in table
     assert "opset 17" in table
+
+
+@PEERS
+def test_onnx_runtime_grows_past_the_listed_cube_in_a_process_of_its_own(monkeypatch):
+    monkeypatch.setattr(forward, "MAX_GROWN", 1)  # one grown run: each step is a real child
+    rows = run_forward_bench(ForwardBenchRequest(**TINY, torch=False, alternatives=False))
+    grown = [r for r in _kind(rows, "patch") if r.get("grown")]
+    assert [r["outsz"] for r in grown] == [[5, 5, 5]]  # 4 * 4/3, rounded down
+    assert grown[0]["ort_vox_s"] > 0 and 50 << 20 < grown[0]["ort_rss"] < TINY["memory"]
+    ort = _largest(rows, "ort")
+    assert ort["outsz"] == [5, 5, 5] and ort["grown"] and ort["ratio_of"].endswith(" vs ONNX Runtime 5^3")
+    assert any("stopped growing after 1 grown" in r["text"] for r in _kind(rows, "note"))
 
 
 def test_the_plan_is_timed_beside_its_alternatives():
@@ -141,3 +158,154 @@ def test_the_command_prints_the_tables_and_writes_the_rows(tmp_path, capsys):
     assert "the plan's choice beside" in out  # the plan's own row, without alternatives
     kinds = [r["kind"] for r in json.loads(path.read_text())["rows"]]
     assert kinds.count("patch") == 1 and kinds.count("largest") == 1 and kinds.count("config") == 1
+
+
+def test_a_growth_step_lands_on_a_multiple_of_an_eighth_of_the_side_rounded_to_a_power_of_two():
+    assert [grain(s) for s in (1, 4, 15, 16, 31, 32, 96, 128, 185)] == [1, 1, 1, 2, 2, 4, 8, 16, 16]
+
+
+def _cube_runs(*sides, failed=()):
+    """Runs at cubes of ``voxels_of = side**3``: one byte and a millisecond per voxel (extrapolation is exact)."""
+    return [Point(s**3, failed=True) if s in failed else Point(s**3, s**3 / 1000, s**3) for s in sides]
+
+
+def test_a_peer_grows_by_up_to_four_thirds_to_the_largest_step_predicted_within_memory_and_time():
+    runs, cube = _cube_runs(64, 96), lambda s: s**3
+    assert next_side(runs, 96, cube, time_cap=1e9, memory=128**3) == 128  # the whole step
+    assert next_side(runs, 96, cube, time_cap=1e9, memory=128**3 - 1) == 120  # 8 (96's grain) below it
+    assert next_side(runs, 96, cube, time_cap=113**3 / 1000, memory=1 << 40) == 112  # the time cap
+    assert next_side(runs, 96, cube, time_cap=1e9, memory=104**3 - 1) is None  # not even the smallest step fits
+    assert next_side(runs[:1], 64, cube, time_cap=1e9, memory=1 << 40) == 80  # one run: in proportion; 64 // 8 = 8
+    assert next_side(_cube_runs(2), 2, cube, time_cap=1e9, memory=1 << 40) == 3  # one voxel where 4/3 adds none
+
+
+def test_a_failed_or_killed_run_stops_growth():
+    cube = lambda s: s**3  # noqa: E731
+    assert next_side(_cube_runs(64, 96, 128, failed=(128,)), 96, cube, 1e9, 1 << 40) is None
+    assert next_side(_cube_runs(32, 64, 96, failed=(32,)), 96, cube, 1e9, 1 << 40) is None
+    assert next_side([], 96, cube, 1e9, 1 << 40) is None  # nothing ran: nothing to grow from
+
+
+# ---------------------------------------------------------------------------------------------- growth in the bench
+
+MIB = 1 << 20
+TINY_SPEC = bench_net("tiny3d", 0).spec  # input side = output side + 11
+PLAN = 40  # the fake plan's output cube side
+
+
+class FakeChildren:
+    """Stands in for :func:`~znn.bench.engines.run_engine`: znn runs any patch at 10^6 voxels/s (its plan: a
+    ``PLAN`` cube); per voxel of its input patch, a peer's pass takes ``seconds_per_voxel`` and its peak grows by
+    ``kib_per_voxel`` KiB over 100 MiB; the peer is killed at the sides in ``fail``. ``jobs``: every job asked."""
+
+    def __init__(self, kib_per_voxel=4, seconds_per_voxel=0.001, fail=()):
+        self.kib_per_voxel, self.seconds_per_voxel, self.fail, self.jobs = kib_per_voxel, seconds_per_voxel, fail, []
+
+    def peak(self, side):
+        return 100 * MIB + self.kib_per_voxel * 1024 * self.voxels(side)
+
+    def voxels(self, side):
+        return math.prod(TINY_SPEC.layout((side,) * 3).input_patch[TINY_SPEC.inputs[0]])
+
+    def __call__(self, job, limits, workdir):
+        self.jobs.append(job)
+        side = PLAN if job.choose == "plan" else job.outsz[0]
+        head = {"engine": job.engine, "outsz": [side] * 3}
+        if job.engine == "znn":
+            return {**head, "seconds": 1.0, "vox_s": 10**6, "peak_rss": 200 * MIB, "block_threads": 1, "blocks": 2,
+                    "spectra_cache": True, "modes": "fft", "spectra_s": 0.0, "predicted_bytes": 200 * MIB,
+                    "fits": True}
+        if side in self.fail:
+            return {**head, "note": "killed at 1.0 GiB resident (the machine's memory)"}
+        seconds = self.seconds_per_voxel * self.voxels(side)
+        return {**head, "seconds": seconds, "vox_s": round(side**3 / seconds), "peak_rss": self.peak(side)}
+
+    def peer_sides(self):
+        return [j.outsz[0] for j in self.jobs if j.engine == "torch"]
+
+
+def _fake_bench(monkeypatch, children, **request):
+    """The bench of tiny3d at listed cubes 4 and 16 with PyTorch as the one peer, its children ``children``."""
+    monkeypatch.setattr(forward, "installed", lambda module: True)  # the fake PyTorch needs no torch
+    defaults = dict(nets=("tiny3d",), sides=(4, 16), threads=2, repeat=1, modes="fft", memory=parse_bytes("500MB"),
+                    ort=False, alternatives=False, time_cap=1e6, machine_memory=64 << 30, scheduler="threads")
+    return run_forward_bench(ForwardBenchRequest(**{**defaults, **request}), run=children)
+
+
+def _largest(rows, engine):
+    return next(r for r in _kind(rows, "largest") if r["engine"] == engine)
+
+
+def test_a_peer_grows_past_the_listed_cubes_while_its_predicted_peak_fits_the_memory(monkeypatch):
+    children = FakeChildren()
+    rows = _fake_bench(monkeypatch, children)
+    # 16 -> 20 (16's grain 2, 21 rounded down) -> 26 -> 34; from 34 (grain 4) even 36 would pass 500 MB
+    assert children.peer_sides() == [4, 16, 20, 26, 34]
+    assert children.peak(34) <= parse_bytes("500MB") < children.peak(36)
+    patch = _kind(rows, "patch")
+    assert [(r["outsz"][0], r.get("grown", False)) for r in patch] == [(4, False), (16, False), (20, True),
+                                                                       (26, True), (34, True)]
+    assert all("znn_vox_s" not in r and r["torch_vox_s"] > 0 for r in patch if r.get("grown"))
+    torch = _largest(rows, "torch")
+    assert torch["outsz"] == [34] * 3 and torch["grown"] and torch["peak_rss"] == children.peak(34)
+    assert "34x34x34 (grown)" in format_table(rows)
+
+
+def test_a_peer_stops_growing_before_a_pass_predicted_over_the_time_cap(monkeypatch):
+    children = FakeChildren(kib_per_voxel=0, seconds_per_voxel=0.001)  # memory never stops it: a pass of 27^3 = 19.7 s
+    rows = _fake_bench(monkeypatch, children, time_cap=60)
+    # from 26 (37^3: 50.7 s) the step to 34 (91 s), 32 and 30 are over 60 s, 28 (39^3: 59.3 s) is not; from 28
+    # nothing up to 36 is under it
+    assert children.peer_sides() == [4, 16, 20, 26, 28]
+    assert _largest(rows, "torch")["outsz"] == [28] * 3
+
+
+def test_a_killed_run_stops_growth_and_the_largest_is_the_last_that_ran(monkeypatch):
+    children = FakeChildren(fail=(26,))
+    rows = _fake_bench(monkeypatch, children)
+    assert children.peer_sides() == [4, 16, 20, 26]  # nothing after the killed 26, not even a skipped row
+    assert [r["outsz"][0] for r in _kind(rows, "patch")] == [4, 16, 20, 26]
+    killed = next(r for r in _kind(rows, "patch") if r["outsz"][0] == 26)
+    assert killed["grown"] and "torch_vox_s" not in killed and killed["torch_note"].startswith("killed")
+    assert _largest(rows, "torch")["outsz"] == [20] * 3
+    assert "killed: memory" in format_table(rows)
+
+
+def test_growth_is_bounded_where_the_peak_does_not_grow(monkeypatch):
+    children = FakeChildren(kib_per_voxel=0, seconds_per_voxel=1e-9)
+    rows = _fake_bench(monkeypatch, children)
+    assert len(children.peer_sides()) == 2 + MAX_GROWN
+    assert any(f"stopped growing after {MAX_GROWN}" in r["text"] for r in _kind(rows, "note"))
+
+
+def test_each_ratio_at_the_largest_patches_names_both_patches(monkeypatch, tmp_path):
+    children = FakeChildren()
+    rows = _fake_bench(monkeypatch, children)
+    torch = _largest(rows, "torch")
+    assert torch["znn_outsz"] == [PLAN] * 3 and torch["outsz"] == [34] * 3  # the two patches, in the JSON rows
+    assert torch["ratio"] == round(10**6 / torch["vox_s"], 2)
+    assert torch["ratio_of"] == f"znn {PLAN}^3 vs PyTorch 34^3"
+    assert f"{torch['ratio']:.2f}x (znn {PLAN}^3 vs PyTorch 34^3)" in format_table(rows)
+    path = tmp_path / "rows.json"
+    write_rows(path, rows)
+    assert _largest(json.loads(path.read_text())["rows"], "torch")["ratio_of"] == torch["ratio_of"]
+
+
+def test_without_growth_the_largest_is_the_largest_listed_cube(monkeypatch):
+    children = FakeChildren()
+    rows = _fake_bench(monkeypatch, children, grow=False)
+    assert children.peer_sides() == [4, 16]
+    assert not any(r.get("grown") for r in _kind(rows, "patch"))
+    torch = _largest(rows, "torch")
+    assert torch["outsz"] == [16] * 3 and torch["ratio_of"] == f"znn {PLAN}^3 vs PyTorch 16^3"
+    assert "largest listed (--no-grow) patch" in format_table(rows)
+
+
+def test_the_command_passes_no_grow_on(monkeypatch):
+    from znn.cli import main
+
+    asked = []
+    monkeypatch.setattr(forward, "run_forward_bench", lambda request, progress: asked.append(request) or [])
+    assert main(["bench", "forward", "--nets", "tiny3d", "--no-grow"]) == 0
+    assert main(["bench", "forward", "--nets", "tiny3d"]) == 0
+    assert [r.grow for r in asked] == [False, True]

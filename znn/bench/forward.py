@@ -22,10 +22,14 @@ Three tables:
 1. each engine at each output cube of ``--outsz`` (ascending), with znn/peer ratios and the relative difference of
    the outputs. znn runs a cube when the memory plan predicts it fits ``--memory``; a peer runs every cube unless its
    measured growth predicts one pass over ``--time-cap`` seconds or a peak over the machine's available memory (a
-   run is killed at either), or a smaller cube did not finish;
+   run is killed at either), or a smaller cube did not finish. Then each peer grows its cube past its largest run
+   (:func:`~znn.bench.growth.next_side`: by up to 4/3 in side while its measured growth predicts the next peak
+   within ``--memory`` and one pass within ``--time-cap``; a failed or killed run stops it; not with ``--no-grow``):
+   those rows are marked ``(grown)``, with that peer's figures only;
 2. each engine at the largest patch it fits into ``--memory``: for znn the dense planner's own choice for that
    budget (patch, blocks x threads per block, spectra cache, conv modes: what ``znn forward --memory`` runs); for a
-   peer the largest cube of table 1 whose measured peak fits;
+   peer the largest cube of table 1 (listed or grown) whose measured peak fits. Each znn/peer ratio names the two
+   patches it compares;
 3. the plan's choice beside alternatives at the same patch (every core on one block, one block per core, all
    layers in FFT mode): which was fastest within ``--memory``, and plan / best.
 
@@ -50,7 +54,7 @@ from znn.bench.engines import (
     relative_difference,
     run_engine,
 )
-from znn.bench.growth import Point, largest_fit, skip_reason
+from znn.bench.growth import MAX_GROWN, Point, largest_fit, next_side, skip_reason
 from znn.bench.scaling import DenseWork, block_grid_shape, measure, synthetic_volume
 from znn.environment import available_memory
 from znn.network import Network
@@ -80,7 +84,8 @@ class ForwardBenchRequest:
     process, ``synchronous`` the same on one thread, ``local`` or an address dense inference on a dask cluster.
     ``torch``/``ort``: run these peers (when installed). ``time_cap``: seconds of one pass above which a patch is
     skipped (predicted) or killed. ``alternatives``: table 3. ``machine_memory``: where children are killed (None:
-    the machine's available memory at the start)."""
+    the machine's available memory at the start). ``grow``: search each peer's largest patch in ``memory`` past
+    ``sides`` (False: its largest listed cube that fits)."""
 
     nets: Sequence[str] = NETWORKS
     sides: Sequence[int] | None = None
@@ -96,12 +101,14 @@ class ForwardBenchRequest:
     time_cap: float = 300.0
     alternatives: bool = True
     machine_memory: int | None = None
+    grow: bool = True
 
 
 @dataclass
 class _Bench:
     """A request with where it runs (the resolved scheduler; the cluster's runner, None: in child processes), the
-    peers that run, the folder of the children's files, the memory where children are killed, and notes."""
+    peers that run, the folder of the children's files, the memory where children are killed, notes, and what runs
+    one job in a child (``run``)."""
 
     request: ForwardBenchRequest
     where: str
@@ -110,14 +117,17 @@ class _Bench:
     machine: int
     peers: tuple[str, ...] = ()
     notes: list[str] = field(default_factory=list)
+    run: Callable[[EngineJob, Limits, Path], Row] = run_engine
 
     def limits(self) -> Limits:
         return Limits(STARTUP_S + (self.request.repeat + 1) * self.request.time_cap, self.machine)
 
 
 def run_forward_bench(request: ForwardBenchRequest = ForwardBenchRequest(),
-                      progress: Callable[[Row], None] | None = None) -> list[Row]:
-    """Rows of the three tables (``kind``: ``patch``, ``largest``, ``config``) and ``note`` rows."""
+                      progress: Callable[[Row], None] | None = None,
+                      run: Callable[[EngineJob, Limits, Path], Row] = run_engine) -> list[Row]:
+    """Rows of the three tables (``kind``: ``patch``, ``largest``, ``config``) and ``note`` rows. ``run``: runs one
+    job in a child process under its limits (:func:`~znn.bench.engines.run_engine`; tests pass a fake)."""
     where = resolve_scheduler(request.scheduler, None)
     if where == "synchronous":
         request = replace(request, threads=1, block_threads=1)
@@ -126,7 +136,8 @@ def run_forward_bench(request: ForwardBenchRequest = ForwardBenchRequest(),
         request = replace(request, block_threads=1)  # single-threaded worker processes, one block each
     try:
         with tempfile.TemporaryDirectory(prefix="znn-bench-forward-") as tmp:
-            bench = _Bench(request, where, runner, Path(tmp), request.machine_memory or available_memory())
+            machine = request.machine_memory or available_memory()
+            bench = _Bench(request, where, runner, Path(tmp), machine, run=run)
             bench.peers = _peers(request, bench.notes)
             rows = [row for name in request.nets for row in _net_rows(bench, name, progress)]
             return rows + [{"kind": "note", "text": text} for text in bench.notes]
@@ -169,13 +180,24 @@ def _net_rows(bench: _Bench, name: str, progress: Callable[[Row], None] | None) 
     for side in sides:
         row = _patch_row(bench, name, net, (side, side, side), history, onnx, measured)
         rows.append(row)
-        if progress is not None and any(row.get(f"{e}_vox_s") is not None for e in ("znn", *PEERS)):
-            progress(row)
+        _report(progress, row)
+    if bench.request.grow:
+        grown: dict[int, Row] = {}
+        for peer in bench.peers:
+            if peer != "ort" or onnx is not None:
+                _grow(bench, name, net, peer, history[peer], onnx, measured[peer], grown, progress)
+        rows = sorted(rows + list(grown.values()), key=lambda r: r["outsz"][0])
     for row in _largest_and_configs(bench, name, net, measured):
         rows.append(row)
         if progress is not None and row.get("vox_s") is not None:
             progress(row)
     return rows
+
+
+def _report(progress: Callable[[Row], None] | None, row: Row) -> None:
+    """A table-1 row to ``progress`` once some engine has a measurement in it."""
+    if progress is not None and any(row.get(f"{e}_vox_s") is not None for e in ("znn", *PEERS)):
+        progress(row)
 
 
 def _export(bench: _Bench, name: str, net: Network, sides: Sequence[int]) -> Path | None:
@@ -199,7 +221,7 @@ def _measure(bench: _Bench, history: list[Point], job: EngineJob, spec: NetworkS
     reason = skip_reason(history, voxels, bench.request.time_cap, bench.machine)
     if reason is not None:
         return {"engine": job.engine, "outsz": list(job.outsz), "note": reason}
-    row = run_engine(job, bench.limits(), bench.workdir)
+    row = bench.run(job, bench.limits(), bench.workdir)
     if row.get("vox_s") is None:
         history.append(Point(voxels, failed=True))
     else:
@@ -210,14 +232,33 @@ def _measure(bench: _Bench, history: list[Point], job: EngineJob, spec: NetworkS
 # ---------------------------------------------------------------------------------------------- table 1
 
 
+def _patch_head(bench: _Bench, name: str, outsz: Triple) -> Row:
+    """A table-1 row before any engine's figures."""
+    return {"kind": "patch", "net": name, "outsz": list(outsz), "threads": bench.request.threads,
+            "repeat": bench.request.repeat, "scheduler": bench.where}
+
+
+def _base_job(bench: _Bench, name: str, outsz: Triple) -> EngineJob:
+    """znn's job at ``outsz`` as table 1 runs it; a peer's is this with its engine, output and model."""
+    request = bench.request
+    return EngineJob("znn", name, outsz, request.threads, request.repeat, request.seed, modes=request.modes,
+                     memory=request.memory, block_threads=request.block_threads or 0)
+
+
+def _peer_job(bench: _Bench, base: EngineJob, peer: str, onnx: Path | None, spec: NetworkSpec,
+              output: Path | None) -> EngineJob:
+    """``peer``'s job at the patch of ``base`` (``onnx``: the dynamic model, for ``ort``), saving to ``output``."""
+    model = _static(onnx, spec, base.outsz, bench.workdir) if peer == "ort" and onnx else None
+    return replace(base, engine=peer, output=None if output is None else str(output),
+                   onnx=None if model is None else str(model))
+
+
 def _patch_row(bench: _Bench, name: str, net: Network, outsz: Triple, history: dict[str, list[Point]],
                onnx: Path | None, measured: dict[str, list[Row]]) -> Row:
-    request, spec = bench.request, net.spec
-    row: Row = {"kind": "patch", "net": name, "outsz": list(outsz), "threads": request.threads,
-                "repeat": request.repeat, "scheduler": bench.where}
+    spec = net.spec
+    row = _patch_head(bench, name, outsz)
     tag = f"{name}-{outsz[0]}"
-    base = EngineJob("znn", name, outsz, request.threads, request.repeat, request.seed, modes=request.modes,
-                     memory=request.memory, block_threads=request.block_threads or 0)
+    base = _base_job(bench, name, outsz)
     ours = None
     if bench.runner is not None:
         _time_znn_cluster(bench, net, outsz, row)
@@ -231,8 +272,7 @@ def _patch_row(bench: _Bench, name: str, net: Network, outsz: Triple, history: d
     for peer in bench.peers:
         if peer == "ort" and onnx is None:
             continue
-        job = replace(base, engine=peer, output=str(bench.workdir / f"{peer}-{tag}.npy"),
-                      onnx=str(_static(onnx, spec, outsz, bench.workdir)) if peer == "ort" and onnx else None)
+        job = _peer_job(bench, base, peer, onnx, spec, bench.workdir / f"{peer}-{tag}.npy")
         result = _measure(bench, history[peer], job, spec)
         _fill(row, peer, result)
         if result.get("vox_s") is not None:
@@ -242,6 +282,38 @@ def _patch_row(bench: _Bench, name: str, net: Network, outsz: Triple, history: d
             row[f"{peer}_ratio"] = round(row["znn_vox_s"] / row[f"{peer}_vox_s"], 2)
             row[f"{peer}_diff"] = relative_difference(ours, theirs)
     return row
+
+
+def _grow(bench: _Bench, name: str, net: Network, peer: str, history: list[Point], onnx: Path | None,
+          measured: list[Row], grown: dict[int, Row], progress: Callable[[Row], None] | None) -> None:
+    """Run ``peer`` at larger cubes than its largest run while :func:`~znn.bench.growth.next_side` finds one in
+    ``--memory`` (and the machine's) and ``--time-cap``, at most :data:`~znn.bench.growth.MAX_GROWN` times; each
+    run into ``grown``'s row of its side (``grown``: True; peers that grow to one side share it), each measurement
+    onto ``measured`` (marked ``grown``). No output is saved: znn did not run there to compare with."""
+    spec, request = net.spec, bench.request
+    memory = min(request.memory, bench.machine)  # a patch may fit the budget but not this machine
+
+    def after(side: int | None) -> int | None:
+        return None if side is None else next_side(history, side, lambda s: _voxels(spec, (s, s, s)),
+                                                   request.time_cap, memory)
+
+    side = after(max((r["outsz"][0] for r in measured), default=None))
+    for _ in range(MAX_GROWN):
+        if side is None:
+            return
+        outsz = (side, side, side)
+        row = grown.setdefault(side, dict(_patch_head(bench, name, outsz), grown=True))
+        result = _measure(bench, history, _peer_job(bench, _base_job(bench, name, outsz), peer, onnx, spec, None),
+                          spec)
+        _fill(row, peer, result)
+        _report(progress, row)
+        if result.get("vox_s") is None:  # failed or killed (next_side would stop too), or skipped (no new point)
+            return
+        measured.append(dict(result, grown=True))
+        side = after(side)
+    if side is not None:
+        bench.notes.append(f"{name}: {TITLES[peer]} stopped growing after {MAX_GROWN} grown patches (the most the "
+                           f"bench tries); its largest patch in {format_bytes(request.memory)} may be larger")
 
 
 def _static(onnx: Path, spec: NetworkSpec, outsz: Triple, workdir: Path) -> Path:
@@ -287,6 +359,18 @@ def _time_znn_cluster(bench: _Bench, net: Network, outsz: Triple, row: Row) -> N
 # ---------------------------------------------------------------------------------------------- tables 2 and 3
 
 
+def _patch_label(outsz: Sequence[int]) -> str:
+    """An output patch in a ratio's label: ``128^3`` for a cube."""
+    return f"{outsz[0]}^3" if len(set(outsz)) == 1 else "x".join(map(str, outsz))
+
+
+def _ratio(plan: Row, peer: str, found: Row) -> Row:
+    """znn's plan over ``peer`` at its largest patch ``found``, with the two patches it compares (``znn_outsz``;
+    the peer's is the row's ``outsz``) and the label the table prints them with (``ratio_of``)."""
+    return {"ratio": round(plan["vox_s"] / found["vox_s"], 2), "znn_outsz": plan["outsz"],
+            "ratio_of": f"znn {_patch_label(plan['outsz'])} vs {TITLES[peer]} {_patch_label(found['outsz'])}"}
+
+
 def _config_label(row: Row) -> str:
     blocks, threads = row.get("blocks", 1), row.get("block_threads", 1)
     return f"{blocks} block{'s' if blocks > 1 else ''} x {threads} thread{'s' if threads > 1 else ''}"
@@ -302,22 +386,23 @@ def _largest_and_configs(bench: _Bench, name: str, net: Network, measured: dict[
     else:
         job = EngineJob("znn", name, (1, 1, 1), request.threads, request.repeat, request.seed, modes=request.modes,
                         memory=request.memory, choose="plan")
-        plan = run_engine(job, bench.limits(), bench.workdir)
+        plan = bench.run(job, bench.limits(), bench.workdir)
         if plan.get("vox_s") is None:
             bench.notes.append(f"{name}: the plan's choice for {format_bytes(request.memory)} did not run: "
                                f"{plan.get('note')}")
             plan = None
     best = {"znn": plan, **{p: largest_fit(measured[p], request.memory) for p in bench.peers}}
     for engine, found in best.items():
-        row: Row = {"kind": "largest", "net": name, "engine": engine, "memory": request.memory}
+        row: Row = {"kind": "largest", "net": name, "engine": engine, "memory": request.memory,
+                    "grow": request.grow}
         if found is None:
             row["config"] = "did not run" if engine == "znn" else "no measured patch fits"
         else:
             row.update(outsz=found["outsz"], vox_s=found["vox_s"], peak_rss=found["peak_rss"],
-                       fits=found["peak_rss"] <= request.memory,
+                       fits=found["peak_rss"] <= request.memory, grown=found.get("grown", False),
                        config=_config_label(found) if engine == "znn" else f"{request.threads} threads")
             if plan is not None and engine != "znn" and found["vox_s"] > 0:
-                row["ratio"] = round(plan["vox_s"] / found["vox_s"], 2)
+                row.update(_ratio(plan, engine, found))
         rows.append(row)
     if plan is not None:
         rows += _configs(bench, name, net, plan)
@@ -351,7 +436,7 @@ def _configs(bench: _Bench, name: str, net: Network, plan: Row) -> list[Row]:
                             "all_fft": modes == "fft" and request.modes != "fft",
                             "note": f"skipped (predicted {format_bytes(peak)} > the machine's memory)"})
         else:
-            results.append(dict(run_engine(job, bench.limits(), bench.workdir), block_threads=bt, blocks=blocks,
+            results.append(dict(bench.run(job, bench.limits(), bench.workdir), block_threads=bt, blocks=blocks,
                                 predicted_bytes=peak, all_fft=modes == "fft" and request.modes != "fft"))
     timed = [r for r in results if r.get("vox_s") is not None]
     within = [r for r in timed if r.get("peak_rss", 0) <= request.memory] or timed
@@ -379,7 +464,7 @@ def progress_line(row: Row) -> str:
     if row.get("kind") == "patch":
         rates = ", ".join(f"{TITLES[e]} {row.get(f'{e}_vox_s') or row.get(f'{e}_note', '-')}"
                           for e in ("znn", *PEERS) if f"{e}_vox_s" in row or f"{e}_note" in row)
-        return f"  {row['net']} {row['outsz']}: {rates} vox/s"
+        return f"  {row['net']} {row['outsz']}{' (grown)' if row.get('grown') else ''}: {rates} vox/s"
     what = row.get("engine") or row.get("config")
     return f"  {row['net']} {row.get('kind')} {what} {row.get('outsz')}: {row.get('vox_s')} vox/s"
 
@@ -430,6 +515,10 @@ def _cell(row: Row, col: Column) -> str:
         return "yes" if value else "no"
     if col.key == "engine":
         return TITLES.get(value, str(value))
+    if col.key == "outsz" and row.get("grown"):
+        return f"{plain_cell(value, col.fmt)} (grown)"
+    if col.key == "ratio" and row.get("ratio_of"):
+        return f"{value:.2f}x ({row['ratio_of']})"
     return plain_cell(value, col.fmt)
 
 
@@ -443,15 +532,18 @@ def format_table(rows: Sequence[Row]) -> str:
         first = patch[0]
         lines += [f"each engine at each output patch: output voxels/s, {first['threads']} threads, median of "
                   f"{first['repeat']}; znn runs {first['threads']} // thr/block blocks at once, the peers one patch; "
-                  "peak = VmHWM of a fresh process per engine and patch", rows_table(_PATCH, patch, _cell)]
+                  "peak = VmHWM of a fresh process per engine and patch"
+                  + ("; (grown): a peer's patch past --outsz, on the way to its largest in the memory"
+                     if any(r.get("grown") for r in patch) else ""), rows_table(_PATCH, patch, _cell)]
         if first.get("scheduler", "threads") not in ("threads", "synchronous"):
             lines.append(f"znn here: dense inference on the dask cluster {first['scheduler']} "
                          f"({first.get('workers', '?')} worker(s), one block per single-threaded worker at a time, "
                          "two blocks per worker), not --threads // thr/block")
     if largest:
+        search = "listed or grown" if largest[0].get("grow", True) else "listed (--no-grow)"
         lines += ["", f"each engine at the largest patch it fits into {format_bytes(largest[0]['memory'])} (znn: the "
-                  f"plan's choice; peers: the largest measured patch whose peak fits); targets znn/ONNX Runtime >= "
-                  f"{TARGETS}", rows_table(_LARGEST, largest, _cell)]
+                  f"plan's choice; peers: the largest {search} patch whose measured peak fits); targets "
+                  f"znn/ONNX Runtime >= {TARGETS}", rows_table(_LARGEST, largest, _cell)]
     if config:
         lines += ["", "the plan's choice beside the alternatives the bench tried at its patch",
                   rows_table(_CONFIG, config, _cell)]

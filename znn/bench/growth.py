@@ -1,7 +1,7 @@
 """What an engine's next, larger patch will cost, from the patches it ran: `znn bench forward` runs each engine at
 ascending output patches and skips a patch that the measured growth says would pass the time cap or the machine's
-memory, or that follows a patch the engine could not finish; and which measured patch is the largest that fits a
-memory budget.
+memory, or that follows a patch the engine could not finish; past the listed patches, how far a peer grows to find
+its own largest patch in a memory budget (:func:`next_side`); and which measured patch is the largest that fits.
 
 Growth is extrapolated over input-patch voxels (what every layer's activations scale with): through the two
 largest patches measured (slope at least zero), or in proportion from one.
@@ -10,12 +10,19 @@ largest patches measured (slope at least zero), or in proportion from one.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from fractions import Fraction
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from znn.bench.common import Row
 
-__all__ = ["Point", "extrapolate", "skip_reason", "largest_fit"]
+__all__ = ["Point", "extrapolate", "skip_reason", "GROWTH", "MAX_GROWN", "grain", "next_side", "largest_fit"]
+
+# The most one growth step multiplies a cube's side by (exact, so 96 grows to 128 with no rounding below it).
+GROWTH = Fraction(4, 3)
+# Growth steps per engine at the most: where peak and time hardly grow with the patch (a tiny network) nothing else
+# would stop it; (4/3)^6 is over 5x the side.
+MAX_GROWN = 6
 
 
 @dataclass(frozen=True)
@@ -60,6 +67,30 @@ def skip_reason(points: Sequence[Point], voxels: int, time_cap: float, memory: i
         return f"skipped (time cap: a pass predicted {seconds:.0f} s > {time_cap:.0f} s)"
     if peak > memory:
         return f"skipped (memory: predicted peak {peak / 2**30:.1f} GiB > {memory / 2**30:.1f} GiB)"
+    return None
+
+
+def grain(side: int) -> int:
+    """The sides one growth step from ``side`` lands on are multiples of this: the largest power of two up to
+    ``side / 8`` (at least 1), fine enough to come near the largest patch that fits, coarse enough that the runs
+    there stay few."""
+    return 1 << max(0, (side // 8).bit_length() - 1)
+
+
+def next_side(points: Sequence[Point], side: int, voxels_of: Callable[[int], int], time_cap: float,
+              memory: int) -> int | None:
+    """The output cube side a peer grows to after ``side``, the largest it ran (``points``: its runs, in input
+    voxels; ``voxels_of``: input voxels of an output cube side): the largest multiple of :func:`grain` above ``side``
+    and at most ``side * GROWTH`` (at least one grain above it) that :func:`skip_reason` lets run within
+    ``time_cap`` seconds and ``memory`` bytes (the prediction from the runs so far). None, so growth stops, when a run failed or was killed, or even
+    the smallest step is predicted over the time cap or the memory."""
+    if not points or any(p.failed for p in points):
+        return None
+    step = grain(side)
+    top = max(side + step, int(side * GROWTH) // step * step)  # 2 * 4/3 is below 3
+    for candidate in range(top, side, -step):  # predictions only grow with the side: the first that fits is it
+        if skip_reason(points, voxels_of(candidate), time_cap, memory) is None:
+            return candidate
     return None
 
 

@@ -168,13 +168,17 @@ def _forward_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", choices=MODES, default="optimize",
                         help="conv modes (optimize: timed per layer, as the dense planner does)")
     parser.add_argument("--memory", type=memory, default="16GB",
-                        help="memory an engine may use: znn's plan and the largest patch of each engine fit it "
-                             "(default 16GB)")
+                        help="memory an engine may use: znn's plan and the largest patch of each engine fit it; a "
+                             "peer's largest is searched past --outsz, growing its cube while its measured growth "
+                             "predicts the next peak within it (default 16GB)")
     parser.add_argument("--time-cap", type=positive_number, default=300.0,
-                        help="seconds: skip a patch whose one pass the engine's measured growth predicts longer, kill "
-                             "a run that takes (repeat + 1) times longer (default %(default)s)")
+                        help="seconds: skip (or do not grow to) a patch whose one pass the engine's measured growth "
+                             "predicts longer, kill a run that takes (repeat + 1) times longer (default %(default)s)")
     parser.add_argument("--no-torch", action="store_true", help="do not run PyTorch")
     parser.add_argument("--no-ort", action="store_true", help="do not run ONNX Runtime")
+    parser.add_argument("--no-grow", action="store_true",
+                        help="do not grow the peers' cubes past --outsz: a peer's largest patch is its largest listed "
+                             "cube that fits --memory (a quicker, less fair run)")
     parser.add_argument("--no-alternatives", action="store_true",
                         help="time only the plan's choice, not the alternatives at its patch")
     add_scheduler_argument(parser, "threads (default: blocks timed in a child process), synchronous, local (a "
@@ -188,7 +192,7 @@ def _run_forward(args: argparse.Namespace) -> list[Row]:
     request = forward.ForwardBenchRequest(tuple(args.nets), args.outsz, args.threads, args.repeat, args.modes,
                                           args.memory, not args.no_torch, block_threads=args.block_threads,
                                           scheduler=args.scheduler, ort=not args.no_ort, time_cap=args.time_cap,
-                                          alternatives=not args.no_alternatives)
+                                          alternatives=not args.no_alternatives, grow=not args.no_grow)
     rows = forward.run_forward_bench(request, progress=lambda r: _progress(forward.progress_line(r)))
     print(machine_line(resolve_scheduler(args.scheduler, None)))
     print(forward.format_table(rows))
