@@ -18,6 +18,7 @@ from znn.ops.conv import (
     conv_forward_direct,
     conv_grad_input_direct,
     conv_grad_kernel_direct,
+    direct_tiles,
 )
 
 # (input spatial, kernel, dilation, in maps, out maps): 2D and 3D, odd and even kernels, dilations 1-4 on
@@ -211,6 +212,30 @@ def test_threads_give_the_same_result():
     np.testing.assert_allclose(y1, y2, atol=1e-12)
     for a, b in zip(cf.conv_backward_fft(x, w, gy, d, sp1, threads=1), cf.conv_backward_fft(x, w, gy, d, sp2, threads=2)):
         np.testing.assert_allclose(a, b, atol=1e-12)
+
+
+@pytest.mark.parametrize("case", CASES + [((12, 40, 300), (3, 3, 3), (2, 1, 1), 4, 2)])
+def test_direct_tiles_partition_the_output_and_a_few_compute_their_part(case):
+    """The tiles conv_forward_direct works in cover each output voxel once, and given a few of them (what the
+    autotuner times) it computes exactly those voxels and leaves the rest of ``out`` alone."""
+    x, w, _, d = problem(case)
+    want = conv_forward_direct(x, w, d)
+    tiles = direct_tiles(want.shape[1:], w.shape, d, x.itemsize)
+    hits = np.zeros(want.shape[1:], int)
+    for z0, z1, y0, y1 in tiles:
+        hits[z0:z1, y0:y1] += 1
+    assert (hits == 1).all()
+    some = tiles[::2]
+    out = np.full_like(want, np.nan)
+    got = conv_forward_direct(x, w, d, threads=2, out=out, tiles=some)
+    assert got is out
+    mine = np.zeros(want.shape[1:], bool)
+    for z0, z1, y0, y1 in some:
+        mine[z0:z1, y0:y1] = True
+    np.testing.assert_array_equal(got[:, mine], want[:, mine])
+    assert np.isnan(got[:, ~mine]).all()
+    if case[0] == (12, 40, 300):
+        assert len(tiles) > 2, tiles  # the large case has several tiles, so a subset is a real part
 
 
 def test_concurrent_calls_from_many_threads():

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from znn.ops.conv import conv_forward_direct
-from znn.ops.phase import TileGeometry, choose_tile, phase_conv_fft, phase_kernel_spectra
+from znn.ops.phase import TileGeometry, choose_tile, group_spectra, phase_conv_fft, phase_kernel_spectra
 
 CASES = [((9, 11, 13), (2, 3, 3), (2, 3, 1)), ((1, 17, 14), (1, 3, 2), (1, 4, 4)), ((12, 12, 12), (3, 3, 3), (1, 1, 1)),
          ((10, 9, 8), (2, 2, 2), (3, 2, 2)), ((12, 10, 14), (3, 3, 2), (2, 2, 2)), ((17, 17, 17), (3, 3, 3), (8, 8, 8))]
@@ -48,6 +48,34 @@ def test_tiled_phase_conv_float32_views_threads_and_given_spectra(n, k, d):
         shape = TileGeometry.of(n, w.shape, d, tile).shape
         given = phase_conv_fft(view, w, d, phase_kernel_spectra(w, shape), threads=2, tile=tile)
         np.testing.assert_allclose(given, got, rtol=1e-5, atol=tol)
+
+
+@pytest.mark.parametrize("n, k, d", CASES)
+def test_given_group_spectra_give_the_same_convolution(n, k, d):
+    """Group spectra made beforehand (the autotuner touches them before it times a slab) and used for several
+    groups give what spectra made inside give; reused dirty from an earlier call too."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((3, *n)).astype(np.float32)
+    w = rng.standard_normal((3, 4, *k)).astype(np.float32)
+    for tile, group in [(None, 1 << 30), (tuple(kk + 2 for kk in k), 1)]:
+        want = phase_conv_fft(x, w, d, group_bytes=group, tile=tile)
+        spectra = group_spectra(TileGeometry.of(n, w.shape, d, tile), np.dtype(np.float32), group)
+        for a in spectra:
+            a.fill(np.nan)  # whatever they held before must not leak into the result
+        for _ in range(2):
+            got = phase_conv_fft(x, w, d, group_bytes=group, tile=tile, spectra=spectra)
+            np.testing.assert_array_equal(got, want)
+
+
+def test_group_spectra_too_small_are_refused():
+    w = np.ones((2, 3, 3, 3, 3), np.float32)
+    x = np.ones((2, 12, 12, 12), np.float32)
+    small = group_spectra(TileGeometry.of((6, 12, 12), w.shape, (1, 1, 1), (6, 6, 6)), np.dtype(np.float32))
+    with pytest.raises(ValueError, match="do not hold"):
+        phase_conv_fft(x, w, (1, 1, 1), tile=(6, 6, 6), spectra=small)
+    other = group_spectra(TileGeometry.of((12, 12, 12), w.shape, (1, 1, 1), (6, 6, 6)), np.dtype(np.float64))
+    with pytest.raises(ValueError, match="do not hold"):
+        phase_conv_fft(x, w, (1, 1, 1), tile=(6, 6, 6), spectra=other)
 
 
 def test_spectra_of_another_shape_are_refused():

@@ -53,20 +53,26 @@ def register(sub: Subparsers) -> dict[str, Handler]:
 
 
 def _cmd_forward(args: argparse.Namespace) -> int:
-    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # notes and progress go to stdout (none under --quiet but warnings): a failure's message is then the only line
+    # on stderr; what the plan spends long on (timing conv modes) is said as it starts and when it is done
+    logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stdout)
+    if not args.quiet:
+        logging.getLogger("znn.autotune").setLevel(logging.INFO)
     job = load_job(args.job, None if args.pyramid is None else {"pyramid": str(args.pyramid)})
 
     def show(setup: ForwardSetup) -> None:
+        if args.quiet:
+            return
         how = "planned" if setup.plan is not None and setup.plan.chosen and setup.plan.chosen.outsz == setup.outsz \
             else "given"
         peak = f", predicted peak {format_bytes(setup.plan.predicted_peak)}" if setup.plan else ""
         print(f"sample {setup.sample}: output block {','.join(map(str, setup.outsz))} ({how}, "
               f"{setup.block_threads} thread(s) per block), kernel spectra "
               f"{'cached' if setup.spectra_cache else 'recomputed per block'}, transform {setup.transform}{peak}",
-              file=sys.stderr, flush=True)
+              flush=True)
 
     results = forward_job(job, args.transform, args.memory, args.outsz, args.fresh, not args.quiet, show,
-                          args.scheduler)
+                          args.scheduler, sys.stdout)
     for r in results:
         made = len(next(iter(r.pyramid.values()), []))
         levels = f", pyramid of {made} level(s)" if made else ""

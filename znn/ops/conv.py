@@ -39,6 +39,7 @@ __all__ = [
     "conv_forward",
     "conv_backward",
     "conv_forward_direct",
+    "direct_tiles",
     "conv_backward_direct",
     "conv_grad_input_direct",
     "conv_grad_kernel_direct",
@@ -118,11 +119,13 @@ def _gather(x: np.ndarray, tile: Tile, k: Triple, d: Triple, xo: int) -> np.ndar
 
 
 def conv_forward_direct(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
-                        threads: int = 1, out: np.ndarray | None = None) -> np.ndarray:
+                        threads: int = 1, out: np.ndarray | None = None,
+                        tiles: Sequence[Tile] | None = None) -> np.ndarray:
     """Direct valid true convolution: ``(in, z, y, x)``, ``(in, out, kz, ky, kx)`` -> ``(out, z', y', x')``.
 
     With ``threads > 1`` the tiles run on that many threads, BLAS single-threaded inside. ``out``: see
-    :func:`~znn.ops.pointwise.output_array`.
+    :func:`~znn.ops.pointwise.output_array`. ``tiles``: only these of :func:`direct_tiles` are computed, the rest
+    of the output is left as it was (the autotuner times a few of a large layer's tiles).
     """
     d = _dil(dilation)
     out_spatial = check_conv_shapes(x.shape, w.shape, d)
@@ -149,8 +152,16 @@ def conv_forward_direct(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = 
                 acc += tmp
         y[:, z0:z1, y0:y1, :] = acc.reshape(n_out, z1 - z0, y1 - y0, xo)
 
-    parallel_map(work, _tiles(out_spatial, k, d, ky * kx * n_in, x.itemsize), threads)
+    parallel_map(work, _tiles(out_spatial, k, d, ky * kx * n_in, x.itemsize) if tiles is None else tiles, threads)
     return y
+
+
+def direct_tiles(out_spatial: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
+                 itemsize: int) -> list[Tile]:
+    """The output tiles ``(z0, z1, y0, y1)`` (all of x) :func:`conv_forward_direct` computes one at a time."""
+    n_in, _, kz, ky, kx = (int(v) for v in w_shape)
+    zo, yo, xo = (int(v) for v in out_spatial)
+    return _tiles((zo, yo, xo), (kz, ky, kx), _dil(dilation), ky * kx * n_in, itemsize)
 
 
 def conv_backward_direct(x: np.ndarray, w: np.ndarray, grad_y: np.ndarray, dilation: Sequence[int] = (1, 1, 1),

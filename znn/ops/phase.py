@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import Any
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import product
@@ -221,7 +222,8 @@ def _choose_tile(extent: Triple, w_shape: tuple[int, ...], dilation: Triple, spe
 
 def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np.ndarray | None = None,
                    group_bytes: int = PHASE_GROUP_BYTES, threads: int = 1,
-                   tile: Sequence[int] | None = None, out: np.ndarray | None = None) -> np.ndarray:
+                   tile: Sequence[int] | None = None, out: np.ndarray | None = None,
+                   spectra: tuple[np.ndarray, np.ndarray] | None = None) -> np.ndarray:
     """Valid true convolution ``(in, z, y, x) * (in, out, k...)`` dilated by ``dilation``, through FFTs of tiles of
     its phases.
 
@@ -230,9 +232,10 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
     of a group of tiles is one matrix product ``(tiles x in) @ (in x out)``. ``threads`` split the transforms, the
     products and the copies. ``x`` may be any view (a crop of a larger map): each tile is read from it straight
     into the FFT buffer, and each tile's valid output written straight into its interleaved place in the result
-    (``out`` if given: see :func:`~znn.ops.pointwise.output_array`).
+    (``out`` if given: see :func:`~znn.ops.pointwise.output_array`). ``spectra``: the groups' input and output
+    spectra to work in (:func:`group_spectra`; made here if not given).
     """
-    from znn.ops.fft import complex_dtype, empty_aligned
+    from znn.ops.fft import complex_dtype
 
     geometry = TileGeometry.of(x.shape[1:], w.shape, dilation, tile)
     if wf is None:
@@ -243,15 +246,41 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
     out = output_array(out, (geometry.n_out, *geometry.out), dtype, x)
     z_axis, y_axis, x_axis = geometry.axes()
     items = list(product(z_axis.tiles, y_axis.tiles, x_axis.bundles))
-    per_group = max(1, geometry.group(dtype.itemsize, group_bytes) // geometry.dilation[2])
+    per_group = _per_group(geometry, dtype.itemsize, group_bytes)
     # the group spectra are made once for all groups: a fresh pair per group would cost the kernel's page
     # faults on every group (about half a second per gigabyte on the development machine)
+    if spectra is None:
+        spectra = group_spectra(geometry, dtype, group_bytes)
     slots = min(per_group, len(items)) * geometry.dilation[2]
-    spectra = (empty_aligned((slots, geometry.freq, geometry.n_in), complex_dtype(dtype)),
-               empty_aligned((slots, geometry.freq, geometry.n_out), complex_dtype(dtype)))
+    if any(a.shape[0] < slots or a.shape[1:] != (geometry.freq, n) or a.dtype != complex_dtype(dtype)
+           for a, n in zip(spectra, (geometry.n_in, geometry.n_out))):
+        raise ValueError(f"group spectra {[a.shape for a in spectra]} do not hold {slots} tiles of {geometry}")
     for g0 in range(0, len(items), per_group):
         _tile_group(x, wf, items[g0:g0 + per_group], geometry, out, threads, spectra)
     return out
+
+
+def group_spectra(geometry: TileGeometry, dtype: np.dtype[Any],
+                  group_bytes: int = PHASE_GROUP_BYTES) -> tuple[np.ndarray, np.ndarray]:
+    """The input and output spectra ``(slots, freq, maps)`` one group of :func:`phase_conv_fft`'s tiles is
+    transformed into (``dtype``: of the real data)."""
+    from znn.ops.fft import complex_dtype, empty_aligned
+
+    slots = _slots(geometry, dtype.itemsize, group_bytes)
+    return (empty_aligned((slots, geometry.freq, geometry.n_in), complex_dtype(dtype)),
+            empty_aligned((slots, geometry.freq, geometry.n_out), complex_dtype(dtype)))
+
+
+def _per_group(geometry: TileGeometry, itemsize: int, group_bytes: int) -> int:
+    """Items (a z tile, a y tile, a bundle of x tiles) of :func:`phase_conv_fft` transformed together."""
+    return max(1, geometry.group(itemsize, group_bytes) // geometry.dilation[2])
+
+
+def _slots(geometry: TileGeometry, itemsize: int, group_bytes: int) -> int:
+    """Tile spectra of the largest group."""
+    z_axis, y_axis, x_axis = geometry.axes()
+    items = len(z_axis.tiles) * len(y_axis.tiles) * len(x_axis.bundles)
+    return min(_per_group(geometry, itemsize, group_bytes), items) * geometry.dilation[2]
 
 
 Item = tuple[Tile, Tile, tuple[Tile, ...]]  # a z tile, a y tile and a bundle of x tiles

@@ -88,19 +88,21 @@ def spec():
 def test_choice_is_persisted_and_reused(spec, tmp_path, caplog):
     path = tmp_path / "autotune.json"
     timer = FakeTimer()
-    with caplog.at_level(logging.INFO, logger="znn.autotune"):
+    with caplog.at_level(logging.DEBUG, logger="znn.autotune"):
         modes = resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=timer)
     assert modes == {"c1": "direct", "c2": "fft", "c3": "direct"}
     assert timer.measured == {(1, 3, 3), (1, 5, 5), (1, 2, 2)}
-    assert sum("measured" in r.getMessage() for r in caplog.records) == 3
+    assert sum("(timed;" in r.getMessage() for r in caplog.records) == 3
+    assert "conv modes chosen in" in caplog.records[-1].getMessage()
     entries = json.loads(path.read_text())["entries"]
     assert len(entries) == 3 and {e["mode"] for e in entries.values()} == {"direct", "fft"}
     assert all("float32" in key and autotune.machine_id() in key for key in entries)
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="znn.autotune"):
+    with caplog.at_level(logging.DEBUG, logger="znn.autotune"):
         again = resolve_modes(spec, OUTSZ, "optimize", np.float32, cache_path=path, timer=_never)
     assert again == modes
-    assert sum("cached" in r.getMessage() for r in caplog.records) == 3
+    assert sum("(cached;" in r.getMessage() for r in caplog.records) == 3
+    assert not any("timing" in r.getMessage() for r in caplog.records)
     assert [p.name for p in tmp_path.iterdir()] == ["autotune.json"]  # no temporary files left behind
 
 
@@ -316,3 +318,73 @@ def test_dense_inference_layers_the_model_settles_are_not_timed(tmp_path):
     assert modes["c2"] == "fft"
     assert {p.maps_in for p, _ in timer.calls} == {1}
     assert path.read_text().count('"modelled": true') == 1
+
+
+def _dense(maps_in: int, maps_out: int, extent, dilation, kernel=(3, 3, 3), threads: int = 2) -> LayerProblem:
+    return LayerProblem(maps_in, maps_out, extent, kernel, dilation, "float32", True, training=False,
+                        evaluator="phases", threads=threads)
+
+
+@pytest.mark.parametrize("maps, extent, dilation, kernel", [((1, 8), (60, 44, 44), (1, 1, 1), (3, 3, 3)),
+                                                            ((4, 2), (51, 51, 51), (4, 4, 4), (3, 3, 3)),
+                                                            ((2, 3), (1, 90, 70), (1, 2, 2), (1, 3, 3))])
+def test_a_dense_layer_is_timed_on_a_slab_of_its_own_tiles(monkeypatch, maps, extent, dilation, kernel):
+    """time_layer of dense inference runs the FFT on one phase and a few tiles along the longest axis, at the
+    layer's own tile shape (so FFTW plans what the run will use), and the direct convolution on the first of the
+    layer's own output tiles (its dilation and halo), on the block's threads; the scales make the whole layer."""
+    from znn.ops import conv as convops
+    from znn.ops import phase as phaseops
+    from znn.ops.phase import TileGeometry, choose_tile
+
+    monkeypatch.setattr(autotune, "_SLAB_SECONDS", 1e-5)  # the smallest slab: a slab of a small layer
+    problem = _dense(*maps, extent, dilation, kernel)
+    w_shape = (*maps, *kernel)
+    whole = TileGeometry.of(extent, w_shape, dilation, choose_tile(extent, w_shape, dilation))
+    slab = autotune.Slab.of(problem)
+    assert slab.tile == whole.shape and slab.tiles == 1
+    assert slab.extent[slab.axis] < extent[slab.axis] and slab.axis == int(np.argmax(whole.out))
+    assert slab.dilation[slab.axis] == 1 and all(slab.dilation[a] == dilation[a] for a in range(3) if a != slab.axis)
+    sliced = TileGeometry.of(slab.extent, w_shape, slab.dilation, slab.tile)
+    assert slab.fft_scale * sliced.count() == pytest.approx(whole.count()) and slab.fft_scale > 1
+    every = convops.direct_tiles(whole.out, w_shape, dilation, 4)
+    assert list(slab.direct_tiles) == every[:len(slab.direct_tiles)] and 2 <= len(slab.direct_tiles) < len(every)
+    voxels = sum((z1 - z0) * (y1 - y0) * whole.out[2] for z0, z1, y0, y1 in slab.direct_tiles)
+    assert slab.direct_scale * voxels == pytest.approx(np.prod(whole.out))
+
+    seen = []
+
+    def fft(x, w, d, wf=None, group_bytes=0, threads=1, tile=None, out=None, spectra=None):
+        seen.append(("fft", x.shape[1:], tuple(d), tuple(tile), threads))
+        return out
+
+    def direct(x, w, d=(1, 1, 1), threads=1, out=None, tiles=None):
+        seen.append(("direct", x.shape[1:], tuple(d), tiles, threads))
+        return out
+
+    monkeypatch.setattr(phaseops, "phase_conv_fft", fft)
+    monkeypatch.setattr(convops, "conv_forward_direct", direct)
+    assert time_layer(problem, "fft") > 0 and time_layer(problem, "direct") > 0
+    assert seen == [("fft", slab.extent, slab.dilation, whole.shape, 2),
+                    ("direct", tuple(extent), tuple(dilation), slab.direct_tiles, 2)]
+
+
+def test_a_small_dense_layer_is_its_own_slab():
+    problem = _dense(1, 2, (8, 8, 8), (1, 1, 1))
+    slab = autotune.Slab.of(problem)
+    assert slab.extent == (8, 8, 8) and slab.fft_scale == 1 and slab.direct_scale == 1
+
+
+def test_choosing_conv_modes_says_what_it_times_and_how_long_it_took(tmp_path, caplog):
+    """The one slow step of planning says what it does before it starts, and what it chose and how afterwards."""
+    spec = parse_network(N337_LIKE)
+    with caplog.at_level(logging.INFO, logger="znn.autotune"):
+        resolve_modes(spec, (96, 96, 96), "optimize", np.float32, cache_path=tmp_path / "a.json", timer=FakeTimer(),
+                      timed=TimedPass(training=False, evaluator="phases"))
+    said = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
+    assert said[0] == "choosing conv modes: timing c1 in fft and direct mode on slabs of the block"
+    assert said[1].startswith("conv modes chosen in ") and said[1].endswith(": c1 fft (timed), c2 fft (modelled)")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="znn.autotune"):
+        resolve_modes(spec, (96, 96, 96), "optimize", np.float32, cache_path=tmp_path / "a.json", timer=_never,
+                      timed=TimedPass(training=False, evaluator="phases"))
+    assert [r.getMessage() for r in caplog.records] == ["conv modes: c1 fft (cached), c2 fft (cached)"]

@@ -54,7 +54,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TextIO
 
 import numpy as np
 
@@ -107,7 +107,8 @@ class DenseRequest:
     ``num_threads`` for a runner made here), ``progress`` (a bool or a :data:`ProgressFactory`), ``fresh``
     (redo blocks finished earlier with the same model and settings, which are skipped otherwise), ``image`` (the
     outputs' voxel size and provenance; their origin comes from the plan) and ``pyramid`` (downsampled levels to
-    make: 0 none, a count, or ``auto``: until a level is small, see :func:`~znn.io.ngff.pyramid_factors`)."""
+    make: 0 none, a count, or ``auto``: until a level is small, see :func:`~znn.io.ngff.pyramid_factors`); progress
+    goes to ``notes`` (None: stderr)."""
 
     plan: DensePlan
     store: str | Path
@@ -118,6 +119,7 @@ class DenseRequest:
     fresh: bool = False
     image: ImageMeta = field(default_factory=ImageMeta)
     pyramid: int | str = 0
+    notes: TextIO | None = None
 
 
 @dataclass
@@ -279,7 +281,8 @@ def _reporter(request: DenseRequest, runner: Runner, skipped: int) -> Reporter:
         reporter = progress(total, skipped)
     else:
         name = Path(request.store).name
-        reporter = Progress(total, "blocks", f"forward {name}", initial=skipped, enabled=bool(progress))
+        reporter = Progress(total, "blocks", f"forward {name}", request.notes, initial=skipped,
+                            enabled=bool(progress))
     if progress is not False and runner.distributed and runner.dashboard and not runner.started_cluster:
         print(f"dask dashboard: {runner.dashboard}", file=getattr(reporter, "stream", None) or sys.stderr, flush=True)
     return reporter

@@ -10,7 +10,11 @@ products far below the speed of one call on all maps, while FFTs of input blocks
 
 Dense inference (:func:`inference_modes`, used by ``znn forward`` for ``forward_conv_mode = optimize``) times the
 layer as its evaluator runs it instead: the phase-FFT convolution (kernel spectra cached or made per block) and
-the direct convolution of one block, single-threaded, as one worker runs it.
+the direct convolution of a block, on the block's threads. A layer whose speed model says one mode is far slower
+is not timed at all (:func:`_modelled`); the others are timed on a slab of the block (:class:`Slab`: one phase of
+the dilation along the block's longest axis, a few of its tiles, the block's own tile shape, so the FFT plans
+FFTW measures for it are the ones the run then uses) and scaled up by tiles (fft) and output voxels (direct):
+timing a large block's layer whole took minutes of a first run, most of them in the mode that lost.
 
 Choices are kept in a JSON file (``cache_path``, else ``$ZNN_CACHE_DIR/autotune.json``, else
 ``~/.cache/znn/autotune.json``), keyed by the layer's shape, dilation, dtype, FFTW planner effort and the
@@ -24,6 +28,7 @@ import functools
 
 import json
 import logging
+import math
 import os
 import platform
 import statistics
@@ -39,13 +44,14 @@ import numpy as np
 
 from znn.environment import cache_dir, cpu_model
 from znn.ops import fft as fftops
+from znn.ops.conv import Tile as DirectTile
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.plan import CONV_MODES, EdgePlan, make_plan
 from znn.pipeline.run.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
 from znn.types import Triple
 
-__all__ = ["LayerProblem", "TimedPass", "resolve_modes", "inference_modes", "wants_optimize", "machine_id", "cache_file",
+__all__ = ["LayerProblem", "TimedPass", "Slab", "resolve_modes", "inference_modes", "wants_optimize", "machine_id", "cache_file",
            "time_layer"]
 
 log = logging.getLogger("znn.autotune")
@@ -60,6 +66,9 @@ PHASES_REVISION = 4
 _CLEAR_WIN = 2.0
 # Layers whose modelled times differ by more than this are not timed (see _modelled).
 _MODEL_CLEAR = 8.0
+# A slab (see Slab) takes as many tiles along its axis as keep its slower mode's modelled one-core time within this
+# (at least one): long enough to time steadily, short next to the layer.
+_SLAB_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
@@ -153,21 +162,31 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     machine = machine_id()
     stored = _read(path)
     measure = timer or time_layer
+    keys = {edge: problems[edge].key(machine) for edge in todo}  # edges of one shape share a key
     measured: dict[str, dict[str, Any]] = {}
+    how: dict[str, str] = {}  # key -> cached, modelled or timed
     for edge in todo:
-        key = problems[edge].key(machine)
-        entry = measured.get(key) or stored.get(key)
+        key = keys[edge]
+        entry = stored.get(key)
         if entry is not None and entry.get("mode") in CONV_MODES:
-            wanted[edge] = entry["mode"]
-            how = "measured" if key in measured else "cached"
-            log.info("autotune %s: %s (%s; fft %s, direct %s)", edge, entry["mode"], how,
-                     _fmt(entry.get("fft_s")), _fmt(entry.get("direct_s")))
-            continue
-        entry = _modelled(problems[edge]) or _measure(problems[edge], measure, repeat)
-        measured[key] = entry
+            how[key] = "cached"
+        elif (modelled := _modelled(problems[edge])) is not None:
+            measured[key], how[key] = modelled, "modelled"
+    to_time = [e for i, e in enumerate(todo) if keys[e] not in how and keys[e] not in (keys[d] for d in todo[:i])]
+    t0 = time.perf_counter()
+    if to_time:  # the one step of planning that takes long: say what it does
+        log.info("choosing conv modes: timing %s in fft and direct mode%s", ", ".join(to_time),
+                 " on slabs of the block" if timed.evaluator == "phases" else "")
+    for edge in to_time:
+        measured[keys[edge]], how[keys[edge]] = _measure(problems[edge], measure, repeat), "timed"
+    entries = {**stored, **measured}
+    for edge in todo:
+        entry = entries[keys[edge]]
         wanted[edge] = entry["mode"]
-        log.info("autotune %s: %s (%s; fft %s, direct %s)", edge, entry["mode"],
-                 "modelled" if entry.get("modelled") else "measured", _fmt(entry["fft_s"]), _fmt(entry["direct_s"]))
+        log.debug("autotune %s: %s (%s; fft %s, direct %s)", edge, entry["mode"], how[keys[edge]],
+                  _fmt(entry.get("fft_s")), _fmt(entry.get("direct_s")))
+    log.info("conv modes%s: %s", f" chosen in {time.perf_counter() - t0:.1f} s" if to_time else "",
+             ", ".join(f"{e} {wanted[e]} ({how[keys[e]]})" for e in todo))
     if measured:
         _write(path, measured)
     return wanted
@@ -212,6 +231,79 @@ def _modelled(problem: LayerProblem) -> dict[str, Any] | None:
     return {"mode": "fft" if fft < direct else "direct", "fft_s": fft, "direct_s": direct, "modelled": True}
 
 
+@dataclass(frozen=True)
+class Slab:
+    """What dense inference's autotune times of a layer, and the factors that scale its fft and direct seconds to
+    the whole layer.
+
+    FFT: ``extent`` of the input, one phase of the layer's dilation along ``axis`` (the block's longest; dilation 1
+    there, ``dilation``) and ``tiles`` of that phase's tiles, at the layer's own tile shape (``tile``): the work per
+    tile is the same whatever the extent, so it scales by the tile count (``fft_scale``), and the FFT plans FFTW
+    measures for it are the ones the run uses. Direct: the first of the layer's own output tiles
+    (``direct_tiles``, of :func:`~znn.ops.conv.direct_tiles`; dilation and halo as in the run), scaled by output
+    voxels (``direct_scale``). Each takes as much as keeps its modelled one-core time within ``_SLAB_SECONDS``."""
+
+    extent: Triple
+    dilation: Triple
+    tile: Triple
+    axis: int
+    tiles: int
+    fft_scale: float
+    direct_tiles: tuple[DirectTile, ...]
+    direct_scale: float
+
+    @classmethod
+    def of(cls, problem: LayerProblem) -> Slab:
+        from znn.ops.phase import TileGeometry, choose_tile
+
+        w_shape = (problem.maps_in, problem.maps_out, *problem.kernel)
+        tile = choose_tile(problem.in_extent, w_shape, problem.dilation,
+                           itemsize=np.dtype(problem.dtype).itemsize)  # as the evaluator picks it
+        whole = TileGeometry.of(problem.in_extent, w_shape, problem.dilation, tile)
+        axis = max(range(3), key=lambda a: whole.out[a])
+        k = problem.kernel[axis]
+        step = tile[axis] - k + 1  # valid outputs of one tile along the axis
+        rows = -(-whole.out[axis] // problem.dilation[axis])  # outputs of the axis's longest phase
+        dilation = _with(problem.dilation, axis, 1)
+        found = None
+        for tiles in range(1, -(-rows // step) + 1):
+            slab = TileGeometry.of(_with(problem.in_extent, axis, min(rows, tiles * step) + k - 1), w_shape,
+                                   dilation, tile)
+            if found is not None and slab.seconds() > _SLAB_SECONDS:
+                break
+            found = (tiles, slab)
+        assert found is not None
+        tiles, slab = found
+        chosen, voxels = _first_direct_tiles(problem, whole.out)
+        return cls(slab.extent, dilation, tile, axis, tiles, whole.count() / slab.count(), chosen,
+                   math.prod(whole.out) / voxels)
+
+
+def _first_direct_tiles(problem: LayerProblem, out: Triple) -> tuple[tuple[DirectTile, ...], int]:
+    """The first of the layer's direct-mode output tiles whose modelled one-core time is within ``_SLAB_SECONDS``
+    (at least one per thread), and their output voxels."""
+    from znn.ops.conv import direct_seconds, direct_tiles
+
+    w_shape = (problem.maps_in, problem.maps_out, *problem.kernel)
+    every = direct_tiles(out, w_shape, problem.dilation, np.dtype(problem.dtype).itemsize)
+    chosen: list[DirectTile] = []
+    voxels = 0
+    for z0, z1, y0, y1 in every:
+        more = (z1 - z0) * (y1 - y0) * out[2]
+        seconds = direct_seconds(problem.maps_in, problem.maps_out, problem.kernel, (voxels + more, 1, 1))
+        if len(chosen) >= problem.threads and seconds > _SLAB_SECONDS:
+            break
+        chosen.append((z0, z1, y0, y1))
+        voxels += more
+    return tuple(chosen), voxels
+
+
+def _with(values: Triple, axis: int, value: int) -> Triple:
+    out = list(values)
+    out[axis] = value
+    return (out[0], out[1], out[2])
+
+
 def _measure(problem: LayerProblem, timer: Timer, repeat: int) -> dict[str, Any]:
     """Time both modes, interleaved; stop early when one mode is clearly slower after one timed run each."""
     runs: dict[str, list[float]] = {m: [] for m in CONV_MODES}
@@ -238,10 +330,10 @@ def time_layer(problem: LayerProblem, mode: str, seed: int = 0) -> float:
     rng = np.random.default_rng(seed)
     dt = np.dtype(problem.dtype)
     if problem.evaluator == "phases":
-        x = rng.standard_normal((problem.maps_in, *problem.in_extent)).astype(dt)
+        slab = Slab.of(problem)
         w = (rng.standard_normal((problem.maps_in, problem.maps_out, *problem.kernel)) * 0.1).astype(dt)
         with single_threaded_kernels():  # BLAS as dense inference runs a block; problem.threads split the work
-            return _phase_forward(problem, x, w, mode)
+            return _phase_forward(problem, slab, w, mode, rng)
     xs = [rng.standard_normal((b - a, *problem.in_extent)).astype(dt) for a, b in problem.in_blocks]
     w = (rng.standard_normal((problem.maps_in, problem.maps_out, *problem.kernel)) * 0.1).astype(dt)
     gys = [rng.standard_normal((b - a, *problem.out_extent)).astype(dt) for a, b in problem.out_blocks]
@@ -296,17 +388,34 @@ def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: lis
     return t_fwd + t_gw + t_gx
 
 
-def _phase_forward(p: LayerProblem, x: np.ndarray, w: np.ndarray, mode: str) -> float:
-    """What :class:`~znn.pipeline.forward.phases.PhaseForward` runs for this layer on one block."""
+def _phase_forward(p: LayerProblem, slab: Slab, w: np.ndarray, mode: str, rng: np.random.Generator) -> float:
+    """What :class:`~znn.pipeline.forward.phases.PhaseForward` runs for this layer on one block, timed on ``slab``
+    and scaled to the whole layer. The memory of input and output is made before the timing, as the evaluator's
+    are recycled from block to block."""
     from znn.ops import conv as convops
-    from znn.ops.phase import PHASE_GROUP_BYTES, choose_tile, phase_conv_fft, phase_kernel_spectra
+    from znn.ops.phase import PHASE_GROUP_BYTES, TileGeometry, group_spectra, phase_conv_fft, phase_kernel_spectra
 
     if mode == "direct":
-        return _timed(convops.conv_forward_direct, x, w, p.dilation, p.threads)[1]
-    tile = choose_tile(p.in_extent, w.shape, p.dilation, itemsize=x.dtype.itemsize)  # as the evaluator picks it
-    wf = phase_kernel_spectra(w, tile) if p.cached_spectra else None
-    # without cached spectra it makes them: timed too
-    return _timed(phase_conv_fft, x, w, p.dilation, wf, PHASE_GROUP_BYTES, p.threads, tile)[1]
+        # the whole input and output, of which the slab's tiles use a few planes: only those are given memory
+        x = np.zeros((p.maps_in, *p.in_extent), w.dtype)
+        out = np.empty((p.maps_out, *p.out_extent), w.dtype)
+        z0, z1, y0, y1 = (f(t[i] for t in slab.direct_tiles) for i, f in enumerate((min, max, min, max)))
+        x[:, z0:z1 + (p.kernel[0] - 1) * p.dilation[0], y0:y1 + (p.kernel[1] - 1) * p.dilation[1]].fill(0)
+        out[:, z0:z1, y0:y1].fill(0)
+        return slab.direct_scale * _timed(functools.partial(convops.conv_forward_direct, out=out,
+                                                            tiles=slab.direct_tiles), x, w, p.dilation,
+                                          p.threads)[1]
+    x = rng.standard_normal((p.maps_in, *slab.extent)).astype(w.dtype)
+    geometry = TileGeometry.of(slab.extent, w.shape, slab.dilation, slab.tile)
+    out = np.zeros((p.maps_out, *geometry.out), w.dtype)
+    # the group spectra too: the layer reuses one group's for all its tiles, a slab would fault in its every tile's
+    spectra = group_spectra(geometry, w.dtype, PHASE_GROUP_BYTES)
+    for a in (out, *spectra):
+        a.fill(0)
+    wf, made = _timed(phase_kernel_spectra, w, slab.tile)  # once per block without the cache: not scaled
+    seconds = slab.fft_scale * _timed(functools.partial(phase_conv_fft, out=out, spectra=spectra), x, w,
+                                      slab.dilation, wf, PHASE_GROUP_BYTES, p.threads, slab.tile)[1]
+    return seconds if p.cached_spectra else seconds + made
 
 
 def wants_optimize(modes: str | Mapping[str, str]) -> bool:

@@ -15,11 +15,12 @@ the output transform and znn's version.
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from znn import environment
 from znn.environment import cores
@@ -239,18 +240,19 @@ class _ForwardRun:
     progress: Any
     fresh: bool
     on_setup: Callable[[ForwardSetup], None] | None
+    notes: TextIO | None
 
 
 def forward_job(job: Job, transform: str = "auto", memory: int | None = None, outsz: Any = None,
                 fresh: bool = False, progress: Any = True,
                 on_setup: Callable[[ForwardSetup], None] | None = None,
-                scheduler: str | None = None) -> list[InferenceResult]:
+                scheduler: str | None = None, notes: TextIO | None = None) -> list[InferenceResult]:
     """Run the job's forward pass over every sample of ``forward_range``; returns one result per sample.
 
     ``memory`` (a budget in bytes) plans ``forward_outsz = auto`` and whether kernel spectra are cached; ``outsz``
     overrides ``forward_outsz``. ``scheduler`` (``--scheduler``) overrides the job's key
     (:func:`~znn.pipeline.run.schedulers.resolve_scheduler`); one runner (one cluster for ``local``) serves every
-    sample."""
+    sample. Progress and what a local cluster started go to ``notes`` (None: stderr)."""
     scheduler = resolve_scheduler(scheduler, job)
     net = load_forward_network(job)
     job.require("output_prefix")
@@ -261,8 +263,10 @@ def forward_job(job: Job, transform: str = "auto", memory: int | None = None, ou
     patch = outsz or job.forward_outsz
     budget = _memory_budget(job, scheduler, memory) if patch == "auto" or memory is not None else None
     options = DenseOptions(patch, job.is_bd_mirror, job.forward_conv_mode, bool(job.spectra_cache), memory=budget)
-    with make_runner(scheduler, job.num_threads) as runner:
-        run = _ForwardRun(job, net, transform, job_provenance(job), options, runner, progress, fresh, on_setup)
+    note = None if notes is None else functools.partial(print, file=notes, flush=True)
+    with make_runner(scheduler, job.num_threads, note) as runner:
+        run = _ForwardRun(job, net, transform, job_provenance(job), options, runner, progress, fresh, on_setup,
+                          notes)
         return [_forward_sample(run, sample) for sample in samples]
 
 
@@ -277,7 +281,7 @@ def _forward_sample(run: _ForwardRun, sample: ForwardSample) -> InferenceResult:
             run.on_setup(ForwardSetup(sample.id, run.transform, plan))
         image = output_image(run.made_by, sample, run.transform, job.dtype)
         result = infer_volume(DenseRequest(plan, store, run.transform, run.runner, job.num_threads, run.progress,
-                                           run.fresh, image, job.pyramid))
+                                           run.fresh, image, job.pyramid, run.notes))
         if job.output_format != "zarr":
             export_outputs(result, output_paths(prefix, sample.id, job.output_format, outputs))
     return result
