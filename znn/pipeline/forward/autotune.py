@@ -51,8 +51,8 @@ from znn.pipeline.run.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
 from znn.types import Triple
 
-__all__ = ["LayerProblem", "TimedPass", "Slab", "resolve_modes", "inference_modes", "wants_optimize", "machine_id", "cache_file",
-           "time_layer"]
+__all__ = ["LayerProblem", "TimedPass", "Slab", "resolve_modes", "inference_modes", "wants_optimize", "machine_id",
+           "cache_file", "time_layer"]
 
 log = logging.getLogger("znn.autotune")
 
