@@ -294,9 +294,9 @@ def test_forward_scheduler_local_overrides_the_job_and_listens_on_localhost(tmp_
     assert calls == [("plan_memory", 1), ("plan_parallel", 2)]
     monkeypatch.undo()
     assert main(["forward", str(job), "--quiet", "--fresh", "--scheduler", "local"]) == 0
-    err = capsys.readouterr().err
-    assert "local dask cluster: 2 single-threaded worker process(es), scheduler tcp://127.0.0.1:" in err
-    assert "dashboard http://127.0.0.1:" in err
+    out = capsys.readouterr().out  # what was started is a note: stdout, so stderr holds only an error
+    assert "local dask cluster: 2 single-threaded worker process(es), scheduler tcp://127.0.0.1:" in out
+    assert "dashboard http://127.0.0.1:" in out
     np.testing.assert_array_equal(read_volume(tmp_path / "out" / "run_sample1_output.zarr" / "output"), want)
 
 
