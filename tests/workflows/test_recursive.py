@@ -31,9 +31,10 @@ def _tiny_checkout(root: Path) -> Path:
     for cfg in folder.glob("*.cfg"):  # small patches: the shipped 1,100,100 and 3,100,100 need 194 pixels
         text = cfg.read_text().replace("1,100,100", "1,8,8").replace("3,100,100", "3,8,8")
         cfg.write_text(text.replace("forward_outsz = auto", "forward_outsz = 1,32,32"))
-    plan = folder / "workflow.yaml"
-    plan.write_text(plan.read_text().replace("minutes: 12", "max_iter: 3").replace("minutes: 18", "max_iter: 3"))
-    return plan
+    for plan in folder.glob("*.yaml"):
+        plan.write_text(plan.read_text().replace("minutes: 12", "max_iter: 3").replace("minutes: 18", "max_iter: 3")
+                        .replace("minutes: 30", "max_iter: 3"))
+    return folder / "workflow.yaml"
 
 
 def test_the_recursive_workflow_runs_both_stages_and_scores_the_reported_slices(tmp_path):
@@ -53,3 +54,16 @@ def test_the_recursive_workflow_runs_both_stages_and_scores_the_reported_slices(
         assert 0.0 <= scores["rand_error"] <= 1.0, name
     assert "pixel_error" in json.loads((out / "scores_stage2_map.json").read_text())
     assert np.isfinite(stage1).all()
+
+
+def test_the_one_stage_baseline_runs_and_scores_the_same_slices(tmp_path):
+    """one_stage.yaml: stage 1 alone for the whole budget, seed chosen on 10-14, 15-19 scored, in its own folder."""
+    plan = _tiny_checkout(tmp_path).with_name("one_stage.yaml")
+    lines: list[str] = []
+    summary = run_workflow(plan, progress=False, log=lines.append)
+    assert summary.ok, "\n".join(lines)
+    out = tmp_path / "out" / "one-stage"
+    assert read_volume(out / "isbi1_seg.zarr" / "labels").shape == (5, 96, 96)
+    assert 0.0 <= json.loads((out / "scores_segmentation.json").read_text())["rand_error"] <= 1.0
+    assert "pixel_error" in json.loads((out / "scores_map.json").read_text())
+    assert not (tmp_path / "out" / "recursive").exists()  # the recursive run's checkpoints are not touched
