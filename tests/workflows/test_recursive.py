@@ -56,14 +56,19 @@ def test_the_recursive_workflow_runs_both_stages_and_scores_the_reported_slices(
     assert np.isfinite(stage1).all()
 
 
-def test_the_one_stage_baseline_runs_and_scores_the_same_slices(tmp_path):
-    """one_stage.yaml: stage 1 alone for the whole budget, seed chosen on 10-14, 15-19 scored, in its own folder."""
-    plan = _tiny_checkout(tmp_path).with_name("one_stage.yaml")
+def test_the_one_stage_baseline_runs_and_scores_the_same_slices(tmp_path, monkeypatch):
+    """one_stage.yaml: stage 1 alone for the whole budget, seed chosen on 10-14, 15-19 scored, in its own folder;
+    named by a relative path, as `znn run workflows/recursive/one_stage.yaml` does (its `set:` paths are relative
+    to the workflow's folder, not applied twice)."""
+    _tiny_checkout(tmp_path)
+    monkeypatch.chdir(tmp_path)
     lines: list[str] = []
-    summary = run_workflow(plan, progress=False, log=lines.append)
+    summary = run_workflow(Path("workflows/recursive/one_stage.yaml"), progress=False, log=lines.append)
     assert summary.ok, "\n".join(lines)
     out = tmp_path / "out" / "one-stage"
     assert read_volume(out / "isbi1_seg.zarr" / "labels").shape == (5, 96, 96)
     assert 0.0 <= json.loads((out / "scores_segmentation.json").read_text())["rand_error"] <= 1.0
     assert "pixel_error" in json.loads((out / "scores_map.json").read_text())
+    assert (out / "isbi1_net_current.h5").exists()
     assert not (tmp_path / "out" / "recursive").exists()  # the recursive run's checkpoints are not touched
+    assert not (tmp_path / "workflows" / "recursive" / "out").exists()

@@ -398,6 +398,14 @@ def _fill(value: Any, bound: Mapping[str, str], at: str) -> Any:
     return value
 
 
+def _set_path(workflow: Path, value: str) -> str:
+    """A ``set:`` path, relative to the workflow's folder, made absolute: the job resolves a relative one against its
+    own folder, which would apply the workflow's folder twice when the workflow is named by a relative path. A
+    trailing slash (a folder prefix) is kept."""
+    resolved = str((workflow.parent / value).absolute())
+    return resolved + "/" if value.endswith("/") else resolved
+
+
 def _checked(path: Path, group: str, name: str, kind: str, definition: dict[str, Any],
              lines: Mapping[str, int]) -> Step:
     options: dict[str, Any] = {}
@@ -414,7 +422,7 @@ def _checked(path: Path, group: str, name: str, kind: str, definition: dict[str,
         _check_apart(f"{where(path, lines['out'])}: step {name!r}", options)
     job = None
     if "job" in options:
-        settings = {k: str(path.parent / v) if k in PATH_KEYS else v for k, v in options.get("set", {}).items()}
+        settings = {k: _set_path(path, v) if k in PATH_KEYS else v for k, v in options.get("set", {}).items()}
         try:
             job = load_job(options["job"], settings)
         except ZnnError as exc:
