@@ -251,7 +251,7 @@ def phase_conv_fft(x: np.ndarray, w: np.ndarray, dilation: Sequence[int], wf: np
     # faults on every group (about half a second per gigabyte on the development machine)
     if spectra is None:
         spectra = group_spectra(geometry, dtype, group_bytes)
-    slots = min(per_group, len(items)) * geometry.dilation[2]
+    slots = _slots(geometry, dtype.itemsize, group_bytes)
     if any(a.shape[0] < slots or a.shape[1:] != (geometry.freq, n) or a.dtype != complex_dtype(dtype)
            for a, n in zip(spectra, (geometry.n_in, geometry.n_out))):
         raise ValueError(f"group spectra {[a.shape for a in spectra]} do not hold {slots} tiles of {geometry}")

@@ -172,7 +172,11 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
             how[key] = "cached"
         elif (modelled := _modelled(problems[edge])) is not None:
             measured[key], how[key] = modelled, "modelled"
-    to_time = [e for i, e in enumerate(todo) if keys[e] not in how and keys[e] not in (keys[d] for d in todo[:i])]
+    first_of: dict[str, str] = {}  # key -> the first edge of that shape still to time
+    for edge in todo:
+        if keys[edge] not in how:
+            first_of.setdefault(keys[edge], edge)
+    to_time = list(first_of.values())
     t0 = time.perf_counter()
     if to_time:  # the one step of planning that takes long: say what it does
         log.info("choosing conv modes: timing %s in fft and direct mode%s", ", ".join(to_time),

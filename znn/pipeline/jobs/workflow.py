@@ -36,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import os
 import re
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -45,7 +46,7 @@ from typing import Any
 import yaml
 
 from znn.errors import WorkflowError, ZnnError, closest, where
-from znn.io.config import ALL_KEYS, PATH_KEYS, Job, load_job
+from znn.io.config import ALL_KEYS, PATH_KEYS, Job, is_folder_prefix, load_job
 from znn.io.files import existing_file
 from znn.io.paths import check_apart
 from znn.pipeline.dense.outputs import TRANSFORMS
@@ -403,7 +404,7 @@ def _set_path(workflow: Path, value: str) -> str:
     own folder, which would apply the workflow's folder twice when the workflow is named by a relative path. A
     trailing slash (a folder prefix) is kept."""
     resolved = str((workflow.parent / value).absolute())
-    return resolved + "/" if value.endswith("/") else resolved
+    return resolved + os.sep if is_folder_prefix(value) else resolved
 
 
 def _checked(path: Path, group: str, name: str, kind: str, definition: dict[str, Any],
