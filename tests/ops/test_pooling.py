@@ -187,3 +187,20 @@ def test_max_filter_values_equal_max_filter(monkeypatch, slab_bytes, threads, si
     np.testing.assert_array_equal(pooling.max_filter_values(view, size, dilation, threads),
                                   pooling.max_filter(np.ascontiguousarray(view), size, dilation)[0])
     np.testing.assert_array_equal(pooling.max_filter_values(x, (1, 1, 1), (1, 1, 1)), x)
+
+
+@pytest.mark.parametrize("size", [(2, 2, 2), (1, 3, 2)])
+def test_max_pool_ties_and_nan(size):
+    """Ties (few distinct values): pooling's winners are the max filter's, sampled (the first tap in window
+    order). NaN in a window: the output is NaN and its winner is a NaN voxel (the first), as numpy's argmax."""
+    rng = np.random.default_rng(7)
+    x = rng.integers(0, 3, (3, *(3 * s for s in size))).astype(np.float32)
+    y, arg = max_pool(x, size)
+    np.testing.assert_array_equal(y, reference_max_pool(x, size))
+    np.testing.assert_array_equal(arg, max_filter(x, size)[1][:, :: size[0], :: size[1], :: size[2]])
+    x.ravel()[rng.choice(x.size, 9, replace=False)] = np.nan
+    y, arg = max_pool(x, size)
+    np.testing.assert_array_equal(y, reference_max_pool(x, size))  # NaN where the window holds one
+    nan = np.isnan(y)
+    assert nan.any() and np.isnan(x.ravel()[arg[nan]]).all()
+    assert not np.isnan(x.ravel()[arg[~nan]]).any()

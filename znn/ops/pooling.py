@@ -10,6 +10,7 @@ z offset, then y, then x. Both kernels keep the input dtype.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from typing import Any
@@ -114,26 +115,46 @@ def max_pool(x: Array, size: Sequence[int] | int) -> tuple[Array, IndexArray]:
             "choose a patch whose extent is a multiple of the pool size"
         )
     oz, oy, ox = nz // sz, ny // sy, nx // sx
-    # put the window taps last, in (z, y, x) order, so argmax's first-occurrence rule gives our tie order
-    blocks = x.reshape(m, oz, sz, oy, sy, ox, sx).transpose(0, 1, 3, 5, 2, 4, 6).reshape(m, oz, oy, ox, -1)
-    tap = blocks.argmax(axis=-1)
-    y = np.take_along_axis(blocks, tap[..., None], axis=-1)[..., 0]
-    return np.ascontiguousarray(y), _pool_flat_index(tap, x.shape, (sz, sy, sx))
+    taps = list(itertools.product(range(sz), range(sy), range(sx)))  # (z, y, x) order: the tie order
+    views = [x[:, dz::sz, dy::sy, dx::sx] for dz, dy, dx in taps]
+    y, tap = _pool_winners(views)
+    if np.isnan(y).any():  # NaN in a window: its output is NaN, and the first NaN of the window won
+        blocks = x.reshape(m, oz, sz, oy, sy, ox, sx).transpose(0, 1, 3, 5, 2, 4, 6).reshape(m, oz, oy, ox, -1)
+        tap = blocks.argmax(axis=-1)  # argmax takes the first NaN as the maximum
+    return y, _pool_flat_index(tap, x.shape, (sz, sy, sx))
+
+
+def _pool_winners(views: list[Array]) -> tuple[Array, NDArray[np.integer]]:
+    """The maximum over one strided view per tap and the tap that won, the first among equal values. A few
+    passes over output-sized arrays (an argmax over a transposed copy of the input was ~8x slower): the values
+    by ``maximum``, the taps by a maximum of marks (taps come in increasing order, so a win sets the largest tap
+    so far), 3x faster than masked copies."""
+    y = views[0].copy()
+    tap = np.zeros(y.shape, dtype=np.uint8 if len(views) < 256 else np.int32)
+    won = np.empty(y.shape, dtype=bool)
+    marked = np.empty_like(tap)
+    for t, v in enumerate(views[1:], start=1):
+        np.greater(v, y, out=won)  # strict: among equal values the first tap stays the winner
+        np.maximum(y, v, out=y)
+        np.multiply(won, t, out=marked, dtype=marked.dtype)
+        np.maximum(tap, marked, out=tap)
+    return y, tap
 
 
 def _pool_flat_index(tap: IndexArray, in_shape: tuple[int, ...], size: Triple) -> IndexArray:
-    """Turn the winning tap number within each window into a flat index into the input."""
+    """Turn the winning tap number within each window into a flat index into the input: the flat index of the
+    window's first voxel plus the tap's offset from it."""
     sz, sy, sx = size
     m, oz, oy, ox = tap.shape
-    dt = _index_dtype(int(np.prod(in_shape)))
-    tz, rest = np.divmod(tap.astype(dt), sy * sx)
-    ty, tx = np.divmod(rest, sx)
-    z = np.arange(oz, dtype=dt)[:, None, None] * sz + tz
-    y = np.arange(oy, dtype=dt)[None, :, None] * sy + ty
-    xx = np.arange(ox, dtype=dt)[None, None, :] * sx + tx
-    maps = np.arange(m, dtype=dt)[:, None, None, None]
     _, nz, ny, nx = in_shape
-    return np.ascontiguousarray(((maps * nz + z) * ny + y) * nx + xx)
+    dt = _index_dtype(int(np.prod(in_shape)))
+    offsets = np.array([(dz * ny + dy) * nx + dx for dz in range(sz) for dy in range(sy) for dx in range(sx)],
+                       dtype=dt)
+    corner = (((np.arange(m, dtype=dt)[:, None, None, None] * nz + np.arange(oz, dtype=dt)[:, None, None] * sz)
+               * ny + np.arange(oy, dtype=dt)[:, None] * sy) * nx + np.arange(ox, dtype=dt) * sx)
+    index: IndexArray = offsets[tap]
+    index += corner
+    return index
 
 
 def max_pool_backward(grad_y: Array, argmax: IndexArray, in_shape: Sequence[int]) -> Array:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 from dask.optimization import cull
 
+from znn.environment import keep_freed_memory
 from znn.network import Network
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.build import Hyper, Loss, edge_hyper, forward_graph, step_graph, task_priorities
@@ -30,6 +31,7 @@ class Engine:
         """``plan_workers``: the workers the graphs' tasks are split for (default: the runner's; the synchronous
         scheduler's is 1). A graph planned for W workers gives the same numbers on every scheduler; graphs
         planned for other W differ by rounding (sums over other blocks)."""
+        keep_freed_memory()  # each step allocates what the last one freed: keep it mapped (see there)
         self.net = net
         self.runner = runner or make_runner("threads")
         from znn.pipeline.forward.autotune import (  # measures each layer once, remembers
