@@ -149,8 +149,11 @@ def test_fft_equals_direct_with_reused_spectra(case, dtype):
     close(gw_n, gw_d, dtype)
 
 
+@pytest.mark.parametrize("pairs_by_product", [0, 10**6], ids=["per-column GEMMs", "pair products"])
 @pytest.mark.parametrize("case", CASES, ids=IDS)
-def test_pruned_and_full_fft_kernel_transforms_agree(case):
+def test_pruned_and_full_fft_kernel_transforms_agree(case, pairs_by_product, monkeypatch):
+    """Both lead stages of the pruned kernel gradient (chosen by the map pairs of a block) equal full FFTs."""
+    monkeypatch.setattr(cf, "_PAIRS_BY_PRODUCT", pairs_by_product)
     x, w, gy, d = problem(case)
     shape = F.fft_shape(x.shape[1:], w.shape[2:], d)
     ws_p = cf.kernel_spectra(w, d, shape, method="pruned")
