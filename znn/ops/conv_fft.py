@@ -365,9 +365,8 @@ def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Tripl
     ``Q[c, i, t, o] = sum_l conj(X[l, c, i]) * e[l, t] * GY[l, c, o]``, i.e. ``(in x L) @ (L x k*out)``.
     Then the other axes shrink to their taps with single large matrix products, x last (half spectrum, real).
     """
-    Z, Y, X = shape
-    Xh = X // 2 + 1
-    kz, ky, kx = k3
+    Z, Y, _ = shape
+    kz, ky, _ = k3
     n_in, n_out = xf.shape[1], gf.shape[1]
     cdt = xf.dtype.str
     lead_z = Z > 1
@@ -380,10 +379,10 @@ def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Tripl
     np.conjugate(xc, out=xc)
     gc = np.ascontiguousarray(gf.reshape(L, ncol, n_out).transpose(1, 0, 2))  # (ncol, L, out)
     q = np.empty((ncol, n_in, k_lead * n_out), dtype=xf.dtype)
-    e4 = e_lead[None, :, :, None]
     if n_in * n_out <= _PAIRS_BY_PRODUCT:
         _lead_by_products(xc, gc, e_lead, q, threads)
-        return _pruned_tail(q, shape, k3, dilation, n_in, n_out, lead_z, cdt, xf.dtype)
+        return _pruned_tail(q, shape, k3, dilation, n_out)
+    e4 = e_lead[None, :, :, None]
 
     def work(lo: int, hi: int) -> None:
         for a in range(lo, hi, _COLS_PER_STEP):  # small steps keep the weighted copy of GY in cache
@@ -392,7 +391,7 @@ def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Tripl
             np.matmul(xc[a:b], gw, out=q[a:b])
 
     parallel_chunks(ncol, threads, work, _COLS_PER_STEP, 4)
-    return _pruned_tail(q, shape, k3, dilation, n_in, n_out, lead_z, cdt, xf.dtype)
+    return _pruned_tail(q, shape, k3, dilation, n_out)
 
 
 def _lead_by_products(xc: np.ndarray, gc: np.ndarray, e_lead: np.ndarray, q: np.ndarray, threads: int) -> None:
@@ -415,10 +414,11 @@ def _lead_by_products(xc: np.ndarray, gc: np.ndarray, e_lead: np.ndarray, q: np.
     parallel_chunks(ncol, threads, work, step, 4)
 
 
-def _pruned_tail(q: np.ndarray, shape: Triple, k3: Triple, dilation: Sequence[int], n_in: int, n_out: int,
-                 lead_z: bool, cdt: str, dtype: np.dtype[Any]) -> np.ndarray:
-    """The pruned kernel gradient's stages after the lead one (see :func:`_pruned_grad_kernel`)."""
+def _pruned_tail(q: np.ndarray, shape: Triple, k3: Triple, dilation: Sequence[int], n_out: int) -> np.ndarray:
+    """The pruned kernel gradient's stages after the lead one (see :func:`_pruned_grad_kernel`) on its result
+    ``q`` ``(columns, in, k_lead * out)``."""
     Z, Y, X = shape
+    n_in, cdt, lead_z = q.shape[1], q.dtype.str, Z > 1
     Xh = X // 2 + 1
     kz, ky, kx = k3
     scale = 1.0 / (Z * Y * X)
@@ -432,7 +432,7 @@ def _pruned_tail(q: np.ndarray, shape: Triple, k3: Triple, dilation: Sequence[in
     else:  # 2D: q is (Xh, in, ky, out)
         taps = np.matmul(ex, q.reshape(Xh, n_in * ky * n_out)).real  # (kx, in*ky*out)
         g = taps.reshape(kx, n_in, 1, ky, n_out).transpose(1, 4, 2, 3, 0)
-    return np.ascontiguousarray(g, dtype=np.float32 if dtype == np.complex64 else np.float64)
+    return np.ascontiguousarray(g, dtype=np.float32 if q.dtype == np.complex64 else np.float64)
 
 
 def _fftw_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Triple,
