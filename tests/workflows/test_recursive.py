@@ -72,3 +72,44 @@ def test_the_one_stage_baseline_runs_and_scores_the_same_slices(tmp_path, monkey
     assert (out / "isbi1_net_current.h5").exists()
     assert not (tmp_path / "out" / "recursive").exists()  # the recursive run's checkpoints are not touched
     assert not (tmp_path / "workflows" / "recursive" / "out").exists()
+
+
+def _tiny_fib_checkout(root: Path) -> Path:
+    """workflows/recursive and ../fib-affinity's network, as in the checkout; fib-affinity/data/ a synthetic
+    stand-in for gala-fib (50 sections, as the shipped section ranges need, of 24 x 24)."""
+    folder = root / "workflows" / "recursive"
+    shutil.copytree(SHIPPED / "recursive", folder)
+    fib = root / "workflows" / "fib-affinity"
+    (fib / "data").mkdir(parents=True)
+    shutil.copy(SHIPPED / "fib-affinity" / "fib_affinity.znn", fib)
+    raw, seg = synthetic_em((50, 24, 24), 3, EMStyle(cell_size=8.0, cells="3d"))
+    write_volume(fib / "data" / "train-image.h5", raw)
+    write_volume(fib / "data" / "train-gt.lzf.h5", seg.astype(np.int32))
+    for cfg in folder.glob("fib_*.cfg"):  # small patches: the net's FOV is 17, a section range is 12 to 25 deep
+        cfg.write_text(cfg.read_text().replace("8,32,32", "2,2,2").replace("forward_outsz = auto",
+                                                                           "forward_outsz = 4,8,8"))
+    for plan in folder.glob("fib_*.yaml"):
+        plan.write_text(plan.read_text().replace("minutes: 12", "max_iter: 2").replace("minutes: 18", "max_iter: 2")
+                        .replace("minutes: 30", "max_iter: 2"))
+    return folder
+
+
+def test_the_fib_workflows_run_both_stages_and_the_baseline_and_score_the_reported_sections(tmp_path):
+    """fib_workflow.yaml (stage 1 affinities of the whole volume as stage 2's input-r, seed chosen on sections
+    25-37, 38-49 scored) and fib_one_stage.yaml (stage 1 alone, its own folder), as shipped, on a tiny volume."""
+    folder = _tiny_fib_checkout(tmp_path)
+    for plan in ("fib_workflow.yaml", "fib_one_stage.yaml"):
+        lines: list[str] = []
+        summary = run_workflow(folder / plan, progress=False, log=lines.append)
+        assert summary.ok, "\n".join(lines)
+    out = tmp_path / "out" / "recursive-fib"
+    stage1 = read_volume(out / "fib1_pred_sample3_output.zarr" / "output")
+    assert stage1.shape == (3, 50, 24, 24) and np.isfinite(stage1).all()  # the whole volume: stage 2's input-r
+    assert read_volume(out / "fib2_pred_sample3_output.zarr" / "output").shape == (3, 50, 24, 24)
+    assert read_volume(out / "fib2_seg.zarr" / "labels").shape == (12, 24, 24)  # sections 38-49
+    for scores in ("recursive-fib/scores_stage1", "recursive-fib/scores_stage2", "recursive-fib/scores_stage2_defaults",
+                   "one-stage-fib/scores_segmentation", "one-stage-fib/scores_defaults"):
+        assert 0.0 <= json.loads((tmp_path / "out" / f"{scores}.json").read_text())["rand_error"] <= 1.0, scores
+    assert read_volume(tmp_path / "out" / "one-stage-fib" / "fib1_seg.zarr" / "labels").shape == (12, 24, 24)
+    assert (tmp_path / "out" / "one-stage-fib" / "fib1_net_current.h5").exists()  # its own checkpoints
+    assert not (folder / "out").exists()
