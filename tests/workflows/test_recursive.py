@@ -113,3 +113,20 @@ def test_the_fib_workflows_run_both_stages_and_the_baseline_and_score_the_report
     assert read_volume(tmp_path / "out" / "one-stage-fib" / "fib1_seg.zarr" / "labels").shape == (12, 24, 24)
     assert (tmp_path / "out" / "one-stage-fib" / "fib1_net_current.h5").exists()  # its own checkpoints
     assert not (folder / "out").exists()
+
+
+def test_every_shipped_workflow_file_loads(tmp_path):
+    """Every workflow under workflows/ reads and checks (keys, fan-outs, job files and their `set:` keys), the
+    ablation and MALIS workflows included, which no smoke test runs (their steps are the kinds the runs above take)."""
+    from znn.pipeline.jobs.workflow import load_workflow
+
+    plans = sorted(SHIPPED.rglob("*.yaml"))
+    plans = [p for p in plans if "steps:" in p.read_text()]
+    assert any(p.name == "ablations.yaml" for p in plans)
+    for plan in plans:
+        steps = load_workflow(plan).steps
+        assert steps, plan
+    ablations = load_workflow(SHIPPED / "recursive" / "ablations.yaml").steps
+    variants = {ablations[f"train[{i}]"].options["set"]["train_net_prefix"].rsplit("/", 2)[1] for i in range(5)}
+    assert len(variants) == 5  # each variant writes its own folder
+    assert load_workflow(SHIPPED / "recursive" / "fib_malis.yaml").steps["train"].job.is_malis
