@@ -13,7 +13,8 @@
   close the run comes to the best any scheduler could do with those tasks (1.0 = no idle worker beyond what
   the graph's dependencies force). ``parallel`` is ``sum of task times / (workers * wall)``;
 * ``peak``: the largest amount of memory NumPy held during one step (``tracemalloc``, which NumPy reports its
-  allocations to), above what was held before it;
+  allocations to), above what was held before it, beside the peak :mod:`znn.pipeline.graph.memory` predicts
+  from the plan (``step_predicted_bytes``);
 * PyTorch (when importable, unless ``--no-torch``): the same network from :func:`build_torch_net` with the same
   weights and thread count, timed for a no-grad forward and a forward + backward + SGD step, and the largest
   difference between its forward outputs and ours, relative to the output's largest magnitude.
@@ -254,6 +255,7 @@ def run_net_bench(request: NetRequest, progress: Callable[[str], None] | None = 
     report.update(_sync_overhead(bench, report["modes"]))
     say("peak memory of one step")
     report["peak_bytes"] = _peak(bench.step)
+    report["step_predicted_bytes"] = bench.engine.step_memory().peak
     report["final_cost_finite"] = bool(np.isfinite(bench.step()[0]))
     voxels = math.prod(request.outsz)
     report["train_vox_s"] = voxels / report["step_s"]
@@ -432,7 +434,8 @@ def format_report(r: dict[str, Any]) -> str:
         f"task time {_ms(r['step_busy_s'])} in {r['step_tasks']} tasks, parallel {r['step_parallel']:.2f})",
         f"available parallelism   {r['step_available_parallelism']:.1f}  (task time / critical path of the graph "
         f"planned for {r['plan_workers']} workers)",
-        f"peak memory of a step   {r['peak_bytes'] / 2**20:.0f} MiB (NumPy, tracemalloc)",
+        f"peak memory of a step   {r['peak_bytes'] / 2**20:.0f} MiB (NumPy, tracemalloc); predicted "
+        f"{r.get('step_predicted_bytes', 0) / 2**20:.0f} MiB (znn.pipeline.graph.memory)",
     ]
     if torch:
         lines.append(f"forward vs pytorch      max |ours - torch| / max |torch| = {r['torch_max_rel_diff']:.1e}")

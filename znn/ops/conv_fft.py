@@ -56,6 +56,7 @@ __all__ = [
     "grad_input_spectra",
     "grad_kernel",
     "output_offset",
+    "transform_method",
 ]
 
 # Frequencies per matmul chunk handed to one thread: big enough to hide Python overhead, small enough to
@@ -232,7 +233,7 @@ def kernel_spectra(w_block: np.ndarray, dilation: Sequence[int], shape: Sequence
     shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     n_in, n_out = w_block.shape[:2]
     storage = None if out is None else _kernel_storage(out, w_block, shape3)
-    if _choose(method, w_block.shape[2:], shape3) == "fft":
+    if transform_method(method, w_block.shape[2:], shape3) == "fft":
         full = _fftw_kernel_spectra(w_block, dilation, shape3, threads)
         if storage is not None:
             np.copyto(storage.reshape(full.shape), full)
@@ -256,7 +257,7 @@ def _kernel_storage(out: np.ndarray, w: np.ndarray, shape: Triple) -> np.ndarray
     return base.reshape(shape[0], shape[1], spectrum_shape(shape)[2] * n_in * n_out)
 
 
-def _choose(method: str, kernel_size: Sequence[int], shape: Triple) -> str:
+def transform_method(method: str, kernel_size: Sequence[int], shape: Triple) -> str:
     """Pick pruned matrix-product DFTs or full FFTs for the ``in * out`` kernel transforms.
 
     The pruned way costs about 8 * k_lead complex flops per spectrum value (k_lead: kernel size along the
@@ -348,7 +349,7 @@ def grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Sequence[int], k
                          f"share the FFT shape {shape3}")
     xf = _freq_major(x_spec, 1)
     gf = _freq_major(gy_spec, 1)
-    if _choose(method, k3, shape3) == "fft":
+    if transform_method(method, k3, shape3) == "fft":
         g = _fftw_grad_kernel(xf, gf, shape3, k3, dilation, threads)
     else:
         g = _pruned_grad_kernel(xf, gf, shape3, k3, dilation, threads)

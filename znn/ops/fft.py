@@ -55,7 +55,7 @@ __all__ = [
 
 _LOCAL = threading.local()
 # Bytes of arrays that cached FFTW objects may keep alive, per thread.
-_PLAN_CACHE_BYTES = 256 << 20
+PLAN_CACHE_BYTES = 256 << 20
 _COUNTS_LOCK = threading.Lock()
 _COUNTS: dict[str, int] = {"forward": 0, "inverse": 0}
 
@@ -206,7 +206,7 @@ class _PlanCache:
 def _plans() -> _PlanCache:
     cache = getattr(_LOCAL, "plans", None)
     if cache is None:
-        cache = _PlanCache(_PLAN_CACHE_BYTES)
+        cache = _PlanCache(PLAN_CACHE_BYTES)
         _LOCAL.plans = cache
     return cache
 

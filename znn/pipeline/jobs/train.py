@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from znn.environment import available_memory
 from znn.errors import ConfigError, ShapeError
 from znn.io.config import Job
 from znn.io.locks import RunLock, lock_beside
@@ -26,6 +27,7 @@ from znn.io.samples import SampleData, load_sample
 from znn.io.specfile import load_spec
 from znn.network import Network
 from znn.ops import metrics
+from znn.pipeline.graph.memory import StepMemory
 from znn.pipeline.run.progress import Progress
 from znn.pipeline.run.schedulers import Runner, make_runner, resolve_scheduler
 from znn.pipeline.train.engine import Engine
@@ -41,6 +43,7 @@ from znn.pipeline.train.trainer import (
     seed_network,
 )
 from znn.spec import NetworkSpec
+from znn.text import format_bytes
 
 __all__ = ["train_job", "PatchEvaluator", "load_samples"]
 
@@ -98,6 +101,18 @@ def _announce(log: Callable[[str], None], job: Job, engine: Engine | ReplicaEngi
         f"test {', '.join(str(s.id) for s in test) or 'none (no validation)'}; cost {job.cost}, "
         f"rebalance {job.rebalance}, augmentation {'on' if job.is_data_aug else 'off'}, "
         f"MALIS {job.malis_norm_type if job.is_malis else 'off'}")
+    if isinstance(engine, Engine):  # replicas: each worker holds one step of the engine's plan
+        _announce_memory(log, job, engine.step_memory())
+
+
+def _announce_memory(log: Callable[[str], None], job: Job, memory: StepMemory) -> None:
+    """The step's predicted memory, and a warning where it exceeds what the machine has free."""
+    log(f"one step: about {format_bytes(memory.peak)} of arrays at its peak (predicted, at {memory.at}; "
+        f"{memory.workers} worker(s)), besides {format_bytes(memory.data)} of patch and parameters")
+    free = available_memory()
+    if free and memory.peak + memory.data > free:
+        log(f"warning: that is more than the {format_bytes(free)} this machine has free; the run may be killed "
+            f"for memory. {job.path}: a smaller train_outsz needs less")
 
 
 def _network(job: Job, prefix: Path, seed: str | Path | None, log: Callable[[str], None]) -> tuple[

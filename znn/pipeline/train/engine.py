@@ -13,6 +13,7 @@ from znn.network import Network
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.build import Hyper, Loss, edge_hyper, forward_graph, step_graph, task_priorities
 from znn.pipeline.graph.cache import SpectraCache
+from znn.pipeline.graph.memory import StepMemory, step_memory
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.pipeline.run.schedulers import Runner, make_runner
 
@@ -58,6 +59,11 @@ class Engine:
     @property
     def input_patch(self) -> dict[str, tuple[int, int, int]]:
         return self.plan.layout.input_patch
+
+    def step_memory(self) -> StepMemory:
+        """The predicted peak of a training step's arrays (:mod:`znn.pipeline.graph.memory`) on this engine's
+        workers."""
+        return step_memory(self.plan, self.net, self._threads)
 
     def forward(self, inputs: Mapping[str, np.ndarray], training: bool = False) -> dict[str, np.ndarray]:
         self._plan_transforms("forward")

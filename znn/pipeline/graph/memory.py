@@ -1,0 +1,336 @@
+"""The memory of one training step, predicted from its graph before it runs.
+
+The model walks the step's own graph (:func:`~znn.pipeline.graph.build.step_graph`, so it follows whatever split
+the plan chose) in the order one worker runs it (the graph's priorities, dask's order between equals): every task
+holds its output until the last task that reads it has run, and while it runs it also holds its working arrays.
+Output and working bytes of each operation come from the plan (:func:`task_bytes`); the values in the graph (the
+input patch, kernels, biases, momenta, cached kernel spectra) are counted at their size. With ``workers`` > 1, each
+further worker may hold one more task's working arrays and output at once (the largest), an upper bound of what
+running tasks side by side adds (their outputs are in the walk already); and each worker's cached FFTW objects
+keep the last arrays they ran on alive (up to :data:`znn.ops.fft.PLAN_CACHE_BYTES`), counted as full.
+
+What it predicts is the peak of NumPy's arrays during the step (what ``tracemalloc`` sees); the process adds its
+baseline (interpreter, libraries, FFTW plans) and the allocator's slack. ``znn bench net`` prints it beside the
+measured peak.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from dask.core import get_dependencies
+from dask.order import order
+
+from znn.network import Network
+from znn.ops import fft as fftops
+from znn.ops.fft import PLAN_CACHE_BYTES
+from znn.ops.conv import TILE_BYTES, TILE_VOXELS
+from znn.ops.conv_fft import transform_method
+from znn.pipeline.graph.build import Graph, Hyper, step_graph, task_priorities
+from znn.pipeline.graph.core import Op
+from znn.pipeline.graph.plan import NetPlan
+
+__all__ = ["StepMemory", "step_memory", "task_bytes"]
+
+# Products a kernel-gradient task holds at once (znn.ops.conv_fft's column chunks), at most.
+_PRODUCTS_BYTES = 8 << 20
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """A step's arrays: ``peak``, the most bytes it allocates beyond what it starts with, at once (predicted);
+    ``at``, the task running then; ``data``, the bytes of the values it starts with (patch, kernels, biases,
+    cached spectra), which exist before and after it."""
+
+    peak: int
+    at: str
+    data: int
+    workers: int
+
+
+def step_memory(plan: NetPlan, net: Network, workers: int = 1) -> StepMemory:
+    """Predict the peak bytes of NumPy arrays while one training step of ``net`` at ``plan`` runs on ``workers``."""
+    inputs = {n: np.zeros((plan.spec.nodes[n].size, *plan.layout.extent[n]), net.dtype) for n in plan.spec.inputs}
+    g, results = step_graph(plan, net, inputs, _never_called, Hyper(0.0, 0.0, 0.0), threads=1)
+    wanted = {results["cost"], *(k for ks in results["outputs"].values() for k in ks),
+              *results["kernels"].values(), *results["biases"].values()}
+    itemsize = np.dtype(net.dtype).itemsize
+    return _simulate(g, wanted, itemsize, max(1, int(workers)), _plan_cache_bytes(plan, itemsize))
+
+
+def _plan_cache_bytes(plan: NetPlan, itemsize: int) -> int:
+    """What one thread's cached FFTW objects keep alive at most (:data:`znn.ops.fft.PLAN_CACHE_BYTES`): the last
+    arrays of each transform the step plans (input and gradient spectra, the inverses of outputs and input
+    gradients), one per FFT shape and batch of maps, those the cache keeps, less the spectra the walk counts."""
+    arrays: dict[tuple[Any, ...], int] = {}
+    for name, ep in plan.edges.items():
+        edge = plan.spec.edges[name]
+        if edge.type != "conv" or ep.mode != "fft":
+            continue
+        real, spectra = _vox(ep.transform_shape) * itemsize, _freqs(ep) * 2 * itemsize
+        for node in (edge.input, edge.output):
+            for block in plan.blocks[node]:
+                # a forward plan's output is the spectra the walk counts; its input and an inverse's arrays are not
+                arrays[("forward", ep.transform_shape, _maps(block))] = _maps(block) * real
+                arrays[("inverse", ep.transform_shape, _maps(block))] = _maps(block) * (real + spectra)
+    kept = sum(b for b in arrays.values() if b <= PLAN_CACHE_BYTES // 4)
+    return min(PLAN_CACHE_BYTES, kept)
+
+
+def _never_called(outputs: Mapping[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+    raise AssertionError("the memory model never runs the graph")
+
+
+def _simulate(g: Graph, wanted: set[Any], itemsize: int, workers: int, plans: int) -> StepMemory:
+    deps = {k: get_dependencies(g.dsk, k) for k in g.dsk}
+    readers: dict[Any, int] = dict.fromkeys(g.dsk, 0)
+    for k, ds in deps.items():
+        for d in ds:
+            readers[d] += 1
+    sizes = {k: task_bytes(g, k, itemsize) for k in g.dsk}
+    priority, tie = task_priorities(g), order(g.dsk)
+    ready = [k for k in g.dsk if not deps[k]]
+    waiting = {k: len(ds) for k, ds in deps.items()}
+    dependents: dict[Any, list[Any]] = {k: [] for k in g.dsk}
+    for k, ds in deps.items():
+        for d in ds:
+            dependents[d].append(k)
+    data = sum(_value_bytes(v) for v in g.dsk.values())
+    live, peak, at, biggest = 0, 0, "", 0
+    while ready:
+        ready.sort(key=lambda k: (priority.get(k, 0), -tie.get(k, 0)))
+        key = ready.pop()
+        out, work = sizes[key]
+        biggest = max(biggest, work)
+        if live + out + work > peak:
+            peak, at = live + out + work, _name(g, key)
+        live += out
+        for d in deps[key]:
+            readers[d] -= 1
+            if readers[d] == 0 and d not in wanted:
+                live -= sizes[d][0]
+        for k in dependents[key]:
+            waiting[k] -= 1
+            if waiting[k] == 0:
+                ready.append(k)
+    return StepMemory(peak + (workers - 1) * biggest + workers * plans, at, data, workers)
+
+
+def _name(g: Graph, key: Any) -> str:
+    op, layer = g.origin.get(key, (None, ""))
+    return f"{op.label}-{layer}" if op is not None else str(key[0] if isinstance(key, tuple) else key)
+
+
+def task_bytes(g: Graph, key: Any, itemsize: int) -> tuple[int, int]:
+    """(bytes of the output, bytes of the working arrays while it runs) of one key of the step's graph."""
+    value = g.dsk[key]
+    if key not in g.origin or not (isinstance(value, tuple) and value and callable(value[0])):
+        return 0, 0  # a value the graph starts with (counted in StepMemory.data), or a key without work
+    op, layer = g.origin[key]
+    index = tuple(key[1:])
+    rule = _RULES.get(op)
+    return rule(g, layer, index, itemsize) if rule is not None else (0, 0)
+
+
+def _value_bytes(value: Any) -> int:
+    if isinstance(value, np.ndarray):
+        return int(value.nbytes)
+    if isinstance(value, (list, tuple)) and not (value and callable(value[0])):
+        return sum(_value_bytes(v) for v in value)
+    return 0
+
+
+# ------------------------------------------------------------------------------------------- per operation
+def _maps(block: tuple[int, int]) -> int:
+    return block[1] - block[0]
+
+
+def _vox(shape: Any) -> int:
+    return math.prod(int(v) for v in shape)
+
+
+def _edge(g: Graph, name: str) -> tuple[Any, Any, list[tuple[int, int]], list[tuple[int, int]]]:
+    edge, ep = g.plan.spec.edges[name], g.plan.edges[name]
+    return edge, ep, g.plan.blocks[edge.input], g.plan.blocks[edge.output]
+
+
+def _freqs(ep: Any) -> int:
+    return _vox(fftops.spectrum_shape(ep.transform_shape))
+
+
+def _node_block(g: Graph, node: str, b: int, itemsize: int) -> int:
+    return _maps(g.plan.blocks[node][b]) * _vox(g.plan.layout.extent[node]) * itemsize
+
+
+def _input_block(g: Graph, node: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    return _node_block(g, node, index[0], itemsize), 0
+
+
+def _input_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    _, ep, ib, _ = _edge(g, name)
+    maps = _maps(ib[index[0]])
+    spectra = maps * _freqs(ep) * 2 * itemsize
+    return spectra, maps * _vox(ep.transform_shape) * itemsize + spectra  # the padded maps, a freq-major copy
+
+
+def _grad_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    _, ep, _, ob = _edge(g, name)
+    maps = _maps(ob[index[0]])
+    spectra = maps * _freqs(ep) * 2 * itemsize
+    return spectra, maps * _vox(ep.transform_shape) * itemsize + spectra
+
+
+def _transform_work(edge: Any, ep: Any, pairs: int, itemsize: int) -> int:
+    """Working bytes of the kernel transforms of ``pairs`` map pairs, the way :mod:`znn.ops.conv_fft` makes them:
+    pruned DFTs hold the partial stage over the kernel's lead taps; full FFTs the padded kernels, their spectra and
+    a transposed copy."""
+    shape = ep.transform_shape
+    spectra = pairs * _freqs(ep) * 2 * itemsize
+    if transform_method("auto", edge.size, shape) == "fft":
+        return pairs * _vox(shape) * itemsize + spectra
+    lead = edge.size[0] / shape[0] if shape[0] > 1 else edge.size[1] / shape[1]
+    return int(spectra * lead)
+
+
+def _kernel_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, ib, ob = _edge(g, name)
+    pairs = _maps(ib[index[0]]) * _maps(ob[index[1]])
+    return pairs * _freqs(ep) * 2 * itemsize, _transform_work(edge, ep, pairs, itemsize)
+
+
+def _fft_accumulate(maps: int, blocks: int, ep: Any, itemsize: int) -> int:
+    """Working bytes of a product task: the accumulated spectra (and one block's more), the inverse's copy and
+    its real result."""
+    spectra = maps * _freqs(ep) * 2 * itemsize
+    return spectra * (3 if blocks > 1 else 2) + maps * _vox(ep.transform_shape) * itemsize
+
+
+def _conv(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, ib, ob = _edge(g, name)
+    maps = _maps(ob[index[0]])
+    out = maps * _vox(ep.out_extent) * itemsize
+    if ep.mode == "fft":
+        return out, _fft_accumulate(maps, len(ib), ep, itemsize)
+    return (out if len(ep.out_slabs) > 1 else 0), 0  # one slab: a view of it
+
+
+def _rows(extent: Any, axis: int, rows: tuple[int, int]) -> int:
+    shape = list(extent)
+    shape[axis] = rows[1] - rows[0]
+    return _vox(shape)
+
+
+def _direct_work(columns: int, n_out: int, voxels: int, itemsize: int) -> int:
+    """A direct conv's tile: its gathered columns (``columns`` rows of the column matrix) and partial sums."""
+    tile = min(voxels, TILE_VOXELS)
+    return min(TILE_BYTES, columns * voxels * itemsize) + 2 * n_out * tile * itemsize
+
+
+def _conv_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, _, _ = _edge(g, name)
+    n_in, n_out = g.plan.spec.kernel_shape(name)[:2]
+    rows = ep.out_slabs[index[0]]
+    span = (rows[0], rows[1] + (edge.size[ep.slab_axis] - 1) * ep.dilation[ep.slab_axis])
+    gathered = n_in * _rows(ep.need, ep.slab_axis, span) * itemsize
+    voxels = _rows(ep.out_extent, ep.slab_axis, rows)
+    plane = _vox(edge.size[1:])
+    return n_out * voxels * itemsize, gathered + _direct_work(plane * n_in, n_out, voxels, itemsize)
+
+
+def _grad_input_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, _, _ = _edge(g, name)
+    n_in, n_out = g.plan.spec.kernel_shape(name)[:2]
+    rows = ep.in_slabs[index[0]]
+    halo = [(k - 1) * d for k, d in zip(edge.size, ep.dilation)]
+    padded = [e + 2 * h for e, h in zip(ep.out_extent, halo)]
+    padded[ep.slab_axis] = rows[1] - rows[0] + 2 * halo[ep.slab_axis]
+    voxels = _rows(ep.need, ep.slab_axis, rows)
+    plane = _vox(edge.size[1:])
+    return n_in * voxels * itemsize, 2 * n_out * _vox(padded) * itemsize + _direct_work(plane * n_out, n_in, voxels,
+                                                                                       itemsize)
+
+
+def _grad_kernel_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, _, _ = _edge(g, name)
+    shape = g.plan.spec.kernel_shape(name)
+    n_in, n_out = shape[:2]
+    rows = ep.out_slabs[index[0]]
+    span = (rows[0], rows[1] + (edge.size[ep.slab_axis] - 1) * ep.dilation[ep.slab_axis])
+    voxels = _rows(ep.out_extent, ep.slab_axis, rows)
+    joined = (n_in * _rows(ep.need, ep.slab_axis, span) + n_out * voxels) * itemsize
+    columns = _direct_work(_vox(edge.size[1:]) * n_in, 0, voxels, itemsize)
+    return _vox(shape) * itemsize, joined + columns + 2 * _vox(shape) * itemsize
+
+
+def _grad_input(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, ib, ob = _edge(g, name)
+    maps = _maps(ib[index[0]])
+    return maps * _vox(ep.in_extent) * itemsize, _fft_accumulate(maps, len(ob), ep, itemsize) + \
+        maps * _vox(ep.need) * itemsize
+
+
+def _grad_kernel(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, ib, ob = _edge(g, name)
+    pairs = _maps(ib[index[0]]) * _maps(ob[index[1]])
+    if transform_method("auto", edge.size, ep.transform_shape) == "fft":  # per input map: out maps' products
+        per_map = _maps(ob[index[1]]) * (_freqs(ep) * 2 * itemsize + _vox(ep.transform_shape) * itemsize)
+        return pairs * _vox(edge.size) * itemsize, per_map + _maps(ob[index[1]]) * _freqs(ep) * 2 * itemsize
+    products = min(_PRODUCTS_BYTES, pairs * _freqs(ep) * 2 * itemsize)  # a chunk of the pairs' products
+    return pairs * _vox(edge.size) * itemsize, _transform_work(edge, ep, pairs, itemsize) + products
+
+
+def _one_to_one(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    edge, ep, ib, _ = _edge(g, name)
+    maps = _maps(ib[index[0]])
+    out = maps * _vox(ep.out_extent) * itemsize
+    if edge.type == "max_filter":  # values and the winners' flat index (int32), made from both over the input
+        return 2 * out, 3 * maps * _vox(ep.need) * (itemsize + 4)
+    if edge.type == "max_pool":
+        return out + maps * _vox(ep.out_extent) * 8, maps * _vox(ep.need) * itemsize
+    if edge.type == "dropout":
+        return out + maps * _vox(ep.out_extent), 0
+    return out, 0
+
+
+def _node(g: Graph, node: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    block = _node_block(g, node, index[0], itemsize)
+    return block, block  # the sum of the parts, then the transfer's result
+
+
+def _maxout(g: Graph, layer: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    if layer in g.plan.spec.nodes:  # a maxout node: the maximum and the index of the winning edge
+        block = _node_block(g, layer, index[0], itemsize)
+        return 2 * block, block
+    return _one_to_one(g, layer, index, itemsize)
+
+
+def _node_gradient(g: Graph, node: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    """The gradient of a block, from its outgoing edges' parts: those of one-to-one edges are computed inside this
+    task (padded to the node), then summed."""
+    block = _node_block(g, node, index[0], itemsize)
+    return block, block * (len(g.plan.spec.outgoing[node]) + 1)
+
+
+def _loss(g: Graph, layer: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    total = sum(g.plan.spec.nodes[n].size * _vox(g.plan.layout.extent[n]) * itemsize for n in g.plan.spec.outputs)
+    return total, 2 * total
+
+
+def _update(g: Graph, layer: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
+    spec = g.plan.spec
+    size = _vox(spec.kernel_shape(layer)) if layer in spec.edges else spec.nodes[layer].size
+    return 3 * size * itemsize, size * itemsize
+
+
+_RULES = {
+    Op.INPUT_BLOCK: _input_block, Op.INPUT_SPECTRA: _input_spectra, Op.KERNEL_SPECTRA: _kernel_spectra,
+    Op.CONV: _conv, Op.CONV_SLAB: _conv_slab, Op.MAX_FILTER: _one_to_one, Op.MAX_POOL: _one_to_one,
+    Op.DROPOUT: _one_to_one, Op.CROP: _one_to_one, Op.MAXOUT: _maxout, Op.NODE: _node, Op.LOSS: _loss,
+    Op.NODE_GRADIENT: _node_gradient, Op.GRAD_SPECTRA: _grad_spectra, Op.GRAD_INPUT: _grad_input,
+    Op.GRAD_INPUT_SLAB: _grad_input_slab, Op.GRAD_KERNEL: _grad_kernel, Op.GRAD_KERNEL_SLAB: _grad_kernel_slab,
+    Op.UPDATE: _update,
+}
