@@ -16,6 +16,8 @@ measured peak.
 
 from __future__ import annotations
 
+import dataclasses
+import heapq
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -44,7 +46,7 @@ _PRODUCTS_BYTES = 8 << 20
 class StepMemory:
     """A step's arrays: ``peak``, the most bytes it allocates beyond what it starts with, at once (predicted);
     ``at``, the task running then; ``data``, the bytes of the values it starts with (patch, kernels, biases,
-    cached spectra), which exist before and after it."""
+    cached spectra, momenta), which exist before and after it."""
 
     peak: int
     at: str
@@ -59,7 +61,9 @@ def step_memory(plan: NetPlan, net: Network, workers: int = 1) -> StepMemory:
     wanted = {results["cost"], *(k for ks in results["outputs"].values() for k in ks),
               *results["kernels"].values(), *results["biases"].values()}
     itemsize = np.dtype(net.dtype).itemsize
-    return _simulate(g, wanted, itemsize, max(1, int(workers)), _plan_cache_bytes(plan, itemsize))
+    memory = _simulate(g, wanted, itemsize, max(1, int(workers)), _plan_cache_bytes(plan, itemsize))
+    momenta = sum(a.nbytes for a in (*net.kernel_momentum.values(), *net.bias_momentum.values()))
+    return dataclasses.replace(memory, data=memory.data + momenta)
 
 
 def _plan_cache_bytes(plan: NetPlan, itemsize: int) -> int:
@@ -86,24 +90,22 @@ def _never_called(outputs: Mapping[str, np.ndarray]) -> tuple[float, dict[str, n
 
 
 def _simulate(g: Graph, wanted: set[Any], itemsize: int, workers: int, plans: int) -> StepMemory:
+    """Walk ``g`` in the order one worker runs it (highest priority first among ready tasks, dask's order between
+    equals), each output held until its last reader ran (``wanted`` outputs to the end)."""
     deps = {k: get_dependencies(g.dsk, k) for k in g.dsk}
-    readers: dict[Any, int] = dict.fromkeys(g.dsk, 0)
-    for k, ds in deps.items():
-        for d in ds:
-            readers[d] += 1
-    sizes = {k: task_bytes(g, k, itemsize) for k in g.dsk}
-    priority, tie = task_priorities(g), order(g.dsk)
-    ready = [k for k in g.dsk if not deps[k]]
-    waiting = {k: len(ds) for k, ds in deps.items()}
     dependents: dict[Any, list[Any]] = {k: [] for k in g.dsk}
     for k, ds in deps.items():
         for d in ds:
             dependents[d].append(k)
-    data = sum(_value_bytes(v) for v in g.dsk.values())
-    live, peak, at, biggest = 0, 0, "", 0
+    readers = {k: len(ds) for k, ds in dependents.items()}
+    waiting = {k: len(ds) for k, ds in deps.items()}
+    sizes = {k: task_bytes(g, k, itemsize) for k in g.dsk}
+    priority, tie = task_priorities(g), order(g.dsk)
+    ready = [(-priority[k], tie[k], i, k) for i, k in enumerate(g.dsk) if not deps[k]]
+    heapq.heapify(ready)
+    live, peak, at, biggest, count = 0, 0, "", 0, len(g.dsk)
     while ready:
-        ready.sort(key=lambda k: (priority.get(k, 0), -tie.get(k, 0)))
-        key = ready.pop()
+        key = heapq.heappop(ready)[-1]
         out, work = sizes[key]
         biggest = max(biggest, work)
         if live + out + work > peak:
@@ -116,7 +118,9 @@ def _simulate(g: Graph, wanted: set[Any], itemsize: int, workers: int, plans: in
         for k in dependents[key]:
             waiting[k] -= 1
             if waiting[k] == 0:
-                ready.append(k)
+                count += 1
+                heapq.heappush(ready, (-priority[k], tie[k], count, k))
+    data = sum(_value_bytes(v) for v in g.dsk.values())
     return StepMemory(peak + (workers - 1) * biggest + workers * plans, at, data, workers)
 
 
