@@ -190,3 +190,30 @@ def test_segment_chooses_the_seed_threshold_on_labels(tmp_path, capsys):
     assert not (tmp_path / "b.zarr").exists()
     assert main(["segment", str(pred), str(tmp_path / "c.zarr"), "--choose-pred", str(pred)]) == 2
     assert "add --choose-on LABELS" in capsys.readouterr().err
+
+
+def test_segment_chooses_seed_and_merge_thresholds_of_affinities_on_labels(tmp_path, capsys):
+    """For affinities (whose fragments are agglomerated) --choose-on tries every seed threshold with every merge
+    threshold of its grid; the pair of the lowest adapted Rand error segments the prediction."""
+    from tests.ops.test_segment import affinity_map
+    from znn.ops.segment import Method, segment
+    from znn.pipeline.jobs.choose import MERGE_GRID, SEED_GRID
+
+    labels = cells((6, 32, 32), 10, 3, flat=False)
+    aff = affinity_map(labels, 3)
+    write_volume(tmp_path / "pred.zarr", aff)
+    write_volume(tmp_path / "labels.tif", labels.astype(np.uint16))
+    store = tmp_path / "seg.zarr"
+    assert main(["segment", str(tmp_path / "pred.zarr"), str(store), "--type", "affinity", "--choose-on",
+                 str(tmp_path / "labels.tif"), "--quiet"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if len(line.split()) >= 5 and line.split()[0] in
+            map(str, SEED_GRID) and line.split()[1] in map(str, MERGE_GRID)]
+    assert sorted((float(r[0]), float(r[1])) for r in rows) == sorted(
+        (s, m) for s in SEED_GRID for m in MERGE_GRID)
+    chosen = [r for r in rows if r[-1] == "chosen"]
+    assert len(chosen) == 1 and float(chosen[0][2]) == min(float(r[2]) for r in rows)
+    seed, merge = float(chosen[0][0]), float(chosen[0][1])
+    assert f"merge threshold {merge:g}" in out
+    want = segment(aff, Method.of("affinity", seed_threshold=seed, merge_threshold=merge))
+    assert _same_partition(read_volume(store / "labels"), want)

@@ -46,7 +46,7 @@ class SegmentJob:
     progress: bool = True
     pyramid: int | str = 0
     notes: TextIO | None = None  # where progress and notes go (None: stderr)
-    choose_on: str | None = None  # labels to choose the seed threshold on (see znn.pipeline.jobs.choose)
+    choose_on: str | None = None  # labels to choose the thresholds on (see znn.pipeline.jobs.choose)
     choose_pred: str | None = None  # the part of the prediction those labels cover (None: all of pred)
 
 
@@ -80,8 +80,9 @@ def segment_job(job: SegmentJob) -> SegmentResult:
 
 
 def _chosen(job: SegmentJob) -> Method:
-    """The job's method with the seed threshold that segments ``choose_pred`` best against ``choose_on``; the
-    table of every threshold's scores goes to the notes (it is a result: also under --quiet)."""
+    """The job's method with the seed threshold (for affinities also the merge threshold) that segments
+    ``choose_pred`` best against ``choose_on``; the table of every candidate's scores goes to the notes (it is a
+    result: also under --quiet)."""
     from znn.pipeline.jobs.choose import choose_seed_threshold
 
     assert job.choose_on is not None
