@@ -40,7 +40,8 @@ def prediction(tmp_path: Path, case: str, seed: int = 0) -> tuple[str, np.ndarra
     pred = boundary_map(labels, seed, dims == "2d") if kind == "boundary" else affinity_map(labels, seed)
     path = str(tmp_path / "pred.zarr")
     write_volume(path, pred)
-    settings = {"seed_threshold": 0.3} if kind == "boundary" else {}
+    # thresholds that cut these synthetic volumes into many objects (not the defaults, which are chosen on EM)
+    settings = {"seed_threshold": 0.3} if kind == "boundary" else {"seed_threshold": 0.1, "merge_threshold": 0.5}
     return path, pred, Method.of(kind, dims, **settings)
 
 
