@@ -102,6 +102,8 @@ def test_the_fib_workflows_run_both_stages_and_the_baseline_and_score_the_report
         lines: list[str] = []
         summary = run_workflow(folder / plan, progress=False, log=lines.append)
         assert summary.ok, "\n".join(lines)
+        # each training step says what memory it will need (znn.pipeline.graph.memory)
+        assert any("one step: about" in line and "of arrays at its peak (predicted" in line for line in lines)
     out = tmp_path / "out" / "recursive-fib"
     stage1 = read_volume(out / "fib1_pred_sample3_output.zarr" / "output")
     assert stage1.shape == (3, 50, 24, 24) and np.isfinite(stage1).all()  # the whole volume: stage 2's input-r

@@ -21,9 +21,10 @@ from znn.text import format_table
 __all__ = ["SEED_GRID", "MERGE_GRID", "Choice", "choose_seed_threshold"]
 
 # Seeds are the voxels whose height (boundary probability, or 1 - mean affinity) is below the threshold: from
-# sparse seeds (merges) to dense ones (splits); both types' defaults (0.03, 0.1) are on it.
+# sparse seeds (merges) to dense ones (splits); both types' defaults (0.03, 0.01) are on it.
 SEED_GRID = (0.01, 0.02, 0.03, 0.05, 0.07, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5)
-# Affinity fragments are merged while their mean affinity is above the merge threshold: from many merges to few.
+# Affinity fragments are merged while their mean affinity is above the merge threshold: from many merges to few
+# (the affinity default, 0.3, is on it).
 # On the FIB-SEM volume's validation sections it moved the adapted Rand error as much as the seed did (0.0557 at the
 # default 0.5, 0.0480 at 0.3, 0.335 at 0.1; 30-minute network, seed 0.01).
 MERGE_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
@@ -31,7 +32,7 @@ MERGE_GRID = (0.2, 0.3, 0.4, 0.5, 0.6, 0.7)
 
 @dataclass(frozen=True)
 class Choice:
-    """The method with the chosen seed threshold, and each threshold's scores on the labels."""
+    """The method with the chosen thresholds, and each candidate's method and scores on the labels."""
 
     method: Method
     rows: tuple[tuple[Method, dict[str, float]], ...]
