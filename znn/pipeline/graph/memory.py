@@ -5,8 +5,8 @@ the plan chose) in the order one worker runs it (the graph's priorities, dask's 
 holds its output until the last task that reads it has run, and while it runs it also holds its working arrays.
 Output and working bytes of each operation come from the plan (:func:`task_bytes`); the values in the graph (the
 input patch, kernels, biases, momenta, cached kernel spectra) are counted at their size. With ``workers`` > 1, each
-further worker may hold one more task's working arrays and output at once (the largest), an upper bound of what
-running tasks side by side adds (their outputs are in the walk already); and each worker's cached FFTW objects
+further worker may hold one more task's working arrays at once (the largest), an upper bound of what running
+tasks side by side adds (their outputs are in the walk already); and each worker's cached FFTW objects
 keep the last arrays they ran on alive (up to :data:`znn.ops.fft.PLAN_CACHE_BYTES`), counted as full.
 
 What it predicts is the peak of NumPy's arrays during the step (what ``tracemalloc`` sees); the process adds its
@@ -29,9 +29,9 @@ from dask.order import order
 
 from znn.network import Network
 from znn.ops import fft as fftops
-from znn.ops.fft import PLAN_CACHE_BYTES
 from znn.ops.conv import TILE_BYTES, TILE_VOXELS
 from znn.ops.conv_fft import transform_method
+from znn.ops.fft import PLAN_CACHE_BYTES
 from znn.pipeline.graph.build import Graph, Hyper, step_graph, task_priorities
 from znn.pipeline.graph.core import Op
 from znn.pipeline.graph.plan import NetPlan
@@ -174,18 +174,20 @@ def _input_block(g: Graph, node: str, index: tuple[int, ...], itemsize: int) -> 
     return _node_block(g, node, index[0], itemsize), 0
 
 
+def _spectra(maps: int, ep: Any, itemsize: int) -> tuple[int, int]:
+    """The spectra of ``maps`` maps, and the padded maps and a frequency-major copy while they are made."""
+    spectra = maps * _freqs(ep) * 2 * itemsize
+    return spectra, maps * _vox(ep.transform_shape) * itemsize + spectra
+
+
 def _input_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     _, ep, ib, _ = _edge(g, name)
-    maps = _maps(ib[index[0]])
-    spectra = maps * _freqs(ep) * 2 * itemsize
-    return spectra, maps * _vox(ep.transform_shape) * itemsize + spectra  # the padded maps, a freq-major copy
+    return _spectra(_maps(ib[index[0]]), ep, itemsize)
 
 
 def _grad_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     _, ep, _, ob = _edge(g, name)
-    maps = _maps(ob[index[0]])
-    spectra = maps * _freqs(ep) * 2 * itemsize
-    return spectra, maps * _vox(ep.transform_shape) * itemsize + spectra
+    return _spectra(_maps(ob[index[0]]), ep, itemsize)
 
 
 def _transform_work(edge: Any, ep: Any, pairs: int, itemsize: int) -> int:
