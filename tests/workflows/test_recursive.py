@@ -33,7 +33,7 @@ def _tiny_checkout(root: Path) -> Path:
         cfg.write_text(text.replace("forward_outsz = auto", "forward_outsz = 1,32,32"))
     for plan in folder.glob("*.yaml"):
         plan.write_text(plan.read_text().replace("minutes: 12", "max_iter: 3").replace("minutes: 18", "max_iter: 3")
-                        .replace("minutes: 30", "max_iter: 3"))
+                        .replace("minutes: 30", "max_iter: 3").replace("minutes: 6", "max_iter: 3"))
     return folder / "workflow.yaml"
 
 
@@ -72,6 +72,25 @@ def test_the_one_stage_baseline_runs_and_scores_the_same_slices(tmp_path, monkey
     assert (out / "isbi1_net_current.h5").exists()
     assert not (tmp_path / "out" / "recursive").exists()  # the recursive run's checkpoints are not touched
     assert not (tmp_path / "workflows" / "recursive" / "out").exists()
+
+
+def test_cross_prediction_trains_stage_two_on_predictions_of_slices_stage_one_never_saw(tmp_path):
+    """cross.yaml: two stage-1 networks, each on half the training slices, predict the stack; stage 2 trains on
+    both halves (samples 1 and 4), each half read with the other network's prediction."""
+    folder = _tiny_checkout(tmp_path).parent
+    lines: list[str] = []
+    summary = run_workflow(folder / "cross.yaml", progress=False, log=lines.append)
+    assert summary.ok, "\n".join(lines)
+    out = tmp_path / "out" / "cross"
+    a = read_volume(out / "isbi1a_pred_sample3_output.zarr" / "output")
+    b = read_volume(out / "isbi1b_pred_sample3_output.zarr" / "output")
+    assert a.shape == b.shape == (2, 20, 96, 96) and not np.array_equal(a, b)  # two networks
+    spec = (folder / "isbi_cross2.spec").read_text()
+    assert "isbi1b_pred_sample3_output.zarr/output[0:5]" in spec and "isbi1a_pred_sample3_output.zarr/output[5:10]" in spec
+    assert any("samples: train 1, 4 (" in line for line in lines), "\n".join(lines)  # stage 2 trains on both halves
+    assert read_volume(out / "isbi2_seg.zarr" / "labels").shape == (5, 96, 96)
+    for name in ("scores_stage1a", "scores_stage2", "scores_stage2_map"):
+        assert 0.0 <= json.loads((out / f"{name}.json").read_text())["rand_error"] <= 1.0, name
 
 
 def _tiny_fib_checkout(root: Path) -> Path:

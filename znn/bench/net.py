@@ -6,9 +6,10 @@
   after a warm-up that plans the FFTs;
 * ``step``: one training step (forward, loss, backward, SGD update of every kernel and bias), median;
 * ``overhead``: the share of a step not spent inside tasks, measured on the *synchronous* scheduler, where
-  nothing waits for anything: ``(wall - sum of task times) / wall``. It counts building the graph, culling,
-  dask's bookkeeping and the engine's own work around ``get``; it is the cost of expressing the step as a
-  graph, free of idle time;
+  nothing waits for anything: ``(wall - sum of task times) / wall``. It counts building the graph (or, as training
+  runs it, putting a step's values into the graph built once), culling, dask's bookkeeping and the engine's own
+  work around ``get``; it is the cost of expressing the step as a graph, free of idle time. ``overhead_rebuilt``
+  is the same with the graph built for every step (as a cluster gets it);
 * ``efficiency``: on the threaded scheduler, ``max(critical path, sum of task times / workers) / wall``: how
   close the run comes to the best any scheduler could do with those tasks (1.0 = no idle worker beyond what
   the graph's dependencies force). ``parallel`` is ``sum of task times / (workers * wall)``;
@@ -26,6 +27,7 @@ Ours and PyTorch's runs are interleaved repetition by repetition so machine nois
 
 from __future__ import annotations
 
+import functools
 import math
 import platform
 import statistics
@@ -39,6 +41,7 @@ from typing import Any
 
 import numpy as np
 from dask.core import get_deps
+from dask.task_spec import Task, TaskRef
 
 from znn.bench.common import import_torch
 from znn.network import Network
@@ -138,12 +141,21 @@ class TimingRunner(Runner):
 
 def _wrap(task: Any, key: Any, log: list[tuple[Any, float, float]]) -> Any:
     """``task`` with the function of it and of every task nested in its arguments timed under ``key`` (nested
-    tasks run before their parent's function, on the same worker, as part of the same task)."""
+    tasks run before their parent's function, on the same worker, as part of the same task). A task in dask's
+    task spec (a reused step graph, :mod:`znn.pipeline.graph.reuse`) is timed whole: its dependencies' values in,
+    its result out."""
+    if isinstance(task, Task):
+        deps = tuple(task.dependencies)
+        return Task(key, _Timed(functools.partial(_evaluate, task, deps), key, log), *(TaskRef(d) for d in deps))
     if isinstance(task, tuple) and task and callable(task[0]):
         return (_Timed(task[0], key, log), *(_wrap(a, key, log) for a in task[1:]))
     if isinstance(task, list):
         return [_wrap(a, key, log) for a in task]
     return task
+
+
+def _evaluate(task: Task, deps: tuple[Any, ...], *values: Any) -> Any:
+    return task(dict(zip(deps, values)))
 
 
 # ---------------------------------------------------------------------------------------------- the problem
@@ -331,21 +343,26 @@ def _threaded_efficiency(walls: Sequence[float], step_runs: Sequence[GraphRun], 
 
 
 def _sync_overhead(bench: _Bench, modes: dict[str, str]) -> dict[str, Any]:
-    """The share of a synchronous step spent outside tasks (and outside dask's get), medians."""
-    runner = TimingRunner("synchronous", 1)
-    sync = Engine(bench.net.copy(), bench.request.outsz, modes if modes else bench.request.mode, runner,
-                  seed=bench.request.seed, plan_workers=bench.engine.plan.workers)
-    bench.step(sync)
-    shares, sync_walls = [], []
-    for _ in range(bench.request.sync_repeat):
-        t = time.perf_counter()
+    """The share of a synchronous step spent outside tasks (and outside dask's get), medians: with the step's
+    graph built once and run again (what training does, :mod:`znn.pipeline.graph.reuse`) and built for every step
+    (as a cluster gets it, and every step was before)."""
+    report: dict[str, Any] = {}
+    for reuse, suffix in ((True, ""), (False, "_rebuilt")):
+        runner = TimingRunner("synchronous", 1)
+        sync = Engine(bench.net.copy(), bench.request.outsz, modes if modes else bench.request.mode, runner,
+                      seed=bench.request.seed, plan_workers=bench.engine.plan.workers, reuse_graphs=reuse)
         bench.step(sync)
-        w = time.perf_counter() - t
-        r = runner.runs[-1]
-        sync_walls.append(w)
-        shares.append(((w - r.busy) / w, (w - r.wall) / w))
-    return {"sync_step_s": _median(sync_walls), "overhead": _median([s[0] for s in shares]),
-            "overhead_outside_get": _median([s[1] for s in shares])}
+        shares, sync_walls = [], []
+        for _ in range(bench.request.sync_repeat):
+            t = time.perf_counter()
+            bench.step(sync)
+            w = time.perf_counter() - t
+            r = runner.runs[-1]
+            sync_walls.append(w)
+            shares.append(((w - r.busy) / w, (w - r.wall) / w))
+        report.update({f"sync_step_s{suffix}": _median(sync_walls), f"overhead{suffix}": _median([s[0] for s in shares]),
+                       f"overhead_outside_get{suffix}": _median([s[1] for s in shares])})
+    return report
 
 
 def _peak(fn: Callable[[], Any]) -> int:
@@ -429,7 +446,9 @@ def format_report(r: dict[str, Any]) -> str:
         + (f"{r['torch_train_vox_s']:>12,.0f}{r['train_vox_s'] / r['torch_train_vox_s']:>12.2f}" if torch else ""),
         "",
         f"scheduler overhead      {100 * r['overhead']:.1f}% of a synchronous step ({_ms(r['sync_step_s'])}; "
-        f"{100 * r['overhead_outside_get']:.1f}% outside dask's get)",
+        f"{100 * r['overhead_outside_get']:.1f}% outside dask's get); the graph built for every step: "
+        f"{100 * r['overhead_rebuilt']:.1f}% ({_ms(r['sync_step_s_rebuilt'])}; "
+        f"{100 * r['overhead_outside_get_rebuilt']:.1f}%)",
         f"threaded efficiency     {r['step_efficiency']:.2f}  (critical path {_ms(r['step_critical_path_s'])}, "
         f"task time {_ms(r['step_busy_s'])} in {r['step_tasks']} tasks, parallel {r['step_parallel']:.2f})",
         f"available parallelism   {r['step_available_parallelism']:.1f}  (task time / critical path of the graph "

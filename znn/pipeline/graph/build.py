@@ -1,7 +1,9 @@
 """Dask graphs of a network: one forward pass, and one training step (forward, loss, backward, update).
 
 Keys are ``("<op>-<layer>-<token>", block...)`` (:class:`~znn.pipeline.graph.core.Graph`): the same network, inputs
-and step give the same keys. Feature maps are grouped into blocks and direct conv layers into slabs of rows, as
+and step give the same keys. The values a graph starts with enter it through ``Graph.data`` (:func:`_forward_data`,
+:func:`_step_data`), so :func:`step_data` gives a step graph built once the values of a new step
+(:mod:`~znn.pipeline.graph.reuse`). Feature maps are grouped into blocks and direct conv layers into slabs of rows, as
 the plan sized them for its workers (:mod:`znn.pipeline.graph.blocks`); each kind of edge has its builder
 (:mod:`~znn.pipeline.graph.fft_edges`, :mod:`~znn.pipeline.graph.direct_edges`,
 :mod:`~znn.pipeline.graph.one_to_one_edges`), and this module joins them through the node groups.
@@ -32,41 +34,70 @@ from znn.pipeline.graph.direct_edges import Finish
 from znn.pipeline.graph.plan import NetPlan
 from znn.spec import NodeGroup
 
-__all__ = ["Graph", "Hyper", "Loss", "edge_hyper", "forward_graph", "step_graph", "task_priorities", "layer_depths"]
+__all__ = ["Graph", "Hyper", "Loss", "cached_spectra", "edge_hyper", "forward_graph", "step_data", "step_graph",
+           "task_priorities", "layer_depths"]
 
 Loss = Callable[[dict[str, np.ndarray]], tuple[float, dict[str, np.ndarray]]]
 
 
 def forward_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], *, training: bool = False,
-                  seed: int = 0, step: int = 0, cache: SpectraCache | None = None, threads: int = 1) -> Graph:
+                  seed: int = 0, step: int = 0, cache: SpectraCache | None = None, threads: int = 1,
+                  token: str | None = None) -> Graph:
     """The forward pass for ``inputs`` (input node -> (maps, z, y, x) patches of the planned extent).
 
     ``threads``: the cores the graph will run on (the workers of a threaded scheduler, else 1); stages with
     fewer tasks than that give their tasks several threads. Keys and numbers do not depend on it.
+    ``token``: the keys' token; by default one of the data, so that different data never share a key (a cluster
+    may hold results of an earlier graph); a graph built to be run again on new values
+    (:mod:`~znn.pipeline.graph.reuse`) names its own.
     """
     spec = plan.spec
     _check_inputs(plan, inputs)
-    token = tokenize(plan.output_patch, plan.workers, {k: plan.edges[k].mode for k in plan.edges}, net.kernels,
-                     net.biases, dict(inputs), training, seed, step)
+    if token is None:
+        token = tokenize(plan.output_patch, plan.workers, {k: plan.edges[k].mode for k in plan.edges}, net.kernels,
+                         net.biases, dict(inputs), training, seed, step)
     g = Graph(plan, token, threads=max(1, int(threads)))
-    for name in spec.conv_edges():
-        g.params[name] = ("kernel-" + name + "-" + token,)
-        g.dsk[g.params[name]] = net.kernels[name]
-    for name in spec.bias_nodes():
-        g.params[name] = ("bias-" + name + "-" + token,)
-        g.dsk[g.params[name]] = net.biases[name]
+    _forward_data(g, net, inputs, training, step, cache)
     for node in spec.order():
         if spec.nodes[node].type == "input":
-            _input_node(g, node, inputs[node])
             continue
         finish = _fused_finish(g, node, training)
         for edge in spec.incoming[node]:
-            _edge_forward(g, edge, training, seed, step, cache, finish)
+            _edge_forward(g, edge, training, seed, finish)
         if finish is not None:  # the conv edge's tasks applied the node: their results are its activations
             g.act[node] = list(g.fwd[spec.incoming[node][0]])
         else:
             _node_forward(g, node, training)
     return g
+
+
+def _forward_data(g: Graph, net: Network, inputs: Mapping[str, np.ndarray], training: bool, step: int,
+                  cache: SpectraCache | None) -> None:
+    """Every value a forward pass starts with: parameters, the input patches (and their blocks), the step's
+    number when training, the kernel spectra the cache holds."""
+    spec = g.plan.spec
+    for name in spec.conv_edges():
+        g.params[name] = g.data(Op.KERNEL, name, value=net.kernels[name])
+    for name in spec.bias_nodes():
+        g.params[name] = g.data(Op.BIAS, name, value=net.biases[name])
+    for name in spec.inputs:
+        _input_node(g, name, inputs[name])
+    if training:
+        g.step_key = g.data(Op.STEP, "net", value=int(step))
+    for name, spectra in cached_spectra(g.plan, cache).items():
+        g.kspec[name] = [[g.data(Op.CACHED_SPECTRA, name, i, j, value=a) for j, a in enumerate(row)]
+                         for i, row in enumerate(spectra)]
+
+
+def cached_spectra(plan: NetPlan, cache: SpectraCache | None) -> dict[str, list[list[np.ndarray]]]:
+    """The kernel spectra ``cache`` holds for FFT-mode conv edges of ``plan`` (edge -> [in block][out block])."""
+    found = {}
+    for name in plan.spec.conv_edges():
+        ep = plan.edges[name]
+        spectra = cache.get(name, ep.fft_shape) if cache is not None and ep.mode == "fft" else None
+        if spectra is not None:
+            found[name] = spectra
+    return found
 
 
 def _check_inputs(plan: NetPlan, inputs: Mapping[str, np.ndarray]) -> None:
@@ -82,11 +113,9 @@ def _check_inputs(plan: NetPlan, inputs: Mapping[str, np.ndarray]) -> None:
 def _input_node(g: Graph, node: str, data: np.ndarray) -> None:
     blocks = g.plan.blocks[node]
     if len(blocks) == 1:
-        g.act[node] = [g.key(Op.INPUT, node, 0)]
-        g.dsk[g.act[node][0]] = np.ascontiguousarray(data)
+        g.act[node] = [g.data(Op.INPUT, node, 0, value=np.ascontiguousarray(data))]
         return
-    whole = g.key(Op.INPUT, node)
-    g.dsk[whole] = data
+    whole = g.data(Op.INPUT, node, value=data)
     g.act[node] = [g.key(Op.INPUT_BLOCK, node, i) for i in range(len(blocks))]
     for k, b in zip(g.act[node], blocks):
         g.dsk[k] = call(tasks.take_maps, whole, block=b)
@@ -103,15 +132,14 @@ def _fused_finish(g: Graph, node: str, training: bool) -> Finish:
     return _transfer(group, training), (g.params[node] if group.type == "transfer" else None)
 
 
-def _edge_forward(g: Graph, name: str, training: bool, seed: int, step: int, cache: SpectraCache | None,
-                  finish: Finish) -> None:
+def _edge_forward(g: Graph, name: str, training: bool, seed: int, finish: Finish) -> None:
     edge = g.plan.spec.edges[name]
     if edge.type != "conv":
-        one_to_one_edges.forward(g, name, training, seed, step)
+        one_to_one_edges.forward(g, name, training, seed)
     elif g.plan.edges[name].mode == "direct":
         direct_edges.forward(g, name, finish)
     else:
-        fft_edges.forward(g, name, cache, finish)
+        fft_edges.forward(g, name, finish)
 
 
 def edge_output(g: Graph, name: str, block: int) -> Any:
@@ -198,6 +226,7 @@ class GraphOptions(TypedDict, total=False):
     step: int
     cache: SpectraCache | None
     threads: int
+    token: str | None
 
 
 def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper,
@@ -206,15 +235,37 @@ def step_graph(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], lo
     ``cost``, ``outputs`` (node -> block keys), ``kernels``/``biases`` (group -> key of (param, momentum, grad)),
     ``kspec`` (edge -> kernel spectra keys computed here, for edges that are not updated)."""
     g = forward_graph(plan, net, inputs, training=True, **options)
+    _step_data(g, net, loss)
     outputs = {n: g.act[n] for n in plan.spec.outputs}
     loss_key = g.key(Op.LOSS, "net")
-    g.dsk[loss_key] = call(tasks.loss_task, list(outputs.values()), loss=loss, names=list(outputs))
+    g.dsk[loss_key] = call(tasks.loss_task, list(outputs.values()), g.loss_key, names=list(outputs))
     pre = _backward(g, loss_key)
     cost_key = g.key(Op.COST, "net")
     g.dsk[cost_key] = (tasks.item, loss_key, 0)
-    results: dict[str, Any] = {"cost": cost_key, "outputs": outputs, **_updates(g, net, hyper, pre)}
+    results: dict[str, Any] = {"cost": cost_key, "outputs": outputs, **_updates(g, hyper, pre)}
     results["kspec"] = dict(g.new_kspec)
     return g, results
+
+
+def _step_data(g: Graph, net: Network, loss: Loss) -> None:
+    """The values a step starts with besides the forward pass's: the loss and every parameter's velocity."""
+    g.loss_key = g.data(Op.LOSS_FUNCTION, "net", value=loss)
+    for name in g.plan.spec.conv_edges():
+        g.momenta["kernel", name] = g.data(Op.KERNEL_MOMENTUM, name, value=net.kernel_momentum[name])
+    for name in g.plan.spec.bias_nodes():
+        g.momenta["bias", name] = g.data(Op.BIAS_MOMENTUM, name, value=net.bias_momentum[name])
+
+
+def step_data(plan: NetPlan, net: Network, inputs: Mapping[str, np.ndarray], loss: Loss, *, token: str,
+              step: int = 0, cache: SpectraCache | None = None) -> dict[Key, Any]:
+    """The values (key -> value) a training step graph built by :func:`step_graph` with ``token`` starts with,
+    for these inputs, loss, step number and the network's current parameters: what running that graph again for
+    a new step needs (:mod:`~znn.pipeline.graph.reuse`). The same functions put them into both."""
+    _check_inputs(plan, inputs)
+    g = Graph(plan, token)
+    _forward_data(g, net, inputs, True, step, cache)
+    _step_data(g, net, loss)
+    return {k: g.dsk[k] for k in g.data_keys}
 
 
 def _backward(g: Graph, loss_key: Key) -> dict[str, list[Any]]:
@@ -240,7 +291,7 @@ def _backward(g: Graph, loss_key: Key) -> dict[str, list[Any]]:
     return pre
 
 
-def _updates(g: Graph, net: Network, hyper: Hyper, pre: Mapping[str, list[Any]]) -> dict[str, dict[str, Key]]:
+def _updates(g: Graph, hyper: Hyper, pre: Mapping[str, list[Any]]) -> dict[str, dict[str, Key]]:
     """The SGD update of every kernel (per-edge hyperparameters) and bias: ``kernels`` and ``biases``, group ->
     key of (param, momentum, grad)."""
     spec = g.plan.spec
@@ -248,13 +299,13 @@ def _updates(g: Graph, net: Network, hyper: Hyper, pre: Mapping[str, list[Any]])
     for name in spec.conv_edges():
         h = edge_hyper(spec.edges[name].options, hyper)
         k = g.key(Op.UPDATE, name)
-        g.dsk[k] = call(tasks.kernel_gradient_update, g.params[name], net.kernel_momentum[name], g.gw[name],
+        g.dsk[k] = call(tasks.kernel_gradient_update, g.params[name], g.momenta["kernel", name], g.gw[name],
                         eta=h.eta, momentum=h.momentum, weight_decay=h.weight_decay, patch_size=h.patch_size)
         results["kernels"][name] = k
     for name in spec.bias_nodes():
         k = g.key(Op.UPDATE, name)
         grads = [(tasks.bias_gradient, p) for p in pre[name]]
-        g.dsk[k] = call(tasks.bias_gradient_update, g.params[name], net.bias_momentum[name], grads, eta=hyper.eta,
+        g.dsk[k] = call(tasks.bias_gradient_update, g.params[name], g.momenta["bias", name], grads, eta=hyper.eta,
                         momentum=hyper.momentum, weight_decay=hyper.weight_decay, patch_size=hyper.patch_size)
         results["biases"][name] = k
     return results

@@ -34,8 +34,16 @@ class Phase(enum.IntEnum):
 class Op(enum.Enum):
     """Every operation a graph task performs, with its phase (a new operation cannot be added without one)."""
 
+    # the values a graph starts with (:meth:`Graph.data`), and the views of them
     INPUT = ("input", Phase.DATA)
     INPUT_BLOCK = ("inblock", Phase.DATA)
+    KERNEL = ("kernel", Phase.DATA)
+    BIAS = ("bias", Phase.DATA)
+    KERNEL_MOMENTUM = ("kmomentum", Phase.DATA)  # a kernel's SGD velocity
+    BIAS_MOMENTUM = ("bmomentum", Phase.DATA)
+    CACHED_SPECTRA = ("kcache", Phase.DATA)  # kernel spectra of an edge that is not updated, from the cache
+    LOSS_FUNCTION = ("lossfn", Phase.DATA)  # the step's loss (a function of the outputs: the patch's labels)
+    STEP = ("step", Phase.DATA)  # the step's number, which seeds its randomness (dropout)
     # forward
     CONV = ("conv", Phase.FORWARD)  # an output block of a conv edge
     CONV_SLAB = ("convslab", Phase.FORWARD)  # a slab of output rows of a direct conv edge, every output map
@@ -100,10 +108,23 @@ class Graph:
     gw: dict[str, list[list[Any]]] = field(default_factory=dict)  # conv edge -> kernel gradient [ib][ob] tasks
     threads: int = 1  # cores the graph runs on (workers of a threaded scheduler; 1 for one-thread workers)
     origin: dict[Key, tuple[Op, str]] = field(default_factory=dict)  # task key -> (op, layer) it was made for
+    momenta: dict[tuple[str, str], Key] = field(default_factory=dict)  # ("kernel", edge) / ("bias", node) -> velocity
+    step_key: Key | None = None  # training graphs: the key of the step's number
+    loss_key: Key | None = None  # step graphs: the key of the loss function
+    data_keys: list[Key] = field(default_factory=list)  # the keys :meth:`data` gave values, in order
 
     def key(self, op: Op, layer: str, *index: int) -> Key:
         key = (f"{op.label}-{layer}-{self.token}", *index)
         self.origin[key] = (op, layer)
+        return key
+
+    def data(self, op: Op, layer: str, *index: int, value: Any) -> Key:
+        """The key of a value the graph starts with (input, parameter, momentum, cached spectra, the loss, the step
+        number). Every such value enters the graph here, so a graph built once can be run again on new values
+        (:mod:`znn.pipeline.graph.reuse`)."""
+        key = self.key(op, layer, *index)
+        self.dsk[key] = value
+        self.data_keys.append(key)
         return key
 
     def task_threads(self, width: int) -> int:

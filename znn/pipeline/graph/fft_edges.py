@@ -8,12 +8,13 @@ from __future__ import annotations
 from typing import Any
 
 from znn.pipeline.graph import tasks
-from znn.pipeline.graph.cache import SpectraCache
 from znn.pipeline.graph.core import Graph, Op, call
 from znn.pipeline.graph.direct_edges import Finish
 
 
-def forward(g: Graph, name: str, cache: SpectraCache | None, finish: Finish) -> None:
+def forward(g: Graph, name: str, finish: Finish) -> None:
+    """Input spectra, kernel spectra (unless the cache gave them: ``g.kspec`` holds them already), then the
+    output blocks."""
     spec, ep = g.plan.spec, g.plan.edges[name]
     edge = spec.edges[name]
     in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
@@ -22,10 +23,7 @@ def forward(g: Graph, name: str, cache: SpectraCache | None, finish: Finish) -> 
     g.xspec[name] = [g.key(Op.INPUT_SPECTRA, name, i) for i in range(len(in_blocks))]
     for key, x in zip(g.xspec[name], xs):
         g.dsk[key] = call(tasks.input_spectra, x, lo=ep.crop_lo, need=ep.need, shape=shape)
-    cached = cache.get(name, shape) if cache is not None else None
-    if cached is not None:
-        g.kspec[name] = cached
-    else:
+    if name not in g.kspec:
         g.kspec[name] = [[g.key(Op.KERNEL_SPECTRA, name, i, j) for j in range(len(out_blocks))]
                          for i in range(len(in_blocks))]
         for i, ib in enumerate(in_blocks):

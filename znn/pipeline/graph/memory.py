@@ -16,7 +16,6 @@ measured peak.
 
 from __future__ import annotations
 
-import dataclasses
 import heapq
 import math
 from collections.abc import Mapping
@@ -61,9 +60,7 @@ def step_memory(plan: NetPlan, net: Network, workers: int = 1) -> StepMemory:
     wanted = {results["cost"], *(k for ks in results["outputs"].values() for k in ks),
               *results["kernels"].values(), *results["biases"].values()}
     itemsize = np.dtype(net.dtype).itemsize
-    memory = _simulate(g, wanted, itemsize, max(1, int(workers)), _plan_cache_bytes(plan, itemsize))
-    momenta = sum(a.nbytes for a in (*net.kernel_momentum.values(), *net.bias_momentum.values()))
-    return dataclasses.replace(memory, data=memory.data + momenta)
+    return _simulate(g, wanted, itemsize, max(1, int(workers)), _plan_cache_bytes(plan, itemsize))
 
 
 def _plan_cache_bytes(plan: NetPlan, itemsize: int) -> int:

@@ -8,17 +8,20 @@ from typing import Any
 
 from znn.pipeline.graph import tasks
 from znn.pipeline.graph.core import Graph, Op, call
-from znn.pipeline.graph.edges import Draw, OneToOne
+from znn.pipeline.graph.edges import OneToOne
 
 
-def forward(g: Graph, name: str, training: bool, seed: int, step: int) -> None:
+def forward(g: Graph, name: str, training: bool, seed: int) -> None:
+    """One task per block; training ones read the step's number (``g.step_key``), which seeds dropout."""
     edge, ep = g.plan.spec.edges[name], g.plan.edges[name]
     op = OneToOne.of(edge, ep.dilation)
     xs = g.act[edge.input]
     g.fwd[name] = [g.key(Op.of_edge(edge.type), name, i) for i in range(len(xs))]
     for i, (key, x) in enumerate(zip(g.fwd[name], xs)):
-        draw = _draw(seed, step, name, i) if training else None
-        g.dsk[key] = call(tasks.one_to_one, x, edge=ep, op=op, draw=draw)
+        if training:
+            g.dsk[key] = call(tasks.one_to_one, x, g.step_key, edge=ep, op=op, draw=_draw(seed, name, i))
+        else:
+            g.dsk[key] = call(tasks.one_to_one, x, edge=ep, op=op)
 
 
 def output(g: Graph, name: str, block: int) -> Any:
@@ -43,6 +46,7 @@ def backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     return [call(tasks.one_to_one_backward, gy[b], fwd[b], edge=ep, op=op) for b in range(len(gy))]
 
 
-def _draw(seed: int, step: int, edge: str, block: int) -> Draw:
-    """The seed of the step's randomness for one block of an edge: the same on every worker that runs it."""
-    return (int(seed), int(step), zlib.crc32(edge.encode()), int(block))
+def _draw(seed: int, edge: str, block: int) -> tuple[int, int, int]:
+    """The seeds of one block of an edge's randomness, less the step's number (the task adds it): the same on
+    every worker that runs it."""
+    return (int(seed), zlib.crc32(edge.encode()), int(block))

@@ -125,10 +125,13 @@ def bias_gradient(g: np.ndarray) -> np.ndarray:
 
 
 # -- one-to-one edges (the dispatch on their type is znn.pipeline.graph.edges) --------------------------------
-def one_to_one(x: np.ndarray, edge: EdgePlan, op: OneToOne, draw: Draw | None) -> Any:
+def one_to_one(x: np.ndarray, step: int | None = None, *, edge: EdgePlan, op: OneToOne,
+               draw: tuple[int, int, int] | None = None) -> Any:
     """The edge on its part of the input block: ``(values, backward data)`` for edges that keep backward data
-    (:attr:`OneToOne.keeps_backward_data`), else the values."""
-    y, kept = edges.one_to_one_forward(op, central(x, edge.crop_lo, edge.need), draw)
+    (:attr:`OneToOne.keeps_backward_data`), else the values. Training gives the step's number and ``draw``, the
+    block's seeds less the step (seed, edge, block); inference neither."""
+    full: Draw | None = None if draw is None else (draw[0], int(step or 0), *draw[1:])
+    y, kept = edges.one_to_one_forward(op, central(x, edge.crop_lo, edge.need), full)
     return (y, kept) if op.keeps_backward_data else y
 
 
@@ -296,7 +299,7 @@ def bias_gradient_update(param: np.ndarray, velocity: np.ndarray, blocks: Sequen
     return p, v, grad
 
 
-def loss_task(blocks: Sequence[Sequence[np.ndarray]], *, loss: Callable[..., tuple[float, dict[str, np.ndarray]]],
+def loss_task(blocks: Sequence[Sequence[np.ndarray]], loss: Callable[..., tuple[float, dict[str, np.ndarray]]], *,
               names: Sequence[str]) -> tuple[float, dict[str, np.ndarray]]:
     """The loss of the whole output node groups (blocks joined); ``names[i]`` has blocks ``blocks[i]``."""
     return loss({name: concat_maps(parts) for name, parts in zip(names, blocks)})

@@ -6,14 +6,25 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from dask.base import tokenize
 from dask.optimization import cull
 
 from znn.environment import keep_freed_memory
 from znn.network import Network
 from znn.pipeline.graph import tasks
-from znn.pipeline.graph.build import Hyper, Loss, edge_hyper, forward_graph, step_graph, task_priorities
+from znn.pipeline.graph.build import (
+    Hyper,
+    Loss,
+    cached_spectra,
+    edge_hyper,
+    forward_graph,
+    step_data,
+    step_graph,
+    task_priorities,
+)
 from znn.pipeline.graph.cache import SpectraCache
 from znn.pipeline.graph.memory import StepMemory, step_memory
+from znn.pipeline.graph.reuse import Reusable
 from znn.pipeline.graph.plan import NetPlan, make_plan
 from znn.pipeline.run.schedulers import Runner, make_runner
 
@@ -28,10 +39,12 @@ class Engine:
 
     def __init__(self, net: Network, output_patch: Sequence[int], modes: str | Mapping[str, str] = "fft",
                  runner: Runner | None = None, seed: int = 0, spectra_cache: bool = True,
-                 cache_bytes: int | None = None, plan_workers: int | None = None):
+                 cache_bytes: int | None = None, plan_workers: int | None = None, reuse_graphs: bool = True):
         """``plan_workers``: the workers the graphs' tasks are split for (default: the runner's; the synchronous
         scheduler's is 1). A graph planned for W workers gives the same numbers on every scheduler; graphs
-        planned for other W differ by rounding (sums over other blocks)."""
+        planned for other W differ by rounding (sums over other blocks). ``reuse_graphs``: build a step's graph
+        once and run it again on each step's values (in-process runners; off: built for every step, as on a
+        cluster, which ``znn bench net`` compares)."""
         keep_freed_memory()  # each step allocates what the last one freed: keep it mapped (see there)
         self.net = net
         self.runner = runner or make_runner("threads")
@@ -49,6 +62,9 @@ class Engine:
         self.cache = SpectraCache(spectra_cache, cache_bytes)
         self.steps = 0
         self._planned: set[str] = set()
+        # step kind -> (what it was built for, the graph, the structure of its wanted keys)
+        self._reusable: dict[str, tuple[Any, Reusable, Any]] = {}
+        self.reuse_graphs = reuse_graphs
 
     @property
     def _threads(self) -> int:
@@ -77,14 +93,7 @@ class Engine:
 
     def train_step(self, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper) -> tuple[float, dict[str, np.ndarray]]:
         """One step; returns the cost and the outputs of the forward pass."""
-        self._plan_transforms("step")
-        g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, hyper, seed=self.seed, step=self.steps,
-                            cache=self.cache, threads=self._threads)
-        frozen = {e for e in res["kernels"] if _eta(self.net.spec.edges[e].options, hyper) == 0}
-        wanted = {"cost": res["cost"], "outputs": res["outputs"],
-                  "kernels": {e: k for e, k in res["kernels"].items() if e not in frozen},
-                  "biases": res["biases"], "kspec": {e: k for e, k in res["kspec"].items() if e in frozen}}
-        result = _get(self.runner, g.dsk, wanted, task_priorities(g))
+        result = self._step("update", inputs, loss, hyper)
         self._apply(result)
         self.steps += 1
         return float(result["cost"]), {n: tasks.concat_maps(b) for n, b in result["outputs"].items()}
@@ -98,14 +107,52 @@ class Engine:
                        ) -> tuple[float, dict[str, np.ndarray], dict[str, np.ndarray]]:
         """The cost, the outputs of the forward pass and the gradient of every kernel (by edge) and bias (by
         node), without updating: what a replica of data-parallel training computes for its patch."""
-        self._plan_transforms("step")
-        g, res = step_graph(self.plan, self.net, self._cast(inputs), loss, Hyper(0.0, 0.0, 0.0), seed=self.seed,
-                            step=self.steps, cache=self.cache, threads=self._threads)
-        wanted = {"cost": res["cost"], "outputs": res["outputs"], "kernels": res["kernels"], "biases": res["biases"]}
-        result = _get(self.runner, g.dsk, wanted, task_priorities(g))
+        result = self._step("gradients", inputs, loss, Hyper(0.0, 0.0, 0.0))
         grads = {name: triple[2] for group in ("kernels", "biases") for name, triple in result[group].items()}
         outputs = {n: tasks.concat_maps(b) for n, b in result["outputs"].items()}
         return float(result["cost"]), outputs, grads
+
+    def _step(self, kind: str, inputs: Mapping[str, np.ndarray], loss: Loss, hyper: Hyper) -> Any:
+        """Run a training step's graph (``kind`` update: every result :meth:`_apply` takes; gradients: the cost,
+        outputs and gradients) and return its results.
+
+        In-process the graph is built once per kind, hyperparameters and set of cached kernel spectra, and run
+        again on each step's values (:mod:`~znn.pipeline.graph.reuse`); a cluster gets a graph built for the step,
+        its keys named from its data."""
+        self._plan_transforms("step")
+        inputs = self._cast(inputs)
+        if self.runner.distributed or not self.reuse_graphs:
+            g, res = step_graph(self.plan, self.net, inputs, loss, hyper, seed=self.seed, step=self.steps,
+                                cache=self.cache, threads=self._threads)
+            return _get(self.runner, g.dsk, self._wanted(kind, res, hyper), task_priorities(g))
+        shape = (kind, hyper, tuple(sorted(cached_spectra(self.plan, self.cache))))
+        built = self._reusable.get(kind)
+        if built is None or built[0] != shape:
+            token = f"{kind}-{tokenize(shape, self.plan.output_patch, self.plan.workers, self.seed)}"
+            g, res = step_graph(self.plan, self.net, inputs, loss, hyper, seed=self.seed, step=self.steps,
+                                cache=self.cache, threads=self._threads, token=token)
+            wanted = self._wanted(kind, res, hyper)
+            flat: list[Any] = []
+            _flatten(wanted, flat)
+            built = (shape, Reusable.of(g, flat), wanted)
+            self._reusable[kind] = built  # one per kind: annealing or a new cache state replaces it
+            values = {k: g.dsk[k] for k in g.data_keys}
+        else:
+            values = step_data(self.plan, self.net, inputs, loss, token=built[1].token, step=self.steps,
+                               cache=self.cache)
+        reusable = built[1]
+        return _rebuild(built[2], iter(self.runner.get(reusable.graph(values), reusable.keys, reusable.priority)))
+
+    def _wanted(self, kind: str, res: dict[str, Any], hyper: Hyper) -> dict[str, Any]:
+        """The results of a step graph a step of ``kind`` collects: an update skips the kernels of edges that do
+        not learn (eta 0) and keeps their spectra instead."""
+        if kind == "gradients":
+            return {"cost": res["cost"], "outputs": res["outputs"], "kernels": res["kernels"],
+                    "biases": res["biases"]}
+        frozen = {e for e in res["kernels"] if _eta(self.net.spec.edges[e].options, hyper) == 0}
+        return {"cost": res["cost"], "outputs": res["outputs"],
+                "kernels": {e: k for e, k in res["kernels"].items() if e not in frozen},
+                "biases": res["biases"], "kspec": {e: k for e, k in res["kspec"].items() if e in frozen}}
 
     def apply_gradients(self, grads: Mapping[str, np.ndarray], hyper: Hyper) -> None:
         """One SGD update of every kernel and bias from ``grads`` (by edge and node, as :meth:`gradients` gives
