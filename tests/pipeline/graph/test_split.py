@@ -104,3 +104,33 @@ def test_every_task_has_an_operation_and_a_phase():
         assert max(tasks_by_phase[Phase.LOSS]) < min(tasks_by_phase[Phase.FORWARD])
     for edge_type in ONE_TO_ONE:
         assert Op.of_edge(edge_type).phase is Phase.FORWARD
+
+
+@pytest.mark.parametrize("name, outsz", [("networks/N4_relu.znn", (1, 4, 4)), ("two-inputs", (1, 4, 5))])
+def test_fft_task_counts_are_the_builders(name, outsz):
+    """What the autotuner multiplies one timed task of each operation by (fft_edges.task_counts) is how many the
+    FFT builder makes, per edge, for a plan split for 1 and for 8 workers: a training step, and a forward pass with
+    the kernel spectra cached."""
+    from znn.pipeline.graph.build import forward_graph
+    from znn.pipeline.graph.cache import SpectraCache
+    from znn.pipeline.graph.fft_edges import task_counts
+
+    spec = _spec(name)
+    net = Network.initialise(spec, seed=0)
+    for workers in (1, 8):
+        plan = make_plan(spec, outsz, "fft", workers)
+        engine = Engine(net, outsz, "fft", make_runner("synchronous"), plan_workers=workers)
+        cache = SpectraCache()
+        step, _ = step_graph(plan, net, _inputs(engine), _square_loss, Hyper(0.01, 0.9, 0))
+        for edge, kspec in forward_graph(plan, net, _inputs(engine), cache=cache).new_kspec.items():
+            # stand-ins: the graph is built, not run
+            cache.put(edge, plan.edges[edge].transform_shape, [[np.zeros(1) for _ in row] for row in kspec])
+        inference = forward_graph(plan, net, _inputs(engine), cache=cache)
+        for g, training in ((step, True), (inference, False)):
+            for edge in spec.conv_edges():
+                made = [op for op, layer in g.origin.values() if layer == edge]
+                want = task_counts(len(plan.blocks[spec.edges[edge].input]), len(plan.blocks[spec.edges[edge].output]),
+                                   training=training, grad_input=spec.nodes[spec.edges[edge].input].type != "input",
+                                   cached=not training)
+                assert {op: made.count(op) for op in want} == want, (workers, edge, training)
+                assert max(want.values()) >= 1

@@ -45,7 +45,8 @@ import numpy as np
 from znn.environment import cache_dir, cpu_model
 from znn.ops import fft as fftops
 from znn.ops.conv import Tile as DirectTile
-from znn.pipeline.graph import tasks
+from znn.pipeline.graph import fft_edges, tasks
+from znn.pipeline.graph.core import Op
 from znn.pipeline.graph.plan import CONV_MODES, EdgePlan, make_plan
 from znn.pipeline.run.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
@@ -353,26 +354,29 @@ def _timed(fn: Callable[..., Any], *args: Any) -> tuple[Any, float]:
 
 
 def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
-    """The FFT-mode tasks of :mod:`znn.pipeline.graph.build` for this layer (see ``_conv_forward``/``_conv_backward``)."""
+    """The FFT-mode tasks of the layer (:mod:`znn.pipeline.graph.fft_edges`): one of each operation timed, times
+    how many of it the builder makes (:func:`~znn.pipeline.graph.fft_edges.task_counts`)."""
     edge = p.edge_plan("fft")
     shape, lo = edge.transform_shape, edge.crop_lo
-    n_i, n_o = len(p.in_blocks), len(p.out_blocks)
     ib0, ob0 = p.in_blocks[0], p.out_blocks[0]
-    xspec, t_x = _timed(tasks.input_spectra, xs[0], lo, p.in_extent, shape)
+    seconds: dict[Op, float] = {}
+    xspec, seconds[Op.INPUT_SPECTRA] = _timed(tasks.input_spectra, xs[0], lo, p.in_extent, shape)
     xspecs = [xspec] + [tasks.input_spectra(x, lo, p.in_extent, shape) for x in xs[1:]]
-    kspec, t_k = _timed(tasks.kernel_spectra, w, ib0, ob0, p.dilation, shape)
+    kspec, seconds[Op.KERNEL_SPECTRA] = _timed(tasks.kernel_spectra, w, ib0, ob0, p.dilation, shape)
     column = [kspec] + [tasks.kernel_spectra(w, ib, ob0, p.dilation, shape) for ib in p.in_blocks[1:]]
-    _, t_conv = _timed(functools.partial(tasks.conv_fft_forward, edge=edge), xspecs, column)
-    if not p.training:  # inference: kernel spectra come from the cache
-        return n_i * t_x + n_o * t_conv
-    gspec, t_g = _timed(tasks.grad_output_spectra, gys[0], shape, p.kernel, p.dilation)
-    t_gx = 0.0
-    if p.grad_input:
-        gspecs = [gspec] + [tasks.grad_output_spectra(g, shape, p.kernel, p.dilation) for g in gys[1:]]
-        row = [kspec] + [tasks.kernel_spectra(w, ib0, ob, p.dilation, shape) for ob in p.out_blocks[1:]]
-        _, t_gx = _timed(tasks.conv_fft_grad_input, gspecs, row, shape, p.in_extent, lo, p.in_extent)
-    _, t_gw = _timed(tasks.conv_fft_grad_kernel, xspec, gspec, shape, p.kernel, p.dilation)
-    return n_i * (t_x + t_gx) + n_i * n_o * (t_k + t_gw) + n_o * (t_conv + t_g)
+    _, seconds[Op.CONV] = _timed(functools.partial(tasks.conv_fft_forward, edge=edge), xspecs, column)
+    if p.training:
+        gspec, seconds[Op.GRAD_SPECTRA] = _timed(tasks.grad_output_spectra, gys[0], shape, p.kernel, p.dilation)
+        if p.grad_input:
+            gspecs = [gspec] + [tasks.grad_output_spectra(g, shape, p.kernel, p.dilation) for g in gys[1:]]
+            row = [kspec] + [tasks.kernel_spectra(w, ib0, ob, p.dilation, shape) for ob in p.out_blocks[1:]]
+            _, seconds[Op.GRAD_INPUT] = _timed(tasks.conv_fft_grad_input, gspecs, row, shape, p.in_extent, lo,
+                                               p.in_extent)
+        _, seconds[Op.GRAD_KERNEL] = _timed(tasks.conv_fft_grad_kernel, xspec, gspec, shape, p.kernel, p.dilation)
+    # inference: kernel spectra come from the cache
+    counts = fft_edges.task_counts(len(p.in_blocks), len(p.out_blocks), training=p.training,
+                                   grad_input=p.grad_input, cached=not p.training)
+    return sum(n * seconds[op] for op, n in counts.items() if n)
 
 
 def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:

@@ -12,6 +12,19 @@ from znn.pipeline.graph.core import Graph, Op, call
 from znn.pipeline.graph.direct_edges import Finish
 
 
+def task_counts(in_blocks: int, out_blocks: int, *, training: bool, grad_input: bool,
+                cached: bool) -> dict[Op, int]:
+    """How many tasks of each operation :func:`forward` (and, ``training``, :func:`backward`) make for an edge of
+    ``in_blocks`` input and ``out_blocks`` output map blocks; ``cached``: its kernel spectra come from the cache;
+    ``grad_input``: its input is not a network input. The autotuner times one task of each and multiplies."""
+    counts = {Op.INPUT_SPECTRA: in_blocks, Op.KERNEL_SPECTRA: 0 if cached else in_blocks * out_blocks,
+              Op.CONV: out_blocks}
+    if training:
+        counts.update({Op.GRAD_SPECTRA: out_blocks, Op.GRAD_INPUT: in_blocks if grad_input else 0,
+                       Op.GRAD_KERNEL: in_blocks * out_blocks})
+    return counts
+
+
 def forward(g: Graph, name: str, finish: Finish) -> None:
     """Input spectra, kernel spectra (unless the cache gave them: ``g.kspec`` holds them already), then the
     output blocks."""
