@@ -18,6 +18,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from dask.core import istask
 from dask.optimization import cull
 from dask.task_spec import DataNode, GraphNode, List, Task, TaskRef
 
@@ -62,7 +63,7 @@ class Reusable:
 def _task(key: Key, value: Any, keys: set[Any]) -> GraphNode:
     """One entry of a builder's graph (:func:`~znn.pipeline.graph.core.call`'s tuples, lists, keys, literals) in
     dask's task spec."""
-    if _is_task(value):
+    if istask(value):
         return Task(key, value[0], *(_argument(a, keys) for a in value[1:]))
     if _is_key(value, keys):  # an alias of another key
         return Task(key, _identity, TaskRef(value))
@@ -70,17 +71,13 @@ def _task(key: Key, value: Any, keys: set[Any]) -> GraphNode:
 
 
 def _argument(value: Any, keys: set[Any]) -> Any:
-    if _is_task(value):
+    if istask(value):
         return Task(None, value[0], *(_argument(a, keys) for a in value[1:]))
     if isinstance(value, list):
         return List(*(_argument(a, keys) for a in value))
     if _is_key(value, keys):
         return TaskRef(value)
     return value
-
-
-def _is_task(value: Any) -> bool:
-    return isinstance(value, tuple) and bool(value) and callable(value[0])
 
 
 def _is_key(value: Any, keys: set[Any]) -> bool:
