@@ -17,6 +17,25 @@ atexit.register(shutil.rmtree, os.environ["ZNN_CACHE_DIR"], ignore_errors=True)
 
 import pytest  # noqa: E402
 
+if "PYTEST_XDIST_WORKER" in os.environ:
+    # One test process per core (pytest-xdist): OpenBLAS's own threads would spin-wait on the core the other process
+    # is using (the forward contract tests ran 2x slower so). Code that asks for threads (threadpoolctl, FFTW, task
+    # threads) still gets them; the environment, which some tests read, is left as the user had it.
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(1, user_api="blas")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """With pytest-xdist (the suite's default, `--dist loadgroup` in pyproject.toml), every test that uses the
+    one-node SLURM cluster runs in the same test process, so the machine starts one cluster, not one per process;
+    and the forward contract's tests share one, which computes each network's reference once."""
+    for item in items:
+        if "slurm" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("slurm"))
+        elif item.path.name == "test_contract.py":  # its slow per-voxel references are made once per process
+            item.add_marker(pytest.mark.xdist_group("forward-contract"))
+
 
 @pytest.fixture(scope="session")
 def local_client():

@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from dask.core import get_deps
+from dask.core import get_deps, istask
 from dask.task_spec import Task, TaskRef
 
 from znn.bench.common import import_torch
@@ -147,7 +147,7 @@ def _wrap(task: Any, key: Any, log: list[tuple[Any, float, float]]) -> Any:
     if isinstance(task, Task):
         deps = tuple(task.dependencies)
         return Task(key, _Timed(functools.partial(_evaluate, task, deps), key, log), *(TaskRef(d) for d in deps))
-    if isinstance(task, tuple) and task and callable(task[0]):
+    if istask(task):  # a legacy tuple task (a Task is caught above)
         return (_Timed(task[0], key, log), *(_wrap(a, key, log) for a in task[1:]))
     if isinstance(task, list):
         return [_wrap(a, key, log) for a in task]

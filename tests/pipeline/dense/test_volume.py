@@ -428,12 +428,12 @@ _MEMORY_SCRIPT = textwrap.dedent("""
 def test_volume_larger_than_memory_runs_within_the_plan(tmp_path):
     import zarr
 
-    shape = (32, 4096, 4096)  # 512 MiB of uint8
+    shape = (16, 4096, 4096)  # 256 MiB of uint8 in, 1 GiB of float32 out
     z = zarr.create_array(str(tmp_path / "big.zarr"), shape=shape, chunks=(1, 1024, 1024), dtype="uint8")
     rng = np.random.default_rng(0)
     for i in range(shape[0]):
         z[i] = rng.integers(0, 255, shape[1:], dtype=np.uint8)
-    extra = 256 << 20  # address space the run may add to what the imports took: half the volume
+    extra = 256 << 20  # address space the run may add to what the imports took: the whole input volume
     (tmp_path / "tiny.znn").write_text(TINY2D)
     script = tmp_path / "run.py"
     script.write_text(_MEMORY_SCRIPT)
@@ -444,7 +444,8 @@ def test_volume_larger_than_memory_runs_within_the_plan(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     stats = json.loads(out.stdout.strip().splitlines()[-1])
     print(stats)
-    assert np.prod(shape) >= 2 * extra
+    # neither the input (all the address space the run may add) nor the output (four times it) can be held whole
+    assert np.prod(shape) >= extra
     assert stats["peak"] <= 1.2 * stats["predicted"]
-    sample = open_volume(tmp_path / "out.zarr" / "output")[:, 17, 2000:2040, 4050:].compute()
+    sample = open_volume(tmp_path / "out.zarr" / "output")[:, 11, 2000:2040, 4050:].compute()
     assert np.isfinite(sample).all() and np.abs(sample).max() > 0

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from dask.core import get_dependencies
+from dask.core import get_dependencies, istask
 from dask.order import order
 
 from znn.network import Network
@@ -129,7 +129,7 @@ def _name(g: Graph, key: Any) -> str:
 def task_bytes(g: Graph, key: Any, itemsize: int) -> tuple[int, int]:
     """(bytes of the output, bytes of the working arrays while it runs) of one key of the step's graph."""
     value = g.dsk[key]
-    if key not in g.origin or not (isinstance(value, tuple) and value and callable(value[0])):
+    if key not in g.origin or not istask(value):
         return 0, 0  # a value the graph starts with (counted in StepMemory.data), or a key without work
     op, layer = g.origin[key]
     index = tuple(key[1:])
@@ -140,7 +140,7 @@ def task_bytes(g: Graph, key: Any, itemsize: int) -> tuple[int, int]:
 def _value_bytes(value: Any) -> int:
     if isinstance(value, np.ndarray):
         return int(value.nbytes)
-    if isinstance(value, (list, tuple)) and not (value and callable(value[0])):
+    if isinstance(value, (list, tuple)) and not istask(value):
         return sum(_value_bytes(v) for v in value)
     return 0
 
