@@ -60,12 +60,13 @@ def test_graph_forward_equals_sequential(name, outsz, modes):
             np.testing.assert_allclose(got[node], want[node], rtol=1e-10, atol=1e-10 * np.abs(want[node]).max())
 
 
-def _three_steps(net: Network, outsz, scheduler, mode="fft"):
+def _two_steps(net: Network, outsz, scheduler, mode="fft"):
+    """Two steps (the second one's graph reused from the first, its momenta non-zero) and a forward pass."""
     net = net.copy()
     # one plan for every scheduler: a graph planned for two workers gives the same bits whatever runs it
     engine = Engine(net, outsz, mode, make_runner(scheduler, 2), seed=7, plan_workers=2)
     costs = []
-    for step in range(3):
+    for step in range(2):
         cost, _ = engine.train_step(_inputs(engine, step), _square_loss, Hyper(1e-4, 0.9, 0.001, patch_size=float(np.prod(outsz))))
         costs.append(cost)
     out = engine.forward(_inputs(engine, 9))
@@ -80,10 +81,10 @@ def _three_steps(net: Network, outsz, scheduler, mode="fft"):
 def test_schedulers_agree_bit_for_bit(name, outsz, mode, local_client):
     spec = load_network(need(REFERENCE / name))
     net = Network.initialise(spec, seed=3)
-    results = {s: _three_steps(net, outsz, s, mode) for s in ("synchronous", "threads")}
-    results["distributed"] = _three_steps(net, outsz, local_client, mode)
+    results = {s: _two_steps(net, outsz, s, mode) for s in ("synchronous", "threads")}
+    results["distributed"] = _two_steps(net, outsz, local_client, mode)
     base_costs, base_out, base_net = results["synchronous"]
-    assert np.isfinite(base_costs).all() and base_costs[0] != base_costs[2]  # the network learned something
+    assert np.isfinite(base_costs).all() and base_costs[0] != base_costs[1]  # the network learned something
     for scheduler, (costs, out, trained) in results.items():
         assert costs == base_costs, scheduler
         for node in out:

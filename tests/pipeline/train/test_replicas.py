@@ -224,3 +224,22 @@ def test_a_lost_scheduler_stops_with_the_last_checkpoint_and_a_rerun_resumes(tmp
     assert rerun.returncode == 0, rerun.stderr
     assert "resuming from" in rerun.stderr and f"at iteration {saved}" in rerun.stderr, rerun.stderr
     assert int(load_statistics(current)["iteration"]) == saved + 2
+
+
+def test_any_failure_of_a_client_that_gave_up_is_the_lost_cluster_and_other_failures_stay_themselves():
+    """A client that could not reconnect closes itself, and its next call fails however its closed state makes it
+    (in the test above, once: AttributeError inside Client.scatter, exit status 1 with a traceback): that is
+    ClusterLost (exit status 2, the last checkpoint named); an error of the work on an open client is not."""
+    from distributed import Client, LocalCluster
+
+    from znn.pipeline.train.replicas import ClusterLost, _on_cluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=1, processes=False, dashboard_address=":0") as cluster:
+        client = Client(cluster)
+        with pytest.raises(ZeroDivisionError):
+            _on_cluster(lambda: 1 / 0, client)
+        client.close()
+        with pytest.raises(ClusterLost, match="lost the dask scheduler"):
+            _on_cluster(lambda: client.scatter(np.zeros(3), broadcast=True), client)
+        with pytest.raises(ClusterLost, match="the client closed: ZeroDivisionError"):
+            _on_cluster(lambda: 1 / 0, client)

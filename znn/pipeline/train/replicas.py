@@ -174,7 +174,7 @@ class ReplicaEngine:
                                       self.engine.steps, pure=False)
             outputs: dict[str, np.ndarray] = task.result()
             return outputs
-        result: dict[str, np.ndarray] = _on_cluster(run)
+        result: dict[str, np.ndarray] = _on_cluster(run, self.client)
         return result
 
     def _setup(self) -> Any:
@@ -204,7 +204,7 @@ class ReplicaEngine:
         """One synchronous step on ``len(inputs)`` patches, one per replica: gradients summed by a tree on the
         workers, averaged, one update here. Returns each patch's cost and outputs."""
         result: tuple[list[float], list[dict[str, np.ndarray]]] = _on_cluster(
-            lambda: self._step(inputs, losses, hyper))
+            lambda: self._step(inputs, losses, hyper), self.client)
         return result
 
     def _step(self, inputs: Sequence[Mapping[str, np.ndarray]], losses: Sequence[Loss], hyper: Hyper
@@ -247,11 +247,21 @@ def _nbytes(arrays: Any) -> int:
     return 0
 
 
-def _on_cluster(work: Any) -> Any:
-    """``work()``, with the loss of the cluster (scheduler gone, connection refused or closed) as ClusterLost."""
+def _on_cluster(work: Any, client: Any) -> Any:
+    """``work()``, with the loss of the cluster (scheduler gone, connection refused or closed) as ClusterLost.
+
+    A client that gave up reconnecting closes itself, and what it was doing then fails in whatever way its closed
+    state makes it (seen: AttributeError from inside ``Client.scatter``): any failure while ``client`` is closed is
+    the lost cluster, not a bug to show as a traceback."""
+    from distributed.client import ClosedClientError
     from distributed.comm.core import CommClosedError
 
     try:
         return work()
-    except (CommClosedError, OSError, TimeoutError) as exc:
+    except (CommClosedError, ClosedClientError, OSError, TimeoutError) as exc:
         raise ClusterLost(f"lost the dask scheduler during a step ({type(exc).__name__}: {exc})") from None
+    except Exception as exc:
+        if client.status not in ("closing", "closed"):
+            raise
+        raise ClusterLost(f"lost the dask scheduler during a step (the client closed: {type(exc).__name__}: "
+                          f"{exc})") from None
