@@ -29,7 +29,12 @@ if "PYTEST_XDIST_WORKER" in os.environ:
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist (the suite's default, `--dist loadgroup` in pyproject.toml), every test that uses the
     one-node SLURM cluster runs in the same test process, so the machine starts one cluster, not one per process;
-    and the forward contract's tests share one, which computes each network's reference once."""
+    and the forward contract's tests share one, which computes each network's reference once. The longest start
+    first."""
+    # the longest first (the end-to-end runs marked slow, then the forward contract's one group), so no process is
+    # left with one of them at the end while the other idles; the rest keep their order
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1 if item.path.name == "test_contract.py"
+               else 2)
     for item in items:
         if "slurm" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.xdist_group("slurm"))
