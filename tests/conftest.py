@@ -26,6 +26,14 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     threadpool_limits(1, user_api="blas")
 
 
+def _xdist_group(item: pytest.Item) -> str | None:
+    if "slurm" in getattr(item, "fixturenames", ()):
+        return "slurm"
+    if item.path.name == "test_contract.py":  # its slow per-voxel references are made once per process
+        return "forward-contract"
+    return None
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """With pytest-xdist (the suite's default, `--dist loadgroup` in pyproject.toml), every test that uses the
     one-node SLURM cluster runs in the same test process, so the machine starts one cluster, not one per process;
@@ -33,13 +41,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     first."""
     # the longest first (the end-to-end runs marked slow, then the forward contract's one group), so no process is
     # left with one of them at the end while the other idles; the rest keep their order
-    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else 1 if item.path.name == "test_contract.py"
-               else 2)
+    items.sort(key=lambda item: 0 if item.get_closest_marker("slow") else
+               1 if _xdist_group(item) == "forward-contract" else 2)
     for item in items:
-        if "slurm" in getattr(item, "fixturenames", ()):
-            item.add_marker(pytest.mark.xdist_group("slurm"))
-        elif item.path.name == "test_contract.py":  # its slow per-voxel references are made once per process
-            item.add_marker(pytest.mark.xdist_group("forward-contract"))
+        group = _xdist_group(item)
+        if group is not None:
+            item.add_marker(pytest.mark.xdist_group(group))
 
 
 @pytest.fixture(scope="session")
