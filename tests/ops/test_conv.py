@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from znn.errors import ShapeError
+from znn.ops import conv as conv_module
 from znn.ops import conv_fft as cf
 from znn.ops import fft as F
 from znn.ops.conv import (
@@ -131,6 +132,40 @@ def test_direct_gradients_by_slabs_of_rows_equal_the_whole(case):
         close(sum(shares), gw, np.float64)
     with pytest.raises(ShapeError, match="outside"):
         conv_grad_input_direct(w, gy, d, rows=(0, x.shape[1] + 1), axis=0)
+
+
+def reference_grad_input(w: np.ndarray, gy: np.ndarray, d: tuple[int, int, int]) -> np.ndarray:
+    """The input gradient of :func:`reference`: scipy's full correlation of the output gradient with each kernel."""
+    w64, gy64 = w.astype(np.float64), gy.astype(np.float64)
+    return np.stack([sum(scipy.signal.correlate(gy64[o], dilate(w64[i, o], d), mode="full")
+                         for o in range(w.shape[1])) for i in range(w.shape[0])])
+
+
+@pytest.mark.parametrize("method", ["padded", "scatter"])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_both_input_gradient_methods_equal_scipy_whole_by_slabs_and_threaded(case, method, monkeypatch):
+    """Each way of the direct input gradient (forced), whole, by slabs of input rows along every axis, and on
+    threads, equals scipy's full correlation."""
+    monkeypatch.setattr(conv_module, "SCATTER_MAPS", 1e9 if method == "padded" else -1e9)
+    _, w, gy, d = problem(case)
+    ref = reference_grad_input(w, gy, d)
+    assert conv_module.grad_input_method(w.shape, gy.shape[1:], d, (0, ref.shape[1]), 0) == method
+    close(conv_grad_input_direct(w, gy, d), ref, np.float64)
+    close(conv_grad_input_direct(w, gy, d, threads=3), ref, np.float64)
+    for axis in (0, 1, 2):
+        n = ref.shape[1 + axis]
+        cuts = sorted({0, n // 3, (2 * n) // 3, n})
+        parts = [conv_grad_input_direct(w, gy, d, rows=(a, b), axis=axis) for a, b in zip(cuts, cuts[1:]) if b > a]
+        close(np.concatenate(parts, axis=1 + axis), ref, np.float64)
+
+
+def test_the_input_gradient_is_scattered_where_padding_would_multiply_mostly_zeros():
+    """N4's last 3x3 layer (48 -> 200 maps, dilation 16) on a 100x100 patch pads 100^2 voxels to 132^2: scattered;
+    its 5x5 layer at dilation 2 (48 -> 48, 182^2 -> 190^2) is padded; so is a large kernel on few output maps."""
+    scatter = conv_module.grad_input_method((48, 200, 1, 3, 3), (1, 100, 100), (1, 16, 16), (0, 132), 1)
+    padded = conv_module.grad_input_method((48, 48, 1, 5, 5), (1, 182, 182), (1, 2, 2), (0, 190), 1)
+    few_maps = conv_module.grad_input_method((40, 3, 5, 5, 5), (12, 12, 12), (1, 1, 1), (0, 16), 0)
+    assert (scatter, padded, few_maps) == ("scatter", "padded", "padded")
 
 
 @pytest.mark.parametrize("dtype", [np.float64, np.float32])

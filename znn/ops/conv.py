@@ -18,6 +18,13 @@ Direct mode gathers the ``ky * kx`` in-plane kernel offsets of a tile of input r
 (im2col over y and x only) and accumulates one GEMM ``(out x ky*kx*in) @ (ky*kx*in x voxels)`` per z offset,
 reading the z shift as a strided view of that matrix: the copy is ``kz`` times smaller than a full im2col and
 every GEMM has a deep contraction.
+
+The input gradient has two ways (:func:`conv_grad_input_direct` picks one per call by the work each does): the
+forward convolution of the zero-padded output gradient with the transposed kernels (deep GEMMs, but every input
+voxel times every tap, zeros included), and a scatter (``(taps*in x out) @ (out x voxels)`` of the output
+gradient, each tap's rows added where they land: only the products that are not zero). Where the kernel's span is
+large against the maps (a dilated layer near the output, a small training patch), the padded way multiplies
+mostly zeros: N4's last 3x3 layer at dilation 16 on a 100x100 patch pads 100^2 gradient voxels to 132^2.
 """
 
 from __future__ import annotations
@@ -43,6 +50,7 @@ __all__ = [
     "conv_backward_direct",
     "conv_grad_input_direct",
     "conv_grad_kernel_direct",
+    "grad_input_method",
     "check_conv_shapes",
 ]
 
@@ -56,6 +64,12 @@ TILE_BYTES = 16 << 20
 # Output voxels per tile: measured on the development machine, (40 x 360) @ (360 x n) runs at ~65 GFLOP/s
 # per core for n = 1024..4096 but slower for n = 14k (the B panel falls out of cache).
 TILE_VOXELS = 2048
+# The input gradient is scattered (not padded and convolved) when padding would multiply more than
+# ``1 + SCATTER_MAPS / out maps`` times the products the scatter does: the scatter's GEMMs contract over the output
+# maps only and its adds cost memory traffic, so it needs deep contractions or much padding to win (measured on the
+# slab tasks of N4 at 1x100x100, VD2D3D at 4x40x40 and 3d_5 at 12^3: it won at 1.32x padding with 200 output maps
+# and at 1.84x with 100, lost at up to 1.56x with 40-60).
+SCATTER_MAPS = 64
 # Speed of conv_forward_direct on one core (GFLOP/s), measured on the development machine (n337 layers, 80
 # maps): what the speed models of dense inference assume (fft's is ``znn.ops.phase.TileGeometry.seconds``).
 DIRECT_GFLOPS = 20.0
@@ -170,7 +184,7 @@ def conv_backward_direct(x: np.ndarray, w: np.ndarray, grad_y: np.ndarray, dilat
     d = _dil(dilation)
     check_conv_shapes(x.shape, w.shape, d, grad_y.shape)
     x, w, grad_y = _float(x, w, grad_y)
-    return _grad_input_direct(w, grad_y, d, threads), _grad_kernel_direct(x, grad_y, w.shape, d, threads)
+    return conv_grad_input_direct(w, grad_y, d, threads), _grad_kernel_direct(x, grad_y, w.shape, d, threads)
 
 
 def conv_grad_input_direct(w: np.ndarray, grad_y: np.ndarray, dilation: Sequence[int] = (1, 1, 1),
@@ -180,13 +194,15 @@ def conv_grad_input_direct(w: np.ndarray, grad_y: np.ndarray, dilation: Sequence
     2 x), computed from the output rows that reach them: a task per slab of rows gives the same values."""
     d = _dil(dilation)
     grad_y, w = _float(grad_y, w)
-    if rows is None:
-        return _grad_input_direct(w, grad_y, d, threads)
     halo = [(k - 1) * dd for k, dd in zip(w.shape[2:], d)]
-    r0, r1 = rows
     n_rows = grad_y.shape[1 + axis]
+    r0, r1 = (0, n_rows + halo[axis]) if rows is None else rows
     if not 0 <= r0 < r1 <= n_rows + halo[axis]:
         raise ShapeError(f"input rows {rows} along axis {axis} are outside 0..{n_rows + halo[axis]}")
+    if grad_input_method(w.shape, grad_y.shape[1:], d, (r0, r1), axis) == "scatter":
+        return _grad_input_scatter(w, grad_y, d, (r0, r1), axis, threads)
+    if rows is None:
+        return _grad_input_direct(w, grad_y, d, threads)
     lo, hi = max(0, r0 - halo[axis]), min(n_rows, r1)  # output rows that reach input rows r0..r1
     index = [slice(None)] * 4
     index[1 + axis] = slice(lo, hi)
@@ -194,6 +210,77 @@ def conv_grad_input_direct(w: np.ndarray, grad_y: np.ndarray, dilation: Sequence
     pads[1 + axis] = (lo - (r0 - halo[axis]), r1 - hi)
     wt = w[:, :, ::-1, ::-1, ::-1].transpose(1, 0, 2, 3, 4)
     return conv_forward_direct(np.pad(grad_y[tuple(index)], pads), wt, d, threads)
+
+
+def grad_input_method(w_shape: Sequence[int], out_spatial: Sequence[int], dilation: Sequence[int],
+                      rows: tuple[int, int], axis: int) -> str:
+    """How :func:`conv_grad_input_direct` computes input rows ``rows`` along ``axis``: ``padded`` or ``scatter``,
+    whichever multiplies fewer (the padded way counts every tap of every input voxel, zeros included; the scatter
+    only the taps that reach a voxel, at ``1 + SCATTER_MAPS / out maps`` times the cost of a padded one)."""
+    k = [int(v) for v in w_shape[2:]]
+    d = _dil(dilation)
+    out = [int(v) for v in out_spatial]
+    r0, r1 = rows
+    extent = [n + (kk - 1) * dd for n, kk, dd in zip(out, k, d)]
+    extent[axis] = r1 - r0
+    padded = math.prod(extent) * math.prod(k)
+    exact = sum(len(_reaching(out[axis], ta * d[axis], rows)) for ta in range(k[axis]))
+    exact *= math.prod(n * kk for a, (n, kk) in enumerate(zip(out, k)) if a != axis)
+    return "scatter" if padded > (1 + SCATTER_MAPS / int(w_shape[1])) * exact else "padded"
+
+
+def _reaching(n_out: int, shift: int, rows: tuple[int, int]) -> range:
+    """Output rows ``p`` (of ``n_out``) whose tap at ``shift`` lands in input rows ``rows``: ``r0 <= p + shift <
+    r1``."""
+    return range(max(0, rows[0] - shift), min(n_out, rows[1] - shift))
+
+
+def _grad_input_scatter(w: np.ndarray, grad_y: np.ndarray, d: Triple, rows: tuple[int, int], axis: int,
+                        threads: int) -> np.ndarray:
+    """Input rows ``rows`` along ``axis`` of ``grad_x``: ``grad_x[i, p + t*d] += sum_o wc[i, o, t] grad_y[o, p]``
+    (``wc`` the correlation kernel, ``w`` flipped) for the taps ``t`` and output voxels ``p`` that land there.
+
+    The taps are grouped by their offset along ``axis``; each group is one GEMM ``(taps*in x out) @ (out x
+    voxels)`` over the output rows it reaches, whose rows are added into place. With ``threads > 1`` the input rows
+    are split into that many ranges, each computed the same way (no two threads add into one voxel)."""
+    r0, r1 = rows
+    if threads > 1 and r1 - r0 > 1:
+        cuts = [r0 + (r1 - r0) * j // threads for j in range(threads + 1)]
+        parts = parallel_map(lambda c: _grad_input_scatter(w, grad_y, d, c, axis, 1),
+                             [(a, b) for a, b in zip(cuts, cuts[1:]) if b > a], threads)
+        return np.concatenate(parts, axis=1 + axis)
+    n_in, n_out = w.shape[:2]
+    k = w.shape[2:]
+    out = grad_y.shape[1:]
+    extent = [n + (kk - 1) * dd for n, kk, dd in zip(out, k, d)]
+    extent[axis] = r1 - r0
+    gx = np.zeros((n_in, *extent), dtype=grad_y.dtype)
+    wc = w[:, :, ::-1, ::-1, ::-1]
+    plane = math.prod(n for a, n in enumerate(out) if a != axis)  # output voxels per row along axis
+    for ta in range(k[axis]):
+        reach = _reaching(out[axis], ta * d[axis], rows)
+        if not reach:
+            continue
+        taps = [t for t in np.ndindex(*k) if t[axis] == ta]
+        wg = np.ascontiguousarray(np.stack([wc[(slice(None), slice(None), *t)] for t in taps]))
+        wg = wg.reshape(len(taps) * n_in, n_out)
+        step = max(1, TILE_BYTES // (wg.shape[0] * plane * grad_y.itemsize))
+        for c0 in range(reach.start, reach.stop, step):
+            c1 = min(reach.stop, c0 + step)
+            gy = np.ascontiguousarray(_along(grad_y, axis, c0, c1))
+            r = (wg @ gy.reshape(n_out, -1)).reshape(len(taps), n_in, *gy.shape[1:])
+            for j, t in enumerate(taps):
+                at = [slice(tb * db, tb * db + n) for tb, db, n in zip(t, d, out)]
+                at[axis] = slice(c0 + ta * d[axis] - r0, c1 + ta * d[axis] - r0)
+                gx[(slice(None), *at)] += r[j]
+    return gx
+
+
+def _along(a: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo..hi`` along spatial ``axis`` of ``a`` (maps, z, y, x): a view."""
+    index: list[slice] = [slice(None)] * 4
+    index[1 + axis] = slice(lo, hi)
+    return a[tuple(index)]
 
 
 def conv_grad_kernel_direct(x: np.ndarray, grad_y: np.ndarray, w_shape: Sequence[int],

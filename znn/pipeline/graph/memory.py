@@ -28,7 +28,7 @@ from dask.order import order
 
 from znn.network import Network
 from znn.ops import fft as fftops
-from znn.ops.conv import TILE_BYTES, TILE_VOXELS
+from znn.ops.conv import TILE_BYTES, TILE_VOXELS, grad_input_method
 from znn.ops.conv_fft import transform_method
 from znn.ops.fft import PLAN_CACHE_BYTES
 from znn.pipeline.graph.build import Graph, Hyper, step_graph, task_priorities
@@ -249,6 +249,18 @@ def _grad_input_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int)
     n_in, n_out = g.plan.spec.kernel_shape(name)[:2]
     rows = ep.in_slabs[index[0]]
     halo = [(k - 1) * d for k, d in zip(edge.size, ep.dilation)]
+    axis = ep.slab_axis
+    lo, hi = max(0, rows[0] - halo[axis]), min(ep.out_extent[axis], rows[1])  # the output rows that reach them
+    reaching = list(ep.out_extent)
+    reaching[axis] = hi - lo
+    shape = g.plan.spec.kernel_shape(name)
+    if grad_input_method(shape, reaching, ep.dilation, (rows[0] - lo, rows[1] - lo), axis) == "scatter":
+        # the joined output-gradient rows, and one chunk of them with its products (conv._grad_input_scatter)
+        plane = _vox(reaching) // reaching[axis]
+        taps = _vox(edge.size) // edge.size[axis]
+        chunk = min(hi - lo, max(1, TILE_BYTES // (taps * n_in * plane * itemsize)))
+        work = (n_out * _vox(reaching) + (taps * n_in + n_out) * chunk * plane) * itemsize
+        return n_in * _rows(ep.need, axis, rows) * itemsize, work
     padded = [e + 2 * h for e, h in zip(ep.out_extent, halo)]
     padded[ep.slab_axis] = rows[1] - rows[0] + 2 * halo[ep.slab_axis]
     voxels = _rows(ep.need, ep.slab_axis, rows)
