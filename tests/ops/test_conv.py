@@ -228,6 +228,51 @@ def test_pieces_compose_by_blocks_of_maps(case):
             np.testing.assert_allclose(cf.grad_kernel(xs[i], gs[o], shape, k, d), gw_ref[bi, bo], atol=1e-10)
 
 
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+@pytest.mark.parametrize("case", CASES, ids=IDS)
+def test_phases_of_a_dilated_convolution_give_its_output_and_gradients(case, dtype):
+    """The convolution split into phases (its dilation, and every z plane of a one-plane kernel), each phase an
+    undilated convolution at the small phase FFT shape, input and output blocks summed by the caller as the graph
+    does: output, input gradient and kernel gradient equal the direct convolution's."""
+    x, w, gy, d = problem(case, dtype)
+    k = w.shape[2:]
+    split = cf.phase_split(x.shape[1:], k, d)
+    phases = int(np.prod(split))
+    shape = cf.phase_fft_shape(x.shape[1:], k, split)
+    lengths = cf.phase_lengths(x.shape[1:], split)
+    out_lengths = tuple(n - kk + 1 for n, kk in zip(lengths, k))
+    offset = cf.output_offset(k, (1, 1, 1))
+    n_in, n_out = w.shape[:2]
+    ib = [slice(0, n_in // 2 + 1), slice(n_in // 2 + 1, n_in)]
+    ob = [slice(0, n_out // 2 + 1), slice(n_out // 2 + 1, n_out)]
+    xs = [cf.phase_spectra(x[b], split, shape) for b in ib]
+    ws = [[cf.kernel_spectra(w[bi, bo], (1, 1, 1), shape) for bo in ob] for bi in ib]
+    gs = [cf.phase_spectra(gy[b], split, shape, offset=offset) for b in ob]
+    y = [cf.merge_phases(cf.inverse_valid(sum(cf.multiply_accumulate(xs[i], ws[i][o], phases=phases)
+                                              for i in range(2)), shape, out_lengths, offset),
+                         split, gy.shape[1:]) for o in range(2)]
+    gx = [cf.merge_phases(cf.inverse_valid(sum(cf.grad_input_spectra(gs[o], ws[i][o], phases=phases)
+                                               for o in range(2)), shape, lengths), split, x.shape[1:])
+          for i in range(2)]
+    gw = np.concatenate([np.concatenate([cf.grad_kernel(xs[i], gs[o], shape, k, (1, 1, 1), phases=phases)
+                                         for o in range(2)], axis=1) for i in range(2)])
+    gx_d, gw_d = conv_backward_direct(x, w, gy, d)
+    close(np.concatenate(y), conv_forward_direct(x, w, d), dtype)
+    close(np.concatenate(gx), gx_d, dtype)
+    close(gw, gw_d, dtype)
+    assert gw.dtype == dtype and y[0].dtype == dtype
+
+
+def test_phase_split_follows_dilation_and_one_plane_kernels():
+    assert cf.phase_split((1, 190, 190), (1, 5, 5), (1, 2, 2)) == (1, 2, 2)
+    assert cf.phase_split((8, 100, 100), (1, 3, 3), (1, 4, 4)) == (8, 4, 4)  # 2D kernels of a 2D-3D net
+    assert cf.phase_split((7, 88, 88), (2, 3, 3), (1, 8, 8)) == (1, 8, 8)
+    assert cf.phase_split((20, 20, 20), (3, 3, 3), (1, 1, 1)) == (1, 1, 1)  # not split
+    assert cf.phase_fft_shape((1, 180, 180), (1, 4, 4), (1, 4, 4)) == (1, 45, 45)
+    with pytest.raises(ShapeError, match="do not fit"):
+        cf.phase_spectra(np.zeros((1, 1, 9, 9)), (1, 2, 2), (1, 4, 4))
+
+
 def test_spectra_layout_and_dtype():
     x, w, _, d = problem(CASES[2], np.float32)
     _, sp = cf.conv_forward_fft(x, w, d)

@@ -18,6 +18,13 @@ The kernel spectra and the kernel gradient need ``in * out`` transforms but only
 kernel's voxels are non-zero, so by default they are computed as separable *pruned* DFTs (three matrix
 products through BLAS) instead of full FFTs; ``method="fft"`` runs the ZNN way (one FFTW transform per
 kernel) for comparison and where it is cheaper (large 2D kernels).
+
+A dilated convolution is also ``P = dz * dy * dx`` undilated ones, one per phase (the voxels ``r + d * q``):
+:func:`phase_spectra` transforms the phases of the maps (logical maps ``P * n``, phase-major) at the small
+:func:`phase_fft_shape`, the kernels are transformed undilated once at that shape, and the products, the input
+gradient and the kernel gradient take ``phases=P`` (each frequency's product is then ``(P x in) @ (in x out)``,
+not ``(1 x in) @ (in x out)``: the kernel spectra are ``P`` times smaller and each is read once for ``P`` rows).
+:func:`merge_phases` puts the phases of a result back.
 """
 
 from __future__ import annotations
@@ -57,6 +64,11 @@ __all__ = [
     "grad_kernel",
     "output_offset",
     "transform_method",
+    "phase_fft_shape",
+    "phase_lengths",
+    "phase_split",
+    "phase_spectra",
+    "merge_phases",
 ]
 
 # Frequencies per matmul chunk handed to one thread: big enough to hide Python overhead, small enough to
@@ -135,14 +147,79 @@ def input_spectra(x_block: np.ndarray, shape: Sequence[int], threads: int = 1,
     sl = tuple(slice(o, o + e) for o, e in zip(offset, x_block.shape[1:]))
     if any(s.stop > e for s, e in zip(sl, shape3)):
         raise ShapeError(f"maps {x_block.shape} at offset {tuple(offset)} do not fit the FFT shape {shape3}")
-    dtype = np.float32 if x_block.dtype == np.float32 else np.float64
-    real = empty_aligned((n, *shape3), dtype)
+    real = empty_aligned((n, *shape3), _real_dtype(x_block))
     real.fill(0)
     real[(slice(None), *sl)] = x_block
+    return _spectra_of(real, threads)
+
+
+def _real_dtype(x: np.ndarray) -> type:
+    return np.float32 if x.dtype == np.float32 else np.float64
+
+
+def _spectra_of(real: np.ndarray, threads: int) -> np.ndarray:
+    """Spectra of the padded maps ``real`` (destroyed), in frequency-major storage."""
+    n = real.shape[0]
     spec = rfft3(real, threads)
     # frequency-major copy: the products over maps then run on contiguous (maps) rows
     flat = np.ascontiguousarray(spec.reshape(n, math.prod(spec.shape[1:])).T)
     return _maps_first(flat, spec.shape[1:], 1)
+
+
+def phase_lengths(extent: Sequence[int], dilation: Sequence[int]) -> Triple:
+    """The extent of the longest phase of ``extent`` dilated by ``dilation``: ``ceil(extent / d)``."""
+    n = [-(-int(e) // int(d)) for e, d in zip(extent, dilation)]
+    return (n[0], n[1], n[2])
+
+
+def phase_fft_shape(extent: Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]) -> Triple:
+    """FFT shape of the undilated convolutions of the phases of a convolution over ``extent`` dilated by
+    ``dilation``."""
+    return fft_shape(phase_lengths(extent, dilation), kernel_size, (1, 1, 1))
+
+
+def phase_split(extent: Sequence[int], kernel_size: Sequence[int], dilation: Sequence[int]) -> Triple:
+    """How a convolution over ``extent`` is split into phases: by its dilation, and along z by every plane when
+    the kernel is one plane thick (2D kernels on a 3D patch: no transform along z, more rows per product)."""
+    z = int(extent[0]) if int(kernel_size[0]) == 1 else int(dilation[0])
+    return (z, int(dilation[1]), int(dilation[2]))
+
+
+def _phases(dilation: Sequence[int]) -> list[tuple[int, int, int]]:
+    """The phases ``(rz, ry, rx)`` of ``dilation``, in the order of the phase-major maps."""
+    return [(int(a), int(b), int(c)) for a, b, c in np.ndindex(*(int(v) for v in dilation))]
+
+
+def phase_spectra(maps: np.ndarray, dilation: Sequence[int], shape: Sequence[int], threads: int = 1,
+                  offset: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+    """Spectra of the phases of ``maps`` ``(n, z, y, x)``: phase ``(rz, ry, rx)`` holds ``maps[:, rz::dz, ry::dy,
+    rx::dx]``, zero-padded to ``shape`` at ``offset``. Complex ``(P * n, Z, Y, Xh)``, phase-major (map ``p * n +
+    i`` is phase ``p`` of map ``i``, phases in C order of ``dilation``)."""
+    shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
+    n = maps.shape[0]
+    longest = phase_lengths(maps.shape[1:], dilation)
+    if any(o + e > s for o, e, s in zip(offset, longest, shape3)):
+        raise ShapeError(f"phases {longest} of maps {maps.shape} at offset {tuple(offset)} do not fit the FFT "
+                         f"shape {shape3}")
+    phases = _phases(dilation)
+    real = empty_aligned((len(phases) * n, *shape3), _real_dtype(maps))
+    real.fill(0)
+    for p, (rz, ry, rx) in enumerate(phases):
+        part = maps[:, rz::int(dilation[0]), ry::int(dilation[1]), rx::int(dilation[2])]
+        real[(slice(p * n, (p + 1) * n), *(slice(o, o + e) for o, e in zip(offset, part.shape[1:])))] = part
+    return _spectra_of(real, threads)
+
+
+def merge_phases(phase_maps: np.ndarray, dilation: Sequence[int], extent: Sequence[int]) -> np.ndarray:
+    """Maps ``(n, *extent)`` from their phases ``(P * n, z', y', x')`` (phase-major, as :func:`phase_spectra`
+    orders them; each phase's part beyond the extent is dropped)."""
+    phases = _phases(dilation)
+    n = phase_maps.shape[0] // len(phases)
+    out = np.empty((n, *(int(e) for e in extent)), dtype=phase_maps.dtype)
+    for p, (rz, ry, rx) in enumerate(phases):
+        view = out[:, rz::int(dilation[0]), ry::int(dilation[1]), rx::int(dilation[2])]
+        view[...] = phase_maps[p * n:(p + 1) * n, :view.shape[1], :view.shape[2], :view.shape[3]]
+    return out
 
 
 def grad_output_spectra(grad_y: np.ndarray, shape: Sequence[int], kernel_size: Sequence[int],
@@ -273,23 +350,24 @@ def transform_method(method: str, kernel_size: Sequence[int], shape: Triple) -> 
     return "pruned" if 8.0 * k_lead <= fft_cost else "fft"
 
 
-def multiply_accumulate(x_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Sum over input maps in the frequency domain: ``(in, F...)``, ``(in, out, F...)`` -> ``(out, F...)``.
+def multiply_accumulate(x_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1, phases: int = 1) -> np.ndarray:
+    """Sum over input maps in the frequency domain: ``(in, F...)``, ``(in, out, F...)`` -> ``(out, F...)``;
+    with ``phases = P`` (:func:`phase_spectra`), ``(P * in, F...)`` -> ``(P * out, F...)``.
 
-    One ``(1 x in) @ (in x out)`` product per frequency; partial sums of input blocks are added by the caller.
+    One ``(P x in) @ (in x out)`` product per frequency; partial sums of input blocks are added by the caller.
     """
-    _check_spec_pair(x_spec, w_spec)
+    _check_spec_pair(x_spec, w_spec, phases)
     xf = _freq_major(x_spec, 1)
     wf = _freq_major(w_spec, 2)
     nf, n_out = xf.shape[0], wf.shape[2]
-    out = np.empty((nf, 1, n_out), dtype=np.result_type(xf, wf))
-    x3 = xf[:, None, :]
+    out = np.empty((nf, phases, n_out), dtype=np.result_type(xf, wf))
+    x3 = xf.reshape(nf, phases, xf.shape[1] // phases)
 
     def work(lo: int, hi: int) -> None:
         np.matmul(x3[lo:hi], wf[lo:hi], out=out[lo:hi])
 
     parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK, 4)
-    return _maps_first(out.reshape(nf, n_out), x_spec.shape[1:], 1)
+    return _maps_first(out.reshape(nf, phases * n_out), x_spec.shape[1:], 1)
 
 
 def inverse_valid(spec: np.ndarray, shape: Sequence[int], out_spatial: Sequence[int],
@@ -315,13 +393,18 @@ def inverse_valid(spec: np.ndarray, shape: Sequence[int], out_spatial: Sequence[
 # ----------------------------------------------------------------------------------------------- backward
 
 
-def grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1) -> np.ndarray:
-    """Input-gradient spectra ``sum_o GY[o] * conj(W[i, o])``: ``(out, F...)``, ``(in, out, F...)`` -> ``(in, F...)``.
+def grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1, phases: int = 1) -> np.ndarray:
+    """Input-gradient spectra ``sum_o GY[o] * conj(W[i, o])``: ``(out, F...)``, ``(in, out, F...)`` -> ``(in, F...)``;
+    with ``phases = P``, ``(P * out, F...)`` -> ``(P * in, F...)``.
 
-    Computed as ``conj(W @ conj(GY))`` so that only the small arrays are conjugated.
+    Computed as ``conj(W @ conj(GY))`` (phases: ``conj(conj(GY) @ W^T)``) so that only the small arrays are
+    conjugated.
     """
-    if gy_spec.shape[0] != w_spec.shape[1] or gy_spec.shape[1:] != w_spec.shape[2:]:
-        raise ShapeError(f"output-gradient spectra {gy_spec.shape} do not match kernel spectra {w_spec.shape}")
+    if gy_spec.shape[0] != phases * w_spec.shape[1] or gy_spec.shape[1:] != w_spec.shape[2:]:
+        raise ShapeError(f"output-gradient spectra {gy_spec.shape} do not match kernel spectra {w_spec.shape}"
+                         + (f" in {phases} phases" if phases > 1 else ""))
+    if phases > 1:
+        return _phase_grad_input_spectra(gy_spec, w_spec, threads, phases)
     gf = np.conj(_freq_major(gy_spec, 1))[:, :, None]  # (F, out, 1)
     wf = _freq_major(w_spec, 2)  # (F, in, out)
     nf, n_in = wf.shape[0], wf.shape[1]
@@ -335,12 +418,30 @@ def grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1
     return _maps_first(out.reshape(nf, n_in), gy_spec.shape[1:], 1)
 
 
+def _phase_grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: int, phases: int) -> np.ndarray:
+    """:func:`grad_input_spectra` of ``phases`` phases: one ``(P x out) @ (out x in)`` product per frequency."""
+    wf = _freq_major(w_spec, 2)  # (F, in, out)
+    nf, n_in, n_out = wf.shape
+    gf = np.conj(_freq_major(gy_spec, 1)).reshape(nf, phases, n_out)
+    wt = wf.transpose(0, 2, 1)  # (F, out, in): column-major matrices, which BLAS reads transposed
+    out = np.empty((nf, phases, n_in), dtype=np.result_type(gf, wf))
+
+    def work(lo: int, hi: int) -> None:
+        np.matmul(gf[lo:hi], wt[lo:hi], out=out[lo:hi])
+        np.conjugate(out[lo:hi], out=out[lo:hi])
+
+    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK, 4)
+    return _maps_first(out.reshape(nf, phases * n_in), gy_spec.shape[1:], 1)
+
+
 def grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Sequence[int], kernel_size: Sequence[int],
-                dilation: Sequence[int], threads: int = 1, method: str = "auto") -> np.ndarray:
+                dilation: Sequence[int], threads: int = 1, method: str = "auto", phases: int = 1) -> np.ndarray:
     """Kernel gradient from input spectra ``(in, F...)`` and output-gradient spectra ``(out, F...)``.
 
     The inverse transform of ``GY[o] * conj(X[i])`` read at the dilated taps ``t * d``: real
     ``(in, out, kz, ky, kx)``. ``method`` as for :func:`kernel_spectra` (pruned: only the taps are computed).
+    With ``phases = P`` the spectra are of ``P * in`` and ``P * out`` phase maps (``dilation`` is then the
+    phases' own, ones) and the products of all phases are summed (always pruned).
     """
     shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     k3 = (int(kernel_size[0]), int(kernel_size[1]), int(kernel_size[2]))
@@ -349,36 +450,45 @@ def grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Sequence[int], k
                          f"share the FFT shape {shape3}")
     xf = _freq_major(x_spec, 1)
     gf = _freq_major(gy_spec, 1)
-    if transform_method(method, k3, shape3) == "fft":
+    if phases == 1 and transform_method(method, k3, shape3) == "fft":
         g = _fftw_grad_kernel(xf, gf, shape3, k3, dilation, threads)
     else:
-        g = _pruned_grad_kernel(xf, gf, shape3, k3, dilation, threads)
-    count_transforms("inverse", xf.shape[1] * gf.shape[1])
+        g = _pruned_grad_kernel(xf, gf, shape3, k3, dilation, threads, phases)
+    count_transforms("inverse", xf.shape[1] * gf.shape[1] // phases ** 2)
     return g
 
 
 def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Triple,
-                        dilation: Sequence[int], threads: int) -> np.ndarray:
+                        dilation: Sequence[int], threads: int, phases: int = 1) -> np.ndarray:
     """Pruned inverse DFT of ``GY * conj(X)`` at the kernel taps, as matrix products.
 
     Lead stage: along the first axis longer than 1 (z, or y for 2D) the product and the inverse DFT to the
     ``k`` taps are one contraction per remaining frequency ``c``:
     ``Q[c, i, t, o] = sum_l conj(X[l, c, i]) * e[l, t] * GY[l, c, o]``, i.e. ``(in x L) @ (L x k*out)``.
     Then the other axes shrink to their taps with single large matrix products, x last (half spectrum, real).
+    With ``phases = P`` the lead contraction runs over the lead index and the phase together (``L * P`` long).
     """
     Z, Y, _ = shape
     kz, ky, _ = k3
-    n_in, n_out = xf.shape[1], gf.shape[1]
+    n_in, n_out = xf.shape[1] // phases, gf.shape[1] // phases
     cdt = xf.dtype.str
     lead_z = Z > 1
     L = Z if lead_z else Y
     k_lead = kz if lead_z else ky
     e_lead = _dft_matrix(L, k_lead, int(dilation[0] if lead_z else dilation[1]), False, +1, cdt)  # (L, k)
     ncol = xf.shape[0] // L  # remaining frequencies per lead index
+    if phases > k_lead:  # summing the phases' products first is the smaller contraction
+        q = _summed_phases_lead(xf, gf, e_lead, phases, threads)
+        return _pruned_tail(q, shape, k3, dilation, n_out)
     # contiguous per-column matrices: strided ones make BLAS thrash the cache for power-of-two sizes
-    xc = np.ascontiguousarray(xf.reshape(L, ncol, n_in).transpose(1, 2, 0))  # (ncol, in, L)
+    xc = np.ascontiguousarray(xf.reshape(L, ncol, phases, n_in).transpose(1, 3, 0, 2))  # (ncol, in, L, P)
+    xc = xc.reshape(ncol, n_in, L * phases)
     np.conjugate(xc, out=xc)
-    gc = np.ascontiguousarray(gf.reshape(L, ncol, n_out).transpose(1, 0, 2))  # (ncol, L, out)
+    gc = np.ascontiguousarray(gf.reshape(L, ncol, phases, n_out).transpose(1, 0, 2, 3))  # (ncol, L, P, out)
+    gc = gc.reshape(ncol, L * phases, n_out)
+    if phases > 1:
+        e_lead = np.repeat(e_lead, phases, axis=0)  # row l * P + p: every phase of lead index l
+        L *= phases
     q = np.empty((ncol, n_in, k_lead * n_out), dtype=xf.dtype)
     if n_in * n_out <= _PAIRS_BY_PRODUCT:
         _lead_by_products(xc, gc, e_lead, q, threads)
@@ -393,6 +503,29 @@ def _pruned_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Tripl
 
     parallel_chunks(ncol, threads, work, _COLS_PER_STEP, 4)
     return _pruned_tail(q, shape, k3, dilation, n_out)
+
+
+def _summed_phases_lead(xf: np.ndarray, gf: np.ndarray, e_lead: np.ndarray, phases: int,
+                        threads: int) -> np.ndarray:
+    """The lead stage of many phases: ``G[f, i, o] = sum_p conj(X[f, p, i]) GY[f, p, o]`` (one ``(in x P) @ (P x
+    out)`` product per frequency), then the lead axis's DFT to its taps as one GEMM; ``q`` as
+    :func:`_pruned_tail` takes it. The fused contraction would weigh every phase by every tap first: ``k``
+    times the products."""
+    nf = xf.shape[0]
+    L, k = e_lead.shape
+    n_in, n_out = xf.shape[1] // phases, gf.shape[1] // phases
+    xc = np.conj(xf.reshape(nf, phases, n_in))
+    gr = gf.reshape(nf, phases, n_out)
+    g = np.empty((nf, n_in, n_out), dtype=xf.dtype)
+
+    def work(lo: int, hi: int) -> None:
+        np.matmul(xc[lo:hi].transpose(0, 2, 1), gr[lo:hi], out=g[lo:hi])
+
+    parallel_chunks(nf, threads, work, _MIN_FREQ_CHUNK, 4)
+    ncol = nf // L
+    taps = np.matmul(np.ascontiguousarray(e_lead.T), g.reshape(L, ncol * n_in * n_out))  # (k, ncol*in*out)
+    q = taps.reshape(k, ncol, n_in, n_out).transpose(1, 2, 0, 3)
+    return np.ascontiguousarray(q).reshape(ncol, n_in, k * n_out)
 
 
 def _lead_by_products(xc: np.ndarray, gc: np.ndarray, e_lead: np.ndarray, q: np.ndarray, threads: int) -> None:
@@ -462,11 +595,12 @@ def _fftw_grad_kernel(xf: np.ndarray, gf: np.ndarray, shape: Triple, k3: Triple,
 # ----------------------------------------------------------------------------------------------- whole layer
 
 
-def _check_spec_pair(x_spec: np.ndarray, w_spec: np.ndarray) -> None:
-    if w_spec.ndim != 5 or x_spec.ndim != 4 or x_spec.shape[0] != w_spec.shape[0] \
+def _check_spec_pair(x_spec: np.ndarray, w_spec: np.ndarray, phases: int = 1) -> None:
+    if w_spec.ndim != 5 or x_spec.ndim != 4 or x_spec.shape[0] != phases * w_spec.shape[0] \
             or x_spec.shape[1:] != w_spec.shape[2:]:
+        maps = "in" if phases == 1 else f"{phases} * in"
         raise ShapeError(f"input spectra {x_spec.shape} do not match kernel spectra {w_spec.shape} "
-                         "(expected (in, Z, Y, Xh) and (in, out, Z, Y, Xh))")
+                         f"(expected ({maps}, Z, Y, Xh) and (in, out, Z, Y, Xh))")
 
 
 def _spectra_for(x: np.ndarray, w: np.ndarray, dilation: Triple, spectra: Spectra | None) -> Spectra:

@@ -47,7 +47,7 @@ from znn.ops import fft as fftops
 from znn.ops.conv import Tile as DirectTile
 from znn.pipeline.graph import fft_edges, tasks
 from znn.pipeline.graph.core import Op
-from znn.pipeline.graph.plan import CONV_MODES, EdgePlan, make_plan
+from znn.pipeline.graph.plan import CONV_MODES, EdgePlan, fft_geometry, make_plan
 from znn.pipeline.run.schedulers import single_threaded_kernels
 from znn.spec import NetworkSpec
 from znn.types import Triple
@@ -63,6 +63,8 @@ CACHE_VERSION = 1
 # taken for the new (2: fewer copies in phase_conv_fft; 3: tiles of a small FFT shape; 4: bundled gathers,
 # maps-last spectra, recycled activations).
 PHASES_REVISION = 4
+# The graph's FFT tasks' revision, likewise (2: dilated and one-plane kernels split into phases).
+GRAPH_FFT_REVISION = 2
 # After one timed run per mode, a mode this many times slower has lost: no need for more repetitions.
 _CLEAR_WIN = 2.0
 # Layers whose modelled times differ by more than this are not timed (see _modelled).
@@ -102,7 +104,7 @@ class LayerProblem:
     def pass_name(self) -> str:
         if self.evaluator == "phases":
             return f"phases{'' if self.cached_spectra else '-uncached'}@{PHASES_REVISION}"
-        return "train" if self.training else "forward"
+        return f"{'train' if self.training else 'forward'}@{GRAPH_FFT_REVISION}"
 
     @property
     def out_extent(self) -> Triple:
@@ -111,9 +113,9 @@ class LayerProblem:
 
     def edge_plan(self, mode: str) -> EdgePlan:
         """The layer as the graph's tasks see it: reading all of ``in_extent``."""
-        shape = fftops.fft_shape(self.in_extent, self.kernel, self.dilation) if mode == "fft" else None
+        shape, phases = fft_geometry(self.in_extent, self.kernel, self.dilation) if mode == "fft" else (None, (1, 1, 1))
         return EdgePlan("autotune", self.in_extent, self.in_extent, (0, 0, 0), self.out_extent, self.dilation, mode,
-                        shape, self.kernel)
+                        shape, self.kernel, phases=phases)
 
     def key(self, machine: str) -> str:
         fields = [f"maps={self.maps_in},{self.maps_out}", "in=" + ",".join(map(str, self.in_extent)),
@@ -357,22 +359,23 @@ def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[n
     """The FFT-mode tasks of the layer (:mod:`znn.pipeline.graph.fft_edges`): one of each operation timed, times
     how many of it the builder makes (:func:`~znn.pipeline.graph.fft_edges.task_counts`)."""
     edge = p.edge_plan("fft")
-    shape, lo = edge.transform_shape, edge.crop_lo
     ib0, ob0 = p.in_blocks[0], p.out_blocks[0]
     seconds: dict[Op, float] = {}
-    xspec, seconds[Op.INPUT_SPECTRA] = _timed(tasks.input_spectra, xs[0], lo, p.in_extent, shape)
-    xspecs = [xspec] + [tasks.input_spectra(x, lo, p.in_extent, shape) for x in xs[1:]]
-    kspec, seconds[Op.KERNEL_SPECTRA] = _timed(tasks.kernel_spectra, w, ib0, ob0, p.dilation, shape)
-    column = [kspec] + [tasks.kernel_spectra(w, ib, ob0, p.dilation, shape) for ib in p.in_blocks[1:]]
+    spectra = functools.partial(tasks.input_spectra, edge=edge)
+    xspec, seconds[Op.INPUT_SPECTRA] = _timed(spectra, xs[0])
+    xspecs = [xspec] + [spectra(x) for x in xs[1:]]
+    kernels = functools.partial(tasks.kernel_spectra, edge=edge)
+    kspec, seconds[Op.KERNEL_SPECTRA] = _timed(kernels, w, ib0, ob0)
+    column = [kspec] + [kernels(w, ib, ob0) for ib in p.in_blocks[1:]]
     _, seconds[Op.CONV] = _timed(functools.partial(tasks.conv_fft_forward, edge=edge), xspecs, column)
     if p.training:
-        gspec, seconds[Op.GRAD_SPECTRA] = _timed(tasks.grad_output_spectra, gys[0], shape, p.kernel, p.dilation)
+        grads = functools.partial(tasks.grad_output_spectra, edge=edge)
+        gspec, seconds[Op.GRAD_SPECTRA] = _timed(grads, gys[0])
         if p.grad_input:
-            gspecs = [gspec] + [tasks.grad_output_spectra(g, shape, p.kernel, p.dilation) for g in gys[1:]]
-            row = [kspec] + [tasks.kernel_spectra(w, ib0, ob, p.dilation, shape) for ob in p.out_blocks[1:]]
-            _, seconds[Op.GRAD_INPUT] = _timed(tasks.conv_fft_grad_input, gspecs, row, shape, p.in_extent, lo,
-                                               p.in_extent)
-        _, seconds[Op.GRAD_KERNEL] = _timed(tasks.conv_fft_grad_kernel, xspec, gspec, shape, p.kernel, p.dilation)
+            gspecs = [gspec] + [grads(g) for g in gys[1:]]
+            row = [kspec] + [kernels(w, ib0, ob) for ob in p.out_blocks[1:]]
+            _, seconds[Op.GRAD_INPUT] = _timed(functools.partial(tasks.conv_fft_grad_input, edge=edge), gspecs, row)
+        _, seconds[Op.GRAD_KERNEL] = _timed(functools.partial(tasks.conv_fft_grad_kernel, edge=edge), xspec, gspec)
     # inference: kernel spectra come from the cache
     counts = fft_edges.task_counts(len(p.in_blocks), len(p.out_blocks), training=p.training,
                                    grad_input=p.grad_input, cached=not p.training)

@@ -45,7 +45,7 @@ class BlockForward:
                     continue
                 edge = self.plan.spec.edges[name]
                 kernel = self.net.kernels[name]
-                spectra = [[tasks.kernel_spectra(kernel, ib, ob, ep.dilation, ep.fft_shape)
+                spectra = [[tasks.kernel_spectra(kernel, ib, ob, edge=ep)
                             for ob in self.plan.blocks[edge.output]] for ib in self.plan.blocks[edge.input]]
                 self.cache.put(name, ep.fft_shape, spectra)
 

@@ -32,17 +32,15 @@ def forward(g: Graph, name: str, finish: Finish) -> None:
     edge = spec.edges[name]
     in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
     xs, kernel = g.act[edge.input], g.params[name]
-    shape = ep.transform_shape
     g.xspec[name] = [g.key(Op.INPUT_SPECTRA, name, i) for i in range(len(in_blocks))]
     for key, x in zip(g.xspec[name], xs):
-        g.dsk[key] = call(tasks.input_spectra, x, lo=ep.crop_lo, need=ep.need, shape=shape)
+        g.dsk[key] = call(tasks.input_spectra, x, edge=ep)
     if name not in g.kspec:
         g.kspec[name] = [[g.key(Op.KERNEL_SPECTRA, name, i, j) for j in range(len(out_blocks))]
                          for i in range(len(in_blocks))]
         for i, ib in enumerate(in_blocks):
             for j, ob in enumerate(out_blocks):
-                g.dsk[g.kspec[name][i][j]] = call(tasks.kernel_spectra, kernel, ib=ib, ob=ob, dilation=ep.dilation,
-                                                  shape=shape)
+                g.dsk[g.kspec[name][i][j]] = call(tasks.kernel_spectra, kernel, ib=ib, ob=ob, edge=ep)
         g.new_kspec[name] = g.kspec[name]
     node = finish[0] if finish is not None else None
     threads = g.task_threads(len(out_blocks))
@@ -59,21 +57,18 @@ def backward(g: Graph, name: str, gy: list[Any]) -> list[Any]:
     spec, ep = g.plan.spec, g.plan.edges[name]
     edge = spec.edges[name]
     in_blocks, out_blocks = g.plan.blocks[edge.input], g.plan.blocks[edge.output]
-    shape = ep.transform_shape
     gspec = [g.key(Op.GRAD_SPECTRA, name, j) for j in range(len(out_blocks))]
     for key, grad in zip(gspec, gy):
-        g.dsk[key] = call(tasks.grad_output_spectra, grad, shape=shape, kernel_size=edge.size, dilation=ep.dilation)
+        g.dsk[key] = call(tasks.grad_output_spectra, grad, edge=ep)
     grads = []
     threads = g.task_threads(len(in_blocks))
     for i in range(len(in_blocks) if spec.nodes[edge.input].type != "input" else 0):  # inputs need no gradient
         key = g.key(Op.GRAD_INPUT, name, i)
-        g.dsk[key] = call(tasks.conv_fft_grad_input, gspec, g.kspec[name][i], shape=shape, need=ep.need,
-                          lo=ep.crop_lo, full=ep.in_extent, threads=threads)
+        g.dsk[key] = call(tasks.conv_fft_grad_input, gspec, g.kspec[name][i], edge=ep, threads=threads)
         grads.append(key)
     gw = [[g.key(Op.GRAD_KERNEL, name, i, j) for j in range(len(out_blocks))] for i in range(len(in_blocks))]
     for i in range(len(in_blocks)):
         for j in range(len(out_blocks)):
-            g.dsk[gw[i][j]] = call(tasks.conv_fft_grad_kernel, g.xspec[name][i], gspec[j], shape=shape,
-                                   kernel_size=edge.size, dilation=ep.dilation)
+            g.dsk[gw[i][j]] = call(tasks.conv_fft_grad_kernel, g.xspec[name][i], gspec[j], edge=ep)
     g.gw[name] = gw
     return grads

@@ -76,8 +76,9 @@ def _plan_cache_bytes(plan: NetPlan, itemsize: int) -> int:
         for node in (edge.input, edge.output):
             for block in plan.blocks[node]:
                 # a forward plan's output is the spectra the walk counts; its input and an inverse's arrays are not
-                arrays[("forward", ep.transform_shape, _maps(block))] = _maps(block) * real
-                arrays[("inverse", ep.transform_shape, _maps(block))] = _maps(block) * (real + spectra)
+                maps = _maps(block) * ep.phase_count
+                arrays[("forward", ep.transform_shape, maps)] = maps * real
+                arrays[("inverse", ep.transform_shape, maps)] = maps * (real + spectra)
     kept = sum(b for b in arrays.values() if b <= PLAN_CACHE_BYTES // 4)
     return min(PLAN_CACHE_BYTES, kept)
 
@@ -172,7 +173,9 @@ def _input_block(g: Graph, node: str, index: tuple[int, ...], itemsize: int) -> 
 
 
 def _spectra(maps: int, ep: Any, itemsize: int) -> tuple[int, int]:
-    """The spectra of ``maps`` maps, and the padded maps and a frequency-major copy while they are made."""
+    """The spectra of ``maps`` maps (of their phases, when the edge is split), and the padded maps and a
+    frequency-major copy while they are made."""
+    maps *= ep.phase_count
     spectra = maps * _freqs(ep) * 2 * itemsize
     return spectra, maps * _vox(ep.transform_shape) * itemsize + spectra
 
@@ -207,7 +210,8 @@ def _kernel_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) 
 
 def _fft_accumulate(maps: int, blocks: int, ep: Any, itemsize: int) -> int:
     """Working bytes of a product task: the accumulated spectra (and one block's more), the inverse's copy and
-    its real result."""
+    its real result (of every phase, when the edge is split)."""
+    maps *= ep.phase_count
     spectra = maps * _freqs(ep) * 2 * itemsize
     return spectra * (3 if blocks > 1 else 2) + maps * _vox(ep.transform_shape) * itemsize
 
@@ -291,11 +295,29 @@ def _grad_input(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> t
 def _grad_kernel(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     edge, ep, ib, ob = _edge(g, name)
     pairs = _maps(ib[index[0]]) * _maps(ob[index[1]])
+    if ep.phase_count > 1:
+        return pairs * _vox(edge.size) * itemsize, _phase_grad_kernel_work(edge, ep, ib[index[0]], ob[index[1]],
+                                                                            itemsize)
     if transform_method("auto", edge.size, ep.transform_shape) == "fft":  # per input map: out maps' products
         per_map = _maps(ob[index[1]]) * (_freqs(ep) * 2 * itemsize + _vox(ep.transform_shape) * itemsize)
         return pairs * _vox(edge.size) * itemsize, per_map + _maps(ob[index[1]]) * _freqs(ep) * 2 * itemsize
     products = min(_PRODUCTS_BYTES, pairs * _freqs(ep) * 2 * itemsize)  # a chunk of the pairs' products
     return pairs * _vox(edge.size) * itemsize, _transform_work(edge, ep, pairs, itemsize) + products
+
+
+def _phase_grad_kernel_work(edge: Any, ep: Any, ib: tuple[int, int], ob: tuple[int, int], itemsize: int) -> int:
+    """Working bytes of the kernel gradient of an edge split into phases (``conv_fft._pruned_grad_kernel``): the
+    conjugated input spectra, then either the pairs' summed products and their lead taps (many phases) or the
+    weighted gradient spectra and the lead taps (few)."""
+    n_in, n_out, phases = _maps(ib), _maps(ob), ep.phase_count
+    shape, csize = ep.transform_shape, 2 * itemsize
+    lead = edge.size[0] if shape[0] > 1 else edge.size[1]
+    lead_len = shape[0] if shape[0] > 1 else shape[1]
+    freqs = _freqs(ep)
+    taps = n_in * n_out * lead * (freqs // lead_len) * csize
+    if phases > lead:
+        return (n_in * phases + n_in * n_out) * freqs * csize + 2 * taps
+    return (n_in + n_out) * phases * freqs * csize + taps
 
 
 def _one_to_one(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:

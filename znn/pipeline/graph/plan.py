@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from znn.errors import ConfigError
+from znn.ops import conv_fft
 from znn.ops import fft as fftops
 from znn.ops.conv import MODES as CONV_MODES  # noqa: F401  (re-exported: the one list of conv modes)
 from znn.pipeline.graph.blocks import MapBlock, even_split, map_blocks, slab_count, voxels_of
@@ -32,13 +33,25 @@ class EdgePlan:
     out_extent: Triple  # the extent of the output node
     dilation: Triple  # sparsity of the input node: taps of conv/max_filter are this far apart
     mode: str  # conv edges: fft or direct
-    fft_shape: Triple | None  # conv edges in fft mode
+    fft_shape: Triple | None  # conv edges in fft mode (of one phase when ``phases`` splits the edge)
     size: Triple = (1, 1, 1)  # the edge's window: a conv edge's kernel, a max filter's or max pool's window
     # direct conv edges: the spatial axis (0 z, 1 y, 2 x) their tasks split, the output rows of each forward and
     # kernel-gradient task, and the input (``need``) rows of each input-gradient task
     slab_axis: int = 0
     out_slabs: tuple[MapBlock, ...] = ()
     in_slabs: tuple[MapBlock, ...] = ()
+    # fft conv edges: the phases the convolution is split into (conv_fft.phase_split: its dilation, and every
+    # plane of a one-plane kernel), each an undilated convolution at ``fft_shape``; (1, 1, 1): not split
+    phases: Triple = (1, 1, 1)
+
+    @property
+    def phase_count(self) -> int:
+        return self.phases[0] * self.phases[1] * self.phases[2]
+
+    @property
+    def transform_dilation(self) -> Triple:
+        """The dilation of the kernel taps in the transforms: none when the edge is split into phases."""
+        return (1, 1, 1) if self.phase_count > 1 else self.dilation
 
     @property
     def transform_shape(self) -> Triple:
@@ -106,13 +119,24 @@ def _edge_plan(spec: NetworkSpec, layout: Layout, name: str, mode: str, workers:
     crop_lo: Triple = (
         (in_extent[0] - need[0]) // 2, (in_extent[1] - need[1]) // 2, (in_extent[2] - need[2]) // 2)
     dilation = layout.sparsity[edge.input]
-    fft_shape = None
+    fft_shape, phases = None, (1, 1, 1)
     if edge.type == "conv" and mode == "fft":
-        fft_shape = fftops.fft_shape(need, edge.size, dilation)
-    plan = EdgePlan(name, in_extent, need, crop_lo, out_extent, dilation, mode, fft_shape, edge.size)
+        fft_shape, phases = fft_geometry(need, edge.size, dilation)
+    plan = EdgePlan(name, in_extent, need, crop_lo, out_extent, dilation, mode, fft_shape, edge.size,
+                    phases=phases)
     if edge.type == "conv" and mode == "direct":
         return _slabbed(plan, spec.kernel_shape(name), workers)
     return plan
+
+
+def fft_geometry(need: Triple, size: Triple, dilation: Triple) -> tuple[Triple, Triple]:
+    """``(fft_shape, phases)`` of an FFT conv edge reading ``need``: split into phases
+    (:func:`~znn.ops.conv_fft.phase_split`) where that splits anything, each phase transformed at its own small
+    shape; else the whole input at its FFT shape."""
+    phases = conv_fft.phase_split(need, size, dilation)
+    if phases == (1, 1, 1):
+        return fftops.fft_shape(need, size, dilation), phases
+    return conv_fft.phase_fft_shape(need, size, phases), phases
 
 
 def _slabbed(plan: EdgePlan, kernel_shape: Sequence[int], workers: int) -> EdgePlan:

@@ -147,12 +147,29 @@ def kernel_block(kernel: np.ndarray, ib: MapBlock, ob: MapBlock) -> np.ndarray:
     return np.ascontiguousarray(kernel[ib[0]:ib[1], ob[0]:ob[1]])
 
 
-def input_spectra(x: np.ndarray, lo: Triple, need: Triple, shape: Triple) -> np.ndarray:
-    return conv_fft.input_spectra(np.ascontiguousarray(central(x, lo, need)), shape)
+def input_spectra(x: np.ndarray, *, edge: EdgePlan) -> np.ndarray:
+    """Spectra of the part of an input block an FFT conv edge reads (of its phases when the edge is split)."""
+    maps = np.ascontiguousarray(central(x, edge.crop_lo, edge.need))
+    if edge.phase_count > 1:
+        return conv_fft.phase_spectra(maps, edge.phases, edge.transform_shape)
+    return conv_fft.input_spectra(maps, edge.transform_shape)
 
 
-def kernel_spectra(kernel: np.ndarray, ib: MapBlock, ob: MapBlock, dilation: Triple, shape: Triple) -> np.ndarray:
-    return conv_fft.kernel_spectra(kernel_block(kernel, ib, ob), dilation, shape)
+def kernel_spectra(kernel: np.ndarray, ib: MapBlock, ob: MapBlock, *, edge: EdgePlan) -> np.ndarray:
+    return conv_fft.kernel_spectra(kernel_block(kernel, ib, ob), edge.transform_dilation, edge.transform_shape)
+
+
+def _inverse(spec: np.ndarray, edge: EdgePlan, extent: Triple, offset: Triple) -> np.ndarray:
+    """Maps of ``extent`` from their spectra (their phases' when the edge is split), read from ``offset``."""
+    if edge.phase_count == 1:
+        return conv_fft.inverse_valid(spec, edge.transform_shape, extent, offset)
+    k = edge.size
+    lengths = conv_fft.phase_lengths(extent, edge.phases)
+    if offset != (0, 0, 0):  # an output: each phase's valid part is its input's less the kernel
+        need = conv_fft.phase_lengths(edge.need, edge.phases)
+        lengths = (need[0] - k[0] + 1, need[1] - k[1] + 1, need[2] - k[2] + 1)
+    return conv_fft.merge_phases(conv_fft.inverse_valid(spec, edge.transform_shape, lengths, offset), edge.phases,
+                                 extent)
 
 
 def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], bias: np.ndarray | None = None,
@@ -163,31 +180,36 @@ def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray
     ``threads`` split the products over frequencies (each frequency's product is the same whatever the split);
     the inverse FFTs stay on one thread, so the numbers do not depend on ``threads``.
     """
-    acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads)
+    phases = edge.phase_count
+    acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads, phases)
     for xs, ks in zip(x_specs[1:], k_specs[1:]):
-        acc += conv_fft.multiply_accumulate(xs, ks, threads)
-    y = conv_fft.inverse_valid(acc, edge.transform_shape, edge.out_extent,
-                               conv_fft.output_offset(edge.size, edge.dilation))
+        acc += conv_fft.multiply_accumulate(xs, ks, threads, phases)
+    y = _inverse(acc, edge, edge.out_extent, conv_fft.output_offset(edge.size, edge.transform_dilation))
     return finish_node(y, node, bias)
 
 
-def grad_output_spectra(g: np.ndarray, shape: Triple, kernel_size: Triple, dilation: Triple) -> np.ndarray:
-    return conv_fft.grad_output_spectra(g, shape, kernel_size, dilation)
+def grad_output_spectra(g: np.ndarray, *, edge: EdgePlan) -> np.ndarray:
+    """Spectra of an output-gradient block, placed where the valid output sits in the circle."""
+    offset = conv_fft.output_offset(edge.size, edge.transform_dilation)
+    if edge.phase_count > 1:
+        return conv_fft.phase_spectra(g, edge.phases, edge.transform_shape, offset=offset)
+    return conv_fft.input_spectra(g, edge.transform_shape, offset=offset)
 
 
-def conv_fft_grad_input(gy_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], shape: Triple,
-                        need: Triple, lo: Triple, full: Triple, threads: int = 1) -> np.ndarray:
+def conv_fft_grad_input(gy_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], *, edge: EdgePlan,
+                        threads: int = 1) -> np.ndarray:
     """Input gradient of one input block: accumulate over output blocks, one inverse per input map
-    (``threads`` as in :func:`conv_fft_forward`)."""
-    acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0], threads)
+    (``threads`` as in :func:`conv_fft_forward`), padded to the input node's extent."""
+    phases = edge.phase_count
+    acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0], threads, phases)
     for gs, ks in zip(gy_specs[1:], k_specs[1:]):
-        acc += conv_fft.grad_input_spectra(gs, ks, threads)
-    return pad_back(conv_fft.inverse_valid(acc, shape, need, (0, 0, 0)), lo, full)
+        acc += conv_fft.grad_input_spectra(gs, ks, threads, phases)
+    return pad_back(_inverse(acc, edge, edge.need, (0, 0, 0)), edge.crop_lo, edge.in_extent)
 
 
-def conv_fft_grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, shape: Triple, kernel_size: Triple,
-                         dilation: Triple) -> np.ndarray:
-    return conv_fft.grad_kernel(x_spec, gy_spec, shape, kernel_size, dilation)
+def conv_fft_grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, *, edge: EdgePlan) -> np.ndarray:
+    return conv_fft.grad_kernel(x_spec, gy_spec, edge.transform_shape, edge.size, edge.transform_dilation,
+                                phases=edge.phase_count)
 
 
 def joined_maps(blocks: Sequence[np.ndarray], lo: Triple, need: Triple) -> np.ndarray:
