@@ -39,6 +39,7 @@ import numpy as np
 
 from znn.errors import ShapeError
 from znn.ops.fft import (
+    is_compact,
     check_conv_shapes,
     complex_dtype,
     count_transforms,
@@ -158,12 +159,13 @@ def _real_dtype(x: np.ndarray) -> type:
 
 
 def _spectra_of(real: np.ndarray, threads: int) -> np.ndarray:
-    """Spectra of the padded maps ``real`` (destroyed), in frequency-major storage."""
+    """Spectra of the padded maps ``real`` (destroyed), in frequency-major storage: the products over maps then
+    run on contiguous (maps) rows. FFTW writes them there (maps last), which is faster than a transposed copy."""
     n = real.shape[0]
-    spec = rfft3(real, threads)
-    # frequency-major copy: the products over maps then run on contiguous (maps) rows
-    flat = np.ascontiguousarray(spec.reshape(n, math.prod(spec.shape[1:])).T)
-    return _maps_first(flat, spec.shape[1:], 1)
+    spatial = spectrum_shape(real.shape[1:])
+    flat = empty_aligned((math.prod(spatial), n), complex_dtype(real.dtype))
+    rfft3(real, threads, out=_maps_first(flat, spatial, 1))
+    return _maps_first(flat, spatial, 1)
 
 
 def phase_lengths(extent: Sequence[int], dilation: Sequence[int]) -> Triple:
@@ -360,7 +362,7 @@ def multiply_accumulate(x_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1
     xf = _freq_major(x_spec, 1)
     wf = _freq_major(w_spec, 2)
     nf, n_out = xf.shape[0], wf.shape[2]
-    out = np.empty((nf, phases, n_out), dtype=np.result_type(xf, wf))
+    out = empty_aligned((nf, phases, n_out), np.result_type(xf, wf))  # aligned: the inverse FFT runs on it
     x3 = xf.reshape(nf, phases, xf.shape[1] // phases)
 
     def work(lo: int, hi: int) -> None:
@@ -371,18 +373,22 @@ def multiply_accumulate(x_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1
 
 
 def inverse_valid(spec: np.ndarray, shape: Sequence[int], out_spatial: Sequence[int],
-                  offset: Sequence[int] = (0, 0, 0), threads: int = 1) -> np.ndarray:
+                  offset: Sequence[int] = (0, 0, 0), threads: int = 1, destroy: bool = False) -> np.ndarray:
     """One inverse FFT per map, cropped: ``(n, Z, Y, Xh)`` -> real ``(n, *out_spatial)`` from ``offset``.
 
     For a forward output pass ``offset=output_offset(kernel_size, dilation)``; for an input gradient 0.
-    ``spec`` is left unchanged (the transform runs on a copy).
+    ``spec`` is left unchanged (the transform runs on a copy), unless ``destroy``: then a compact ``spec`` (the
+    frequency-major spectra this module makes) is transformed where it is, which saves the copy.
     """
     shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     n = spec.shape[0]
     if spec.shape[1:] != spectrum_shape(shape3):
         raise ShapeError(f"spectrum {spec.shape} does not belong to FFT shape {shape3}")
-    buf = empty_aligned(spec.shape, spec.dtype)
-    np.copyto(buf, spec)  # maps-first copy for the batched plan (and c2r destroys its input)
+    if destroy and (spec.flags.c_contiguous or is_compact(spec)):
+        buf = spec
+    else:
+        buf = empty_aligned(spec.shape, spec.dtype)
+        np.copyto(buf, spec)  # maps-first copy for the batched plan (and c2r destroys its input)
     real = irfft3(buf, shape3, threads)
     crop = real[(slice(None), *(slice(o, o + e) for o, e in zip(offset, out_spatial)))]
     out = np.empty((n, *out_spatial), dtype=real.dtype)
@@ -408,7 +414,7 @@ def grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1
     gf = np.conj(_freq_major(gy_spec, 1))[:, :, None]  # (F, out, 1)
     wf = _freq_major(w_spec, 2)  # (F, in, out)
     nf, n_in = wf.shape[0], wf.shape[1]
-    out = np.empty((nf, n_in, 1), dtype=np.result_type(gf, wf))
+    out = empty_aligned((nf, n_in, 1), np.result_type(gf, wf))
 
     def work(lo: int, hi: int) -> None:
         np.matmul(wf[lo:hi], gf[lo:hi], out=out[lo:hi])
@@ -424,7 +430,7 @@ def _phase_grad_input_spectra(gy_spec: np.ndarray, w_spec: np.ndarray, threads: 
     nf, n_in, n_out = wf.shape
     gf = np.conj(_freq_major(gy_spec, 1)).reshape(nf, phases, n_out)
     wt = wf.transpose(0, 2, 1)  # (F, out, in): column-major matrices, which BLAS reads transposed
-    out = np.empty((nf, phases, n_in), dtype=np.result_type(gf, wf))
+    out = empty_aligned((nf, phases, n_in), np.result_type(gf, wf))
 
     def work(lo: int, hi: int) -> None:
         np.matmul(gf[lo:hi], wt[lo:hi], out=out[lo:hi])

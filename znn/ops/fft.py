@@ -43,6 +43,7 @@ __all__ = [
     "fast_len",
     "fft_shape",
     "irfft3",
+    "is_compact",
     "load_wisdom",
     "parallel_chunks",
     "parallel_map",
@@ -222,7 +223,7 @@ def _aligned(a: np.ndarray) -> bool:
     return bool(a.ctypes.data % pyfftw.simd_alignment == 0)
 
 
-def _compact(a: np.ndarray) -> bool:
+def is_compact(a: np.ndarray) -> bool:
     """``a`` fills its memory without gaps, in some axis order."""
     order = sorted(range(a.ndim), key=lambda i: -a.strides[i])
     step = a.itemsize
@@ -303,7 +304,7 @@ def rfft3(real: np.ndarray, threads: int = 1, count: bool = True, out: np.ndarra
     dtype to write into, C-contiguous or compact in another axis order (maps last); default: a new aligned one.
     """
     shape = (real.shape[1], real.shape[2], real.shape[3])
-    if out is not None and not out.flags.c_contiguous and not _compact(out):
+    if out is not None and not out.flags.c_contiguous and not is_compact(out):
         raise ValueError("rfft3 writes into a compact spectrum (C-contiguous, or maps last)")
     if out is None:
         out = empty_aligned((real.shape[0], *spectrum_shape(shape)), complex_dtype(real.dtype))
@@ -323,7 +324,7 @@ def irfft3(spec: np.ndarray, shape: Sequence[int], threads: int = 1, count: bool
     """
     shape3 = (int(shape[0]), int(shape[1]), int(shape[2]))
     dtype = np.dtype(np.float32) if spec.dtype == np.complex64 else np.dtype(np.float64)
-    if not spec.flags.c_contiguous and not _compact(spec):
+    if not spec.flags.c_contiguous and not is_compact(spec):
         raise ValueError("irfft3 needs a compact spectrum (C-contiguous, or maps last)")
     if out is None:
         out = empty_aligned((spec.shape[0], *shape3), dtype)

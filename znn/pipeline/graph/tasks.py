@@ -160,16 +160,17 @@ def kernel_spectra(kernel: np.ndarray, ib: MapBlock, ob: MapBlock, *, edge: Edge
 
 
 def _inverse(spec: np.ndarray, edge: EdgePlan, extent: Triple, offset: Triple) -> np.ndarray:
-    """Maps of ``extent`` from their spectra (their phases' when the edge is split), read from ``offset``."""
+    """Maps of ``extent`` from their spectra (their phases' when the edge is split), read from ``offset``;
+    ``spec``, the task's own accumulated spectra, is transformed where it is."""
     if edge.phase_count == 1:
-        return conv_fft.inverse_valid(spec, edge.transform_shape, extent, offset)
+        return conv_fft.inverse_valid(spec, edge.transform_shape, extent, offset, destroy=True)
     k = edge.size
     lengths = conv_fft.phase_lengths(extent, edge.phases)
     if offset != (0, 0, 0):  # an output: each phase's valid part is its input's less the kernel
         need = conv_fft.phase_lengths(edge.need, edge.phases)
         lengths = (need[0] - k[0] + 1, need[1] - k[1] + 1, need[2] - k[2] + 1)
-    return conv_fft.merge_phases(conv_fft.inverse_valid(spec, edge.transform_shape, lengths, offset), edge.phases,
-                                 extent)
+    phase_maps = conv_fft.inverse_valid(spec, edge.transform_shape, lengths, offset, destroy=True)
+    return conv_fft.merge_phases(phase_maps, edge.phases, extent)
 
 
 def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], bias: np.ndarray | None = None,
