@@ -33,7 +33,7 @@ from znn.ops.conv_fft import transform_method
 from znn.ops.fft import PLAN_CACHE_BYTES
 from znn.pipeline.graph.build import Graph, Hyper, step_graph, task_priorities
 from znn.pipeline.graph.core import Op
-from znn.pipeline.graph.plan import NetPlan
+from znn.pipeline.graph.plan import EdgePlan, NetPlan
 
 __all__ = ["StepMemory", "step_memory", "task_bytes"]
 
@@ -296,8 +296,7 @@ def _grad_kernel(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> 
     edge, ep, ib, ob = _edge(g, name)
     pairs = _maps(ib[index[0]]) * _maps(ob[index[1]])
     if ep.phase_count > 1:
-        return pairs * _vox(edge.size) * itemsize, _phase_grad_kernel_work(edge, ep, ib[index[0]], ob[index[1]],
-                                                                            itemsize)
+        return pairs * _vox(edge.size) * itemsize, _phase_grad_kernel_work(ep, ib[index[0]], ob[index[1]], itemsize)
     if transform_method("auto", edge.size, ep.transform_shape) == "fft":  # per input map: out maps' products
         per_map = _maps(ob[index[1]]) * (_freqs(ep) * 2 * itemsize + _vox(ep.transform_shape) * itemsize)
         return pairs * _vox(edge.size) * itemsize, per_map + _maps(ob[index[1]]) * _freqs(ep) * 2 * itemsize
@@ -305,13 +304,13 @@ def _grad_kernel(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> 
     return pairs * _vox(edge.size) * itemsize, _transform_work(edge, ep, pairs, itemsize) + products
 
 
-def _phase_grad_kernel_work(edge: Any, ep: Any, ib: tuple[int, int], ob: tuple[int, int], itemsize: int) -> int:
+def _phase_grad_kernel_work(ep: EdgePlan, ib: tuple[int, int], ob: tuple[int, int], itemsize: int) -> int:
     """Working bytes of the kernel gradient of an edge split into phases (``conv_fft._pruned_grad_kernel``): the
     conjugated input spectra, then either the pairs' summed products and their lead taps (many phases) or the
     weighted gradient spectra and the lead taps (few)."""
     n_in, n_out, phases = _maps(ib), _maps(ob), ep.phase_count
     shape, csize = ep.transform_shape, 2 * itemsize
-    lead = edge.size[0] if shape[0] > 1 else edge.size[1]
+    lead: int = ep.size[0] if shape[0] > 1 else ep.size[1]
     lead_len = shape[0] if shape[0] > 1 else shape[1]
     freqs = _freqs(ep)
     taps = n_in * n_out * lead * (freqs // lead_len) * csize
