@@ -165,13 +165,15 @@ def _edge_working(plan: NetPlan, name: str, itemsize: int, cached: bool) -> tupl
         in_blocks, out_blocks = plan.blocks[edge.input], plan.blocks[edge.output]
         ib = max(b - a for a, b in in_blocks)
         ob = max(b - a for a, b in out_blocks)
-        x_spec = n_in * freq * csize
-        transform = ib * (_vox(shape) * itemsize + 2 * freq * csize)  # padded real, spectrum, freq-major copy
+        phases = ep.phase_count  # maps are transformed phase by phase; kernels once, at the phase shape
+        x_spec = n_in * phases * freq * csize
+        transform = ib * phases * (_vox(shape) * itemsize + freq * csize)  # padded real, spectrum
         k_pair = ib * ob * freq * csize
         kernels = n_in * n_out * freq * csize
         # the pruned DFT of one block pair: its result plus the (kz of Z) partial stage of 3D kernels
         k_transient = k_pair * (edge.size[0] / shape[0] if shape[0] > 1 else 0.1)
-        per_out = ob * (3 * freq * csize + _vox(shape) * itemsize)  # accumulators, inverse buffer, real result
+        # accumulators and the real result of the inverse
+        per_out = ob * phases * (2 * freq * csize + _vox(shape) * itemsize)
         work = x_spec + max(transform, per_out + ob * _vox(ep.out_extent) * itemsize)
         if cached:
             return int(work), int(kernels)
