@@ -60,6 +60,8 @@ __all__ = [
     "grad_output_spectra",
     "kernel_spectra",
     "multiply_accumulate",
+    "join_map_spectra",
+    "join_kernel_spectra",
     "inverse_valid",
     "grad_input_spectra",
     "grad_kernel",
@@ -350,6 +352,29 @@ def transform_method(method: str, kernel_size: Sequence[int], shape: Triple) -> 
     k_lead = kernel_size[0] if shape[0] > 1 else kernel_size[1]
     fft_cost = 8.0 * 2.5 * math.log2(max(2, math.prod(shape)))
     return "pruned" if 8.0 * k_lead <= fft_cost else "fft"
+
+
+def join_map_spectra(specs: Sequence[np.ndarray], phases: int = 1) -> np.ndarray:
+    """Spectra of blocks of maps (each ``(P * n_b, F...)``, phase-major) joined into the spectra of all their
+    maps (``(P * n, F...)``, phase-major), in frequency-major storage: one product over all maps runs as one
+    matrix product per frequency, where a sum of per-block products ran many small ones."""
+    if len(specs) == 1:
+        return specs[0]
+    spatial = specs[0].shape[1:]
+    parts = [_freq_major(s, 1).reshape(-1, phases, s.shape[0] // phases) for s in specs]
+    flat = np.concatenate(parts, axis=2)
+    return _maps_first(flat.reshape(flat.shape[0], -1), spatial, 1)
+
+
+def join_kernel_spectra(specs: Sequence[np.ndarray], axis: int) -> np.ndarray:
+    """Kernel spectra of blocks ``(in_b, out_b, F...)`` joined along their input (``axis`` 0) or output (1) maps,
+    in frequency-major storage."""
+    if len(specs) == 1:
+        return specs[0]
+    spatial = specs[0].shape[2:]
+    flat = np.concatenate([_freq_major(s, 2) for s in specs], axis=1 + axis)
+    full = flat.reshape(*spatial, *flat.shape[1:])
+    return np.moveaxis(full, (3, 4), (0, 1))
 
 
 def multiply_accumulate(x_spec: np.ndarray, w_spec: np.ndarray, threads: int = 1, phases: int = 1) -> np.ndarray:

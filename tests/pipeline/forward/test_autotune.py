@@ -20,6 +20,7 @@ from znn.pipeline.forward.autotune import (
     resolve_modes,
     time_layer,
 )
+from znn.pipeline.graph.plan import make_plan
 from znn.pipeline.run.schedulers import make_runner
 from znn.pipeline.train.engine import Engine
 
@@ -215,6 +216,24 @@ def test_real_measurement(blocks, training):
         assert len(problem.in_blocks) == len(blocks.get("in_blocks", [0]))
         for mode in ("fft", "direct"):
             assert 0 < time_layer(problem, mode) < 5
+
+
+def test_the_graph_planned_for_the_engines_workers_is_what_is_timed(spec, tmp_path):
+    """An engine planned for 4 workers times its layers as that graph splits them (the 4-worker plan's map blocks
+    and direct slabs, timed slab by slab), kept apart from the one-worker choice; a real timing of the slabbed
+    direct layer is positive."""
+    timer = FakeTimer()
+    resolve_modes(spec, (1, 24, 24), "optimize", np.float32, cache_path=tmp_path / "a.json", timer=timer)
+    resolve_modes(spec, (1, 24, 24), "optimize", np.float32, cache_path=tmp_path / "a.json", timer=timer, workers=4)
+    one, four = ({p.key("m"): p for p, _ in timer.calls if bool(p.out_slabs) == split} for split in (False, True))
+    assert one and four and not set(one) & set(four)
+    wide, direct = make_plan(spec, (1, 24, 24), "fft", 4), make_plan(spec, (1, 24, 24), "direct", 4)
+    for problem in four.values():
+        name = next(e for e in spec.conv_edges() if spec.edges[e].size == problem.kernel)
+        assert problem.out_blocks == tuple(wide.blocks[spec.edges[name].output])
+        assert problem.out_slabs == direct.edges[name].out_slabs
+        assert 0 < time_layer(problem, "direct") < 5
+    assert max(len(p.out_slabs) for p in four.values()) > 1
 
 
 def test_engine_optimize_measures_once(spec, tmp_path, monkeypatch):

@@ -24,6 +24,7 @@ or unreadable file is remeasured (with a warning) and rewritten.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import json
@@ -93,6 +94,11 @@ class LayerProblem:
     evaluator: str = "graph"
     cached_spectra: bool = True
     threads: int = 1  # threads per block of the phase evaluator (graph tasks are timed on one thread each)
+    # the graph's direct tasks: its slabs of output rows (forward, kernel gradient) and of input rows (input
+    # gradient) when it is planned for several workers; (): one task each
+    out_slabs: tuple[tuple[int, int], ...] = ()
+    in_slabs: tuple[tuple[int, int], ...] = ()
+    slab_axis: int = 0
 
     def __post_init__(self) -> None:
         if not self.in_blocks:
@@ -125,6 +131,8 @@ class LayerProblem:
                   f"planner={fftops.planner_effort()}", f"machine={machine}"]
         if self.threads != 1:
             fields.insert(-2, f"threads={self.threads}")
+        if self.out_slabs:
+            fields.insert(-2, f"slabs={len(self.out_slabs)},{len(self.in_slabs)}")
         return "|".join(fields)
 
 
@@ -142,14 +150,16 @@ class TimedPass:
 
 def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | Mapping[str, str],
                   dtype: Any = np.float32, *, cache_path: str | Path | None = None, repeat: int = 3,
-                  timer: Timer | None = None, timed: TimedPass = TimedPass()) -> dict[str, str]:
+                  timer: Timer | None = None, timed: TimedPass = TimedPass(), workers: int = 1) -> dict[str, str]:
     """The conv mode of every conv edge group, with ``optimize`` replaced by the faster of fft and direct.
 
     ``modes`` is one mode for all conv edges or a dict per edge (missing edges are ``fft``, as in
     :func:`~znn.pipeline.graph.plan.make_plan`). Layers whose choice is in the cache are not measured; the others
     are timed ``repeat`` times per mode (median; fewer when one mode is clearly slower) and written back.
     ``timer(problem, mode)`` returns the seconds of one run and replaces the real measurement (tests).
-    ``timed`` says which pass is timed (:class:`TimedPass`: a training step by default).
+    ``timed`` says which pass is timed (:class:`TimedPass`: a training step by default); ``workers``: the graph's
+    tasks are those of a plan for that many workers (its map blocks and direct slabs: a layer split 16 ways runs
+    smaller products than one split two ways, and the faster mode may differ).
     """
     wanted = {e: (modes if isinstance(modes, str) else modes.get(e, "fft")) for e in spec.conv_edges()}
     for edge, mode in wanted.items():
@@ -160,7 +170,7 @@ def resolve_modes(spec: NetworkSpec, output_patch: Sequence[int], modes: str | M
     todo = [e for e, m in wanted.items() if m == "optimize"]
     if not todo:
         return wanted
-    problems = _problems(spec, output_patch, todo, np.dtype(dtype), timed)
+    problems = _problems(spec, output_patch, todo, np.dtype(dtype), timed, workers)
     path = cache_file(cache_path)
     machine = machine_id()
     stored = _read(path)
@@ -204,17 +214,24 @@ def _fmt(seconds: Any) -> str:
 
 
 def _problems(spec: NetworkSpec, output_patch: Sequence[int], edges: Sequence[str], dtype: np.dtype[Any],
-              timed: TimedPass) -> dict[str, LayerProblem]:
-    plan = make_plan(spec, output_patch, "fft")
+              timed: TimedPass, workers: int = 1) -> dict[str, LayerProblem]:
     phases = timed.evaluator == "phases"
+    workers = 1 if phases else max(1, int(workers))
+    plan = make_plan(spec, output_patch, "fft", workers)
+    direct = make_plan(spec, output_patch, "direct", workers) if workers > 1 else None
     out = {}
     for name in edges:
         edge, ep = spec.edges[name], plan.edges[name]
         n_in, n_out = spec.kernel_shape(name)[:2]
-        out[name] = LayerProblem(n_in, n_out, ep.need, edge.size, ep.dilation, dtype.name,
-                                 spec.nodes[edge.input].type != "input", tuple(plan.blocks[edge.input]),
-                                 tuple(plan.blocks[edge.output]), timed.training and not phases, timed.evaluator,
-                                 timed.spectra_cache, max(1, int(timed.threads)) if phases else 1)
+        problem = LayerProblem(n_in, n_out, ep.need, edge.size, ep.dilation, dtype.name,
+                               spec.nodes[edge.input].type != "input", tuple(plan.blocks[edge.input]),
+                               tuple(plan.blocks[edge.output]), timed.training and not phases, timed.evaluator,
+                               timed.spectra_cache, max(1, int(timed.threads)) if phases else 1)
+        if direct is not None:
+            dp = direct.edges[name]
+            problem = dataclasses.replace(problem, out_slabs=dp.out_slabs, in_slabs=dp.in_slabs,
+                                          slab_axis=dp.slab_axis)
+        out[name] = problem
     return out
 
 
@@ -383,20 +400,23 @@ def _fft_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[n
 
 
 def _direct_tasks(p: LayerProblem, xs: list[np.ndarray], w: np.ndarray, gys: list[np.ndarray]) -> float:
-    """The direct-mode tasks of the layer on one worker: one slab of every row (forward, input and kernel
-    gradient)."""
-    edge = p.edge_plan("direct")
+    """The direct-mode tasks of the layer (forward, input and kernel gradient): one slab of every row on one
+    worker; for a plan of several workers the first of its slabs of each kind, times their number (the slabs
+    are an even split of the rows)."""
+    edge = dataclasses.replace(p.edge_plan("direct"), slab_axis=p.slab_axis)
     axis = edge.slab_axis
-    out_rows, in_rows = (0, edge.out_extent[axis]), (0, edge.need[axis])
-    _, t_fwd = _timed(functools.partial(tasks.conv_direct_slab, edge=edge, out_rows=out_rows), xs, w)
+    out_slabs = p.out_slabs or ((0, edge.out_extent[axis]),)
+    in_slabs = p.in_slabs or ((0, edge.need[axis]),)
+    _, t_fwd = _timed(functools.partial(tasks.conv_direct_slab, edge=edge, out_rows=out_slabs[0]), xs, w)
     if not p.training:
-        return t_fwd
+        return t_fwd * len(out_slabs)
     _, t_gw = _timed(functools.partial(tasks.conv_direct_grad_kernel_slab, edge=edge, kernel_shape=w.shape,
-                                       out_rows=out_rows), xs, gys)
+                                       out_rows=out_slabs[0]), xs, gys)
     t_gx = 0.0
     if p.grad_input:
-        _, t_gx = _timed(functools.partial(tasks.conv_direct_grad_input_slab, edge=edge, in_rows=in_rows), gys, w)
-    return t_fwd + t_gw + t_gx
+        _, t_gx = _timed(functools.partial(tasks.conv_direct_grad_input_slab, edge=edge, in_rows=in_slabs[0]),
+                         gys, w)
+    return (t_fwd + t_gw) * len(out_slabs) + t_gx * len(in_slabs)
 
 
 def _phase_forward(p: LayerProblem, slab: Slab, w: np.ndarray, mode: str, rng: np.random.Generator) -> float:

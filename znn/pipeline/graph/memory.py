@@ -208,11 +208,16 @@ def _kernel_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) 
     return pairs * _freqs(ep) * 2 * itemsize, _transform_work(edge, ep, pairs, itemsize)
 
 
-def _fft_accumulate(maps: int, blocks: int, ep: Any, itemsize: int) -> int:
-    """Working bytes of a product task: the accumulated spectra (and one block's more), the inverse's copy and
-    its real result (of every phase, when the edge is split)."""
-    maps *= ep.phase_count
-    spectra = maps * _freqs(ep) * 2 * itemsize
+def _fft_accumulate(maps: int, blocks: int, ep: Any, itemsize: int, summed: int = 0) -> int:
+    """Working bytes of a product task of ``maps`` maps over ``blocks`` blocks of ``summed`` maps: the accumulated
+    spectra (and one block's more), the inverse's copy and its real result; an edge split into phases joins the
+    blocks' spectra and kernel spectra instead (conv_fft.join_map_spectra) and transforms the result in place."""
+    freqs = _freqs(ep)
+    if ep.phase_count > 1:
+        maps *= ep.phase_count
+        joined = (ep.phase_count * summed + summed * maps // ep.phase_count) * freqs * 2 * itemsize
+        return (joined if blocks > 1 else 0) + maps * freqs * 2 * itemsize + maps * _vox(ep.transform_shape) * itemsize
+    spectra = maps * freqs * 2 * itemsize
     return spectra * (3 if blocks > 1 else 2) + maps * _vox(ep.transform_shape) * itemsize
 
 
@@ -221,7 +226,7 @@ def _conv(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[i
     maps = _maps(ob[index[0]])
     out = maps * _vox(ep.out_extent) * itemsize
     if ep.mode == "fft":
-        return out, _fft_accumulate(maps, len(ib), ep, itemsize)
+        return out, _fft_accumulate(maps, len(ib), ep, itemsize, ib[-1][1] - ib[0][0])
     return (out if len(ep.out_slabs) > 1 else 0), 0  # one slab: a view of it
 
 
@@ -288,7 +293,7 @@ def _grad_kernel_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int
 def _grad_input(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     edge, ep, ib, ob = _edge(g, name)
     maps = _maps(ib[index[0]])
-    return maps * _vox(ep.in_extent) * itemsize, _fft_accumulate(maps, len(ob), ep, itemsize) + \
+    return maps * _vox(ep.in_extent) * itemsize, _fft_accumulate(maps, len(ob), ep, itemsize, ob[-1][1] - ob[0][0]) + \
         maps * _vox(ep.need) * itemsize
 
 

@@ -53,10 +53,9 @@ class Engine:
             wants_optimize,
         )
 
-        if wants_optimize(modes):
-
-            modes = resolve_modes(net.spec, output_patch, modes, net.dtype)
         workers = plan_workers if plan_workers is not None else self.runner.workers
+        if wants_optimize(modes):  # timed on the tasks of the graph planned for these workers
+            modes = resolve_modes(net.spec, output_patch, modes, net.dtype, workers=workers)
         self.plan: NetPlan = make_plan(net.spec, output_patch, modes, workers)
         self.seed = seed
         self.cache = SpectraCache(spectra_cache, cache_bytes)
