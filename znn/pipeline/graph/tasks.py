@@ -159,16 +159,17 @@ def kernel_spectra(kernel: np.ndarray, ib: MapBlock, ob: MapBlock, *, edge: Edge
     return conv_fft.kernel_spectra(kernel_block(kernel, ib, ob), edge.transform_dilation, edge.transform_shape)
 
 
-def _inverse(spec: np.ndarray, edge: EdgePlan, extent: Triple, offset: Triple) -> np.ndarray:
-    """Maps of ``extent`` from their spectra (their phases' when the edge is split), read from ``offset``;
-    ``spec``, the task's own accumulated spectra, is transformed where it is."""
+def _inverse(spec: np.ndarray, edge: EdgePlan, output: bool) -> np.ndarray:
+    """The maps of the edge's output (``output``) or of its input gradient from their spectra (their phases'
+    when the edge is split); ``spec``, the task's own accumulated spectra, is transformed where it is."""
+    extent = edge.out_extent if output else edge.need
+    offset = conv_fft.output_offset(edge.size, edge.transform_dilation) if output else (0, 0, 0)
     if edge.phase_count == 1:
         return conv_fft.inverse_valid(spec, edge.transform_shape, extent, offset, destroy=True)
-    k = edge.size
-    lengths = conv_fft.phase_lengths(extent, edge.phases)
-    if offset != (0, 0, 0):  # an output: each phase's valid part is its input's less the kernel
-        need = conv_fft.phase_lengths(edge.need, edge.phases)
-        lengths = (need[0] - k[0] + 1, need[1] - k[1] + 1, need[2] - k[2] + 1)
+    lengths = conv_fft.phase_lengths(edge.need, edge.phases)
+    if output:  # each phase's valid part is its input's less the kernel
+        k = edge.size
+        lengths = (lengths[0] - k[0] + 1, lengths[1] - k[1] + 1, lengths[2] - k[2] + 1)
     phase_maps = conv_fft.inverse_valid(spec, edge.transform_shape, lengths, offset, destroy=True)
     return conv_fft.merge_phases(phase_maps, edge.phases, extent)
 
@@ -190,7 +191,7 @@ def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray
         acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads)
         for xs, ks in zip(x_specs[1:], k_specs[1:]):
             acc += conv_fft.multiply_accumulate(xs, ks, threads)
-    y = _inverse(acc, edge, edge.out_extent, conv_fft.output_offset(edge.size, edge.transform_dilation))
+    y = _inverse(acc, edge, output=True)
     return finish_node(y, node, bias)
 
 
@@ -214,7 +215,7 @@ def conv_fft_grad_input(gy_specs: Sequence[np.ndarray], k_specs: Sequence[np.nda
         acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0], threads)
         for gs, ks in zip(gy_specs[1:], k_specs[1:]):
             acc += conv_fft.grad_input_spectra(gs, ks, threads)
-    return pad_back(_inverse(acc, edge, edge.need, (0, 0, 0)), edge.crop_lo, edge.in_extent)
+    return pad_back(_inverse(acc, edge, output=False), edge.crop_lo, edge.in_extent)
 
 
 def conv_fft_grad_kernel(x_spec: np.ndarray, gy_spec: np.ndarray, *, edge: EdgePlan) -> np.ndarray:
