@@ -149,10 +149,10 @@ def kernel_block(kernel: np.ndarray, ib: MapBlock, ob: MapBlock) -> np.ndarray:
 
 def input_spectra(x: np.ndarray, *, edge: EdgePlan) -> np.ndarray:
     """Spectra of the part of an input block an FFT conv edge reads (of its phases when the edge is split)."""
-    maps = np.ascontiguousarray(central(x, edge.crop_lo, edge.need))
-    if edge.phase_count > 1:
+    maps = central(x, edge.crop_lo, edge.need)
+    if edge.phase_count > 1:  # reads its phases as strided views: no contiguous copy first
         return conv_fft.phase_spectra(maps, edge.phases, edge.transform_shape)
-    return conv_fft.input_spectra(maps, edge.transform_shape)
+    return conv_fft.input_spectra(np.ascontiguousarray(maps), edge.transform_shape)
 
 
 def kernel_spectra(kernel: np.ndarray, ib: MapBlock, ob: MapBlock, *, edge: EdgePlan) -> np.ndarray:
