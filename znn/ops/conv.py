@@ -51,6 +51,7 @@ __all__ = [
     "conv_grad_input_direct",
     "conv_grad_kernel_direct",
     "grad_input_method",
+    "rows_along",
     "check_conv_shapes",
 ]
 
@@ -204,12 +205,10 @@ def conv_grad_input_direct(w: np.ndarray, grad_y: np.ndarray, dilation: Sequence
     if rows is None:
         return _grad_input_direct(w, grad_y, d, threads)
     lo, hi = max(0, r0 - halo[axis]), min(n_rows, r1)  # output rows that reach input rows r0..r1
-    index = [slice(None)] * 4
-    index[1 + axis] = slice(lo, hi)
     pads = [(0, 0)] + [(h, h) for h in halo]
     pads[1 + axis] = (lo - (r0 - halo[axis]), r1 - hi)
     wt = w[:, :, ::-1, ::-1, ::-1].transpose(1, 0, 2, 3, 4)
-    return conv_forward_direct(np.pad(grad_y[tuple(index)], pads), wt, d, threads)
+    return conv_forward_direct(np.pad(rows_along(grad_y, axis, lo, hi), pads), wt, d, threads)
 
 
 def grad_input_method(w_shape: Sequence[int], out_spatial: Sequence[int], dilation: Sequence[int],
@@ -267,7 +266,7 @@ def _grad_input_scatter(w: np.ndarray, grad_y: np.ndarray, d: Triple, rows: tupl
         step = max(1, TILE_BYTES // (wg.shape[0] * plane * grad_y.itemsize))
         for c0 in range(reach.start, reach.stop, step):
             c1 = min(reach.stop, c0 + step)
-            gy = np.ascontiguousarray(_along(grad_y, axis, c0, c1))
+            gy = np.ascontiguousarray(rows_along(grad_y, axis, c0, c1))
             r = (wg @ gy.reshape(n_out, -1)).reshape(len(taps), n_in, *gy.shape[1:])
             for j, t in enumerate(taps):
                 at = [slice(tb * db, tb * db + n) for tb, db, n in zip(t, d, out)]
@@ -276,8 +275,8 @@ def _grad_input_scatter(w: np.ndarray, grad_y: np.ndarray, d: Triple, rows: tupl
     return gx
 
 
-def _along(a: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
-    """Rows ``lo..hi`` along spatial ``axis`` of ``a`` (maps, z, y, x): a view."""
+def rows_along(a: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
+    """Rows ``lo..hi`` along spatial ``axis`` (0 z, 1 y, 2 x) of ``a`` (maps, z, y, x): a view."""
     index: list[slice] = [slice(None)] * 4
     index[1 + axis] = slice(lo, hi)
     return a[tuple(index)]

@@ -230,18 +230,11 @@ def joined_maps(blocks: Sequence[np.ndarray], lo: Triple, need: Triple) -> np.nd
     return np.concatenate([central(b, lo, need) for b in blocks])
 
 
-def rows(x: np.ndarray, axis: int, lo: int, hi: int) -> np.ndarray:
-    """Rows ``lo..hi`` along spatial ``axis`` (0 z, 1 y, 2 x) of ``x`` (maps, z, y, x): a view."""
-    index: list[slice] = [slice(None)] * 4
-    index[1 + axis] = slice(lo, hi)
-    return x[tuple(index)]
-
-
 def joined_rows(blocks: Sequence[np.ndarray], axis: int, lo: int, hi: int) -> np.ndarray:
     """Rows ``lo..hi`` of every block, joined along the maps: one contiguous array."""
     if len(blocks) == 1:
-        return np.ascontiguousarray(rows(blocks[0], axis, lo, hi))
-    return np.concatenate([rows(b, axis, lo, hi) for b in blocks])
+        return np.ascontiguousarray(convops.rows_along(blocks[0], axis, lo, hi))
+    return np.concatenate([convops.rows_along(b, axis, lo, hi) for b in blocks])
 
 
 def slab_input(edge: EdgePlan, out_rows: MapBlock) -> tuple[Triple, Triple]:
