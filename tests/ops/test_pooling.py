@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from znn.errors import ShapeError
-from znn.ops.pooling import max_filter, max_filter_backward, max_pool, max_pool_backward
+from znn.ops.pooling import (max_filter, max_filter_backward, max_filter_gradient, max_filter_values, max_pool,
+                             max_pool_backward)
 
 
 def reference_max_filter(x: np.ndarray, size, dilation) -> tuple[np.ndarray, np.ndarray]:
@@ -204,3 +205,66 @@ def test_max_pool_ties_and_nan(size):
     nan = np.isnan(y)
     assert nan.any() and np.isnan(x.ravel()[arg[nan]]).all()
     assert not np.isnan(x.ravel()[arg[~nan]]).any()
+
+
+def _gradient_by_argmax(x, g, size, dil):
+    _, arg = max_filter(x, size, dil)
+    return max_filter_backward(g, arg, x.shape)
+
+
+@pytest.mark.parametrize("maps,out,size,dil", FILTER_CASES)
+@pytest.mark.parametrize("dtype", [np.float64, np.float32])
+def test_max_filter_gradient_from_values_equals_the_argmax_gradient(maps, out, size, dil, dtype):
+    """Training's backward (winners found again from input and output) routes every output's gradient to the
+    voxel max_filter's argmax names; gradients of small integers add up exactly in any order."""
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal(_in_shape(maps, out, size, dil)).astype(dtype)
+    y = max_filter_values(x, size, dil)
+    g = rng.integers(-4, 5, y.shape).astype(dtype)
+    got = max_filter_gradient(g, x, y, size, dil)
+    assert got.dtype == dtype and got.shape == x.shape and not np.may_share_memory(got, x)
+    np.testing.assert_array_equal(got, _gradient_by_argmax(x, g, size, dil))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    maps=st.integers(1, 2),
+    size=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
+    dil=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
+    out=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),
+    slab_bytes=st.sampled_from([1, 40, 1 << 20]),
+    seed=st.integers(0, 2**16),
+)
+def test_max_filter_gradient_ties_slabs_and_views(maps, size, dil, out, slab_bytes, seed):
+    """Many ties (few distinct values, as after a ReLU): the first tap in (z, y, x) order wins, as with the
+    argmax, for slabs of one plane up to whole maps, read from a strided view of the input."""
+    from znn.ops import pooling
+
+    rng = np.random.default_rng(seed)
+    shape = _in_shape(maps, out, size, dil)
+    base = rng.integers(0, 3, (shape[0], shape[1], 2 * shape[2], shape[3] + 1)).astype(np.float64)
+    x = base[:, :, ::2, 1:]
+    y = max_filter_values(x, size, dil)
+    g = rng.integers(-3, 4, y.shape).astype(np.float64)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pooling, "MAX_FILTER_SLAB_BYTES", slab_bytes)
+        got = max_filter_gradient(g, x, y, size, dil)
+    np.testing.assert_array_equal(got, _gradient_by_argmax(np.ascontiguousarray(x), g, size, dil))
+
+
+def test_max_filter_gradient_of_nan_windows_and_non_finite_gradients():
+    """A window holding NaN outputs NaN, and its gradient goes to the window's first NaN; an infinite gradient
+    reaches its winner only (no 0 * inf = NaN elsewhere)."""
+    x = np.arange(8, dtype=np.float32).reshape(1, 1, 1, 8)
+    x[0, 0, 0, 3] = x[0, 0, 0, 4] = np.nan
+    y = max_filter_values(x, (1, 1, 2), (1, 1, 1))
+    np.testing.assert_array_equal(np.isnan(y[0, 0, 0]), [False, False, True, True, True, False, False])
+    g = np.ones_like(y)
+    np.testing.assert_array_equal(max_filter_gradient(g, x, y, (1, 1, 2), (1, 1, 1))[0, 0, 0],
+                                  [0, 1, 1, 2, 1, 0, 1, 1])
+    g[0, 0, 0, 0] = np.inf
+    got = max_filter_gradient(g, np.arange(8.0, dtype=np.float32).reshape(x.shape), np.arange(1.0, 8.0,
+                              dtype=np.float32).reshape(y.shape), (1, 1, 2), (1, 1, 1))
+    np.testing.assert_array_equal(got[0, 0, 0], [0, np.inf, 1, 1, 1, 1, 1, 1])
+    with pytest.raises(ShapeError, match="does not match gradient shape"):
+        max_filter_gradient(g[..., :3], x, y, (1, 1, 2), (1, 1, 1))

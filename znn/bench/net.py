@@ -117,6 +117,15 @@ class GraphRun:
             out[name.split("-")[0]] += t
         return dict(out)
 
+    def by_layer(self) -> dict[str, float]:
+        """Total task time per operation and layer (keys ``op-layer-token``; layer names may hold dashes)."""
+        out: dict[str, float] = defaultdict(float)
+        for key, t in self.tasks.items():
+            name = key[0] if isinstance(key, tuple) else str(key)
+            parts = name.split("-")
+            out["-".join(parts[:-1]) if len(parts) > 2 else name] += t
+        return dict(out)
+
 
 @dataclass
 class TimingRunner(Runner):
@@ -339,6 +348,7 @@ def _threaded_efficiency(walls: Sequence[float], step_runs: Sequence[GraphRun], 
         "step_available_parallelism": busy / cp if cp > 0 else 1.0,
         "step_efficiency": max(cp, busy / workers) / wall, "step_parallel": busy / (workers * wall),
         "step_get_s": graph.wall, "step_by_op_s": {k: round(v, 4) for k, v in sorted(graph.by_op().items())},
+        "step_by_layer_s": {k: round(v, 4) for k, v in sorted(graph.by_layer().items())},
     }
 
 

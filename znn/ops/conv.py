@@ -171,6 +171,19 @@ def conv_forward_direct(x: np.ndarray, w: np.ndarray, dilation: Sequence[int] = 
     return y
 
 
+def largest_tile(out_spatial: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
+                 itemsize: int) -> tuple[int, int]:
+    """``(bytes of its gathered columns, output voxels)`` of the largest of :func:`direct_tiles`: what one thread
+    of a direct convolution (or of its kernel gradient, on the same columns) holds besides its partial sums."""
+    n_in, _, kz, ky, kx = (int(v) for v in w_shape)
+    halo = (kz - 1) * _dil(dilation)[0]
+    xo = int(out_spatial[2])
+    sizes = [((z1 - z0 + halo) * (y1 - y0) * xo, (z1 - z0) * (y1 - y0) * xo)
+             for z0, z1, y0, y1 in direct_tiles(out_spatial, w_shape, dilation, itemsize)]
+    columns, voxels = max(sizes)
+    return ky * kx * n_in * columns * itemsize, voxels
+
+
 def direct_tiles(out_spatial: Sequence[int], w_shape: Sequence[int], dilation: Sequence[int],
                  itemsize: int) -> list[Tile]:
     """The output tiles ``(z0, z1, y0, y1)`` (all of x) :func:`conv_forward_direct` computes one at a time."""

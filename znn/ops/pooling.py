@@ -6,6 +6,10 @@ output gradient to those voxels, which is exactly the subgradient ZNN uses (``ma
 
 Ties: the winner is the first tap of the window in (z, y, x) lexicographic order, i.e. the one with the smallest
 z offset, then y, then x. Both kernels keep the input dtype.
+
+Training's max filter keeps no indices: its forward is :func:`max_filter_values` and :func:`max_filter_gradient`
+finds each window's winner again from the input and the output (the same winner as ``max_filter``'s argmax, at a
+tenth of the forward's cost and without an index array the size of the output).
 """
 
 from __future__ import annotations
@@ -26,7 +30,8 @@ from znn.types import Triple
 # Bytes of one slab of :func:`max_filter_values`'s output: its running maxima stay in a core's cache.
 MAX_FILTER_SLAB_BYTES = 256 << 10
 
-__all__ = ["max_filter", "max_filter_backward", "max_pool", "max_pool_backward"]
+__all__ = ["max_filter", "max_filter_backward", "max_filter_gradient", "max_filter_values", "max_pool",
+           "max_pool_backward"]
 
 Array = NDArray[Any]
 IndexArray = NDArray[np.integer]  # flat indices of the winning inputs (argmax)
@@ -102,6 +107,91 @@ def max_filter_backward(grad_y: Array, argmax: IndexArray, in_shape: Sequence[in
     total = int(np.prod(in_shape))
     summed = np.bincount(argmax.ravel(), weights=grad_y.ravel(), minlength=total)
     return summed.astype(grad_y.dtype, copy=False).reshape(tuple(in_shape))
+
+
+def max_filter_gradient(grad_y: Array, x: Array, y: Array, size: Sequence[int], dilation: Sequence[int]) -> Array:
+    """The gradient wrt ``x`` of ``y = max_filter_values(x, size, dilation)``: each output voxel's gradient goes
+    to the first tap of its window, in (z, y, x) order, whose input equals the output (the voxel
+    :func:`max_filter`'s argmax names); where the window holds a NaN (``y`` is NaN there) to its first NaN.
+    Overlapping windows that share a winner add up. ``x`` may be a view; the result is a new array of its shape
+    and ``grad_y``'s dtype.
+
+    Separable, as :func:`max_filter`: slab by slab of one map (data in the core's cache), the running maxima
+    along x and then y are taken again, and the gradient goes back through the z, y and x passes in turn, each
+    routing a voxel's gradient to the first of its window's taps that equals it. That is ``wz + wy + wx`` taps'
+    passes, not ``wz * wy * wx``, and no index array the size of the output is made or kept."""
+    if grad_y.shape != y.shape:
+        raise ShapeError(f"max filter output shape {y.shape} does not match gradient shape {grad_y.shape}")
+    size, dilation = as_triple(size, "size", 1), as_triple(dilation, "dilation", 1)
+    grad_x = np.zeros(x.shape, dtype=grad_y.dtype)
+    out_shape = y.shape[1:]
+    halo = (size[0] - 1) * dilation[0]
+    plane = max(1, x.shape[2] * x.shape[3] * x.itemsize)
+    depth = max(1, min(out_shape[0], MAX_FILTER_SLAB_BYTES // plane))
+    route = _Router(nan=bool(np.isnan(y).any()), finite=bool(np.isfinite(grad_y).all()))
+    for c in range(y.shape[0]):
+        for z0 in range(0, out_shape[0], depth):
+            z1 = min(out_shape[0], z0 + depth)
+            xs = x[c, z0:z1 + halo]
+            along_x = _running_max_values(xs, 2, size[2], dilation[2])
+            along_xy = _running_max_values(along_x, 1, size[1], dilation[1])
+            g = route(grad_y[c, z0:z1], along_xy, y[c, z0:z1], 0, size[0], dilation[0])
+            g = route(g, along_x, along_xy, 1, size[1], dilation[1])
+            route(g, xs, along_x, 2, size[2], dilation[2], out=grad_x[c, z0:z1 + halo])
+    return grad_x
+
+
+def _running_max_values(a: Array, axis: int, size: int, dilation: int) -> Array:
+    n = a.shape[axis] - (size - 1) * dilation
+    return a if size == 1 else _max_of([_along(a, axis, t * dilation, n) for t in range(size)])
+
+
+def _along(a: Array, axis: int, start: int, n: int) -> Array:
+    index = [slice(None)] * a.ndim
+    index[axis] = slice(start, start + n)
+    return a[tuple(index)]
+
+
+class _Router:
+    """One separable pass of the max filter's backward: the gradient of ``b``, the running maximum of ``a``
+    along one axis, routed to ``a``."""
+
+    def __init__(self, nan: bool, finite: bool):
+        self.nan, self.finite = nan, finite
+
+    def __call__(self, g: Array, a: Array, b: Array, axis: int, size: int, dilation: int,
+                 out: Array | None = None) -> Array:
+        """``out`` (a new zero array of ``a``'s shape if None) plus the gradient wrt ``a``."""
+        if size == 1:
+            if out is None:
+                return g
+            out += g
+            return out
+        if out is None:
+            out = np.zeros(a.shape, dtype=g.dtype)
+        n = b.shape[axis]
+        won = np.empty(b.shape, dtype=bool)
+        claimed = np.zeros(b.shape, dtype=bool)
+        part = np.empty(b.shape, dtype=g.dtype)
+        for t in range(size):
+            tap = _along(a, axis, t * dilation, n)
+            if t == size - 1:  # b is one of its taps' values exactly: what no earlier tap claimed is the last's
+                np.logical_not(claimed, out=won)
+            else:
+                np.equal(tap, b, out=won)
+                if self.nan:  # NaN equals nothing: a NaN maximum is won by the window's first NaN
+                    won |= np.isnan(tap) & np.isnan(b)
+                if t:
+                    np.greater(won, claimed, out=won)  # won and not claimed by an earlier tap
+                claimed |= won
+            if self.finite:
+                np.multiply(g, won, out=part)  # 2x faster than a masked copy, but 0 * inf would be NaN
+            else:
+                part.fill(0)
+                np.copyto(part, g, where=won)
+            target = _along(out, axis, t * dilation, n)
+            target += part
+        return out
 
 
 def max_pool(x: Array, size: Sequence[int] | int) -> tuple[Array, IndexArray]:

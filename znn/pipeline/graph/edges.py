@@ -5,10 +5,11 @@ Every evaluator runs these edges through :func:`one_to_one_forward` (the sequent
 of dense inference, and the graph's tasks); the training graph runs their backward through
 :func:`one_to_one_backward`. Convolutions stay each evaluator's own strategy.
 
-Inference (``draw`` None) computes values only: the max filter is the value-only running maximum over views of its
-input (:func:`~znn.ops.pooling.max_filter_values`, no copy of a cropped input first) and no edge keeps backward
-data. Training (``draw`` the step's randomness) keeps the max filter's and max pool's winner indices and the
-dropout mask, drawn from ``draw``, so a step's numbers do not depend on which worker runs the edge.
+The max filter is always the value-only running maximum over views of its input
+(:func:`~znn.ops.pooling.max_filter_values`, no copy of a cropped input first). Inference (``draw`` None) keeps
+no backward data. Training (``draw`` the step's randomness) keeps the max filter's input and output (its backward,
+:func:`~znn.ops.pooling.max_filter_gradient`, finds each window's winner from them), the max pool's winner indices
+and the dropout mask, drawn from ``draw``, so a step's numbers do not depend on which worker runs the edge.
 """
 
 from __future__ import annotations
@@ -75,9 +76,10 @@ def one_to_one_backward(edge: OneToOne, grad: np.ndarray, kept: Any, need: Tripl
 
 
 def _max_filter(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int) -> tuple[np.ndarray, Any]:
-    if draw is None:  # values only, read from the view: no contiguous copy of the crop first
-        return pooling.max_filter_values(x, edge.size, edge.dilation, threads), None
-    return pooling.max_filter(np.ascontiguousarray(x), edge.size, edge.dilation)
+    # values only, read from the view (no contiguous copy of the crop first); training keeps the input and the
+    # output, from which the backward finds each window's winner again (no index array)
+    y = pooling.max_filter_values(x, edge.size, edge.dilation, threads)
+    return y, (None if draw is None else (x, y))
 
 
 def _max_pool(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int) -> tuple[np.ndarray, Any]:
@@ -99,7 +101,8 @@ def _pass_through(edge: OneToOne, x: np.ndarray, draw: Draw | None, threads: int
 
 
 def _max_filter_back(edge: OneToOne, grad: np.ndarray, kept: Any, need: Triple) -> np.ndarray:
-    return pooling.max_filter_backward(grad, kept, (grad.shape[0], *need))
+    x, y = kept
+    return pooling.max_filter_gradient(grad, x, y, edge.size, edge.dilation)
 
 
 def _max_pool_back(edge: OneToOne, grad: np.ndarray, kept: Any, need: Triple) -> np.ndarray:

@@ -28,7 +28,7 @@ from dask.order import order
 
 from znn.network import Network
 from znn.ops import fft as fftops
-from znn.ops.conv import TILE_BYTES, TILE_VOXELS, grad_input_method
+from znn.ops.conv import TILE_BYTES, grad_input_method, largest_tile
 from znn.ops.conv_fft import transform_method
 from znn.ops.fft import PLAN_CACHE_BYTES
 from znn.pipeline.graph.build import Graph, Hyper, step_graph, task_priorities
@@ -236,21 +236,28 @@ def _rows(extent: Any, axis: int, rows: tuple[int, int]) -> int:
     return _vox(shape)
 
 
-def _direct_work(columns: int, n_out: int, voxels: int, itemsize: int) -> int:
-    """A direct conv's tile: its gathered columns (``columns`` rows of the column matrix) and partial sums."""
-    tile = min(voxels, TILE_VOXELS)
-    return min(TILE_BYTES, columns * voxels * itemsize) + 2 * n_out * tile * itemsize
+def _direct_work(out_spatial: Any, w_shape: Any, dilation: Any, partial_maps: int, itemsize: int) -> int:
+    """A direct conv's largest tile (:func:`~znn.ops.conv.largest_tile`): its gathered columns and partial sums of
+    ``partial_maps`` maps (twice: a product and the sum it is added to)."""
+    columns, voxels = largest_tile(out_spatial, w_shape, dilation, itemsize)
+    return columns + 2 * partial_maps * voxels * itemsize
+
+
+def _slab(extent: Any, axis: int, rows: tuple[int, int]) -> tuple[int, ...]:
+    shape = [int(v) for v in extent]
+    shape[axis] = rows[1] - rows[0]
+    return tuple(shape)
 
 
 def _conv_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     edge, ep, _, _ = _edge(g, name)
-    n_in, n_out = g.plan.spec.kernel_shape(name)[:2]
+    shape = g.plan.spec.kernel_shape(name)
+    n_in, n_out = shape[:2]
     rows = ep.out_slabs[index[0]]
     span = (rows[0], rows[1] + (edge.size[ep.slab_axis] - 1) * ep.dilation[ep.slab_axis])
     gathered = n_in * _rows(ep.need, ep.slab_axis, span) * itemsize
-    voxels = _rows(ep.out_extent, ep.slab_axis, rows)
-    plane = _vox(edge.size[1:])
-    return n_out * voxels * itemsize, gathered + _direct_work(plane * n_in, n_out, voxels, itemsize)
+    out = _slab(ep.out_extent, ep.slab_axis, rows)
+    return n_out * _vox(out) * itemsize, gathered + _direct_work(out, shape, ep.dilation, n_out, itemsize)
 
 
 def _grad_input_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
@@ -270,12 +277,13 @@ def _grad_input_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int)
         chunk = min(hi - lo, max(1, TILE_BYTES // (taps * n_in * plane * itemsize)))
         work = (n_out * _vox(reaching) + (taps * n_in + n_out) * chunk * plane) * itemsize
         return n_in * _rows(ep.need, axis, rows) * itemsize, work
+    # the joined output-gradient rows, padded by the halo, convolved with the transposed kernels
     padded = [e + 2 * h for e, h in zip(ep.out_extent, halo)]
-    padded[ep.slab_axis] = rows[1] - rows[0] + 2 * halo[ep.slab_axis]
-    voxels = _rows(ep.need, ep.slab_axis, rows)
-    plane = _vox(edge.size[1:])
-    return n_in * voxels * itemsize, 2 * n_out * _vox(padded) * itemsize + _direct_work(plane * n_out, n_in, voxels,
-                                                                                       itemsize)
+    padded[axis] = rows[1] - rows[0] + 2 * halo[axis]
+    gradient = n_out * (_vox(reaching) + _vox(padded)) * itemsize
+    out = _slab(ep.need, axis, rows)
+    transposed = (n_out, n_in, *edge.size)
+    return n_in * _vox(out) * itemsize, gradient + _direct_work(out, transposed, ep.dilation, n_in, itemsize)
 
 
 def _grad_kernel_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
@@ -284,10 +292,12 @@ def _grad_kernel_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int
     n_in, n_out = shape[:2]
     rows = ep.out_slabs[index[0]]
     span = (rows[0], rows[1] + (edge.size[ep.slab_axis] - 1) * ep.dilation[ep.slab_axis])
-    voxels = _rows(ep.out_extent, ep.slab_axis, rows)
-    joined = (n_in * _rows(ep.need, ep.slab_axis, span) + n_out * voxels) * itemsize
-    columns = _direct_work(_vox(edge.size[1:]) * n_in, 0, voxels, itemsize)
-    return _vox(shape) * itemsize, joined + columns + 2 * _vox(shape) * itemsize
+    out = _slab(ep.out_extent, ep.slab_axis, rows)
+    joined = (n_in * _rows(ep.need, ep.slab_axis, span) + n_out * _vox(out)) * itemsize
+    # a tile's columns and its output-gradient rows (conv._grad_kernel_direct), the tiles' summed parts
+    tile = _direct_work(out, shape, ep.dilation, 0, itemsize) + n_out * largest_tile(out, shape, ep.dilation,
+                                                                                      itemsize)[1] * itemsize
+    return _vox(shape) * itemsize, joined + tile + 2 * _vox(shape) * itemsize
 
 
 def _grad_input(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
@@ -328,8 +338,8 @@ def _one_to_one(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> t
     edge, ep, ib, _ = _edge(g, name)
     maps = _maps(ib[index[0]])
     out = maps * _vox(ep.out_extent) * itemsize
-    if edge.type == "max_filter":  # values and the winners' flat index (int32), made from both over the input
-        return 2 * out, 3 * maps * _vox(ep.need) * (itemsize + 4)
+    if edge.type == "max_filter":  # the values; the running maxima of one slab (a few hundred kB) aside
+        return out, 0
     if edge.type == "max_pool":
         return out + maps * _vox(ep.out_extent) * 8, maps * _vox(ep.need) * itemsize
     if edge.type == "dropout":
