@@ -30,3 +30,22 @@ def test_run_keeps_blas_single_threaded_inside_tasks():
 
     got = make_runner("threads", 2).get({"x": (blas_threads,)}, ["x"])[0]
     assert all(n == 1 for n in got)
+
+def test_threaded_graphs_run_with_a_short_gil_switch_interval_and_restore_it():
+    """Workers hand the GIL over quickly while a graph runs on threads (see GIL_SWITCH_S); before and after, the
+    interpreter's own interval stands, also when the graph fails."""
+    import sys
+
+    from znn.pipeline.run.schedulers import GIL_SWITCH_S, Runner
+
+    before = sys.getswitchinterval()
+    seen = Runner("threads", 2).get({"a": (sys.getswitchinterval,)}, ["a"])
+    assert seen == [pytest.approx(min(before, GIL_SWITCH_S))] and sys.getswitchinterval() == before
+
+    def fail() -> None:
+        raise ValueError("boom")
+
+    with pytest.raises(ValueError, match="boom"):
+        Runner("threads", 2).get({"a": (fail,)}, ["a"])
+    assert sys.getswitchinterval() == before
+    assert Runner("threads", 1).get({"a": (sys.getswitchinterval,)}, ["a"]) == [before]  # one worker: no convoy

@@ -18,8 +18,11 @@ MAX_BLOCKS = 8
 # Planned for W > 1 workers, a stage is split into at least W tasks (its maps, or a direct layer's rows), down to
 # tasks of this many map-voxels: a pointwise pass over them takes ~1 ms, a conv slab far more.
 MIN_SPLIT_WORK = 64_000
-# A direct layer split into slabs gets this many slabs per worker (uneven slabs and other stages' tasks balance).
-SLABS_PER_WORKER = 2
+# A direct layer split into slabs gets this many slabs per worker: other stages' tasks fill what uneven slabs leave,
+# and every further slab costs its halo, its joins and a smaller GEMM. Interleaved steps on the development VM at 2
+# threads, 1 against 2: N4_relu 1x100x100 and VD2D3D 4x40x40 6% shorter; planned for 16 workers, 10-13% less task
+# time at an available parallelism of 15.8 (N4_relu), 17.7 (VD2D3D) and 13.6 (3d_5 12^3) instead of 24-28.
+SLABS_PER_WORKER = 1
 
 MapBlock = tuple[int, int]
 
