@@ -171,8 +171,17 @@ class _Router:
             out = np.zeros(a.shape, dtype=g.dtype)
         n = b.shape[axis]
         won = np.empty(b.shape, dtype=bool)
-        claimed = np.zeros(b.shape, dtype=bool)
         part = np.empty(b.shape, dtype=g.dtype)
+        if size == 2 and self.finite and not self.nan:  # the second tap wins what the first does not: g - part
+            np.equal(_along(a, axis, 0, n), b, out=won)
+            np.multiply(g, won, out=part)
+            first = _along(out, axis, 0, n)
+            first += part
+            np.subtract(g, part, out=part)  # exact: g - g and g - 0
+            second = _along(out, axis, dilation, n)
+            second += part
+            return out
+        claimed = np.zeros(b.shape, dtype=bool)
         for t in range(size):
             tap = _along(a, axis, t * dilation, n)
             if t == size - 1:  # b is one of its taps' values exactly: what no earlier tap claimed is the last's
