@@ -18,11 +18,14 @@ MAX_BLOCKS = 8
 # Planned for W > 1 workers, a stage is split into at least W tasks (its maps, or a direct layer's rows), down to
 # tasks of this many map-voxels: a pointwise pass over them takes ~1 ms, a conv slab far more.
 MIN_SPLIT_WORK = 64_000
-# A direct layer split into slabs gets this many slabs per worker: other stages' tasks fill what uneven slabs leave,
-# and every further slab costs its halo, its joins and a smaller GEMM. Interleaved steps on the development VM at 2
-# threads, 1 against 2: N4_relu 1x100x100 and VD2D3D 4x40x40 6% shorter; planned for 16 workers, 10-13% less task
-# time at an available parallelism of 15.8 (N4_relu), 17.7 (VD2D3D) and 13.6 (3d_5 12^3) instead of 24-28.
-SLABS_PER_WORKER = 1
+# A direct layer split into slabs gets this many slabs per worker: uneven slabs leave cores idle that other slabs
+# fill, but every further slab costs its halo, its joins and a smaller GEMM. Two or fewer workers have other
+# stages' tasks to fill what uneven slabs leave and take one slab each (interleaved steps at 2 threads on the
+# development VM: N4_relu 1x100x100 and VD2D3D 4x40x40 6% shorter than with two); planned for 16 workers, one slab
+# each left N4_relu 1x100x100 an available parallelism of 9.4-13.8 in three runs, two gave 18-19.
+SLABS_PER_WORKER = 2
+FEW_WORKERS_SLABS = 1  # per worker, planned for at most two workers
+
 
 MapBlock = tuple[int, int]
 
@@ -41,11 +44,13 @@ def map_blocks(maps: int, voxels: int, workers: int = 1, min_work: int = MIN_BLO
 
 def slab_count(rows: int, row_work: int, workers: int) -> int:
     """Slabs of a direct layer's ``rows`` output rows (``row_work`` multiply-adds each) planned for ``workers``:
-    one for one worker (the layer's one task splits its tiles over its threads), else
-    :data:`SLABS_PER_WORKER` per worker while a slab keeps a row and :data:`MIN_SPLIT_WORK` of work."""
+    one for one worker (the layer's one task splits its tiles over its threads), else :data:`FEW_WORKERS_SLABS`
+    (two workers) or :data:`SLABS_PER_WORKER` per worker while a slab keeps a row and :data:`MIN_SPLIT_WORK` of
+    work."""
     if workers <= 1:
         return 1
-    return max(1, min(rows, SLABS_PER_WORKER * workers, (rows * row_work) // MIN_SPLIT_WORK))
+    per_worker = FEW_WORKERS_SLABS if workers <= 2 else SLABS_PER_WORKER
+    return max(1, min(rows, per_worker * workers, (rows * row_work) // MIN_SPLIT_WORK))
 
 
 def even_split(n: int, parts: int) -> list[MapBlock]:
