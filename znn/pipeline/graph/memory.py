@@ -231,9 +231,7 @@ def _conv(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[i
 
 
 def _rows(extent: Any, axis: int, rows: tuple[int, int]) -> int:
-    shape = list(extent)
-    shape[axis] = rows[1] - rows[0]
-    return _vox(shape)
+    return _vox(_slab(extent, axis, rows))
 
 
 def _direct_work(out_spatial: Any, w_shape: Any, dilation: Any, partial_maps: int, itemsize: int) -> int:
@@ -295,8 +293,8 @@ def _grad_kernel_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int
     out = _slab(ep.out_extent, ep.slab_axis, rows)
     joined = (n_in * _rows(ep.need, ep.slab_axis, span) + n_out * _vox(out)) * itemsize
     # a tile's columns and its output-gradient rows (conv._grad_kernel_direct), the tiles' summed parts
-    tile = _direct_work(out, shape, ep.dilation, 0, itemsize) + n_out * largest_tile(out, shape, ep.dilation,
-                                                                                      itemsize)[1] * itemsize
+    columns, voxels = largest_tile(out, shape, ep.dilation, itemsize)
+    tile = columns + n_out * voxels * itemsize
     return _vox(shape) * itemsize, joined + tile + 2 * _vox(shape) * itemsize
 
 
