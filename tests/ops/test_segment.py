@@ -14,8 +14,10 @@ from znn.errors import ConfigError, ShapeError
 from znn.ops.metrics import adapted_rand_error
 from znn.ops.preprocess import affinity
 from znn.ops.segment import (
+    NO_MERGE,
     Method,
     agglomerate,
+    edge_affinities,
     face_pairs,
     height_map,
     join_pairs,
@@ -140,6 +142,51 @@ def test_agglomeration_equals_the_slow_reference(seed):
     want = slow_agglomerate(fragments, aff, 0.5)
     assert fragments.max() > 10 and len(np.unique(got)) < fragments.max()  # something merged, not everything
     assert same_partition(got, want)
+
+
+def slow_boundary_affinities(prob: np.ndarray, flat: bool) -> np.ndarray:
+    """Each voxel's edge to its predecessor along an axis: 1 - the larger boundary probability of the two."""
+    aff = np.zeros((3, *prob.shape))
+    for axis in range(1 if flat else 0, 3):
+        for v in itertools.product(*map(range, prob.shape)):
+            if v[axis] > 0:
+                u = list(v)
+                u[axis] -= 1
+                aff[(axis, *v)] = 1 - max(prob[v], prob[tuple(u)])
+    return aff
+
+
+@pytest.mark.parametrize("flat", [False, True])
+def test_boundary_edge_affinities_equal_voxel_by_voxel(flat):
+    prob = np.random.default_rng(1).random((3, 4, 5))
+    method = Method.of("boundary", "2d" if flat else "3d")
+    got = edge_affinities(prob, height_map(prob, method), method)
+    np.testing.assert_array_equal(got, slow_boundary_affinities(prob, flat))
+
+
+def test_boundary_agglomeration_equals_the_slow_reference_on_its_edge_affinities():
+    prob = np.random.default_rng(4).random((2, 8, 8))
+    fragments_only = Method.of("boundary", "3d", seed_threshold=0.3, min_size=0, sigma=0)
+    fragments = segment(prob, fragments_only)
+    got = segment(prob, Method.of("boundary", "3d", seed_threshold=0.3, min_size=0, sigma=0, merge_threshold=0.4))
+    want = slow_agglomerate(fragments, slow_boundary_affinities(prob, flat=False), 0.4)
+    assert fragments.max() > 10 and 1 < len(np.unique(got)) < fragments.max()  # something merged, not everything
+    assert same_partition(got, want)
+
+
+def test_boundary_fragments_merge_across_a_faint_membrane_only():
+    """Two cells apart by a strong membrane, the first split in two by a faint line: with a merge threshold of 0.5
+    the faint line's fragments merge (edges 0.8), the cells stay apart (edges 0.1); boundary maps' default merges
+    nothing."""
+    prob = np.full((1, 20, 30), 0.02)
+    prob[:, :, 20] = 0.9  # the membrane between the cells
+    prob[:, 10, :20] = 0.2  # a faint line across the first cell: above the seed threshold, so it splits its seeds
+    settings = {"seed_threshold": 0.1, "min_size": 0, "sigma": 0.0}
+    fragments = segment(prob, Method.of("boundary", **settings))
+    merged = segment(prob, Method.of("boundary", **settings, merge_threshold=0.5))
+    assert Method.of("boundary").merge_threshold == NO_MERGE
+    assert len(np.unique(fragments)) == 3 and len(np.unique(merged)) == 2
+    assert merged[0, 5, 5] == merged[0, 15, 5] != merged[0, 5, 25]
 
 
 def test_face_pairs_join_mutual_majorities():

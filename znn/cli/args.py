@@ -140,8 +140,10 @@ def add_method_arguments(parser: argparse.ArgumentParser) -> None:
                         f"({both('min_size')})")
     parser.add_argument("--sigma", type=non_negative_number, help="Gaussian smoothing of the height map in voxels, "
                         f"in-plane only in 2d ({both('sigma')})")
-    parser.add_argument("--merge-threshold", type=probability, help="affinities: merge neighbouring regions while "
-                        f"the mean affinity between them is above this (default {affinity['merge_threshold']:g})")
+    parser.add_argument("--merge-threshold", type=probability, help="merge neighbouring regions while the mean "
+                        "affinity of the voxel edges between them (for boundary maps, one minus the larger boundary "
+                        "probability of each edge's two voxels) is above this; 1 merges nothing "
+                        f"({both('merge_threshold')})")
 
 
 def method_settings(args: argparse.Namespace) -> dict[str, Any]:

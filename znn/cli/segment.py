@@ -59,8 +59,7 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                         "until a level is at most 256 voxels per axis")
     p.add_argument("--choose-on", metavar="LABELS", default=None,
                    help="ground truth (segmentation, 0 = boundary, or 0/255 labels; a z range like labels.tif[10:15] "
-                        "picks slices) on which to choose the seed threshold (for affinities with the merge "
-                        "threshold): each of a grid segments the part of PRED it covers (--choose-pred) and the "
+                        "picks slices) on which to choose the seed and merge thresholds: each pair of a grid segments the part of PRED it covers (--choose-pred) and the "
                         "lowest adapted Rand error wins; the table is printed. "
                         "Choose on a validation split, never on the slices you report")
     p.add_argument("--choose-pred", metavar="PART", default=None,

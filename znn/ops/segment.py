@@ -13,10 +13,13 @@ The method (:class:`Method`, :func:`segment`):
    affinities, connected components over the edges with affinity above ``1 - seed_threshold``;
 3. a *seeded watershed* of the height map (:func:`skimage.segmentation.watershed`) from them, over every voxel;
 4. segments smaller than ``min_size`` voxels are given to their neighbours (removed, then flooded again);
-5. for affinities only, the watershed fragments are *agglomerated*: a region adjacency graph whose edge weight is
-   the mean affinity of the voxel edges between two regions, merged greedily from the highest mean while it is
-   above ``merge_threshold``, each merge pooling the sums and counts of the merged edges (mean-affinity
-   agglomeration as waterz does it, with :func:`skimage.graph.merge_hierarchical`).
+5. the watershed fragments are *agglomerated*: a region adjacency graph whose edge weight is the mean affinity of
+   the voxel edges between two regions, merged greedily from the highest mean while it is above
+   ``merge_threshold``, each merge pooling the sums and counts of the merged edges (mean-affinity agglomeration as
+   waterz does it, with :func:`skimage.graph.merge_hierarchical`). A boundary map's voxel edge has the affinity one
+   minus the larger boundary probability of its two voxels (:func:`edge_affinities`), so two fragments merge where
+   the membrane between them is faint on average. ``merge_threshold`` 1 (:data:`NO_MERGE`, boundary maps' default)
+   merges nothing.
 
 Every voxel gets an id > 0 (a slice or volume without any seed stays 0). ``2d`` segments each z-slice on its own,
 the usual choice for anisotropic stacks such as ISBI 2012; ``3d`` floods across slices.
@@ -49,6 +52,8 @@ __all__ = [
     "OUT_TYPES",
     "DIMS",
     "height_map",
+    "edge_affinities",
+    "NO_MERGE",
     "segment",
     "seeds",
     "seeded_watershed",
@@ -69,13 +74,16 @@ Faces = tuple[tuple[bool, bool], tuple[bool, bool], tuple[bool, bool]]
 NO_FACES: Faces = ((False, False), (False, False), (False, False))
 
 
+#: the merge threshold that merges nothing (a mean affinity is never above 1)
+NO_MERGE = 1.0
+
 #: the defaults of :class:`Method` per map type: boundary maps' chosen on the quickstart's held-out volume and ISBI
-#: 2012; affinity maps' on the FIB-SEM volume's validation sections 25-37 only (never on the sections 38-49 the
+#: 2012 (no agglomeration: choose a merge threshold on your labels, ``znn segment --choose-on``); affinity maps' on the FIB-SEM volume's validation sections 25-37 only (never on the sections 38-49 the
 #: README reports), where `znn segment --choose-on` picked seed 0.01-0.02 and merge 0.2-0.4 for three networks of
 #: workflows/recursive (0.1 and 0.5 before: 0.0907 against 0.0299 adapted Rand error on 38-49 for the 30-minute
 #: network). See the README, section "Segment and evaluate".
 DEFAULTS: dict[str, dict[str, float]] = {
-    "boundary": {"seed_threshold": 0.03, "min_size": 30, "sigma": 1.0, "merge_threshold": 0.5},
+    "boundary": {"seed_threshold": 0.03, "min_size": 30, "sigma": 1.0, "merge_threshold": NO_MERGE},
     "affinity": {"seed_threshold": 0.01, "min_size": 30, "sigma": 0.0, "merge_threshold": 0.3},
 }
 
@@ -164,6 +172,19 @@ def height_map(pred: Array, method: Method) -> NDArray[np.float64]:
         count[later] += 1
         count[earlier] += 1
     return 1.0 - np.divide(total, count, out=np.zeros_like(total), where=count > 0)
+
+
+def edge_affinities(pred: Array, height: NDArray[np.float64], method: Method) -> Array:
+    """The affinities the agglomeration reads (module notes, step 5): an affinity map's own; for a boundary map
+    (whose unsmoothed :func:`height_map` is ``height``), ``(3, Z, Y, X)`` with the edge from each voxel to its
+    predecessor along an axis one minus the larger boundary probability of the two (z edges 0 in 2D)."""
+    if method.out_type == "affinity":
+        return np.asarray(pred)
+    aff = np.zeros((3, *height.shape), np.float64)
+    for axis in range(1 if method.flat else 0, 3):
+        later, earlier = _later_earlier(axis)
+        aff[axis][later] = 1.0 - np.maximum(height[later], height[earlier])
+    return aff
 
 
 def _smooth(height: NDArray[np.float64], method: Method) -> NDArray[np.float64]:
@@ -318,11 +339,12 @@ def segment(pred: Array, method: Method, open_faces: Faces = NO_FACES) -> Labels
     """The segmentation ``(Z, Y, X)`` (int64 ids consecutive from 1) of a boundary prediction (``(Z, Y, X)``,
     ``(1, Z, Y, X)`` or ZNN's ``(2, Z, Y, X)``) or an affinity map ``(3, Z, Y, X)``, by ``method``.
     ``open_faces``: faces of the array cut from a larger volume (blockwise runs; see the module notes)."""
-    height = _smooth(height_map(pred, method), method)
+    raw = height_map(pred, method)
+    height = _smooth(raw, method)
     fragments = seeded_watershed(height, seeds(pred, height, method), method, open_faces)
-    if method.out_type == "affinity":
-        return agglomerate(fragments, np.asarray(pred), method.merge_threshold, method.flat)
-    return fragments
+    if method.merge_threshold >= NO_MERGE:
+        return fragments
+    return agglomerate(fragments, edge_affinities(pred, raw, method), method.merge_threshold, method.flat)
 
 
 # -------------------------------------------------------------------------------------------------- stitching

@@ -164,24 +164,27 @@ def test_evaluate_and_segment_give_one_segmentation_of_an_affinity_map(tmp_path,
     capsys.readouterr()
 
 
-def test_segment_chooses_the_seed_threshold_on_labels(tmp_path, capsys):
-    """--choose-on LABELS --choose-pred PART: each seed threshold of the grid segments PART, the lowest adapted
-    Rand error wins (its table printed), and the whole prediction is segmented with it."""
+def test_segment_chooses_the_seed_and_merge_thresholds_on_labels(tmp_path, capsys):
+    """--choose-on LABELS --choose-pred PART: each seed threshold of the grid with each merge threshold of the
+    boundary grid (no merging included) segments PART, the lowest adapted Rand error wins (its table printed), and
+    the whole prediction is segmented with it."""
     from znn.ops.segment import Method, segment
-    from znn.pipeline.jobs.choose import SEED_GRID
+    from znn.pipeline.jobs.choose import BOUNDARY_MERGE_GRID, SEED_GRID
 
     pred, labels = volumes(tmp_path)
     store = tmp_path / "seg.zarr"
     assert main(["segment", str(pred), str(store), "--choose-on", f"{labels}[0:2]", "--choose-pred", f"{pred}[0:2]",
                  "--quiet"]) == 0
     out = capsys.readouterr().out
-    rows = [line.split() for line in out.splitlines() if line.split() and line.split()[0] in map(str, SEED_GRID)]
-    assert [float(r[0]) for r in rows] == list(SEED_GRID)
+    rows = [line.split() for line in out.splitlines() if len(line.split()) >= 5 and line.split()[0] in
+            map(str, SEED_GRID) and line.split()[1] in map(lambda m: f"{m:g}", BOUNDARY_MERGE_GRID)]
+    assert sorted((float(r[0]), float(r[1])) for r in rows) == sorted(
+        (s, m) for s in SEED_GRID for m in BOUNDARY_MERGE_GRID)
     chosen = [r for r in rows if r[-1] == "chosen"]
-    assert len(chosen) == 1 and float(chosen[0][1]) == min(float(r[1]) for r in rows)
-    threshold = float(chosen[0][0])
+    assert len(chosen) == 1 and float(chosen[0][2]) == min(float(r[2]) for r in rows)
+    seed, merge = float(chosen[0][0]), float(chosen[0][1])
     assert f"seed threshold chosen on {labels}[0:2]" in out
-    want = segment(read_volume(pred), Method.of("boundary", seed_threshold=threshold))
+    want = segment(read_volume(pred), Method.of("boundary", seed_threshold=seed, merge_threshold=merge))
     assert _same_partition(read_volume(store / "labels"), want)
     # the labels must cover the part given
     assert main(["segment", str(pred), str(tmp_path / "b.zarr"), "--choose-on", f"{labels}[0:2]"]) == 2

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from tests.ops.test_segment import affinity_map, boundary_map, cells
 from tests.shared import ROOT
 from znn.cli import main
 from znn.io.volume import read_volume, write_volume
-from znn.ops.segment import Method, same_partition, segment
+from znn.ops.segment import NO_MERGE, Method, same_partition, segment
 from znn.pipeline.dense.manifest import MANIFEST_DIR
 from znn.pipeline.jobs.segment import SegmentJob, segment_job
 from znn.pipeline.segment.volume import SegmentRequest, resume_folder, segment_volume
@@ -29,6 +30,7 @@ from znn.pipeline.segment.volume import SegmentRequest, resume_folder, segment_v
 CASES = {
     "boundary-2d": ("boundary", "2d", (4, 96, 96), (2, 48, 48), (0, 16, 16), 10),
     "boundary-3d": ("boundary", "3d", (24, 64, 64), (12, 32, 32), (12, 16, 16), 8),
+    "boundary-2d-merged": ("boundary", "2d", (4, 128, 128), (2, 64, 64), (0, 24, 24), 10),
     "affinity-3d": ("affinity", "3d", (24, 64, 64), (24, 32, 32), (12, 16, 16), 8),
 }
 
@@ -38,10 +40,14 @@ def prediction(tmp_path: Path, case: str, seed: int = 0) -> tuple[str, np.ndarra
     kind, dims, shape, _, _, spacing = CASES[case]
     labels = cells(shape, spacing, seed, flat=dims == "2d")
     pred = boundary_map(labels, seed, dims == "2d") if kind == "boundary" else affinity_map(labels, seed)
+    if case.endswith("merged"):  # objects of two neighbouring cells: a faint membrane inside, a strong one around
+        pred = np.maximum(0.3 * pred, boundary_map((labels + 1) // 2, seed, dims == "2d"))
     path = str(tmp_path / "pred.zarr")
     write_volume(path, pred)
     # thresholds that cut these synthetic volumes into many objects (not the defaults, which are chosen on EM)
     settings = {"seed_threshold": 0.3} if kind == "boundary" else {"seed_threshold": 0.1, "merge_threshold": 0.5}
+    if case.endswith("merged"):  # the cells' fragments agglomerated by their boundary-derived edge affinities
+        settings = {"seed_threshold": 0.2, "merge_threshold": 0.5}
     return path, pred, Method.of(kind, dims, **settings)
 
 
@@ -63,6 +69,11 @@ def test_blockwise_equals_whole_on_threads(tmp_path, case):
     got, whole = run(tmp_path, case)
     assert len(np.unique(whole)) > 50  # many objects, most of them cut by some face
     assert same_partition(got, whole)
+    if case.endswith("merged"):
+        (tmp_path / "again").mkdir()
+        _, pred, method = prediction(tmp_path / "again", case)
+        fragments = segment(pred, replace(method, merge_threshold=NO_MERGE))
+        assert len(np.unique(whole)) < 0.8 * len(np.unique(fragments))  # many fragments merged
 
 
 def test_blockwise_equals_whole_on_a_local_cluster(tmp_path, local_client):

@@ -27,7 +27,7 @@ from znn.io.finite import find_non_finite, in_file
 from znn.io.samples import center_crop
 from znn.io.volume import read_volume
 from znn.ops.metrics import METRICS, evaluate, evaluate_segmentation
-from znn.ops.segment import Method, segment
+from znn.ops.segment import NO_MERGE, Method, segment
 from znn.text import format_table
 
 __all__ = ["EvaluateRequest", "EvaluateReport", "evaluate_files", "read_inputs", "as_prediction", "PRED_TYPES",
@@ -106,7 +106,7 @@ def evaluate_files(req: EvaluateRequest) -> EvaluateReport:
 
 def _describe(method: Method) -> str:
     text = f"seed threshold {method.seed_threshold:g}, min size {method.min_size}, sigma {method.sigma:g}"
-    return text + (f", merge threshold {method.merge_threshold:g}" if method.out_type == "affinity" else "")
+    return text + (f", merge threshold {method.merge_threshold:g}" if method.merge_threshold < NO_MERGE else "")
 
 
 def read_inputs(req: EvaluateRequest, shape_fix: str = CROP_FIX) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:

@@ -80,7 +80,7 @@ def segment_job(job: SegmentJob) -> SegmentResult:
 
 
 def _chosen(job: SegmentJob) -> Method:
-    """The job's method with the seed threshold (for affinities also the merge threshold) that segments
+    """The job's method with the seed and merge thresholds that segment
     ``choose_pred`` best against ``choose_on``; the table of every candidate's scores goes to the notes (it is a
     result: also under --quiet)."""
     from znn.pipeline.jobs.choose import choose_seed_threshold

@@ -29,8 +29,8 @@ layout (``labels`` the label image itself, the manifest inside the store) is rew
 
 When the result equals the segmentation of the whole volume in one piece (up to a renaming of ids): when for every
 block, each segment that reaches its core or the slabs of its faces is decided inside its extent as it is in the
-whole volume: its seeds, its basin and its competitors' basins, the small segments given to it and, for
-affinities, every region it merges with, lie within the core plus the halo less the slab (at most 4 voxels) and the
+whole volume: its seeds, its basin and its competitors' basins, the small segments given to it and, when
+fragments are agglomerated, every region it merges with, lie within the core plus the halo less the slab (at most 4 voxels) and the
 smoothing reach (4 sigma), and no two voxels that compete in the flood have equal heights (ties are broken by the
 order of the flood, which differs between a block and the whole). Objects larger than the halo are still joined
 across faces where the two blocks agree on them (a mutual majority in the slab); where one block saw an object
