@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import heapq
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,9 +29,10 @@ from dask.order import order
 from znn.network import Network
 from znn.ops import fft as fftops
 from znn.ops.conv import TILE_BYTES, grad_input_method, largest_tile
-from znn.ops.conv_fft import transform_method
+from znn.ops.conv_fft import joins_blocks, transform_method
 from znn.ops.fft import PLAN_CACHE_BYTES
 from znn.pipeline.graph.build import Graph, Hyper, step_graph, task_priorities
+from znn.pipeline.graph.blocks import MapBlock
 from znn.pipeline.graph.core import Op
 from znn.pipeline.graph.plan import EdgePlan, NetPlan
 
@@ -208,17 +209,25 @@ def _kernel_spectra(g: Graph, name: str, index: tuple[int, ...], itemsize: int) 
     return pairs * _freqs(ep) * 2 * itemsize, _transform_work(edge, ep, pairs, itemsize)
 
 
-def _fft_accumulate(maps: int, blocks: int, ep: Any, itemsize: int, summed: int = 0) -> int:
-    """Working bytes of a product task of ``maps`` maps over ``blocks`` blocks of ``summed`` maps: the accumulated
-    spectra (and one block's more), the inverse's copy and its real result; an edge split into phases joins the
-    blocks' spectra and kernel spectra instead (conv_fft.join_map_spectra) and transforms the result in place."""
+def _fft_accumulate(maps: int, blocks: Sequence[MapBlock], ep: EdgePlan, itemsize: int) -> int:
+    """Working bytes of a product task of ``maps`` maps over the map ``blocks`` it contracts: the accumulated
+    spectra (and one block's more), the inverse's copy and its real result; an edge split into phases transforms
+    the result in place, and where it joins small blocks (conv_fft.joins_blocks) it holds the joined spectra and
+    kernel spectra instead of one block's products."""
     freqs = _freqs(ep)
+    summed = blocks[-1][1] - blocks[0][0]
     if ep.phase_count > 1:
         maps *= ep.phase_count
-        joined = (ep.phase_count * summed + summed * maps // ep.phase_count) * freqs * 2 * itemsize
-        return (joined if blocks > 1 else 0) + maps * freqs * 2 * itemsize + maps * _vox(ep.transform_shape) * itemsize
+        spectra = maps * freqs * 2 * itemsize
+        real = maps * _vox(ep.transform_shape) * itemsize
+        if len(blocks) == 1:
+            return spectra + real
+        if joins_blocks([_maps(b) for b in blocks], ep.phase_count):
+            joined = (ep.phase_count * summed + summed * maps // ep.phase_count) * freqs * 2 * itemsize
+            return joined + spectra + real
+        return 2 * spectra + real
     spectra = maps * freqs * 2 * itemsize
-    return spectra * (3 if blocks > 1 else 2) + maps * _vox(ep.transform_shape) * itemsize
+    return spectra * (3 if len(blocks) > 1 else 2) + maps * _vox(ep.transform_shape) * itemsize
 
 
 def _conv(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
@@ -226,7 +235,7 @@ def _conv(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[i
     maps = _maps(ob[index[0]])
     out = maps * _vox(ep.out_extent) * itemsize
     if ep.mode == "fft":
-        return out, _fft_accumulate(maps, len(ib), ep, itemsize, ib[-1][1] - ib[0][0])
+        return out, _fft_accumulate(maps, ib, ep, itemsize)
     return (out if len(ep.out_slabs) > 1 else 0), 0  # one slab: a view of it
 
 
@@ -301,7 +310,7 @@ def _grad_kernel_slab(g: Graph, name: str, index: tuple[int, ...], itemsize: int
 def _grad_input(g: Graph, name: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     edge, ep, ib, ob = _edge(g, name)
     maps = _maps(ib[index[0]])
-    return maps * _vox(ep.in_extent) * itemsize, _fft_accumulate(maps, len(ob), ep, itemsize, ob[-1][1] - ob[0][0]) + \
+    return maps * _vox(ep.in_extent) * itemsize, _fft_accumulate(maps, ob, ep, itemsize) + \
         maps * _vox(ep.need) * itemsize
 
 

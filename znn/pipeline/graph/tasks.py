@@ -176,21 +176,23 @@ def _inverse(spec: np.ndarray, edge: EdgePlan, output: bool) -> np.ndarray:
 
 def conv_fft_forward(x_specs: Sequence[np.ndarray], k_specs: Sequence[np.ndarray], bias: np.ndarray | None = None,
                      *, edge: EdgePlan, threads: int = 1, node: NodeTransfer | None = None) -> np.ndarray:
-    """One output block: the product over all input blocks' maps in the frequency domain (their spectra joined
-    when the edge is split into phases, else summed block by block), one inverse per output map; with ``node``,
-    then the output node's bias and transfer (:func:`finish_node`).
+    """One output block: the product over all input blocks' maps in the frequency domain, summed block by block
+    (their spectra joined first when the edge is split into phases and its blocks are small:
+    :func:`~znn.ops.conv_fft.joins_blocks`), one inverse per output map; with ``node``, then the output node's bias
+    and transfer (:func:`finish_node`).
 
     ``threads`` split the products over frequencies (each frequency's product is the same whatever the split);
     the inverse FFTs stay on one thread, so the numbers do not depend on ``threads``.
     """
     phases = edge.phase_count
-    if phases > 1:  # joined: one (P x in) @ (in x out) product per frequency instead of one per block pair
+    if conv_fft.joins_blocks([s.shape[0] // phases for s in x_specs], phases):
+        # one (P x in) @ (in x out) product per frequency instead of one per block pair
         acc = conv_fft.multiply_accumulate(conv_fft.join_map_spectra(x_specs, phases),
                                            conv_fft.join_kernel_spectra(k_specs, 0), threads, phases)
-    else:  # (1 x in) products gain nothing from joining, which would copy the column's kernel spectra
-        acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads)
+    else:  # large blocks: the products of block pairs cost less than joining copies of the kernel spectra
+        acc = conv_fft.multiply_accumulate(x_specs[0], k_specs[0], threads, phases)
         for xs, ks in zip(x_specs[1:], k_specs[1:]):
-            acc += conv_fft.multiply_accumulate(xs, ks, threads)
+            acc += conv_fft.multiply_accumulate(xs, ks, threads, phases)
     y = _inverse(acc, edge, output=True)
     return finish_node(y, node, bias)
 
@@ -208,13 +210,13 @@ def conv_fft_grad_input(gy_specs: Sequence[np.ndarray], k_specs: Sequence[np.nda
     """Input gradient of one input block: the product over all output blocks' maps, one inverse per input map
     (``threads`` as in :func:`conv_fft_forward`), padded to the input node's extent."""
     phases = edge.phase_count
-    if phases > 1:  # joined, as in conv_fft_forward
+    if conv_fft.joins_blocks([s.shape[0] // phases for s in gy_specs], phases):  # as in conv_fft_forward
         acc = conv_fft.grad_input_spectra(conv_fft.join_map_spectra(gy_specs, phases),
                                           conv_fft.join_kernel_spectra(k_specs, 1), threads, phases)
     else:
-        acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0], threads)
+        acc = conv_fft.grad_input_spectra(gy_specs[0], k_specs[0], threads, phases)
         for gs, ks in zip(gy_specs[1:], k_specs[1:]):
-            acc += conv_fft.grad_input_spectra(gs, ks, threads)
+            acc += conv_fft.grad_input_spectra(gs, ks, threads, phases)
     return pad_back(_inverse(acc, edge, output=False), edge.crop_lo, edge.in_extent)
 
 
