@@ -232,12 +232,13 @@ def test_max_filter_gradient_from_values_equals_the_argmax_gradient(maps, out, s
     size=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
     dil=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
     out=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),
-    slab_bytes=st.sampled_from([1, 40, 1 << 20]),
+    slab_bytes=st.sampled_from([1, 40, 2000, 1 << 20]),
     seed=st.integers(0, 2**16),
 )
 def test_max_filter_gradient_ties_slabs_and_views(maps, size, dil, out, slab_bytes, seed):
     """Many ties (few distinct values, as after a ReLU): the first tap in (z, y, x) order wins, as with the
-    argmax, for slabs of one plane up to whole maps, read from a strided view of the input."""
+    argmax, for slabs of one plane up to whole maps and several whole maps at once, read from a strided view of
+    the input."""
     from znn.ops import pooling
 
     rng = np.random.default_rng(seed)
@@ -247,7 +248,7 @@ def test_max_filter_gradient_ties_slabs_and_views(maps, size, dil, out, slab_byt
     y = max_filter_values(x, size, dil)
     g = rng.integers(-3, 4, y.shape).astype(np.float64)
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pooling, "MAX_FILTER_SLAB_BYTES", slab_bytes)
+        patch.setattr(pooling, "GRADIENT_SLAB_BYTES", slab_bytes)
         got = max_filter_gradient(g, x, y, size, dil)
     np.testing.assert_array_equal(got, _gradient_by_argmax(np.ascontiguousarray(x), g, size, dil))
 

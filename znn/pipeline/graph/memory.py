@@ -31,6 +31,7 @@ from znn.ops import fft as fftops
 from znn.ops.conv import TILE_BYTES, grad_input_method, largest_tile
 from znn.ops.conv_fft import joins_blocks, transform_method
 from znn.ops.fft import PLAN_CACHE_BYTES
+from znn.ops.pooling import GRADIENT_SLAB_BYTES
 from znn.pipeline.graph.build import Graph, Hyper, step_graph, task_priorities
 from znn.pipeline.graph.blocks import MapBlock
 from znn.pipeline.graph.core import Op
@@ -368,9 +369,13 @@ def _maxout(g: Graph, layer: str, index: tuple[int, ...], itemsize: int) -> tupl
 
 def _node_gradient(g: Graph, node: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
     """The gradient of a block, from its outgoing edges' parts: those of one-to-one edges are computed inside this
-    task (padded to the node), then summed."""
+    task (padded to the node), then summed; a max filter's gradient holds about four arrays of one of its slabs
+    (running maxima, winners and parts: pooling.max_filter_gradient)."""
     block = _node_block(g, node, index[0], itemsize)
-    return block, block * (len(g.plan.spec.outgoing[node]) + 1)
+    spec = g.plan.spec
+    max_filters = any(spec.edges[e].type == "max_filter" for e in spec.outgoing[node])
+    slabs = 4 * min(block, GRADIENT_SLAB_BYTES) if max_filters else 0
+    return block, block * (len(spec.outgoing[node]) + 1) + slabs
 
 
 def _loss(g: Graph, layer: str, index: tuple[int, ...], itemsize: int) -> tuple[int, int]:
