@@ -228,7 +228,7 @@ def test_max_filter_gradient_from_values_equals_the_argmax_gradient(maps, out, s
 
 @settings(max_examples=40, deadline=None)
 @given(
-    maps=st.integers(1, 2),
+    maps=st.integers(1, 4),  # with 2000-byte slabs a group takes some maps, not all
     size=st.tuples(st.integers(1, 4), st.integers(1, 4), st.integers(1, 4)),
     dil=st.tuples(st.integers(1, 3), st.integers(1, 3), st.integers(1, 3)),
     out=st.tuples(st.integers(1, 3), st.integers(1, 4), st.integers(1, 4)),

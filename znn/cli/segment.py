@@ -22,8 +22,9 @@ from znn.ops.segment import DIMS, OUT_TYPES, Method
 from znn.pipeline.jobs.segment import DEFAULT_BLOCK, DEFAULT_HALO, SegmentJob, segment_job
 
 DESCRIPTION = (
-    "Segment a boundary map (Z,Y,X), (1,Z,Y,X) or ZNN's (2,Z,Y,X) (channel 1 = boundary) by a seeded watershed, or "
-    "an affinity map (3,Z,Y,X) by a watershed and agglomeration by mean affinity, into a uint64 zarr label volume. "
+    "Segment a boundary map (Z,Y,X), (1,Z,Y,X) or ZNN's (2,Z,Y,X) (channel 1 = boundary) by a seeded watershed "
+    "(with --merge-threshold, then agglomeration by mean boundary probability), or an affinity map (3,Z,Y,X) by a "
+    "watershed and agglomeration by mean affinity, into a uint64 zarr label volume. "
     "Runs in blocks with a halo (out of core, on the same schedulers as znn forward); objects cut by block faces are "
     "joined again where the two blocks overlap. Resumable: a rerun skips finished blocks."
 )
@@ -59,8 +60,9 @@ def register(sub: Subparsers) -> dict[str, Handler]:
                         "until a level is at most 256 voxels per axis")
     p.add_argument("--choose-on", metavar="LABELS", default=None,
                    help="ground truth (segmentation, 0 = boundary, or 0/255 labels; a z range like labels.tif[10:15] "
-                        "picks slices) on which to choose the seed and merge thresholds: each pair of a grid segments the part of PRED it covers (--choose-pred) and the "
-                        "lowest adapted Rand error wins; the table is printed. "
+                        "picks slices) on which to choose the seed and merge thresholds (over any given): each pair "
+                        "of a grid segments the part of PRED it covers (--choose-pred) and the lowest adapted Rand "
+                        "error wins; the table is printed. "
                         "Choose on a validation split, never on the slices you report")
     p.add_argument("--choose-pred", metavar="PART", default=None,
                    help="the part of the prediction LABELS covers, e.g. pred.zarr/output[0:5] (default PRED)")

@@ -55,6 +55,8 @@ __all__ = [
     "edge_affinities",
     "NO_MERGE",
     "segment",
+    "watershed_fragments",
+    "merge_fragments",
     "seeds",
     "seeded_watershed",
     "agglomerate",
@@ -78,8 +80,8 @@ NO_FACES: Faces = ((False, False), (False, False), (False, False))
 NO_MERGE = 1.0
 
 #: the defaults of :class:`Method` per map type: boundary maps' chosen on the quickstart's held-out volume and ISBI
-#: 2012 (no agglomeration: choose a merge threshold on your labels, ``znn segment --choose-on``); affinity maps' on the FIB-SEM volume's validation sections 25-37 only (never on the sections 38-49 the
-#: README reports), where `znn segment --choose-on` picked seed 0.01-0.02 and merge 0.2-0.4 for three networks of
+#: 2012 (no agglomeration: choose a merge threshold on your labels, ``znn segment --choose-on``); affinity maps' on
+#: the FIB-SEM volume's validation sections 25-37 only (never on the sections 38-49 the README reports), where `znn segment --choose-on` picked seed 0.01-0.02 and merge 0.2-0.4 for three networks of
 #: workflows/recursive (0.1 and 0.5 before: 0.0907 against 0.0299 adapted Rand error on 38-49 for the 30-minute
 #: network). See the README, section "Segment and evaluate".
 DEFAULTS: dict[str, dict[str, float]] = {
@@ -339,12 +341,24 @@ def segment(pred: Array, method: Method, open_faces: Faces = NO_FACES) -> Labels
     """The segmentation ``(Z, Y, X)`` (int64 ids consecutive from 1) of a boundary prediction (``(Z, Y, X)``,
     ``(1, Z, Y, X)`` or ZNN's ``(2, Z, Y, X)``) or an affinity map ``(3, Z, Y, X)``, by ``method``.
     ``open_faces``: faces of the array cut from a larger volume (blockwise runs; see the module notes)."""
+    fragments, raw = watershed_fragments(pred, method, open_faces)
+    return merge_fragments(fragments, pred, raw, method)
+
+
+def watershed_fragments(pred: Array, method: Method, open_faces: Faces = NO_FACES) -> tuple[Labels, Array]:
+    """Steps 1-4 of the module notes: the fragments, and the unsmoothed height map (what step 5 reads of a
+    boundary map). They do not depend on ``method.merge_threshold``."""
     raw = height_map(pred, method)
     height = _smooth(raw, method)
-    fragments = seeded_watershed(height, seeds(pred, height, method), method, open_faces)
+    return seeded_watershed(height, seeds(pred, height, method), method, open_faces), raw
+
+
+def merge_fragments(fragments: Labels, pred: Array, height: Array, method: Method) -> Labels:
+    """Step 5 of the module notes on :func:`watershed_fragments`' result (``fragments`` as they are where
+    ``method.merge_threshold`` merges nothing)."""
     if method.merge_threshold >= NO_MERGE:
         return fragments
-    return agglomerate(fragments, edge_affinities(pred, raw, method), method.merge_threshold, method.flat)
+    return agglomerate(fragments, edge_affinities(pred, height, method), method.merge_threshold, method.flat)
 
 
 # -------------------------------------------------------------------------------------------------- stitching

@@ -29,22 +29,30 @@ def conv2():
     return ep, x, kernel, gy
 
 
-def _forward_and_grad_input(ep, x, kernel, gy, parts: int):
-    """Every output block's maps and every input block's gradient with both sides split into ``parts`` blocks."""
-    ib, ob = even_split(x.shape[0], parts), even_split(gy.shape[0], parts)
+def _forward_and_grad_input(ep, x, kernel, gy, parts: int | list[tuple[int, int]]):
+    """Every output block's maps and every input block's gradient with both sides split into ``parts`` blocks
+    (or into the blocks given)."""
+    ib = even_split(x.shape[0], parts) if isinstance(parts, int) else parts
+    ob = even_split(gy.shape[0], parts) if isinstance(parts, int) else parts
     xspec = [tasks.input_spectra(x[a:b], edge=ep) for a, b in ib]
     kspec = [[tasks.kernel_spectra(kernel, ib=i, ob=o, edge=ep) for o in ob] for i in ib]
     gspec = [tasks.grad_output_spectra(gy[a:b], edge=ep) for a, b in ob]
-    y = np.concatenate([tasks.conv_fft_forward(xspec, [row[j] for row in kspec], edge=ep) for j in range(parts)])
-    gx = np.concatenate([tasks.conv_fft_grad_input(gspec, kspec[i], edge=ep) for i in range(parts)])
+    y = np.concatenate([tasks.conv_fft_forward(xspec, [row[j] for row in kspec], edge=ep) for j in range(len(ob))])
+    gx = np.concatenate([tasks.conv_fft_grad_input(gspec, kspec[i], edge=ep) for i in range(len(ib))])
     return y, gx
 
 
-@pytest.mark.parametrize("parts", [2, 8], ids=["large blocks summed", "small blocks joined"])
+UNEVEN_SUMMED = [(0, 12), (12, 48)]  # the smallest block decides: 12 maps are summed
+UNEVEN_JOINED = [(0, 11), (11, 30), (30, 48)]
+
+
+@pytest.mark.parametrize("parts", [2, 8, UNEVEN_SUMMED, UNEVEN_JOINED],
+                         ids=["large blocks summed", "small blocks joined", "uneven summed", "uneven joined"])
 def test_products_over_blocks_equal_one_block(conv2, parts):
     ep, x, kernel, gy = conv2
-    maps = x.shape[0] // parts
-    assert joins_blocks([maps] * parts, ep.phase_count) == (maps < SUM_BLOCKS_FROM_MAPS)
+    blocks = even_split(x.shape[0], parts) if isinstance(parts, int) else parts
+    maps = [b - a for a, b in blocks]
+    assert joins_blocks(maps, ep.phase_count) == (min(maps) < SUM_BLOCKS_FROM_MAPS)
     y1, gx1 = _forward_and_grad_input(ep, x, kernel, gy, 1)
     y, gx = _forward_and_grad_input(ep, x, kernel, gy, parts)
     np.testing.assert_allclose(y, y1, rtol=0, atol=1e-10 * np.abs(y1).max())

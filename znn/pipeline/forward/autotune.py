@@ -64,8 +64,9 @@ CACHE_VERSION = 1
 # taken for the new (2: fewer copies in phase_conv_fft; 3: tiles of a small FFT shape; 4: bundled gathers,
 # maps-last spectra, recycled activations).
 PHASES_REVISION = 4
-# The graph's FFT tasks' revision, likewise (2: dilated and one-plane kernels split into phases).
-GRAPH_FFT_REVISION = 2
+# The graph's FFT tasks' revision, likewise (2: dilated and one-plane kernels split into phases; 3: products over
+# large map blocks summed, not joined: conv_fft.joins_blocks).
+GRAPH_FFT_REVISION = 3
 # After one timed run per mode, a mode this many times slower has lost: no need for more repetitions.
 _CLEAR_WIN = 2.0
 # Layers whose modelled times differ by more than this are not timed (see _modelled).

@@ -66,8 +66,8 @@ def output_place(out: str) -> tuple[Path, str]:
 def segment_job(job: SegmentJob) -> SegmentResult:
     """Check the places and the prediction before any work, then segment blockwise."""
     if job.choose_pred is not None and job.choose_on is None:
-        raise ConfigError(f"--choose-pred {job.choose_pred}: the part of the prediction to choose the seed threshold "
-                          "on needs its labels; add --choose-on LABELS")
+        raise ConfigError(f"--choose-pred {job.choose_pred}: the part of the prediction to choose the thresholds on "
+                          "needs its labels; add --choose-on LABELS")
     store, name = output_place(job.out)
     fix = "name another OUT"
     check_apart([("OUT", store)], [("PRED", job.pred)], fix)
