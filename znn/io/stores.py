@@ -222,9 +222,15 @@ def write_side_arrays(store: str | Path, name: str, arrays: Mapping[str, np.ndar
     atomic_write_bytes(root, root / name, buffer.getvalue())
 
 
+# NumPy parses each .npy header with ast.literal_eval, and CPython 3.11's AST constructor is not thread-safe: parsed
+# in two threads at once it can fail with "SystemError: AST constructor recursion depth mismatch" (CPython
+# gh-106905; the segmentation's face tasks read their slabs side by side on the threaded scheduler).
+_NPY_READ_LOCK = threading.Lock()
+
+
 def read_side_arrays(store: str | Path, name: str) -> dict[str, np.ndarray]:
-    """The arrays :func:`write_side_arrays` kept in ``name`` of ``store``."""
-    with np.load(Path(store) / name, allow_pickle=False) as found:
+    """The arrays :func:`write_side_arrays` kept in ``name`` of ``store`` (one thread at a time: see above)."""
+    with _NPY_READ_LOCK, np.load(Path(store) / name, allow_pickle=False) as found:
         return {key: np.asarray(found[key]) for key in found.files}
 
 
