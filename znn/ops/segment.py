@@ -81,9 +81,10 @@ NO_MERGE = 1.0
 
 #: the defaults of :class:`Method` per map type: boundary maps' chosen on the quickstart's held-out volume and ISBI
 #: 2012 (no agglomeration: choose a merge threshold on your labels, ``znn segment --choose-on``); affinity maps' on
-#: the FIB-SEM volume's validation sections 25-37 only (never on the sections 38-49 the README reports), where `znn segment --choose-on` picked seed 0.01-0.02 and merge 0.2-0.4 for three networks of
-#: workflows/recursive (0.1 and 0.5 before: 0.0907 against 0.0299 adapted Rand error on 38-49 for the 30-minute
-#: network). See the README, section "Segment and evaluate".
+#: the FIB-SEM volume's validation sections 25-37 only (never on the sections 38-49 the README reports), where
+#: `znn segment --choose-on` picked seed 0.01-0.02 and merge 0.2-0.4 for three networks of workflows/recursive (0.1
+#: and 0.5 before: 0.0907 against 0.0299 adapted Rand error on 38-49 for the 30-minute network). See the README,
+#: section "Segment and evaluate".
 DEFAULTS: dict[str, dict[str, float]] = {
     "boundary": {"seed_threshold": 0.03, "min_size": 30, "sigma": 1.0, "merge_threshold": NO_MERGE},
     "affinity": {"seed_threshold": 0.01, "min_size": 30, "sigma": 0.0, "merge_threshold": 0.3},

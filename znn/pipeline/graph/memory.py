@@ -216,7 +216,6 @@ def _fft_accumulate(maps: int, blocks: Sequence[MapBlock], ep: EdgePlan, itemsiz
     the result in place, and where it joins small blocks (conv_fft.joins_blocks) it holds the joined spectra and
     kernel spectra instead of one block's products."""
     freqs = _freqs(ep)
-    summed = blocks[-1][1] - blocks[0][0]
     if ep.phase_count > 1:
         maps *= ep.phase_count
         spectra = maps * freqs * 2 * itemsize
@@ -224,6 +223,7 @@ def _fft_accumulate(maps: int, blocks: Sequence[MapBlock], ep: EdgePlan, itemsiz
         if len(blocks) == 1:
             return spectra + real
         if joins_blocks([_maps(b) for b in blocks], ep.phase_count):
+            summed = blocks[-1][1] - blocks[0][0]
             joined = (ep.phase_count * summed + summed * maps // ep.phase_count) * freqs * 2 * itemsize
             return joined + spectra + real
         return 2 * spectra + real

@@ -24,18 +24,19 @@ of the prediction (its path, shape and modification stamps, and the run record o
 the method and of the segmentation code; a marker is written after the chunk and slab it records. A rerun redoes
 the unfinished blocks of pass 1, recomputes pass 2 from the kept slabs (cheap, and the same), and relabels the
 unfinished chunks of pass 3 (and those of blocks it segmented again); relabelling a chunk twice changes nothing, so
-a run killed between writing a chunk and its marker is safe. One run per store (:class:`~znn.io.locks.RunLock`). A store of the older
-layout (``labels`` the label image itself, the manifest inside the store) is rewritten in the new one.
+a run killed between writing a chunk and its marker is safe. One run per store (:class:`~znn.io.locks.RunLock`). A
+store of the older layout (``labels`` the label image itself, the manifest inside the store) is rewritten in the
+new one.
 
 When the result equals the segmentation of the whole volume in one piece (up to a renaming of ids): when for every
 block, each segment that reaches its core or the slabs of its faces is decided inside its extent as it is in the
 whole volume: its seeds, its basin and its competitors' basins, the small segments given to it and, when
 fragments are agglomerated, every region it merges with, lie within the core plus the halo less the slab (at most 4
-voxels) and the smoothing reach (4 sigma), and no two voxels that compete in the flood have equal heights (ties are broken by the
-order of the flood, which differs between a block and the whole). Objects larger than the halo are still joined
-across faces where the two blocks agree on them (a mutual majority in the slab); where one block saw an object
-merged with a neighbour, the two stay apart there, and boundaries between objects may differ near a face from a
-whole-volume run.
+voxels) and the smoothing reach (4 sigma), and no two voxels that compete in the flood have equal heights (ties are
+broken by the order of the flood, which differs between a block and the whole). Objects larger than the halo are
+still joined across faces where the two blocks agree on them (a mutual majority in the slab); where one block saw an
+object merged with a neighbour, the two stay apart there, and boundaries between objects may differ near a face from
+a whole-volume run.
 """
 
 from __future__ import annotations
