@@ -22,7 +22,10 @@
 
 The loss is a logistic cross-entropy towards 0.5 (bounded gradients) and the learning rate is tiny, so that
 the random network stays finite over the repetitions; timings of overflowing arithmetic would mean nothing.
-Ours and PyTorch's runs are interleaved repetition by repetition so machine noise hits both alike.
+Ours and PyTorch's runs are interleaved repetition by repetition so machine noise hits both alike. Where the two
+do not fit in memory side by side (3d_5 at 32^3 on 24 GB: ours holds ~21 GB resident, PyTorch ~4 GB),
+``--torch-apart`` times PyTorch first, in a child process that has exited before our side is built (the same
+weights and inputs, from the same seed; the runs are then not interleaved, and the report says so).
 """
 
 from __future__ import annotations
@@ -211,6 +214,7 @@ class NetRequest:
     eta: float = DEFAULT_ETA
     sync_repeat: int = 2
     plan_workers: int | None = None  # the workers the step's tasks are split for (default: ``threads``)
+    torch_apart: bool = False  # time PyTorch in a child process before our side is built (not interleaved)
 
 
 @dataclass
@@ -232,14 +236,19 @@ class _Bench:
         return (engine or self.engine).train_step(self.inputs, bounded_loss, self.hyper)
 
 
-def _build(request: NetRequest) -> tuple[_Bench, dict[str, Any]]:
-    """The problem, and the report's first entries (what was measured, the engine's setup time)."""
+def _network(request: NetRequest) -> Network:
+    """The benchmarked network with its seeded random weights (the same in a child process)."""
     from znn.pipeline.jobs.describe import load_any_network
 
+    return Network.initialise(load_any_network(request.network), seed=request.seed, dtype=np.dtype(request.dtype))
+
+
+def _build(request: NetRequest) -> tuple[_Bench, dict[str, Any]]:
+    """The problem, and the report's first entries (what was measured, the engine's setup time)."""
     outsz = request.outsz
     workers = cores(request.threads)
-    spec = load_any_network(request.network)
-    net = Network.initialise(spec, seed=request.seed, dtype=np.dtype(request.dtype))
+    net = _network(request)
+    spec = net.spec
     t0 = time.perf_counter()
     runner = TimingRunner("threads", workers)
     plan_workers = request.plan_workers or workers
@@ -254,7 +263,7 @@ def _build(request: NetRequest) -> tuple[_Bench, dict[str, Any]]:
         "repeat": request.repeat, "dtype": request.dtype, "mode": request.mode, "modes": modes,
         "setup_s": round(setup_s, 3), "machine": _machine(),
     }
-    tmod = import_torch() if request.torch else None
+    tmod = import_torch() if request.torch and not request.torch_apart else None
     tnet = _TorchSide(tmod, net, outsz, inputs, request.eta, workers) if tmod is not None else None
     hyper = Hyper(request.eta, 0.9, 0.0, float(math.prod(outsz)))
     return _Bench(request, net, engine, runner, inputs, hyper, workers, tmod, tnet), report
@@ -264,10 +273,14 @@ def run_net_bench(request: NetRequest, progress: Callable[[str], None] | None = 
     """Measure ``request.network`` at output patch ``request.outsz``; returns the report as a dict (see
     :func:`format_report`)."""
     say = progress or (lambda s: None)
+    apart = _torch_apart(request, say) if request.torch and request.torch_apart and import_torch() else None
     bench, report = _build(request)
     say("warm-up (plans FFTs)")
-    _warm_up(bench, report)
+    ours_out = _warm_up(bench, report)
     times, step_runs = _timed_runs(bench, say)
+    if apart is not None:
+        times.update(apart.times)
+        report.update(torch_apart=True, torch_max_rel_diff=apart.compare(ours_out, bench.engine.input_patch))
     for name, values in times.items():
         report[f"{name}_s"] = _median(values)
         report[f"{name}_all_s"] = [round(v, 4) for v in values]
@@ -280,8 +293,8 @@ def run_net_bench(request: NetRequest, progress: Callable[[str], None] | None = 
     report["final_cost_finite"] = bool(np.isfinite(bench.step()[0]))
     voxels = math.prod(request.outsz)
     report["train_vox_s"] = voxels / report["step_s"]
-    if bench.tnet is not None:
-        report["torch"] = getattr(bench.torch, "__version__", None)
+    if "torch_step_s" in report:
+        report["torch"] = getattr(import_torch(), "__version__", None)
         report["step_vs_torch"] = report["step_s"] / report["torch_step_s"]
         report["forward_vs_torch"] = report["forward_s"] / report["torch_forward_s"]
         report["torch_train_vox_s"] = voxels / report["torch_step_s"]
@@ -301,8 +314,9 @@ def run_net_benches(request: NetRequest, threads: Sequence[int],
     return reports
 
 
-def _warm_up(bench: _Bench, report: dict[str, Any]) -> None:
-    """Plan the FFTs of every pass (ours and PyTorch's); compare the two networks' first outputs."""
+def _warm_up(bench: _Bench, report: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Plan the FFTs of every pass (ours and PyTorch's); compare the two networks' first outputs, which are
+    returned."""
     ours_out = bench.engine.forward(bench.inputs)
     if bench.tnet is not None:
         report["torch_max_rel_diff"] = bench.tnet.compare(ours_out)
@@ -311,6 +325,50 @@ def _warm_up(bench: _Bench, report: dict[str, Any]) -> None:
     if bench.tnet is not None:
         bench.tnet.step()
         bench.tnet.forward()
+    return ours_out
+
+
+@dataclass
+class _TorchApart:
+    """PyTorch's timings from a child process, with its first forward outputs and the input patch it ran on."""
+
+    times: dict[str, list[float]]
+    outputs: dict[str, np.ndarray]
+    input_patch: dict[str, Triple]
+
+    def compare(self, ours: dict[str, np.ndarray], input_patch: dict[str, Triple]) -> float:
+        if input_patch != self.input_patch:
+            raise RuntimeError(f"PyTorch ran on input patch {self.input_patch}, ours on {input_patch}")
+        return _max_rel_diff(ours, self.outputs)
+
+
+def _torch_apart(request: NetRequest, say: Callable[[str], None]) -> _TorchApart:
+    """Time PyTorch (warm-up, then ``repeat`` forwards and steps) in a child process, which exits before this one
+    builds anything: its memory is returned first."""
+    import multiprocessing
+
+    say(f"PyTorch in a child process: warm-up, forward x{request.repeat}, step x{request.repeat}")
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_torch_child, (request,))
+
+
+def _torch_child(request: NetRequest) -> _TorchApart:
+    from znn.bench.torchnet import build_torch_net
+
+    net = _network(request)
+    patch = build_torch_net(net, request.outsz, training=False).input_patch
+    side = _TorchSide(import_torch(), net, request.outsz, _inputs(net, patch, request.seed), request.eta,
+                      cores(request.threads))
+    outputs = {k: v[0].numpy().copy() for k, v in side.forward().items()}
+    side.step()
+    side.forward()
+    times: dict[str, list[float]] = defaultdict(list)
+    for name, fn in (("torch_forward", side.forward), ("torch_step", side.step)):
+        for _ in range(request.repeat):
+            t = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t)
+    return _TorchApart(dict(times), outputs, dict(patch))
 
 
 def _timed_runs(bench: _Bench, say: Callable[[str], None]) -> tuple[dict[str, list[float]], list[GraphRun]]:
@@ -423,12 +481,16 @@ class _TorchSide:
 
     def compare(self, ours: dict[str, np.ndarray]) -> float:
         """Largest |ours - torch| relative to the largest |torch| of each output, over the outputs."""
-        theirs = self.forward()
-        worst = 0.0
-        for name, y in ours.items():
-            t = theirs[name][0].numpy().astype(np.float64)
-            worst = max(worst, float(np.abs(y - t).max() / max(np.abs(t).max(), 1e-30)))
-        return worst
+        return _max_rel_diff(ours, {k: v[0].numpy() for k, v in self.forward().items()})
+
+
+def _max_rel_diff(ours: dict[str, np.ndarray], theirs: dict[str, np.ndarray]) -> float:
+    """Largest |ours - theirs| relative to the largest |theirs| of each output, over the outputs."""
+    worst = 0.0
+    for name, y in ours.items():
+        t = theirs[name].astype(np.float64)
+        worst = max(worst, float(np.abs(y - t).max() / max(np.abs(t).max(), 1e-30)))
+    return worst
 
 
 # ---------------------------------------------------------------------------------------------- output
@@ -468,6 +530,9 @@ def format_report(r: dict[str, Any]) -> str:
     ]
     if torch:
         lines.append(f"forward vs pytorch      max |ours - torch| / max |torch| = {r['torch_max_rel_diff']:.1e}")
+    if r.get("torch_apart"):
+        lines.append("pytorch                 timed in a child process before ours was built (--torch-apart): "
+                     "not interleaved")
     lines += [
         "",
         f"medians of {r['repeat']} runs after a warm-up. overhead = (wall - sum of task times) / wall on the "

@@ -109,12 +109,16 @@ def _net_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--eta", type=positive_number, default=net.DEFAULT_ETA, help="learning rate of the timed steps")
     parser.add_argument("--no-torch", action="store_true", help="do not build and time the PyTorch network")
+    parser.add_argument("--torch-apart", action="store_true",
+                        help="time PyTorch first, in a child process that exits before ours is built (for patches "
+                             "where both do not fit in memory at once; the runs are then not interleaved)")
     parser.add_argument("--json", help="also write the report to this JSON file")
 
 
 def _run_net(args: argparse.Namespace) -> list[dict[str, Any]]:
     request = net.NetRequest(args.network, args.outsz, args.threads[0], args.repeat, args.mode, not args.no_torch,
-                             args.dtype, args.seed, args.eta, plan_workers=args.plan_workers)
+                             args.dtype, args.seed, args.eta, plan_workers=args.plan_workers,
+                             torch_apart=args.torch_apart)
     reports = net.run_net_benches(request, args.threads, progress=lambda s: _progress(f"  {s}"))
     print(machine_line())
     print("\n\n".join(net.format_report(r) for r in reports))
