@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from znn.bench.net import NetRequest, format_report, run_net_bench
+from znn.bench.net import NetRequest, _build, _timed_runs, _warm_up, format_report, run_net_bench
 
 TINY = """
 nodes input
@@ -36,7 +36,7 @@ size 2
 def _request(tmp_path, **kw) -> NetRequest:
     path = tmp_path / "tiny.znn"
     path.write_text(TINY)
-    return NetRequest(path, (1, 6, 5), threads=2, repeat=2, mode="direct", sync_repeat=1, **kw)
+    return NetRequest(path, (1, 6, 5), **{"threads": 2, "repeat": 2, "mode": "direct", "sync_repeat": 1, **kw})
 
 
 def test_our_figures_without_a_peer(tmp_path):
@@ -58,3 +58,14 @@ def test_pytorch_apart_gives_the_figures_interleaving_gives(tmp_path):
         assert r["torch_max_rel_diff"] < 1e-5  # the same weights and inputs: the child rebuilt them from the seed
     assert apart["torch_apart"] and "torch_apart" not in together
     assert "not interleaved" in format_report(apart) and "not interleaved" not in format_report(together)
+
+
+def test_every_timed_step_transforms_its_kernels(tmp_path):
+    """The forwards timed before the steps leave their kernel spectra cached; a step of real training never has
+    them (the step before changed the kernels), so no timed step may use them."""
+    bench, report = _build(_request(tmp_path, torch=False, mode="fft"))
+    _warm_up(bench, report)
+    _, step_runs = _timed_runs(bench, lambda s: None)
+    assert len(step_runs) == 2
+    for run in step_runs:
+        assert run.by_op().get("kfft", 0) > 0, run.by_op()
