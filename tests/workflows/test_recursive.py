@@ -111,7 +111,7 @@ def _tiny_fib_checkout(root: Path) -> Path:
                                                                            "forward_outsz = 4,8,8"))
     for plan in folder.glob("fib_*.yaml"):
         plan.write_text(plan.read_text().replace("minutes: 12", "max_iter: 2").replace("minutes: 18", "max_iter: 2")
-                        .replace("minutes: 30", "max_iter: 2"))
+                        .replace("minutes: 30", "max_iter: 2").replace("minutes: 6", "max_iter: 2"))
     return folder
 
 
@@ -135,6 +135,26 @@ def test_the_fib_workflows_run_both_stages_and_the_baseline_and_score_the_report
         assert 0.0 <= json.loads((tmp_path / "out" / f"{scores}.json").read_text())["rand_error"] <= 1.0, scores
     assert read_volume(tmp_path / "out" / "one-stage-fib" / "fib1_seg.zarr" / "labels").shape == (12, 24, 24)
     assert (tmp_path / "out" / "one-stage-fib" / "fib1_net_current.h5").exists()  # its own checkpoints
+    assert not (folder / "out").exists()
+
+
+def test_fib_cross_prediction_trains_stage_two_on_affinities_of_sections_stage_one_never_saw(tmp_path):
+    """fib_cross.yaml: two stage-1 networks, on sections 0-12 and 13-24, predict the volume; stage 2 trains on both
+    halves (samples 1 and 4), each read with the other network's affinities; 38-49 segmented and scored."""
+    folder = _tiny_fib_checkout(tmp_path)
+    lines: list[str] = []
+    summary = run_workflow(folder / "fib_cross.yaml", progress=False, log=lines.append)
+    assert summary.ok, "\n".join(lines)
+    out = tmp_path / "out" / "cross-fib"
+    a = read_volume(out / "fib1a_pred_sample3_output.zarr" / "output")
+    b = read_volume(out / "fib1b_pred_sample3_output.zarr" / "output")
+    assert a.shape == b.shape == (3, 50, 24, 24) and not np.array_equal(a, b)  # two networks
+    spec = (folder / "fib_cross2.spec").read_text()
+    assert "fib1b_pred_sample3_output.zarr/output[0:13]" in spec and "fib1a_pred_sample3_output.zarr/output[13:25]" in spec
+    assert any("samples: train 1, 4 (" in line for line in lines), "\n".join(lines)
+    assert read_volume(out / "fib2_seg.zarr" / "labels").shape == (12, 24, 24)  # sections 38-49
+    for name in ("scores_stage1a", "scores_stage2", "scores_stage2_defaults"):
+        assert 0.0 <= json.loads((out / f"{name}.json").read_text())["rand_error"] <= 1.0, name
     assert not (folder / "out").exists()
 
 
