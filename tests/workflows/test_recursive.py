@@ -76,23 +76,34 @@ def test_the_one_stage_baseline_runs_and_scores_the_same_slices(tmp_path, monkey
     assert not (tmp_path / "workflows" / "recursive" / "out").exists()
 
 
-def test_cross_prediction_trains_stage_two_on_predictions_of_slices_stage_one_never_saw(tmp_path):
-    """cross.yaml: two stage-1 networks, each on half the training slices, predict the stack; stage 2 trains on
-    both halves (samples 1 and 4), each half read with the other network's prediction."""
-    folder = _tiny_checkout(tmp_path).parent
+def _check_cross_prediction(folder: Path, plan: str, out: Path, prefix: str, spec: str, halves: tuple[str, str],
+                            shape: tuple[int, ...], scores: tuple[str, ...], seg_shape: tuple[int, ...]) -> None:
+    """Run a cross-prediction workflow: two stage-1 networks (``prefix`` 1a and 1b) predict the whole volume, and
+    stage 2 trains on both halves (samples 1 and 4), each read with the other network's prediction (``halves``:
+    b's of the first half, a's of the second, as ``spec`` names them); its segmentation and scores are written."""
     lines: list[str] = []
-    summary = run_workflow(folder / "cross.yaml", progress=False, log=lines.append)
+    summary = run_workflow(folder / plan, progress=False, log=lines.append)
     assert summary.ok, "\n".join(lines)
-    out = tmp_path / "out" / "cross"
-    a = read_volume(out / "isbi1a_pred_sample3_output.zarr" / "output")
-    b = read_volume(out / "isbi1b_pred_sample3_output.zarr" / "output")
-    assert a.shape == b.shape == (2, 20, 96, 96) and not np.array_equal(a, b)  # two networks
-    spec = (folder / "isbi_cross2.spec").read_text()
-    assert "isbi1b_pred_sample3_output.zarr/output[0:5]" in spec and "isbi1a_pred_sample3_output.zarr/output[5:10]" in spec
-    assert any("samples: train 1, 4 (" in line for line in lines), "\n".join(lines)  # stage 2 trains on both halves
-    assert read_volume(out / "isbi2_seg.zarr" / "labels").shape == (5, 96, 96)
-    for name in ("scores_stage1a", "scores_stage2", "scores_stage2_map"):
+    a = read_volume(out / f"{prefix}1a_pred_sample3_output.zarr" / "output")
+    b = read_volume(out / f"{prefix}1b_pred_sample3_output.zarr" / "output")
+    assert a.shape == b.shape == shape and not np.array_equal(a, b)  # two networks
+    text = (folder / spec).read_text()
+    assert f"{prefix}1b_pred_sample3_output.zarr/output[{halves[0]}]" in text
+    assert f"{prefix}1a_pred_sample3_output.zarr/output[{halves[1]}]" in text
+    assert any("samples: train 1, 4 (" in line for line in lines), "\n".join(lines)  # both halves
+    assert read_volume(out / f"{prefix}2_seg.zarr" / "labels").shape == seg_shape
+    for name in scores:
         assert 0.0 <= json.loads((out / f"{name}.json").read_text())["rand_error"] <= 1.0, name
+    assert not (folder / "out").exists()
+
+
+def test_cross_prediction_trains_stage_two_on_predictions_of_slices_stage_one_never_saw(tmp_path):
+    """cross.yaml: two stage-1 networks, on slices 0-4 and 5-9, predict the stack; stage 2 trains on both
+    halves, each read with the other network's prediction; 15-19 segmented and scored."""
+    folder = _tiny_checkout(tmp_path).parent
+    _check_cross_prediction(folder, "cross.yaml", tmp_path / "out" / "cross", "isbi", "isbi_cross2.spec",
+                            ("0:5", "5:10"), (2, 20, 96, 96), ("scores_stage1a", "scores_stage2", "scores_stage2_map"),
+                            (5, 96, 96))
 
 
 def _tiny_fib_checkout(root: Path) -> Path:
@@ -140,22 +151,11 @@ def test_the_fib_workflows_run_both_stages_and_the_baseline_and_score_the_report
 
 def test_fib_cross_prediction_trains_stage_two_on_affinities_of_sections_stage_one_never_saw(tmp_path):
     """fib_cross.yaml: two stage-1 networks, on sections 0-12 and 13-24, predict the volume; stage 2 trains on both
-    halves (samples 1 and 4), each read with the other network's affinities; 38-49 segmented and scored."""
+    halves, each read with the other network's affinities; 38-49 segmented and scored."""
     folder = _tiny_fib_checkout(tmp_path)
-    lines: list[str] = []
-    summary = run_workflow(folder / "fib_cross.yaml", progress=False, log=lines.append)
-    assert summary.ok, "\n".join(lines)
-    out = tmp_path / "out" / "cross-fib"
-    a = read_volume(out / "fib1a_pred_sample3_output.zarr" / "output")
-    b = read_volume(out / "fib1b_pred_sample3_output.zarr" / "output")
-    assert a.shape == b.shape == (3, 50, 24, 24) and not np.array_equal(a, b)  # two networks
-    spec = (folder / "fib_cross2.spec").read_text()
-    assert "fib1b_pred_sample3_output.zarr/output[0:13]" in spec and "fib1a_pred_sample3_output.zarr/output[13:25]" in spec
-    assert any("samples: train 1, 4 (" in line for line in lines), "\n".join(lines)
-    assert read_volume(out / "fib2_seg.zarr" / "labels").shape == (12, 24, 24)  # sections 38-49
-    for name in ("scores_stage1a", "scores_stage2", "scores_stage2_defaults"):
-        assert 0.0 <= json.loads((out / f"{name}.json").read_text())["rand_error"] <= 1.0, name
-    assert not (folder / "out").exists()
+    _check_cross_prediction(folder, "fib_cross.yaml", tmp_path / "out" / "cross-fib", "fib", "fib_cross2.spec",
+                            ("0:13", "13:25"), (3, 50, 24, 24),
+                            ("scores_stage1a", "scores_stage2", "scores_stage2_defaults"), (12, 24, 24))
 
 
 def test_every_shipped_workflow_file_loads(tmp_path):
