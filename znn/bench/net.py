@@ -228,7 +228,6 @@ class _Bench:
     inputs: dict[str, np.ndarray]
     hyper: Hyper
     workers: int
-    torch: Any | None
     tnet: _TorchSide | None
 
     def step(self, engine: Engine | None = None) -> tuple[float, Any]:
@@ -266,7 +265,7 @@ def _build(request: NetRequest) -> tuple[_Bench, dict[str, Any]]:
     tmod = import_torch() if request.torch and not request.torch_apart else None
     tnet = _TorchSide(tmod, net, outsz, inputs, request.eta, workers) if tmod is not None else None
     hyper = Hyper(request.eta, 0.9, 0.0, float(math.prod(outsz)))
-    return _Bench(request, net, engine, runner, inputs, hyper, workers, tmod, tnet), report
+    return _Bench(request, net, engine, runner, inputs, hyper, workers, tnet), report
 
 
 def run_net_bench(request: NetRequest, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
