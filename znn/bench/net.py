@@ -4,7 +4,9 @@
 
 * ``forward``: one inference pass (kernel spectra cached, as in dense inference), median of ``--repeat`` runs
   after a warm-up that plans the FFTs;
-* ``step``: one training step (forward, loss, backward, SGD update of every kernel and bias), median;
+* ``step``: one training step (forward, loss, backward, SGD update of every kernel and bias), median, each
+  without cached kernel spectra, after a warm-up of two steps each after a forward (:func:`_settle`); beside it
+  ``step_sys``, the system CPU time of the process during a step (page faults of memory new to it);
 * ``overhead``: the share of a step not spent inside tasks, measured on the *synchronous* scheduler, where
   nothing waits for anything: ``(wall - sum of task times) / wall``. It counts building the graph (or, as training
   runs it, putting a step's values into the graph built once), culling, dask's bookkeeping and the engine's own
@@ -32,6 +34,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import platform
 import statistics
 import time
@@ -234,6 +237,13 @@ class _Bench:
         """One training step of ``engine`` (default: the threaded one); its cost and outputs."""
         return (engine or self.engine).train_step(self.inputs, bounded_loss, self.hyper)
 
+    def fresh_step(self) -> tuple[float, Any]:
+        """A step as training takes it: no kernel spectra cached (the step before updated the kernels), though the
+        forwards timed or run before it left them in the cache (3d_5 at 32^3 skipped 18 s of kernel transforms
+        of 50 s)."""
+        self.engine.cache.clear()
+        return self.step()
+
 
 def _network(request: NetRequest) -> Network:
     """The benchmarked network with its seeded random weights (the same in a child process)."""
@@ -287,7 +297,7 @@ def run_net_bench(request: NetRequest, progress: Callable[[str], None] | None = 
     say(f"synchronous step x{request.sync_repeat} (overhead)")
     report.update(_sync_overhead(bench, report["modes"]))
     say("peak memory of one step")
-    report["peak_bytes"] = _peak(bench.step)
+    report["peak_bytes"] = _peak(bench.fresh_step)
     report["step_predicted_bytes"] = bench.engine.step_memory().peak
     report["final_cost_finite"] = bool(np.isfinite(bench.step()[0]))
     voxels = math.prod(request.outsz)
@@ -319,12 +329,21 @@ def _warm_up(bench: _Bench, report: dict[str, Any]) -> dict[str, np.ndarray]:
     ours_out = bench.engine.forward(bench.inputs)
     if bench.tnet is not None:
         report["torch_max_rel_diff"] = bench.tnet.compare(ours_out)
-    bench.step()
-    bench.engine.forward(bench.inputs)
+    _settle(bench.fresh_step, lambda: bench.engine.forward(bench.inputs))
     if bench.tnet is not None:
-        bench.tnet.step()
-        bench.tnet.forward()
+        _settle(bench.tnet.step, bench.tnet.forward)
     return ours_out
+
+
+def _settle(step: Callable[[], Any], forward: Callable[[], Any]) -> None:
+    """Step and forward twice after the first forward: the second step, after a forward has filled the spectra
+    cache, takes the process's memory to what steps and forwards need side by side (as training's test passes
+    do), and the last forward caches the spectra the timed forwards use. With one step only, the first timed
+    step paid for that growth (3d_5 at 32^3: 20.6 s against 10.6-11.2 s, mostly system time faulting in pages
+    new to the process, which costs ~10 s per GB on a VM whose host backs memory on first touch)."""
+    for _ in range(2):
+        step()
+        forward()
 
 
 @dataclass
@@ -359,27 +378,28 @@ def _torch_child(request: NetRequest) -> _TorchApart:
     side = _TorchSide(import_torch(), net, request.outsz, _inputs(net, patch, request.seed), request.eta,
                       cores(request.threads))
     outputs = {k: v[0].numpy().copy() for k, v in side.forward().items()}
-    side.step()
-    side.forward()
+    _settle(side.step, side.forward)
     times: dict[str, list[float]] = defaultdict(list)
     for name, fn in (("torch_forward", side.forward), ("torch_step", side.step)):
         for _ in range(request.repeat):
-            t = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t)
+            _timed(times, name, fn)
     return _TorchApart(dict(times), outputs, dict(patch))
+
+
+def _timed(times: dict[str, list[float]], name: str, fn: Callable[[], Any]) -> None:
+    """Run ``fn``; append its wall seconds to ``times[name]`` and the process's system CPU seconds meanwhile to
+    ``times[name + "_sys"]`` (page faults of memory new to the process show there)."""
+    sys0, t = os.times().system, time.perf_counter()
+    fn()
+    times[name].append(time.perf_counter() - t)
+    times[f"{name}_sys"].append(os.times().system - sys0)
 
 
 def _timed_runs(bench: _Bench, say: Callable[[str], None]) -> tuple[dict[str, list[float]], list[GraphRun]]:
     """Seconds of each forward and step run (ours and PyTorch's, interleaved) and the task timings of each of our
     steps."""
     times: dict[str, list[float]] = defaultdict(list)
-
-    def timed(name: str, fn: Callable[[], Any]) -> None:
-        t = time.perf_counter()
-        fn()
-        times[name].append(time.perf_counter() - t)
-
+    timed = functools.partial(_timed, times)
     repeat = bench.request.repeat
     say(f"forward x{repeat}")
     for _ in range(repeat):
@@ -389,10 +409,7 @@ def _timed_runs(bench: _Bench, say: Callable[[str], None]) -> tuple[dict[str, li
     say(f"step x{repeat}")
     step_runs: list[GraphRun] = []
     for _ in range(repeat):
-        # a training step never finds its kernels' spectra cached (the step before updated them); the first one
-        # here would, from the forwards just timed, and skip every kernel transform (3d_5 at 32^3: 18 s of 50 s)
-        bench.engine.cache.clear()
-        timed("step", bench.step)
+        timed("step", bench.fresh_step)
         step_runs.append(bench.runner.runs[-1])
         if bench.tnet is not None:
             timed("torch_step", bench.tnet.step)
@@ -530,6 +547,10 @@ def format_report(r: dict[str, Any]) -> str:
         f"peak memory of a step   {r['peak_bytes'] / 2**20:.0f} MiB (NumPy, tracemalloc); predicted "
         f"{r.get('step_predicted_bytes', 0) / 2**20:.0f} MiB (znn.pipeline.graph.memory)",
     ]
+    if "step_sys_s" in r:
+        lines.append(f"system CPU time a step  {_ms(r['step_sys_s'])} ours"
+                     + (f", {_ms(r.get('torch_step_sys_s'))} pytorch" if torch else "")
+                     + " (medians; page faults of memory new to the process, allocator calls)")
     if torch:
         lines.append(f"forward vs pytorch      max |ours - torch| / max |torch| = {r['torch_max_rel_diff']:.1e}")
     if r.get("torch_apart"):
