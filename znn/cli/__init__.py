@@ -9,6 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from znn.cli.args import ArgumentParser, Handler
+from znn.environment import keep_freed_memory
 from znn.errors import ZnnError
 
 # Modules that add commands: each has `register(subparsers) -> {command: handler}`.
@@ -21,6 +22,9 @@ COMMAND_MODULES = (
     "znn.cli.workflow",
     "znn.cli.bench",
 )
+# Commands that train (or time training steps): they set glibc's malloc to keep freed memory before any thread
+# starts, which is the only time the setting reaches every thread (see keep_freed_memory).
+TRAINING_COMMANDS = frozenset({"train", "quickstart", "run", "bench"})
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
@@ -35,6 +39,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Handler]]:
 def main(argv: Sequence[str] | None = None) -> int:
     parser, commands = build_parser()
     args = parser.parse_args(argv)
+    if args.command in TRAINING_COMMANDS:
+        keep_freed_memory()
     try:
         return commands[args.command](args)
     except ZnnError as exc:
