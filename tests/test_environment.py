@@ -1,5 +1,6 @@
 """The process settings of :mod:`znn.environment` that change how the process runs."""
 
+import os
 import platform
 import subprocess
 import sys
@@ -65,8 +66,9 @@ print(found[0])
 """
 
 
-def _thread_faults(mode: str) -> int:
-    out = subprocess.run([sys.executable, "-c", _THREAD_ROUNDS, mode], capture_output=True, text=True, check=True)
+def _thread_faults(mode: str, env: dict[str, str] | None = None) -> int:
+    out = subprocess.run([sys.executable, "-c", _THREAD_ROUNDS, mode], capture_output=True, text=True, check=True,
+                         env=None if env is None else {**os.environ, **env})
     return int(out.stdout.split()[-1])
 
 
@@ -78,3 +80,14 @@ def test_training_commands_keep_freed_memory_for_every_thread():
     late = _thread_faults("late")
     assert late >= 300, late  # the test would show nothing if a late setting reached the thread
     assert _thread_faults("cli") < late / 10
+
+
+@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+def test_a_child_started_with_the_environment_keeps_freed_memory_in_every_thread():
+    """What ``znn bench net --torch-apart`` gives PyTorch's child: the settings from the process's start, so even a
+    thread that allocated before anything was called (as importing torch starts them) does not spoil them."""
+    from znn.environment import keep_freed_memory_environment
+
+    late = _thread_faults("late")
+    assert late >= 300, late
+    assert _thread_faults("late", keep_freed_memory_environment()) < late / 10

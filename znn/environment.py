@@ -117,8 +117,15 @@ def available_memory() -> int:
         return 0
 
 
-# glibc's mallopt parameters (malloc.h)
-_M_TRIM_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -4, -8
+# glibc's mallopt parameters (malloc.h), each with the environment variable glibc reads at a process's start for it,
+# and the value that keeps freed memory
+_KEEP_FREED = ((-4, "MALLOC_MMAP_MAX_", 0), (-1, "MALLOC_TRIM_THRESHOLD_", 2**31 - 1), (-8, "MALLOC_ARENA_MAX", 1))
+
+
+def keep_freed_memory_environment() -> dict[str, str]:
+    """The environment variables that give a new process the settings of :func:`keep_freed_memory` from its start,
+    before any of its threads (for a child process that imports a library that starts threads, as PyTorch does)."""
+    return {name: str(value) for _, name, value in _KEEP_FREED}
 
 
 @lru_cache(maxsize=None)
@@ -143,5 +150,4 @@ def keep_freed_memory() -> bool:
         libc = ctypes.CDLL("libc.so.6")
     except OSError:
         return False
-    settings = ((_M_MMAP_MAX, 0), (_M_TRIM_THRESHOLD, 2**31 - 1), (_M_ARENA_MAX, 1))
-    return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    return all(libc.mallopt(param, value) == 1 for param, _, value in _KEEP_FREED)

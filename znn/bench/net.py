@@ -35,6 +35,7 @@ command before either starts): left at glibc's default, it returns each step's b
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -43,7 +44,7 @@ import statistics
 import time
 import tracemalloc
 from collections import defaultdict
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -53,6 +54,7 @@ from dask.core import get_deps, istask
 from dask.task_spec import Task, TaskRef
 
 from znn.bench.common import import_torch
+from znn.environment import keep_freed_memory_environment
 from znn.network import Network
 from znn.pipeline.graph.build import Hyper
 from znn.pipeline.run.schedulers import Runner, cores
@@ -369,17 +371,31 @@ def _torch_apart(request: NetRequest, say: Callable[[str], None]) -> _TorchApart
     import multiprocessing
 
     say(f"PyTorch in a child process: warm-up, forward x{request.repeat}, step x{request.repeat}")
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
+    # the child's malloc keeps freed memory from its start, as ours and an interleaved PyTorch's do (set inside it,
+    # the setting would come after importing torch started threads, too late for them): left at glibc's default,
+    # PyTorch returns each step's big blocks and faults them in again (3d_5 at 32^3: 33 s a step against 19.6 s)
+    with _environment(keep_freed_memory_environment()), multiprocessing.get_context("spawn").Pool(1) as pool:
         return pool.apply(_torch_child, (request,))
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """These environment variables set while the block runs (for child processes started in it), then restored."""
+    saved = {name: os.environ.get(name) for name in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for name, old in saved.items():
+            if old is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = old
 
 
 def _torch_child(request: NetRequest) -> _TorchApart:
     from znn.bench.torchnet import build_torch_net
-    from znn.environment import keep_freed_memory
 
-    # PyTorch runs here with the allocator our side has (as it does interleaved in our process): its own default
-    # returns each step's big blocks to the system, 3d_5 at 32^3 then takes 33 s a step against 19.6 s kept
-    keep_freed_memory()
     net = _network(request)
     patch = build_torch_net(net, request.outsz, training=False).input_patch
     side = _TorchSide(import_torch(), net, request.outsz, _inputs(net, patch, request.seed), request.eta,
