@@ -30,7 +30,9 @@ do not fit in memory side by side (3d_5 at 32^3 on 24 GB: ours holds ~19 GB resi
 weights and inputs, from the same seed; the runs are then not interleaved, and the report says so). Either way
 PyTorch runs with the malloc setting our side has (:func:`znn.environment.keep_freed_memory`, set by the ``znn``
 command before either starts): left at glibc's default, it returns each step's big blocks and faults them in again
-(3d_5 at 32^3: 33 s a step, 17 s of it system time, against 19.6 s kept).
+(3d_5 at 32^3: 33 s a step, 17 s of it system time, against 19.6 s kept in a process of its own; in the
+``--torch-apart`` child, with the settings in its environment, its steps still spent 16-31 s of 30-40 s in system
+time, for a reason not found).
 """
 
 from __future__ import annotations
