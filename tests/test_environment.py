@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+GLIBC_ONLY = pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc",
+                                reason="glibc's malloc only")
+
 # allocate, touch and free 256 MiB four times; print the page faults of the last three rounds
 _ROUNDS = """
 import resource, sys
@@ -29,7 +32,7 @@ def _faults(mode: str) -> tuple[str, int]:
     return kept, int(faults)
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@GLIBC_ONLY
 def test_freed_memory_is_reused_without_page_faults():
     """By default every big array is a fresh mmap: 3 rounds of 256 MiB fault in 3 x 65,536 pages of 4 KiB, or
     3 x 128 transparent huge pages of 2 MiB. Kept, the rounds reuse the first one's memory."""
@@ -72,17 +75,17 @@ def _thread_faults(mode: str, env: dict[str, str] | None = None) -> int:
     return int(out.stdout.split()[-1])
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@GLIBC_ONLY
 def test_training_commands_keep_freed_memory_for_every_thread():
     """`znn train` sets malloc up before any thread starts, so the step's worker threads reuse freed memory too.
     Set after another thread has allocated, it no longer reaches new threads (their arena maps big blocks afresh):
-    what a process pool started before the engine did to 3d_5's steps at 32^3 (38-42 s against 11 s)."""
+    what a process pool started before the engine did to 3d_5's steps at 32^3 (38-42 s against 10.7-13.6 s)."""
     late = _thread_faults("late")
     assert late >= 300, late  # the test would show nothing if a late setting reached the thread
     assert _thread_faults("cli") < late / 10
 
 
-@pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc's malloc only")
+@GLIBC_ONLY
 def test_a_child_started_with_the_environment_keeps_freed_memory_in_every_thread():
     """What ``znn bench net --torch-apart`` gives PyTorch's child: the settings from the process's start, so even a
     thread that allocated before anything was called (as importing torch starts them) does not spoil them."""

@@ -140,8 +140,8 @@ def keep_freed_memory() -> bool:
     buffers). It reaches every thread only when called before any thread but the main one has allocated: glibc
     fixes its limit on arenas then, and an arena other than the main one maps each large block afresh (whatever
     ``M_MMAP_MAX`` says) and unmaps it on free. The ``znn`` commands that train call it first thing; measured on
-    3d_5 at 32^3 with a process pool started before the engine: steps of 38-42 s, 50 s of them system time, against
-    10.7-11.4 s. Returns False where the C library is not glibc (nothing changed)."""
+    3d_5 at 32^3 with a process pool started before the engine: steps of 38-42 s, 46-53 s of system time each, against
+    10.7-13.6 s. Returns False where the C library is not glibc (nothing changed)."""
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         return False
     import ctypes
