@@ -46,13 +46,14 @@ def test_freed_memory_is_reused_without_page_faults():
 # the rounds of _ROUNDS in a new thread, after `znn train` (which fails on a missing file) or after another thread
 # allocated first and the setting came late
 _THREAD_ROUNDS = """
-import resource, sys, threading
+import resource, sys, threading, time
 import numpy as np
 from znn.cli import main
 from znn.environment import keep_freed_memory
 if sys.argv[1] == "late":
     early = threading.Thread(target=lambda: np.ones(1 << 18, dtype=np.float32))
     early.start(); early.join()
+    time.sleep(0.5)  # join returns before the C thread has exited and put its arena on glibc's free list
     keep_freed_memory()
 else:
     assert main(["train", "/nonexistent/job.cfg"]) == 2

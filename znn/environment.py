@@ -137,8 +137,9 @@ def keep_freed_memory() -> bool:
     step's CPU time (2.0 of 6.8 s, 40,000 page faults a step). Here all allocations come from one heap
     (no mmap, one arena) that is never trimmed; the process holds its peak, which the next step needs again.
     A training engine calls this; processes that only infer do not need it (their evaluator recycles its own
-    buffers). It reaches every thread only when called before any thread but the main one has allocated: glibc
-    fixes its limit on arenas then, and an arena other than the main one maps each large block afresh (whatever
+    buffers). It reaches every thread only when called before any thread but the main one has allocated: such a
+    thread has an arena of its own, which glibc hands to a new thread once it has exited (the free list of arenas
+    comes before their limit), and an arena other than the main one maps each large block afresh (whatever
     ``M_MMAP_MAX`` says) and unmaps it on free. The ``znn`` commands that train call it first thing; measured on
     3d_5 at 32^3 with a process pool started before the engine: steps of 38-42 s, 46-53 s of system time each, against
     10.7-13.6 s. Returns False where the C library is not glibc (nothing changed)."""
